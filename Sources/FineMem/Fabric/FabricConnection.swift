@@ -1,0 +1,78 @@
+/// One reliable connection from a compute node to a memory node: the seam through which
+/// every protocol layer reaches remote memory, on a real RDMA NIC or a simulated one.
+///
+/// A batch is posted with one doorbell: its verbs execute in order, each atomically (an
+/// atomic verb against every other atomic verb on the same NIC), and the results come back
+/// together. Verbs of other connections may interleave between them. The first failing
+/// verb breaks the connection; later verbs of that batch do not execute.
+///
+/// ```swift
+/// let results = try await connection.post([
+///     .compareAndSwap(header, expected: old, desired: new, rkey: key),
+///     .read(entry, length: 8, rkey: key),
+/// ])
+/// let (exchanged, original) = results[0].compareAndSwap
+/// ```
+public protocol FabricConnection: AnyObject, Sendable {
+    /// The memory node at the other end.
+    var remoteNode: NodeID { get }
+    /// Posts `verbs` as one ordered batch and waits for all completions.
+    func post(_ verbs: [Verb]) async throws(FabricError) -> [VerbResult]
+}
+
+extension FabricConnection {
+    /// RDMA READ.
+    public func read(_ address: RemoteAddress, length: Int, rkey: RKey) async throws(FabricError) -> [UInt8] {
+        try await post([.read(address, length: length, rkey: rkey)])[0].bytes
+    }
+
+    /// RDMA READ of consecutive 64-bit words.
+    public func readWords(_ address: RemoteAddress, count: Int, rkey: RKey) async throws(FabricError) -> [UInt64] {
+        try await post([.readWords(address, count: count, rkey: rkey)])[0].words
+    }
+
+    /// RDMA WRITE.
+    public func write(_ address: RemoteAddress, bytes: [UInt8], rkey: RKey) async throws(FabricError) {
+        _ = try await post([.write(address, bytes: bytes, rkey: rkey)])
+    }
+
+    /// RDMA compare-and-swap of an 8-byte word; answers whether it exchanged and the
+    /// original value (as swift-atomics' `compareExchange`).
+    public func compareAndSwap(
+        _ address: RemoteAddress, expected: UInt64, desired: UInt64, rkey: RKey
+    ) async throws(FabricError) -> (exchanged: Bool, original: UInt64) {
+        try await post([.compareAndSwap(address, expected: expected, desired: desired, rkey: rkey)])[0].compareAndSwap
+    }
+
+    /// RDMA fetch-and-add (wrapping); answers the original value.
+    public func fetchAndAdd(_ address: RemoteAddress, delta: UInt64, rkey: RKey) async throws(FabricError) -> UInt64 {
+        guard case .fetchAndAdd(let original) = try await post([.fetchAndAdd(address, delta: delta, rkey: rkey)])[0] else {
+            preconditionFailure("fetch-and-add completed as another verb")
+        }
+        return original
+    }
+}
+
+/// Verb, batch and byte counts of one connection.
+public struct FabricCounters: Sendable, Hashable {
+    /// Batches posted (one doorbell, one network round trip each).
+    public var batches: UInt64 = 0
+    /// Verbs executed, by kind (`VerbKind.rawValue` indexes the array).
+    public var verbs: [UInt64] = Array(repeating: 0, count: VerbKind.allCases.count)
+    public var bytesRead: UInt64 = 0
+    public var bytesWritten: UInt64 = 0
+
+    public init() {}
+
+    public var totalVerbs: UInt64 { verbs.reduce(0, +) }
+    public subscript(kind: VerbKind) -> UInt64 { verbs[kind.rawValue] }
+
+    public static func + (lhs: FabricCounters, rhs: FabricCounters) -> FabricCounters {
+        var sum = lhs
+        sum.batches += rhs.batches
+        for i in sum.verbs.indices { sum.verbs[i] += rhs.verbs[i] }
+        sum.bytesRead += rhs.bytesRead
+        sum.bytesWritten += rhs.bytesWritten
+        return sum
+    }
+}

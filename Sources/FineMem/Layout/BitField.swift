@@ -1,0 +1,58 @@
+/// A run of bits inside a 64-bit metadata word.
+struct BitField: Sendable {
+    let shift: UInt64
+    let width: UInt64
+
+    init(_ shift: UInt64, _ width: UInt64) {
+        precondition(width > 0 && shift + width <= 64, "bit field \(shift)+\(width) does not fit a word")
+        self.shift = shift
+        self.width = width
+    }
+
+    var mask: UInt64 { (width == 64 ? ~0 : (1 << width) - 1) << shift }
+    var maxValue: UInt64 { width == 64 ? ~0 : (1 << width) - 1 }
+
+    @inline(__always) func get(_ word: UInt64) -> UInt64 { (word & mask) >> shift }
+
+    @inline(__always) func set(_ word: inout UInt64, _ value: UInt64) {
+        precondition(value <= maxValue, "value \(value) does not fit \(width) bits")
+        word = (word & ~mask) | (value << shift)
+    }
+}
+
+/// Who holds a block: the slot of a compute node in the node table (14 bits).
+public struct OwnerID: RawRepresentable, Hashable, Comparable, Sendable, CustomStringConvertible {
+    public static let bitWidth = 14
+    public static let maxRawValue: UInt16 = (1 << 14) - 1
+    public var rawValue: UInt16
+    public init?(rawValue: UInt16) {
+        guard rawValue <= Self.maxRawValue else { return nil }
+        self.rawValue = rawValue
+    }
+    public init(_ rawValue: UInt16) {
+        precondition(rawValue <= Self.maxRawValue, "owner \(rawValue) does not fit 14 bits")
+        self.rawValue = rawValue
+    }
+    public static func < (lhs: OwnerID, rhs: OwnerID) -> Bool { lhs.rawValue < rhs.rawValue }
+    public var description: String { "owner\(rawValue)" }
+}
+
+/// An application inside a compute node (recorded in the full log; 16 bits).
+public struct ApplicationID: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+    public var rawValue: UInt16
+    public init(rawValue: UInt16) { self.rawValue = rawValue }
+    public init(_ rawValue: UInt16) { self.rawValue = rawValue }
+    /// Recorded by recovery when it completes a dead node's log and the application is unknown.
+    public static let unknown = ApplicationID(0xFFFF)
+    public var description: String { "app\(rawValue)" }
+}
+
+/// A 6-bit per-header operation counter carried in temporary logs and full-log records.
+/// It tags which header operation a record reflects; safety never depends on it not
+/// wrapping (see `SpanHeader` on the pending bit).
+public struct LogSequence: RawRepresentable, Hashable, Sendable {
+    public static let bitWidth: UInt64 = 6
+    public var rawValue: UInt8
+    public init(rawValue: UInt8) { self.rawValue = rawValue & 0x3F }
+    public var next: LogSequence { LogSequence(rawValue: rawValue &+ 1) }
+}

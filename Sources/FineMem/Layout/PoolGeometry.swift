@@ -1,0 +1,151 @@
+/// Errors in describing or reading a pool's layout.
+public enum LayoutError: Error, Sendable, Hashable, CustomStringConvertible {
+    case sectionCountOutOfRange(Int)
+    case computeNodeSlotsOutOfRange(Int)
+    case intentSlotsOutOfRange(Int)
+    case badMagic(UInt64)
+    case unsupportedVersion(UInt64)
+    case superblockMismatch(String)
+
+    public var description: String {
+        switch self {
+        case .sectionCountOutOfRange(let n): "section count \(n) is outside 1...\(PoolGeometry.maxSections)"
+        case .computeNodeSlotsOutOfRange(let n): "compute node slots \(n) is outside 1...\(OwnerID.maxRawValue)"
+        case .intentSlotsOutOfRange(let n): "intent slots per node \(n) is outside 1...64"
+        case .badMagic(let m): "not a FineMem pool (magic 0x\(String(m, radix: 16)))"
+        case .unsupportedVersion(let v): "unsupported layout version \(v)"
+        case .superblockMismatch(let what): "superblock disagrees with the expected geometry: \(what)"
+        }
+    }
+}
+
+/// The geometry of one memory node's pool: where every metadata array and the data area
+/// live, as byte offsets from the pool's base. Pure arithmetic; no I/O.
+///
+/// ```
+/// offset 0                                                       metadataBytes (2 MiB aligned)
+/// | superblock | node table | intent table | section headers | span headers | full log | capabilities | pad | data ...
+///   64 B         8 B/slot     8 B/slot/intent  8 B/section     8 B/span       8 B/chunk   8 B/chunk           2 MiB/section
+/// ```
+public struct PoolGeometry: Sendable, Hashable {
+    public static let chunkBytes: UInt64 = 4096
+    public static let chunksPerSpan = 32
+    public static let spansPerSection = 16
+    public static let chunksPerSection = 512
+    public static let spanBytes: UInt64 = 128 << 10
+    public static let sectionBytes: UInt64 = 2 << 20
+    public static let superblockBytes: UInt64 = 64
+    /// Sections addressable by an intent record (26 bits): 128 TiB of data.
+    public static let maxSections = 1 << 26
+
+    public let sectionCount: Int
+    public let computeNodeSlots: Int
+    public let intentSlotsPerNode: Int
+
+    public let nodeTableOffset: UInt64
+    public let intentTableOffset: UInt64
+    public let sectionHeadersOffset: UInt64
+    public let spanHeadersOffset: UInt64
+    public let fullLogOffset: UInt64
+    public let capabilitiesOffset: UInt64
+    /// Bytes of metadata, rounded up to a whole section so the data area is 2 MiB aligned.
+    public let metadataBytes: UInt64
+
+    public init(sectionCount: Int, computeNodeSlots: Int = 64, intentSlotsPerNode: Int = 8) throws(LayoutError) {
+        guard sectionCount >= 1, sectionCount <= Self.maxSections else { throw .sectionCountOutOfRange(sectionCount) }
+        guard computeNodeSlots >= 1, computeNodeSlots <= Int(OwnerID.maxRawValue) else {
+            throw .computeNodeSlotsOutOfRange(computeNodeSlots)
+        }
+        guard intentSlotsPerNode >= 1, intentSlotsPerNode <= 64 else { throw .intentSlotsOutOfRange(intentSlotsPerNode) }
+        self.sectionCount = sectionCount
+        self.computeNodeSlots = computeNodeSlots
+        self.intentSlotsPerNode = intentSlotsPerNode
+        func aligned(_ x: UInt64) -> UInt64 { (x + 63) / 64 * 64 }
+        nodeTableOffset = Self.superblockBytes
+        intentTableOffset = aligned(nodeTableOffset + 8 * UInt64(computeNodeSlots))
+        sectionHeadersOffset = aligned(intentTableOffset + 8 * UInt64(computeNodeSlots * intentSlotsPerNode))
+        spanHeadersOffset = aligned(sectionHeadersOffset + 8 * UInt64(sectionCount))
+        let chunks = UInt64(sectionCount) * UInt64(Self.chunksPerSection)
+        fullLogOffset = aligned(spanHeadersOffset + 8 * UInt64(sectionCount * Self.spansPerSection))
+        capabilitiesOffset = fullLogOffset + 8 * chunks
+        let end = capabilitiesOffset + 8 * chunks
+        metadataBytes = (end + Self.sectionBytes - 1) / Self.sectionBytes * Self.sectionBytes
+    }
+
+    /// The geometry whose data area holds at least `dataBytes`.
+    public init(dataBytes: UInt64, computeNodeSlots: Int = 64, intentSlotsPerNode: Int = 8) throws(LayoutError) {
+        let sections = (dataBytes + Self.sectionBytes - 1) / Self.sectionBytes
+        guard sections <= UInt64(Self.maxSections) else { throw .sectionCountOutOfRange(Int(clamping: sections)) }
+        try self.init(sectionCount: Int(sections), computeNodeSlots: computeNodeSlots, intentSlotsPerNode: intentSlotsPerNode)
+    }
+
+    public var chunkCount: Int { sectionCount * Self.chunksPerSection }
+    public var spanCount: Int { sectionCount * Self.spansPerSection }
+    public var dataOffset: UInt64 { metadataBytes }
+    public var dataBytes: UInt64 { UInt64(sectionCount) * Self.sectionBytes }
+    public var totalBytes: UInt64 { metadataBytes + dataBytes }
+
+    /// Bytes of metadata that scale with the pool (headers, full log, capabilities) per
+    /// byte of data, in percent: the figure the paper puts at about 0.39 %.
+    public var metadataOverheadPercent: Double {
+        let perPool = Double(capabilitiesOffset + 8 * UInt64(chunkCount) - sectionHeadersOffset)
+        return 100 * perPool / Double(dataBytes)
+    }
+
+    /// Bytes of the metadata area (rounded) per byte of data, in percent.
+    public var metadataAreaPercent: Double { 100 * Double(metadataBytes) / Double(dataBytes) }
+
+    public func nodeSlotOffset(_ owner: OwnerID) -> UInt64 { nodeTableOffset + 8 * UInt64(owner.rawValue) }
+    public func intentOffset(owner: OwnerID, slot: Int) -> UInt64 {
+        intentTableOffset + 8 * UInt64(Int(owner.rawValue) * intentSlotsPerNode + slot)
+    }
+    public func sectionHeaderOffset(_ section: Int) -> UInt64 { sectionHeadersOffset + 8 * UInt64(section) }
+    public func spanHeaderOffset(section: Int, span: Int) -> UInt64 {
+        spanHeadersOffset + 8 * UInt64(section * Self.spansPerSection + span)
+    }
+    public func fullLogOffset(chunk: Int) -> UInt64 { fullLogOffset + 8 * UInt64(chunk) }
+    public func capabilityOffset(chunk: Int) -> UInt64 { capabilitiesOffset + 8 * UInt64(chunk) }
+    public func dataOffset(chunk: Int) -> UInt64 { dataOffset + UInt64(chunk) * Self.chunkBytes }
+
+    /// The chunk at data offset `offset`, if the offset is inside the data area.
+    public func chunk(atDataOffset offset: UInt64) -> Int? {
+        guard offset >= dataOffset, offset < totalBytes else { return nil }
+        return Int((offset - dataOffset) / Self.chunkBytes)
+    }
+}
+
+/// The superblock: the first 64 bytes of a pool.
+///
+/// ```
+/// word 0: magic "FINEMEM\0"   word 1: layout version   word 2: section count
+/// word 3: compute node slots   word 4: intent slots per node   word 5: format epoch
+/// words 6-7: zero
+/// ```
+public struct Superblock: Hashable, Sendable {
+    public static let magic: UInt64 = 0x004D_454D_454E_4946  // "FINEMEM\0" little-endian
+    public static let version: UInt64 = 1
+
+    public var geometry: PoolGeometry
+    public var epoch: UInt64
+
+    public init(geometry: PoolGeometry, epoch: UInt64) {
+        self.geometry = geometry
+        self.epoch = epoch
+    }
+
+    public var words: [UInt64] {
+        [Self.magic, Self.version, UInt64(geometry.sectionCount), UInt64(geometry.computeNodeSlots),
+         UInt64(geometry.intentSlotsPerNode), epoch, 0, 0]
+    }
+
+    public init(words: [UInt64]) throws(LayoutError) {
+        guard words.count == 8, words[0] == Self.magic else { throw .badMagic(words.first ?? 0) }
+        guard words[1] == Self.version else { throw .unsupportedVersion(words[1]) }
+        guard words[6] == 0, words[7] == 0, words[2] <= UInt64(PoolGeometry.maxSections),
+              words[3] <= UInt64(OwnerID.maxRawValue), words[4] <= 64
+        else { throw .superblockMismatch("reserved words or fields out of range") }
+        geometry = try PoolGeometry(
+            sectionCount: Int(words[2]), computeNodeSlots: Int(words[3]), intentSlotsPerNode: Int(words[4]))
+        epoch = words[5]
+    }
+}

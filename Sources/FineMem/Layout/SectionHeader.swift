@@ -1,0 +1,195 @@
+/// The header of one section (16 spans, 2 MiB): the state of each span and a temporary
+/// log of section-layer block operations.
+///
+/// ```
+///  63 61 60    55 54          41 40   38 37  34  33   32   31                      0
+/// +-----+--------+--------------+-------+------+----+-----+-------------------------+
+/// | 000 | log seq|  log owner   |  log  | log  |pend|cont-| span states, 2 bits each |
+/// |     |  (6)   |    (14)      | size  |offset| ing|ended| span i at bits 2i..2i+1  |
+/// |     |        |              |code(3)| (4)  |(1) | (1) |                         |
+/// +-----+--------+--------------+-------+------+----+-----+-------------------------+
+/// ```
+///
+/// Span states: `empty` (00: free, its span header closed or closing), `chunks` (01: in
+/// chunk mode), `chunksAvoid` (10: in chunk mode, but full or contended: a hint for
+/// searches), `whole` (11: held whole by a section-layer or multi-section block).
+/// Log size code 0-4: a block of 2^code spans at `offset`; code 5: this whole section is
+/// part of a multi-section block whose first chunk's full-log record gives its size.
+/// `logPending` works as in `SpanHeader`: block operations (claim, release) require it
+/// clear and set it; span-state changes (open, close, hints) keep the log as it is.
+public struct SectionHeader: RawRepresentable, Hashable, Sendable {
+    public enum SpanState: UInt64, Sendable, CaseIterable {
+        case empty = 0, chunks = 1, chunksAvoid = 2, whole = 3
+        public var isChunkMode: Bool { self == .chunks || self == .chunksAvoid }
+    }
+
+    public static let spanCount = 16
+    public static let multiSectionSizeCode: UInt8 = 5
+    static let statesField = BitField(0, 32)
+    static let contendedField = BitField(32, 1)
+    static let pendingField = BitField(33, 1)
+    static let offsetField = BitField(34, 4)
+    static let sizeField = BitField(38, 3)
+    static let ownerField = BitField(41, 14)
+    static let sequenceField = BitField(55, 6)
+    static let reservedField = BitField(61, 3)
+
+    public private(set) var rawValue: UInt64
+
+    public init?(rawValue: UInt64) {
+        guard Self.reservedField.get(rawValue) == 0, Self.sizeField.get(rawValue) <= 5 else { return nil }
+        self.rawValue = rawValue
+        guard isValid else { return nil }
+    }
+
+    public static let empty = SectionHeader(states: 0, contended: false, logPending: false, log: .empty)
+
+    init(states: UInt32, contended: Bool, logPending: Bool, log: TemporaryLog) {
+        precondition(log.offset < 16 && log.sizeLog2 <= 5, "log \(log) does not fit a section")
+        var word: UInt64 = 0
+        Self.statesField.set(&word, UInt64(states))
+        Self.contendedField.set(&word, contended ? 1 : 0)
+        Self.pendingField.set(&word, logPending ? 1 : 0)
+        Self.offsetField.set(&word, UInt64(log.offset))
+        Self.sizeField.set(&word, UInt64(log.sizeLog2))
+        Self.ownerField.set(&word, UInt64(log.owner.rawValue))
+        Self.sequenceField.set(&word, UInt64(log.sequence.rawValue))
+        rawValue = word
+    }
+
+    /// A header with the given span states and fields.
+    public init(spanStates: [SpanState], contended: Bool, logPending: Bool, log: TemporaryLog) {
+        precondition(spanStates.count == 16, "a section has 16 spans")
+        var states: UInt32 = 0
+        for (i, state) in spanStates.enumerated() { states |= UInt32(state.rawValue) << (2 * UInt32(i)) }
+        self.init(states: states, contended: contended, logPending: logPending, log: log)
+    }
+
+    var states: UInt32 { UInt32(Self.statesField.get(rawValue)) }
+    public func state(ofSpan span: Int) -> SpanState {
+        SpanState(rawValue: UInt64(states >> (2 * UInt32(span)) & 3))!
+    }
+    public var spanStates: [SpanState] { (0..<16).map(state(ofSpan:)) }
+    public var contended: Bool { Self.contendedField.get(rawValue) == 1 }
+    public var logPending: Bool { Self.pendingField.get(rawValue) == 1 }
+    public var log: TemporaryLog {
+        TemporaryLog(
+            offset: UInt8(Self.offsetField.get(rawValue)), sizeLog2: UInt8(Self.sizeField.get(rawValue)),
+            owner: OwnerID(UInt16(Self.ownerField.get(rawValue))),
+            sequence: LogSequence(rawValue: UInt8(Self.sequenceField.get(rawValue))))
+    }
+
+    /// A multi-section log covers the whole section; others are aligned inside it.
+    public var isValid: Bool {
+        let log = log
+        if log.sizeLog2 == Self.multiSectionSizeCode { return log.offset == 0 }
+        return Int(log.offset) % (1 << log.sizeLog2) == 0
+    }
+
+    public var isAllEmpty: Bool { states == 0 }
+    public var isAllWhole: Bool { states == ~0 }
+    public var emptySpanCount: Int { (0..<16).count { state(ofSpan: $0) == .empty } }
+
+    /// The run of spans the log describes.
+    public var logSpanRange: Range<Int> {
+        let log = log
+        if log.sizeLog2 == Self.multiSectionSizeCode { return 0..<16 }
+        return Int(log.offset)..<Int(log.offset) + (1 << log.sizeLog2)
+    }
+
+    /// Whether the pending (or last) log describes an allocation: its spans are all whole.
+    public var logDescribesAllocation: Bool { logSpanRange.allSatisfy { state(ofSpan: $0) == .whole } }
+
+    static func runMask(offset: Int, count: Int) -> UInt32 {
+        let bits = 2 * count
+        return (bits == 32 ? ~0 : (UInt32(1) << UInt32(bits)) - 1) << (2 * UInt32(offset))
+    }
+
+    /// The lowest offset of an aligned run of `2^sizeLog2` empty spans, if any.
+    public func firstEmptyRun(sizeLog2: Int) -> Int? {
+        guard sizeLog2 >= 0, sizeLog2 <= 4 else { return nil }
+        let count = 1 << sizeLog2
+        for offset in stride(from: 0, to: 16, by: count) where states & Self.runMask(offset: offset, count: count) == 0 {
+            return offset
+        }
+        return nil
+    }
+
+    // MARK: Transitions
+
+    private func setting(_ offset: Int, _ count: Int, to state: SpanState) -> UInt32 {
+        var newStates = states & ~Self.runMask(offset: offset, count: count)
+        for span in offset..<offset + count { newStates |= UInt32(state.rawValue) << (2 * UInt32(span)) }
+        return newStates
+    }
+
+    private func committing(states newStates: UInt32, offset: Int, sizeCode: Int, owner: OwnerID) -> SectionHeader {
+        SectionHeader(
+            states: newStates, contended: contended, logPending: true,
+            log: TemporaryLog(offset: UInt8(offset), sizeLog2: UInt8(sizeCode), owner: owner, sequence: log.sequence.next))
+    }
+
+    private func fits(offset: Int, sizeLog2: Int) -> Bool {
+        sizeLog2 >= 0 && sizeLog2 <= 4 && offset >= 0 && offset < 16 && offset % (1 << sizeLog2) == 0
+    }
+
+    /// Claims `2^sizeLog2` empty spans at `offset` whole: a section-layer allocation.
+    public func claiming(spanOffset offset: Int, sizeLog2: Int, owner: OwnerID) -> SectionHeader? {
+        guard !logPending, fits(offset: offset, sizeLog2: sizeLog2) else { return nil }
+        let count = 1 << sizeLog2
+        guard states & Self.runMask(offset: offset, count: count) == 0 else { return nil }
+        return committing(states: setting(offset, count, to: .whole), offset: offset, sizeCode: sizeLog2, owner: owner)
+    }
+
+    /// Releases `2^sizeLog2` whole spans at `offset`.
+    public func releasing(spanOffset offset: Int, sizeLog2: Int, owner: OwnerID) -> SectionHeader? {
+        guard !logPending, fits(offset: offset, sizeLog2: sizeLog2) else { return nil }
+        let count = 1 << sizeLog2
+        guard (offset..<offset + count).allSatisfy({ state(ofSpan: $0) == .whole }) else { return nil }
+        return committing(states: setting(offset, count, to: .empty), offset: offset, sizeCode: sizeLog2, owner: owner)
+    }
+
+    /// Claims this whole, empty section as part of a multi-section block.
+    public func claimingForMultiSection(owner: OwnerID) -> SectionHeader? {
+        guard !logPending, isAllEmpty else { return nil }
+        return committing(states: ~0, offset: 0, sizeCode: Int(Self.multiSectionSizeCode), owner: owner)
+    }
+
+    /// Releases this section from a multi-section block.
+    public func releasingFromMultiSection(owner: OwnerID) -> SectionHeader? {
+        guard !logPending, isAllWhole else { return nil }
+        return committing(states: 0, offset: 0, sizeCode: Int(Self.multiSectionSizeCode), owner: owner)
+    }
+
+    /// Marks the pending log as written to the full log.
+    public func flushed() -> SectionHeader? {
+        guard logPending else { return nil }
+        return SectionHeader(states: states, contended: contended, logPending: false, log: log)
+    }
+
+    /// Puts an empty span into chunk mode (the first step of opening it).
+    public func openingSpan(_ span: Int) -> SectionHeader? {
+        guard state(ofSpan: span) == .empty else { return nil }
+        return SectionHeader(states: setting(span, 1, to: .chunks), contended: contended, logPending: logPending, log: log)
+    }
+
+    /// Returns a closing span to empty (its span header is `closing`).
+    public func closingSpan(_ span: Int) -> SectionHeader? {
+        guard state(ofSpan: span).isChunkMode else { return nil }
+        return SectionHeader(states: setting(span, 1, to: .empty), contended: contended, logPending: logPending, log: log)
+    }
+
+    /// Sets the search hint of a chunk-mode span: avoid (full or contended) or normal.
+    public func hintingSpan(_ span: Int, avoid: Bool) -> SectionHeader? {
+        let current = state(ofSpan: span)
+        guard current.isChunkMode else { return nil }
+        let target: SpanState = avoid ? .chunksAvoid : .chunks
+        guard current != target else { return nil }
+        return SectionHeader(states: setting(span, 1, to: target), contended: contended, logPending: logPending, log: log)
+    }
+
+    /// The same header with the section-level contention mark set or cleared.
+    public func with(contended value: Bool) -> SectionHeader {
+        SectionHeader(states: states, contended: value, logPending: logPending, log: log)
+    }
+}

@@ -1,0 +1,31 @@
+/// The time a simulated NIC takes for each part of a verb, in nanoseconds.
+///
+/// A batch leaves the compute node, crosses the network (`oneWayNanos`), and its verbs
+/// execute in order at the memory node's NIC: each occupies the NIC for its service time
+/// plus its payload over the bandwidth; atomics also occupy the NIC's single atomic unit,
+/// so concurrent atomics from all connections serialise there. The completions cross back
+/// (`oneWayNanos` again). `jitterFraction` adds seeded noise to each crossing.
+///
+/// The defaults follow the paper's ConnectX-6 testbed: about 1.7 us one way with the
+/// software stack (a 4 KiB allocation with one extra READ or CAS costs about 4 us more,
+/// PAPER-NUMBERS.md, factor analysis), 100 Gb/s (12.5 bytes per ns), and an atomic unit
+/// that retires about 8 M atomics per second (125 ns each).
+public struct LatencyModel: Sendable, Hashable {
+    public var oneWayNanos: UInt64 = 1_700
+    public var readServiceNanos: UInt64 = 60
+    public var writeServiceNanos: UInt64 = 60
+    public var atomicServiceNanos: UInt64 = 125
+    public var bytesPerNanosecond: Double = 12.5
+    public var jitterFraction: Double = 0.1
+
+    public init() {}
+
+    public func serviceNanos(_ verb: Verb) -> UInt64 {
+        let base: UInt64 = switch verb.kind {
+        case .read: readServiceNanos
+        case .write: writeServiceNanos
+        case .compareAndSwap, .fetchAndAdd: atomicServiceNanos
+        }
+        return base + UInt64(Double(verb.payloadBytes) / bytesPerNanosecond)
+    }
+}

@@ -1,0 +1,298 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import Atomics
+
+/// A protection domain on a simulated NIC: a key works only on connections of its own
+/// domain, as an rkey works only on QPs of the PD it was registered in.
+public struct ProtectionDomain: Hashable, Sendable {
+    public let id: UInt32
+}
+
+/// A registered memory region on a simulated NIC.
+public struct MemoryRegion: Hashable, Sendable {
+    public let rkey: RKey
+    public let address: RemoteAddress
+    public let length: UInt64
+    public let access: RemoteAccess
+    public let protectionDomain: ProtectionDomain
+}
+
+/// A type-1 memory window on a simulated NIC, bound and invalidated by the owner of the NIC
+/// (the memory node), as `ibv_bind_mw` does.
+public struct MemoryWindow: Hashable, Sendable {
+    /// The 24-bit index; the current key is this index with the current tag.
+    public let index: UInt32
+    public let protectionDomain: ProtectionDomain
+}
+
+/// Errors of the memory node's local calls on a simulated NIC (registration and binding).
+public enum SimulatedNICError: Error, Sendable, Hashable {
+    case rangeOutsidePool(address: RemoteAddress, length: UInt64)
+    case noSuchRegion(RKey)
+    case noSuchWindow(UInt32)
+    case regionHasBoundWindows(RKey)
+    case bindOutsideRegion(address: RemoteAddress, length: UInt64)
+    case bindExceedsRegionAccess
+    case protectionDomainMismatch
+    case keySpaceExhausted
+}
+
+/// An in-process emulation of the NIC of one memory node, over an `mmap`'ed pool.
+///
+/// The pool is reserved with `MAP_NORESERVE`: a 64 GiB pool costs nothing until touched.
+/// Every verb is checked against the key table (memory regions and type-1 windows, 24-bit
+/// index plus 8-bit tag), the bounds and the access rights; atomics are 8-byte aligned and
+/// atomic against each other. Words that are 8-byte aligned are read and written with
+/// atomic loads and stores, so readers never see a torn metadata word.
+///
+/// ```swift
+/// let nic = try SimulatedNIC(node: NodeID(0), poolBytes: 64 << 20)
+/// let pd = nic.allocateProtectionDomain()
+/// let region = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: 4096, access: .all)
+/// let connection = nic.connect(from: NodeID(1), protectionDomain: pd)
+/// try await connection.write(region.address, bytes: [1, 2, 3], rkey: region.rkey)
+/// ```
+public final class SimulatedNIC: @unchecked Sendable {
+    /// The memory node this NIC belongs to.
+    public let node: NodeID
+    /// The NIC address of the first byte of the pool.
+    public let baseAddress: RemoteAddress
+    /// Size of the pool in bytes.
+    public let poolBytes: UInt64
+
+    private let pool: UnsafeMutableRawPointer
+    private let keys = Locked(KeyTable())
+
+    private enum KeyEntry {
+        case region(MemoryRegion)
+        case window(WindowState)
+    }
+
+    private struct WindowState {
+        var window: MemoryWindow
+        var tag: UInt8
+        var binding: (address: RemoteAddress, length: UInt64, access: RemoteAccess, region: UInt32)?
+    }
+
+    private struct KeyTable {
+        var entries: [UInt32: KeyEntry] = [:]
+        var nextIndex: UInt32 = 1
+        var nextProtectionDomain: UInt32 = 1
+
+        mutating func takeIndex() throws(SimulatedNICError) -> UInt32 {
+            guard nextIndex < 1 << 24 else { throw .keySpaceExhausted }
+            defer { nextIndex += 1 }
+            return nextIndex
+        }
+    }
+
+    /// The default NIC address of a pool's first byte: not zero, so that a zero address is
+    /// never valid, and the same on every run, so that simulated traces are reproducible.
+    public static let defaultBaseAddress = RemoteAddress(1 << 40)
+
+    /// Maps a pool of `poolBytes` (rounded up to the page size) that the NIC serves.
+    public init(node: NodeID, poolBytes: UInt64, baseAddress: RemoteAddress = SimulatedNIC.defaultBaseAddress) throws(SimulatedNICError) {
+        let page = UInt64(sysconf(Int32(_SC_PAGESIZE)))
+        let length = (poolBytes + page - 1) / page * page
+        let mapped = mmap(nil, Int(length), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        guard let mapped, mapped != MAP_FAILED else {
+            throw .rangeOutsidePool(address: baseAddress, length: length)
+        }
+        self.node = node
+        self.baseAddress = baseAddress
+        self.poolBytes = length
+        self.pool = mapped
+    }
+
+    deinit {
+        munmap(pool, Int(poolBytes))
+    }
+
+    // MARK: Memory node's local calls (the verbs control path)
+
+    public func allocateProtectionDomain() -> ProtectionDomain {
+        keys.withLock { table in
+            defer { table.nextProtectionDomain += 1 }
+            return ProtectionDomain(id: table.nextProtectionDomain)
+        }
+    }
+
+    /// Registers `[address, address+length)` of the pool with remote `access` (`ibv_reg_mr`).
+    public func registerRegion(
+        pd: ProtectionDomain, address: RemoteAddress, length: UInt64, access: RemoteAccess
+    ) throws(SimulatedNICError) -> MemoryRegion {
+        guard contains(address, length) else { throw .rangeOutsidePool(address: address, length: length) }
+        return try keys.withLock { (table) throws(SimulatedNICError) -> MemoryRegion in
+            let index = try table.takeIndex()
+            let region = MemoryRegion(
+                rkey: RKey(index: index, tag: 0), address: address, length: length, access: access,
+                protectionDomain: pd)
+            table.entries[index] = .region(region)
+            return region
+        }
+    }
+
+    /// Deregisters a region (`ibv_dereg_mr`); refused while windows are bound to it. From
+    /// then on its key is unknown: this is how a dead compute node is fenced.
+    public func deregister(_ region: MemoryRegion) throws(SimulatedNICError) {
+        try keys.withLock { (table) throws(SimulatedNICError) in
+            guard case .region(let known)? = table.entries[region.rkey.index], known == region else {
+                throw .noSuchRegion(region.rkey)
+            }
+            for case .window(let w) in table.entries.values where w.binding?.region == region.rkey.index {
+                throw .regionHasBoundWindows(region.rkey)
+            }
+            table.entries[region.rkey.index] = nil
+        }
+    }
+
+    /// Allocates an unbound type-1 window (`ibv_alloc_mw`).
+    public func allocateWindow(pd: ProtectionDomain) throws(SimulatedNICError) -> MemoryWindow {
+        try keys.withLock { (table) throws(SimulatedNICError) -> MemoryWindow in
+            let index = try table.takeIndex()
+            let window = MemoryWindow(index: index, protectionDomain: pd)
+            table.entries[index] = .window(WindowState(window: window, tag: 0, binding: nil))
+            return window
+        }
+    }
+
+    /// Binds (or rebinds) `window` over part of `region` (`ibv_bind_mw`). The key's tag
+    /// advances on every bind, so keys of earlier bindings stop working.
+    public func bind(
+        _ window: MemoryWindow, in region: MemoryRegion, address: RemoteAddress, length: UInt64, access: RemoteAccess
+    ) throws(SimulatedNICError) -> RKey {
+        guard window.protectionDomain == region.protectionDomain else { throw .protectionDomainMismatch }
+        guard address >= region.address, length > 0, address.rawValue + length <= region.address.rawValue + region.length else {
+            throw .bindOutsideRegion(address: address, length: length)
+        }
+        guard region.access.isSuperset(of: access) else { throw .bindExceedsRegionAccess }
+        return try keys.withLock { (table) throws(SimulatedNICError) -> RKey in
+            guard case .region? = table.entries[region.rkey.index] else { throw .noSuchRegion(region.rkey) }
+            guard case .window(var state)? = table.entries[window.index] else { throw .noSuchWindow(window.index) }
+            state.tag &+= 1
+            state.binding = (address, length, access, region.rkey.index)
+            table.entries[window.index] = .window(state)
+            return RKey(index: window.index, tag: state.tag)
+        }
+    }
+
+    /// Invalidates a window's binding (local invalidate); its key stops working at once.
+    public func invalidate(_ window: MemoryWindow) throws(SimulatedNICError) {
+        try keys.withLock { (table) throws(SimulatedNICError) in
+            guard case .window(var state)? = table.entries[window.index] else { throw .noSuchWindow(window.index) }
+            state.binding = nil
+            table.entries[window.index] = .window(state)
+        }
+    }
+
+    /// Opens a reliable connection from `node` in protection domain `pd`.
+    public func connect(
+        from node: NodeID, protectionDomain pd: ProtectionDomain, simulator: Simulator? = nil
+    ) -> SimulatedConnection {
+        SimulatedConnection(nic: self, localNode: node, protectionDomain: pd, simulator: simulator)
+    }
+
+    // MARK: Inspection (tests and invariant checkers; never used to change memory)
+
+    /// Loads the 8-byte word at `address` atomically. For checkers only: protocol code
+    /// reads through a connection.
+    public func peekWord(_ address: RemoteAddress) -> UInt64 {
+        precondition(contains(address, 8) && address.rawValue % 8 == 0, "peek outside pool or misaligned: \(address)")
+        return atomicWord(address).load(ordering: .relaxed)
+    }
+
+    // MARK: The data path
+
+    private func contains(_ address: RemoteAddress, _ length: UInt64) -> Bool {
+        address >= baseAddress && length <= poolBytes && address.rawValue - baseAddress.rawValue <= poolBytes - length
+    }
+
+    private func pointer(_ address: RemoteAddress) -> UnsafeMutableRawPointer {
+        pool + Int(address.rawValue - baseAddress.rawValue)
+    }
+
+    private func atomicWord(_ address: RemoteAddress) -> UnsafeAtomic<UInt64> {
+        UnsafeAtomic<UInt64>(at: pointer(address).assumingMemoryBound(to: UInt64.AtomicRepresentation.self))
+    }
+
+    /// Checks `verb` against the key table in `pd`.
+    func authorize(_ verb: Verb, pd: ProtectionDomain) -> RemoteAccessViolation? {
+        let needed: RemoteAccess
+        let length: Int
+        switch verb {
+        case .read(_, let n, _): needed = .read; length = n
+        case .write(_, let bytes, _): needed = .write; length = bytes.count
+        case .compareAndSwap, .fetchAndAdd: needed = .atomic; length = 8
+        }
+        guard length > 0 else { return .invalidLength }
+        if verb.kind.isAtomic, verb.address.rawValue % 8 != 0 { return .misalignedAtomic }
+        let rkey = verb.rkey
+        let lookup: Result<(address: RemoteAddress, length: UInt64, access: RemoteAccess), RemoteAccessViolation> =
+            keys.withLock { table in
+                switch table.entries[rkey.index] {
+                case .region(let region)?:
+                    guard region.protectionDomain == pd, rkey.tag == region.rkey.tag else { return .failure(.unknownKey) }
+                    return .success((region.address, region.length, region.access))
+                case .window(let state)?:
+                    guard state.window.protectionDomain == pd else { return .failure(.unknownKey) }
+                    guard let binding = state.binding else { return .failure(.windowInvalidated) }
+                    guard state.tag == rkey.tag else { return .failure(.staleKey) }
+                    return .success((binding.address, binding.length, binding.access))
+                case nil:
+                    return .failure(.unknownKey)
+                }
+            }
+        let granted: (address: RemoteAddress, length: UInt64, access: RemoteAccess)
+        switch lookup {
+        case .success(let grant): granted = grant
+        case .failure(let violation): return violation
+        }
+        let address = verb.address
+        guard address >= granted.address, UInt64(length) <= granted.length,
+              address.rawValue - granted.address.rawValue <= granted.length - UInt64(length)
+        else { return .outOfBounds }
+        guard granted.access.contains(needed) else { return .permissionDenied(needed: needed) }
+        return nil
+    }
+
+    /// Performs an authorized verb on the pool.
+    func perform(_ verb: Verb) -> VerbResult {
+        switch verb {
+        case .read(let address, let length, _):
+            var bytes = [UInt8](repeating: 0, count: length)
+            bytes.withUnsafeMutableBytes { out in
+                if address.rawValue % 8 == 0, length % 8 == 0 {
+                    for i in stride(from: 0, to: length, by: 8) {
+                        let word = atomicWord(address + UInt64(i)).load(ordering: .relaxed)
+                        out.storeBytes(of: word.littleEndian, toByteOffset: i, as: UInt64.self)
+                    }
+                } else {
+                    out.copyMemory(from: UnsafeRawBufferPointer(start: pointer(address), count: length))
+                }
+            }
+            return .read(bytes)
+        case .write(let address, let bytes, _):
+            bytes.withUnsafeBytes { source in
+                if address.rawValue % 8 == 0, bytes.count % 8 == 0 {
+                    for i in stride(from: 0, to: bytes.count, by: 8) {
+                        let word = UInt64(littleEndian: source.loadUnaligned(fromByteOffset: i, as: UInt64.self))
+                        atomicWord(address + UInt64(i)).store(word, ordering: .relaxed)
+                    }
+                } else {
+                    pointer(address).copyMemory(from: source.baseAddress!, byteCount: bytes.count)
+                }
+            }
+            return .written
+        case .compareAndSwap(let address, let expected, let desired, _):
+            let (exchanged, original) = atomicWord(address).compareExchange(
+                expected: expected, desired: desired, ordering: .sequentiallyConsistent)
+            return .compareAndSwap(exchanged: exchanged, original: original)
+        case .fetchAndAdd(let address, let delta, _):
+            let original = atomicWord(address).loadThenWrappingIncrement(by: delta, ordering: .sequentiallyConsistent)
+            return .fetchAndAdd(original: original)
+        }
+    }
+}

@@ -1,0 +1,143 @@
+/// A seeded allocate/free workload of many compute nodes and tasks in virtual time, with
+/// the invariants checked after every operation and at the end. `swift test` runs it for
+/// many seeds; `finemem soak` runs as many as asked; `finemem bench` measures with it.
+public struct SimulatedWorkload: Sendable {
+    public struct Configuration: Sendable, Hashable {
+        public var memoryNodes = 1
+        public var poolBytesPerNode: UInt64 = 64 << 20
+        public var computeNodes = 16
+        public var tasksPerComputeNode = 8
+        public var operationsPerTask = 40
+        /// Block sizes as log2 of chunks: 0 = 4 KiB ... 11 = 8 MiB. Drawn with weight
+        /// halving as the size doubles, so small blocks dominate as in the paper's traces.
+        public var sizeLog2Range: ClosedRange<Int> = 0...11
+        /// Probability (percent) that a task holding blocks frees one instead of allocating.
+        public var freePercent = 45
+        public var checkInvariants = true
+        public var allocator = AllocatorConfiguration()
+        public var latency = LatencyModel()
+
+        public init() {}
+    }
+
+    public struct Report: Sendable, CustomStringConvertible {
+        public var seed: UInt64
+        public var allocations = 0
+        public var frees = 0
+        public var outOfMemory = 0
+        public var virtualNanoseconds: UInt64 = 0
+        public var traceHash = TraceHash()
+        public var statistics = AllocatorStatistics()
+        public var violations: [String] = []
+        public var allocationLatencies: [UInt64] = []
+
+        public var description: String {
+            "seed \(seed): \(allocations) allocations, \(frees) frees, \(outOfMemory) out of memory, "
+                + "\(virtualNanoseconds / 1_000) us virtual, trace \(traceHash), \(violations.count) violations"
+        }
+    }
+
+    public let configuration: Configuration
+
+    public init(_ configuration: Configuration) { self.configuration = configuration }
+
+    /// Runs the workload with `seed` and answers what happened. Same seed, same report.
+    public func run(seed: UInt64) -> Report {
+        let simulator = Simulator(seed: seed, latency: configuration.latency)
+        let report = Locked(Report(seed: seed))
+        let configuration = configuration
+        simulator.spawn {
+            await Self.drive(configuration, simulator: simulator, report: report)
+        }
+        simulator.run()
+        return report.withLock { r in
+            r.virtualNanoseconds = simulator.nowNanoseconds
+            r.traceHash = simulator.traceHash
+            return r
+        }
+    }
+
+    private static func drawSize(_ range: ClosedRange<Int>, _ random: inout SeededRandom) -> Int {
+        // Weight 2^(upper - k) for size k.
+        let total = (1 << (range.count)) - 1
+        var pick = Int(random.next() % UInt64(total))
+        for k in range {
+            let weight = 1 << (range.upperBound - k)
+            if pick < weight { return k }
+            pick -= weight
+        }
+        return range.lowerBound
+    }
+
+    private static func drive(_ configuration: Configuration, simulator: Simulator, report: Locked<Report>) async {
+        let cluster: EmbeddedCluster
+        do {
+            cluster = try await EmbeddedCluster.start(
+                .init(memoryNodes: configuration.memoryNodes, poolBytesPerNode: configuration.poolBytesPerNode,
+                      computeNodes: configuration.computeNodes, allocator: configuration.allocator),
+                simulator: simulator)
+        } catch {
+            report.withLock { $0.violations.append("cluster did not start: \(error)") }
+            return
+        }
+        let inspector = PoolInspector(memoryNodes: cluster.memoryNodes)
+        let check = configuration.checkInvariants
+        func note(_ problems: [String]) {
+            if !problems.isEmpty { report.withLock { $0.violations += problems } }
+        }
+        let seeds = (0..<configuration.computeNodes * configuration.tasksPerComputeNode).map { _ in simulator.forkSeed() }
+        await withTaskGroup(of: Void.self) { group in
+            for (index, seed) in seeds.enumerated() {
+                let computeNode = index / configuration.tasksPerComputeNode
+                let blocks = cluster.computeNodes[computeNode]
+                let application = ApplicationID(UInt16(index % configuration.tasksPerComputeNode + 1))
+                group.addTask {
+                    var random = SeededRandom(seed: seed)
+                    var held: [Block] = []
+                    await simulator.sleep(nanoseconds: random.next() % 20_000)
+                    for _ in 0..<configuration.operationsPerTask {
+                        if !held.isEmpty, Int(random.next() % 100) < configuration.freePercent {
+                            let block = held.remove(at: Int(random.next() % UInt64(held.count)))
+                            if check { note(inspector.release(block)) }
+                            do throws(AllocationError) {
+                                try await blocks.free(block, application: application)
+                                report.withLock { $0.frees += 1 }
+                            } catch {
+                                note(["free of \(block) failed: \(error)"])
+                            }
+                        } else {
+                            let size = drawSize(configuration.sizeLog2Range, &random)
+                            let start = simulator.nowNanoseconds
+                            do throws(AllocationError) {
+                                let block = try await blocks.allocate(sizeLog2: size, application: application)
+                                let latency = simulator.nowNanoseconds - start
+                                held.append(block)
+                                report.withLock { r in
+                                    r.allocations += 1
+                                    r.allocationLatencies.append(latency)
+                                }
+                                if check { note(inspector.admit(block, owner: blocks.owner) + inspector.checkStructure()) }
+                            } catch {
+                                if case .outOfMemory = error { report.withLock { $0.outOfMemory += 1 } } else {
+                                    note(["allocation of 2^\(size) chunks failed: \(error)"])
+                                }
+                            }
+                        }
+                    }
+                    for block in held {
+                        if check { note(inspector.release(block)) }
+                        do throws(AllocationError) { try await blocks.free(block, application: application) } catch {
+                            note(["final free of \(block) failed: \(error)"])
+                        }
+                    }
+                }
+            }
+        }
+        await cluster.quiesce()
+        if check {
+            note(inspector.checkAtRest())
+            note(inspector.everyHeaderEmpty())
+        }
+        report.withLock { $0.statistics = cluster.statistics }
+    }
+}

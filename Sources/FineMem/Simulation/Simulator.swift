@@ -1,0 +1,201 @@
+/// A deterministic discrete-event runtime: one thread, a virtual clock, a seeded random
+/// generator, and a task executor that runs every job of every task it owns in FIFO order.
+///
+/// All simulated work must start with `spawn` (which uses `Task(executorPreference:)`);
+/// child tasks and `async let` inherit the preference. `run()` drains ready jobs, then
+/// advances the clock to the earliest timer, and so on until nothing is left. The same
+/// seed gives the same run, bit for bit: `traceHash` folds in every verb a simulated NIC
+/// executes (time, node, kind, address, answer).
+///
+/// ```swift
+/// let simulator = Simulator(seed: 42)
+/// simulator.spawn {
+///     await simulator.sleep(nanoseconds: 1_000)
+///     // ... protocol code on simulated connections ...
+/// }
+/// simulator.run()
+/// print(simulator.nowNanoseconds, simulator.traceHash)
+/// ```
+public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked Sendable {
+    /// The seed this run was created with; print it when a check fails.
+    public let seed: UInt64
+    /// The latency model that virtual-time connections use.
+    public let latency: LatencyModel
+    /// Faults that apply from now on (crashes, stalls, broken links).
+    public let faults = FaultPlan()
+
+    private let readyJobs = Locked(JobQueue())
+    private var timers = TimerHeap()
+    private var now: UInt64 = 0
+    private var randomSource: SeededRandom
+    private var atomicUnitFreeAt: [NodeID: UInt64] = [:]
+    private var verbsExecuted: [NodeID: UInt64] = [:]
+    public private(set) var traceHash = TraceHash()
+    /// Verbs executed by all simulated NICs in this run.
+    public private(set) var totalVerbs: UInt64 = 0
+
+    private struct JobQueue {
+        var jobs: [UnownedJob] = []
+        var head = 0
+        mutating func push(_ job: UnownedJob) { jobs.append(job) }
+        mutating func pop() -> UnownedJob? {
+            guard head < jobs.count else { return nil }
+            defer {
+                head += 1
+                if head == jobs.count { jobs.removeAll(keepingCapacity: true); head = 0 }
+            }
+            return jobs[head]
+        }
+    }
+
+    public init(seed: UInt64, latency: LatencyModel = LatencyModel()) {
+        self.seed = seed
+        self.latency = latency
+        self.randomSource = SeededRandom(seed: seed)
+    }
+
+    // MARK: Executor
+
+    public func enqueue(_ job: consuming ExecutorJob) {
+        let unowned = UnownedJob(job)
+        readyJobs.withLock { $0.push(unowned) }
+    }
+
+    public func asUnownedSerialExecutor() -> UnownedSerialExecutor {
+        UnownedSerialExecutor(ordinary: self)
+    }
+
+    // MARK: Runtime
+
+    public func spawn(_ body: @escaping @Sendable () async -> Void) {
+        Task(executorPreference: self) { await body() }
+    }
+
+    public func sleep(nanoseconds: UInt64) async {
+        await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
+            schedule(at: now + nanoseconds) { continuation.resume() }
+        }
+    }
+
+    public var nowNanoseconds: UInt64 { now }
+
+    // MARK: Driving
+
+    /// Runs until no job and no timer is left, or until the clock would pass `deadline`.
+    /// Returns whether the simulation ran out of work (as opposed to reaching the deadline).
+    @discardableResult
+    public func run(untilNanoseconds deadline: UInt64 = .max) -> Bool {
+        while true {
+            while let job = readyJobs.withLock({ $0.pop() }) {
+                job.runSynchronously(isolatedTo: asUnownedSerialExecutor(), taskExecutor: asUnownedTaskExecutor())
+            }
+            guard let next = timers.peek() else { return true }
+            if next.time > deadline { now = deadline; return false }
+            _ = timers.pop()
+            now = next.time
+            next.action()
+        }
+    }
+
+    /// Calls `action` on the simulator thread at virtual time `time` (not before now).
+    public func schedule(at time: UInt64, _ action: @escaping () -> Void) {
+        timers.push(at: max(time, now), action)
+    }
+
+    /// Draws from the run's seeded generator.
+    public func random<T: FixedWidthInteger>(in range: ClosedRange<T>) -> T {
+        T.random(in: range, using: &randomSource)
+    }
+
+    /// Derives a seed for an independent stream (a workload, a compute node's choices).
+    public func forkSeed() -> UInt64 { randomSource.next() }
+
+    // MARK: NIC timing (used by virtual-time connections)
+
+    func jittered(_ nanos: UInt64) -> UInt64 {
+        guard latency.jitterFraction > 0, nanos > 0 else { return nanos }
+        let spread = UInt64(Double(nanos) * latency.jitterFraction)
+        return nanos + (spread == 0 ? 0 : randomSource.next() % (spread + 1))
+    }
+
+    /// Reserves the NIC's atomic unit of memory node `node` from `earliest`; returns the
+    /// start time of the atomic.
+    func reserveAtomicUnit(of node: NodeID, from earliest: UInt64, for service: UInt64) -> UInt64 {
+        let start = max(earliest, atomicUnitFreeAt[node] ?? 0)
+        atomicUnitFreeAt[node] = start + service
+        return start
+    }
+
+    /// Records an executed verb in the trace and the node's verb count.
+    func record(_ verb: Verb, by node: NodeID, result: Result<VerbResult, FabricError>) {
+        totalVerbs += 1
+        verbsExecuted[node, default: 0] += 1
+        traceHash.mix(now)
+        traceHash.mix(UInt64(node.rawValue) << 8 | UInt64(verb.kind.rawValue))
+        traceHash.mix(verb.address.rawValue)
+        switch result {
+        case .success(.read(let bytes)):
+            for chunk in stride(from: 0, to: bytes.count, by: 8) {
+                var word: UInt64 = 0
+                for b in chunk..<min(chunk + 8, bytes.count) { word |= UInt64(bytes[b]) << (8 * UInt64(b - chunk)) }
+                traceHash.mix(word)
+            }
+        case .success(.written): traceHash.mix(1)
+        case .success(.compareAndSwap(let exchanged, let original)): traceHash.mix(original &+ (exchanged ? 1 : 0))
+        case .success(.fetchAndAdd(let original)): traceHash.mix(original)
+        case .failure: traceHash.mix(0xDEAD)
+        }
+    }
+
+    /// Verbs that `node` has had executed so far.
+    public func verbsExecuted(by node: NodeID) -> UInt64 { verbsExecuted[node] ?? 0 }
+}
+
+/// A binary min-heap of timers ordered by (time, insertion sequence): ties run in the
+/// order they were scheduled, which keeps runs reproducible.
+struct TimerHeap {
+    struct Entry {
+        let time: UInt64
+        let sequence: UInt64
+        let action: () -> Void
+        func precedes(_ other: Entry) -> Bool {
+            time != other.time ? time < other.time : sequence < other.sequence
+        }
+    }
+
+    private var entries: [Entry] = []
+    private var nextSequence: UInt64 = 0
+
+    var isEmpty: Bool { entries.isEmpty }
+    func peek() -> Entry? { entries.first }
+
+    mutating func push(at time: UInt64, _ action: @escaping () -> Void) {
+        entries.append(Entry(time: time, sequence: nextSequence, action: action))
+        nextSequence += 1
+        var child = entries.count - 1
+        while child > 0 {
+            let parent = (child - 1) / 2
+            guard entries[child].precedes(entries[parent]) else { break }
+            entries.swapAt(child, parent)
+            child = parent
+        }
+    }
+
+    mutating func pop() -> Entry? {
+        guard !entries.isEmpty else { return nil }
+        entries.swapAt(0, entries.count - 1)
+        let top = entries.removeLast()
+        var parent = 0
+        while true {
+            let left = 2 * parent + 1
+            let right = left + 1
+            var first = parent
+            if left < entries.count, entries[left].precedes(entries[first]) { first = left }
+            if right < entries.count, entries[right].precedes(entries[first]) { first = right }
+            guard first != parent else { break }
+            entries.swapAt(parent, first)
+            parent = first
+        }
+        return top
+    }
+}

@@ -1,0 +1,208 @@
+import Testing
+@testable import FineMem
+
+/// A NIC with a 1 MiB pool, one region over the first 64 KiB, and a connection.
+private struct Bench {
+    let nic: SimulatedNIC
+    let pd: ProtectionDomain
+    let region: MemoryRegion
+    let connection: SimulatedConnection
+
+    init(access: RemoteAccess = .all) throws {
+        nic = try SimulatedNIC(node: NodeID(0), poolBytes: 1 << 20)
+        pd = nic.allocateProtectionDomain()
+        region = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: 64 << 10, access: access)
+        connection = nic.connect(from: NodeID(1), protectionDomain: pd)
+    }
+}
+
+private func expectViolation(
+    _ expected: RemoteAccessViolation, on connection: SimulatedConnection, _ verbs: [Verb],
+    sourceLocation: SourceLocation = #_sourceLocation
+) async {
+    do throws(FabricError) {
+        _ = try await connection.post(verbs)
+        Issue.record("expected \(expected), the batch succeeded", sourceLocation: sourceLocation)
+    } catch {
+        guard case .remoteAccess(let violation, _, _, _) = error else {
+            Issue.record("expected \(expected), got \(error)", sourceLocation: sourceLocation)
+            return
+        }
+        #expect(violation == expected, sourceLocation: sourceLocation)
+    }
+    #expect(connection.isBroken, "the connection must be broken after a remote access error", sourceLocation: sourceLocation)
+    do throws(FabricError) {
+        _ = try await connection.post([.read(connection.nic.baseAddress, length: 8, rkey: verbs[0].rkey)])
+        Issue.record("a broken connection executed a verb", sourceLocation: sourceLocation)
+    } catch {
+        #expect(error == .connectionBroken(NodeID(0)), sourceLocation: sourceLocation)
+    }
+}
+
+@Suite struct SimulatedNICTests {
+    @Test func readWriteCompareAndSwapFetchAndAdd() async throws {
+        let b = try Bench()
+        let a = b.region.address
+        try await b.connection.write(a + 16, bytes: [1, 2, 3, 4, 5], rkey: b.region.rkey)
+        #expect(try await b.connection.read(a + 16, length: 5, rkey: b.region.rkey) == [1, 2, 3, 4, 5])
+        let first = try await b.connection.compareAndSwap(a + 64, expected: 0, desired: 7, rkey: b.region.rkey)
+        #expect(first.exchanged && first.original == 0)
+        let second = try await b.connection.compareAndSwap(a + 64, expected: 0, desired: 9, rkey: b.region.rkey)
+        #expect(!second.exchanged && second.original == 7)
+        #expect(try await b.connection.fetchAndAdd(a + 64, delta: 5, rkey: b.region.rkey) == 7)
+        #expect(b.nic.peekWord(a + 64) == 12)
+        let c = b.connection.counters
+        #expect(c.batches == 5 && c[.compareAndSwap] == 2 && c[.fetchAndAdd] == 1 && c.bytesWritten == 5 && c.bytesRead == 5)
+    }
+
+    @Test func batchExecutesInOrderAndReturnsAllResults() async throws {
+        let b = try Bench()
+        let a = b.region.address + 128
+        let results = try await b.connection.post([
+            .writeWord(a, 5, rkey: b.region.rkey),
+            .compareAndSwap(a, expected: 5, desired: 6, rkey: b.region.rkey),
+            .fetchAndAdd(a, delta: 10, rkey: b.region.rkey),
+            .readWords(a, count: 1, rkey: b.region.rkey),
+        ])
+        #expect(results[1].compareAndSwap == (true, 5))
+        #expect(results[2] == .fetchAndAdd(original: 6))
+        #expect(results[3].words == [16])
+        #expect(b.connection.counters.batches == 1)
+    }
+
+    @Test func unknownKey() async throws {
+        let b = try Bench()
+        await expectViolation(.unknownKey, on: b.connection, [.read(b.region.address, length: 8, rkey: RKey(index: 999, tag: 0))])
+    }
+
+    @Test func keyOfAnotherProtectionDomainIsUnknown() async throws {
+        let b = try Bench()
+        let other = b.nic.connect(from: NodeID(2), protectionDomain: b.nic.allocateProtectionDomain())
+        await expectViolation(.unknownKey, on: other, [.read(b.region.address, length: 8, rkey: b.region.rkey)])
+    }
+
+    @Test func outOfBounds() async throws {
+        let b = try Bench()
+        await expectViolation(.outOfBounds, on: b.connection, [.read(b.region.address + ((64 << 10) - 4), length: 8, rkey: b.region.rkey)])
+    }
+
+    @Test func noPermission() async throws {
+        let b = try Bench(access: .read)
+        await expectViolation(.permissionDenied(needed: .write), on: b.connection, [.writeWord(b.region.address, 1, rkey: b.region.rkey)])
+        let c = try Bench(access: [.read, .write])
+        await expectViolation(.permissionDenied(needed: .atomic), on: c.connection, [.fetchAndAdd(c.region.address, delta: 1, rkey: c.region.rkey)])
+    }
+
+    @Test func misalignedAtomic() async throws {
+        let b = try Bench()
+        await expectViolation(.misalignedAtomic, on: b.connection, [.compareAndSwap(b.region.address + 4, expected: 0, desired: 1, rkey: b.region.rkey)])
+    }
+
+    @Test func invalidatedWindow() async throws {
+        let b = try Bench()
+        let window = try b.nic.allocateWindow(pd: b.pd)
+        let key = try b.nic.bind(window, in: b.region, address: b.region.address + 4096, length: 4096, access: .all)
+        _ = try await b.connection.read(b.region.address + 4096, length: 4096, rkey: key)
+        await expectViolation(.outOfBounds, on: b.connection, [.read(b.region.address, length: 8, rkey: key)])
+        let fresh = b.nic.connect(from: NodeID(1), protectionDomain: b.pd)
+        try b.nic.invalidate(window)
+        await expectViolation(.windowInvalidated, on: fresh, [.read(b.region.address + 4096, length: 8, rkey: key)])
+    }
+
+    @Test func keyOfWindowAfterRebindIsStale() async throws {
+        let b = try Bench()
+        let window = try b.nic.allocateWindow(pd: b.pd)
+        let old = try b.nic.bind(window, in: b.region, address: b.region.address, length: 4096, access: .all)
+        let new = try b.nic.bind(window, in: b.region, address: b.region.address, length: 4096, access: .all)
+        #expect(new == old.incremented)
+        _ = try await b.connection.read(b.region.address, length: 8, rkey: new)
+        await expectViolation(.staleKey, on: b.connection, [.read(b.region.address, length: 8, rkey: old)])
+    }
+
+    @Test func tagWrapsAfter256Binds() throws {
+        let b = try Bench()
+        let window = try b.nic.allocateWindow(pd: b.pd)
+        var keys: [RKey] = []
+        for _ in 0..<257 { keys.append(try b.nic.bind(window, in: b.region, address: b.region.address, length: 64, access: .read)) }
+        #expect(keys[0] == keys[256], "the 8-bit tag wraps: this is why capabilities must not rely on it alone")
+        #expect(Set(keys[0..<256]).count == 256)
+    }
+
+    @Test func deregisteredRegionFencesItsKey() async throws {
+        let b = try Bench()
+        _ = try await b.connection.read(b.region.address, length: 8, rkey: b.region.rkey)
+        try b.nic.deregister(b.region)
+        await expectViolation(.unknownKey, on: b.connection, [.read(b.region.address, length: 8, rkey: b.region.rkey)])
+    }
+
+    @Test func errorInsideBatchStopsTheRest() async throws {
+        let b = try Bench()
+        let a = b.region.address
+        do throws(FabricError) {
+            _ = try await b.connection.post([
+                .writeWord(a, 1, rkey: b.region.rkey),
+                .writeWord(a + (1 << 20), 2, rkey: b.region.rkey),
+                .writeWord(a + 8, 3, rkey: b.region.rkey),
+            ])
+            Issue.record("batch with a bad verb succeeded")
+        } catch {
+            guard case .remoteAccess(.outOfBounds, _, _, 1) = error else { Issue.record("wrong error \(error)"); return }
+        }
+        #expect(b.nic.peekWord(a) == 1 && b.nic.peekWord(a + 8) == 0)
+    }
+
+    @Test func localCallsRejectBadInput() throws {
+        let b = try Bench()
+        #expect(throws: SimulatedNICError.rangeOutsidePool(address: b.nic.baseAddress + (2 << 20), length: 8)) {
+            _ = try b.nic.registerRegion(pd: b.pd, address: b.nic.baseAddress + (2 << 20), length: 8, access: .all)
+        }
+        let window = try b.nic.allocateWindow(pd: b.pd)
+        #expect(throws: SimulatedNICError.bindOutsideRegion(address: b.region.address, length: 1 << 20)) {
+            _ = try b.nic.bind(window, in: b.region, address: b.region.address, length: 1 << 20, access: .read)
+        }
+        let readOnly = try b.nic.registerRegion(pd: b.pd, address: b.nic.baseAddress, length: 4096, access: .read)
+        #expect(throws: SimulatedNICError.bindExceedsRegionAccess) {
+            _ = try b.nic.bind(window, in: readOnly, address: readOnly.address, length: 64, access: .all)
+        }
+        _ = try b.nic.bind(window, in: b.region, address: b.region.address, length: 64, access: .read)
+        #expect(throws: SimulatedNICError.regionHasBoundWindows(b.region.rkey)) { try b.nic.deregister(b.region) }
+    }
+
+    @Test func largePoolCostsNothingUntilTouched() throws {
+        let nic = try SimulatedNIC(node: NodeID(0), poolBytes: 64 << 30)
+        #expect(nic.poolBytes == 64 << 30)
+    }
+}
+
+/// Immediate mode under real concurrency; run with `swift test --sanitize=thread --filter ImmediateConcurrency`.
+@Suite struct ImmediateConcurrencyTests {
+    @Test func hammerOneWordWithCompareAndSwapAndFetchAndAdd() async throws {
+        let b = try Bench()
+        let word = b.region.address + 256
+        let workers = 8
+        let rounds = 2_000
+        let key = b.region.rkey
+        let nic = b.nic
+        let pd = b.pd
+        await withTaskGroup(of: Void.self) { group in
+            for worker in 0..<workers {
+                group.addTask {
+                    // Half the workers share one connection, half have their own.
+                    let connection = worker % 2 == 0 ? b.connection : nic.connect(from: NodeID(UInt16(10 + worker)), protectionDomain: pd)
+                    var expected: UInt64 = 0
+                    for _ in 0..<rounds {
+                        while true {
+                            let answer = try! await connection.compareAndSwap(word, expected: expected, desired: expected &+ 1, rkey: key)
+                            if answer.exchanged { break }
+                            expected = answer.original
+                        }
+                        expected &+= 1
+                        _ = try! await connection.fetchAndAdd(word, delta: 1, rkey: key)
+                        _ = try! await connection.readWords(word, count: 1, rkey: key)
+                    }
+                }
+            }
+        }
+        #expect(nic.peekWord(word) == UInt64(workers * rounds * 2))
+    }
+}

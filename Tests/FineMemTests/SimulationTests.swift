@@ -1,0 +1,171 @@
+import Testing
+@testable import FineMem
+
+/// Runs `taskCount` simulated tasks, each posting random batches of verbs to one of four
+/// memory nodes, and answers the trace hash and final virtual time.
+private func randomVerbRun(seed: UInt64, taskCount: Int) throws -> (hash: TraceHash, now: UInt64, verbs: UInt64) {
+    let simulator = Simulator(seed: seed)
+    var targets: [(SimulatedNIC, MemoryRegion, ProtectionDomain)] = []
+    for n in 0..<4 {
+        let nic = try SimulatedNIC(node: NodeID(UInt16(n)), poolBytes: 1 << 20)
+        let pd = nic.allocateProtectionDomain()
+        targets.append((nic, try nic.registerRegion(pd: pd, address: nic.baseAddress, length: 1 << 16, access: .all), pd))
+    }
+    for task in 0..<taskCount {
+        let (nic, region, pd) = targets[task % 4]
+        let connection = nic.connect(from: NodeID(UInt16(100 + task % 32)), protectionDomain: pd, simulator: simulator)
+        let seed = simulator.forkSeed()
+        simulator.spawn {
+            var random = SeededRandom(seed: seed)
+            for _ in 0..<4 {
+                await simulator.sleep(nanoseconds: random.next() % 5_000)
+                let word = region.address + (random.next() % 64) * 8
+                let verbs: [Verb] = [
+                    .fetchAndAdd(word, delta: 1, rkey: region.rkey),
+                    .compareAndSwap(word, expected: random.next() % 4, desired: UInt64(task), rkey: region.rkey),
+                    .readWords(word, count: 2, rkey: region.rkey),
+                ]
+                _ = try! await connection.post(verbs)
+            }
+        }
+    }
+    simulator.run()
+    return (simulator.traceHash, simulator.nowNanoseconds, simulator.totalVerbs)
+}
+
+@Suite struct SimulationTests {
+    @Test func sameSeedSameTraceOtherSeedOtherTrace() throws {
+        let first = try randomVerbRun(seed: 7, taskCount: 1_200)
+        let again = try randomVerbRun(seed: 7, taskCount: 1_200)
+        let other = try randomVerbRun(seed: 8, taskCount: 1_200)
+        #expect(first.verbs == 1_200 * 4 * 3)
+        #expect(first.hash == again.hash && first.now == again.now, "seed 7 must reproduce bit for bit")
+        #expect(first.hash != other.hash, "seeds 7 and 8 gave the same trace \(first.hash)")
+    }
+
+    @Test func virtualTimeFollowsTheLatencyModel() async throws {
+        var latency = LatencyModel()
+        latency.jitterFraction = 0
+        let simulator = Simulator(seed: 1, latency: latency)
+        let nic = try SimulatedNIC(node: NodeID(0), poolBytes: 1 << 20)
+        let pd = nic.allocateProtectionDomain()
+        let region = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: 4096, access: .all)
+        let connection = nic.connect(from: NodeID(1), protectionDomain: pd, simulator: simulator)
+        let finished = Locked<UInt64>(0)
+        simulator.spawn {
+            _ = try! await connection.post([
+                .compareAndSwap(region.address, expected: 0, desired: 1, rkey: region.rkey),
+                .readWords(region.address, count: 1, rkey: region.rkey),
+            ])
+            finished.withLock { $0 = simulator.nowNanoseconds }
+        }
+        simulator.run()
+        let cas = latency.serviceNanos(.compareAndSwap(region.address, expected: 0, desired: 1, rkey: region.rkey))
+        let read = latency.serviceNanos(.readWords(region.address, count: 1, rkey: region.rkey))
+        let expected = 2 * latency.oneWayNanos + cas + read + UInt64(8 / latency.bytesPerNanosecond)
+        #expect(finished.withLock { $0 } == expected)
+    }
+
+    @Test func crashInsideBatchLeavesExactlyTheExecutedPrefix() throws {
+        for crashAfter in 0...4 as ClosedRange<UInt64> {
+            let simulator = Simulator(seed: 3)
+            let nic = try SimulatedNIC(node: NodeID(0), poolBytes: 1 << 20)
+            let pd = nic.allocateProtectionDomain()
+            let region = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: 4096, access: .all)
+            let node = NodeID(5)
+            let connection = nic.connect(from: node, protectionDomain: pd, simulator: simulator)
+            simulator.faults.crash(node, afterVerbs: crashAfter)
+            let outcome = Locked<FabricError?>(nil)
+            simulator.spawn {
+                do throws(FabricError) {
+                    _ = try await connection.post((0..<4).map { .writeWord(region.address + UInt64($0) * 8, UInt64($0) + 1, rkey: region.rkey) })
+                } catch {
+                    outcome.withLock { $0 = error }
+                }
+            }
+            simulator.run()
+            let words = (0..<4).map { nic.peekWord(region.address + UInt64($0) * 8) }
+            let executed = Int(min(crashAfter, 4))
+            #expect(words == (0..<4).map { $0 < executed ? UInt64($0) + 1 : 0 }, "crash after \(crashAfter): \(words)")
+            if crashAfter < 4 {
+                #expect(outcome.withLock { $0 } == .localCrash(executedVerbs: executed))
+            }
+            #expect(simulator.faults.isCrashed(node) == (crashAfter < 4))
+        }
+    }
+
+    @Test func crashedNodePostsNothing() throws {
+        let simulator = Simulator(seed: 4)
+        let nic = try SimulatedNIC(node: NodeID(0), poolBytes: 1 << 20)
+        let pd = nic.allocateProtectionDomain()
+        let region = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: 4096, access: .all)
+        let connection = nic.connect(from: NodeID(5), protectionDomain: pd, simulator: simulator)
+        simulator.faults.crash(NodeID(5), atNanoseconds: 10_000)
+        simulator.spawn {
+            for i in 0..<100 {
+                do throws(FabricError) { _ = try await connection.fetchAndAdd(region.address, delta: 1, rkey: region.rkey) } catch {
+                    // Either the post found the node crashed, or the verb executed and the
+                    // node crashed before its completion arrived.
+                    #expect(error == .localCrash(executedVerbs: 0) || error == .localCrash(executedVerbs: 1))
+                    #expect(i > 0)
+                    return
+                }
+            }
+            Issue.record("the node never crashed")
+        }
+        simulator.run()
+        let count = nic.peekWord(region.address)
+        #expect(count > 0 && count < 100)
+        #expect(simulator.nowNanoseconds < 20_000)
+    }
+
+    @Test func stallDelaysTheNodeOnly() throws {
+        var latency = LatencyModel()
+        latency.jitterFraction = 0
+        let simulator = Simulator(seed: 5, latency: latency)
+        let nic = try SimulatedNIC(node: NodeID(0), poolBytes: 1 << 20)
+        let pd = nic.allocateProtectionDomain()
+        let region = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: 4096, access: .all)
+        let stalled = nic.connect(from: NodeID(1), protectionDomain: pd, simulator: simulator)
+        let free = nic.connect(from: NodeID(2), protectionDomain: pd, simulator: simulator)
+        simulator.faults.stall(NodeID(1), fromNanoseconds: 0, forNanoseconds: 1_000_000)
+        let times = Locked<[UInt16: UInt64]>([:])
+        for (node, connection) in [(UInt16(1), stalled), (UInt16(2), free)] {
+            simulator.spawn {
+                _ = try! await connection.fetchAndAdd(region.address, delta: 1, rkey: region.rkey)
+                times.withLock { $0[node] = simulator.nowNanoseconds }
+            }
+        }
+        simulator.run()
+        let t = times.withLock { $0 }
+        #expect(t[2]! < 10_000)
+        #expect(t[1]! >= 1_000_000)
+    }
+
+    @Test func brokenConnectionFailsLaterBatches() async throws {
+        let simulator = Simulator(seed: 6)
+        let nic = try SimulatedNIC(node: NodeID(0), poolBytes: 1 << 20)
+        let pd = nic.allocateProtectionDomain()
+        let region = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: 4096, access: .all)
+        let connection = nic.connect(from: NodeID(1), protectionDomain: pd, simulator: simulator)
+        let errors = Locked<[FabricError]>([])
+        simulator.spawn {
+            _ = try! await connection.fetchAndAdd(region.address, delta: 1, rkey: region.rkey)
+            connection.breakConnection()
+            do throws(FabricError) { _ = try await connection.fetchAndAdd(region.address, delta: 1, rkey: region.rkey) } catch {
+                errors.withLock { $0.append(error) }
+            }
+        }
+        simulator.run()
+        #expect(errors.withLock { $0 } == [.connectionBroken(NodeID(0))])
+        #expect(nic.peekWord(region.address) == 1)
+    }
+}
+
+@Suite struct VerbsDeviceTests {
+    @Test func listingDevicesNeverCrashes() throws {
+        // These machines have no RDMA device (ENOSYS): the answer is an empty list.
+        let devices = try VerbsDevices.list()
+        for device in devices { #expect(!device.name.isEmpty) }
+    }
+}
