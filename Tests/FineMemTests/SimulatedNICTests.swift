@@ -206,3 +206,59 @@ private func expectViolation(
         #expect(nic.peekWord(word) == UInt64(workers * rounds * 2))
     }
 }
+
+/// The allocator on real threads (immediate mode): 4 compute nodes x 6 tasks, mixed sizes
+/// up to 8 MiB. Invariant 1 is checked after every allocation; invariant 3 and the at-rest
+/// checks once everything is quiet. Run under `swift test --sanitize=thread`.
+@Suite struct ImmediateAllocatorConcurrencyTests {
+    @Test func realThreadsMixedSizes() async throws {
+        let cluster = try await EmbeddedCluster.start(.init(memoryNodes: 2, poolBytesPerNode: 128 << 20, computeNodes: 4))
+        let inspector = Locked(PoolInspector(memoryNodes: cluster.memoryNodes))
+        let problems = Locked<[String]>([])
+        await withTaskGroup(of: Void.self) { group in
+            for node in 0..<4 {
+                for task in 0..<6 {
+                    let allocator = cluster.makeAllocator(computeNode: node, application: ApplicationID(UInt16(task + 1)))
+                    let owner = cluster.computeNodes[node].owner
+                    group.addTask {
+                        var random = SeededRandom(seed: UInt64(node * 6 + task))
+                        var held: [RemoteBuffer] = []
+                        for _ in 0..<150 {
+                            if held.count >= 6 || (!held.isEmpty && random.next() % 3 == 0) {
+                                let buffer = held.remove(at: Int(random.next() % UInt64(held.count)))
+                                let block = try! allocator.block(for: buffer)
+                                let released = inspector.withLock { $0.release(block) }
+                                do throws(AllocationError) { try await allocator.free(buffer) } catch {
+                                    problems.withLock { $0.append("free \(block): \(error)") }
+                                }
+                                problems.withLock { $0 += released }
+                            } else {
+                                var sizeLog2 = 0
+                                while sizeLog2 < 11, random.next() % 2 == 0 { sizeLog2 += 1 }
+                                do throws(AllocationError) {
+                                    let buffer = try await allocator.allocate(bytes: 4096 << sizeLog2)
+                                    let block = try allocator.block(for: buffer)
+                                    let found = inspector.withLock { $0.admit(block, owner: owner) }
+                                    problems.withLock { $0 += found }
+                                    held.append(buffer)
+                                } catch {
+                                    if case .outOfMemory = error { continue }
+                                    problems.withLock { $0.append("allocate 2^\(sizeLog2): \(error)") }
+                                }
+                            }
+                        }
+                        for buffer in held {
+                            _ = inspector.withLock { $0.release(try! allocator.block(for: buffer)) }
+                            try? await allocator.free(buffer)
+                        }
+                    }
+                }
+            }
+        }
+        await cluster.quiesce()
+        #expect(problems.withLock { $0 } == [])
+        #expect(inspector.withLock { $0.checkAtRest() } == [])
+        #expect(inspector.withLock { $0.everyHeaderEmpty() } == [])
+        #expect(cluster.statistics.allocations > 1_000)
+    }
+}

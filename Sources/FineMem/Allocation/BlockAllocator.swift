@@ -237,14 +237,10 @@ public final class BlockAllocator<Connection: FabricConnection>: Sendable {
     /// Waits until this node has no pending log in flight on any of `headers` (a block's
     /// own earlier flush), with backoff and a bound.
     func waitForOwnFlushes(_ headers: [RemoteAddress], on node: MemoryNodeState<Connection>) async throws(AllocationError) {
-        var delay = configuration.backoffNanos
-        for _ in 0..<configuration.maxWaits {
-            let busy = node.pending.withLock { table in headers.contains { table.has($0) } }
-            if !busy { return }
-            await runtime.sleep(nanoseconds: delay)
-            delay = min(delay * 2, 64 * configuration.backoffNanos)
+        var backoff = Backoff(configuration)
+        while node.pending.withLock({ table in headers.contains { table.has($0) } }) {
+            try await backoff.pause(runtime)
         }
-        throw .retryLimitExceeded(attempts: configuration.maxWaits)
     }
 
     // MARK: Upkeep after the answer
@@ -305,5 +301,49 @@ public final class BlockAllocator<Connection: FabricConnection>: Sendable {
             verbs = []
         }
         return nil
+    }
+}
+
+/// Bounded exponential backoff for waits on someone else's progress: a pending log another
+/// task or node is flushing, an intent slot, an own flush in flight.
+struct Backoff {
+    private let configuration: AllocatorConfiguration
+    private var delay: UInt64
+    private(set) var waits = 0
+
+    init(_ configuration: AllocatorConfiguration) {
+        self.configuration = configuration
+        delay = configuration.backoffNanos
+    }
+
+    /// Sleeps the current delay and doubles it (up to 256 times the base); fails after
+    /// `maxWaits` pauses.
+    mutating func pause(_ runtime: any Runtime) async throws(AllocationError) {
+        guard waits < configuration.maxWaits else { throw .retryLimitExceeded(attempts: waits) }
+        waits += 1
+        await runtime.sleep(nanoseconds: delay)
+        delay = min(delay * 2, 256 * configuration.backoffNanos)
+    }
+}
+
+/// Whether a header word carries a pending log.
+func isPendingLog<Header: LoggedHeader>(_ type: Header.Type, _ word: UInt64) -> Bool {
+    Header(rawValue: word)?.logPending ?? false
+}
+
+extension BlockAllocator {
+    /// After a lost CAS: if it lost to a pending log (its flush is on its way), wait with
+    /// backoff, bounded by `maxWaits`; otherwise another operation committed first, which
+    /// spends one of the `maxAttempts`.
+    func lost(to pendingLog: Bool, backoff: inout Backoff, trace: inout OperationTrace) async throws(AllocationError) {
+        if pendingLog {
+            try await backoff.pause(runtime)
+        } else {
+            trace.attempts += 1
+        }
+    }
+
+    func lost<Header: LoggedHeader>(to original: UInt64, _ type: Header.Type, backoff: inout Backoff, trace: inout OperationTrace) async throws(AllocationError) {
+        try await lost(to: isPendingLog(type, original), backoff: &backoff, trace: &trace)
     }
 }

@@ -47,7 +47,8 @@ extension BlockAllocator {
                           let offset = span.firstFreeRun(sizeLog2: sizeLog2)
                     else { continue }
                     if cache.busy.contains(address) { skippedBusy = true; continue }
-                    if state == .chunks, !span.contended {
+                    let clean = !(SpanHeader(rawValue: cache.span(s, p))?.logPending ?? false) || node.pending.withLock { $0.isQueued(address) }
+                    if state == .chunks, !span.contended, clean {
                         cache.cursor = s
                         cache.busy.insert(address)
                         return .claim(section: s, span: p, word: cache.span(s, p), offset: offset)
@@ -75,15 +76,15 @@ extension BlockAllocator {
     ) async throws(AllocationError) -> Block? {
         var refreshed = false
         var failures: [RemoteAddress: Int] = [:]
+        var backoff = Backoff(configuration)
         while trace.attempts < configuration.maxAttempts {
-            trace.attempts += 1
             switch node.cache.withLock({ chooseSpan(sizeLog2: sizeLog2, cache: &$0, node: node) }) {
             case nil:
                 if refreshed { return nil }
                 refreshed = true
                 try await refresh(node, trace: &trace)
             case .wait:
-                await runtime.sleep(nanoseconds: configuration.backoffNanos)
+                try await backoff.pause(runtime)
             case .readSpans(let s):
                 let words = try await post([.readWords(node.spanAddress(s, 0), count: SectionHeader.spanCount, rkey: node.metadataKey)], on: node, trace: &trace)[0].words
                 node.cache.withLock { cache in
@@ -96,6 +97,7 @@ extension BlockAllocator {
                 let prepared = prepareHeader(SpanHeader.self, cached: word, at: address, pending: node.pending, recordKey: node.metadataKey)
                 guard let base = SpanHeader(rawValue: prepared.base), var desired = base.claiming(offset: offset, sizeLog2: sizeLog2, owner: owner) else {
                     flushIfReturned(prepared, exchanged: false, node: node, span: (s, p))
+                    trace.attempts += 1
                     continue
                 }
                 if let mark = contentionMark(failures: failures[address, default: 0], currentlyContended: desired.contended) {
@@ -113,12 +115,14 @@ extension BlockAllocator {
                 flushIfReturned(prepared, exchanged: false, node: node, span: (s, p))
                 failures[address, default: 0] += 1
                 trace.retries += 1
+                try await lost(to: answer.original, SpanHeader.self, backoff: &backoff, trace: &trace)
             case .open(let s, let p):
                 let sectionAddress = node.sectionAddress(s)
                 defer { node.cache.withLock { _ = $0.busy.remove(sectionAddress) } }
                 if let block = try await openSpan(section: s, span: p, sizeLog2: sizeLog2, application: application, on: node, trace: &trace) {
                     return block
                 }
+                trace.attempts += 1
             }
         }
         throw .retryLimitExceeded(attempts: trace.attempts)
@@ -196,14 +200,15 @@ extension BlockAllocator {
         let offset = block.firstChunk % PoolGeometry.chunksPerSpan
         let address = node.spanAddress(s, p)
         var freshlyRead = false
+        var backoff = Backoff(configuration)
         while trace.attempts < configuration.maxAttempts {
-            trace.attempts += 1
             let word = node.cache.withLock { $0.span(s, p) }
             let prepared = prepareHeader(SpanHeader.self, cached: word, at: address, pending: node.pending, recordKey: node.metadataKey)
             guard let base = SpanHeader(rawValue: prepared.base), let desired = base.releasing(offset: offset, sizeLog2: block.sizeLog2, owner: owner) else {
                 flushIfReturned(prepared, exchanged: false, node: node, span: (s, p))
                 guard !freshlyRead else { throw .corruptMetadata("span header \(address) does not hold \(block): \(SpanHeader(rawValue: word).map { "\($0)" } ?? "invalid")") }
                 freshlyRead = true
+                trace.attempts += 1
                 let fresh = try await post([.readWords(address, count: 1, rkey: node.metadataKey)], on: node, trace: &trace)[0].words[0]
                 node.cache.withLock { $0.setSpan(s, p, fresh) }
                 continue
@@ -217,6 +222,7 @@ extension BlockAllocator {
             }
             node.cache.withLock { $0.setSpan(s, p, answer.original) }
             trace.retries += 1
+            try await lost(to: answer.original, SpanHeader.self, backoff: &backoff, trace: &trace)
         }
         throw .retryLimitExceeded(attempts: trace.attempts)
     }

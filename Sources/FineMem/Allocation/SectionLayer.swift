@@ -23,7 +23,8 @@ extension BlockAllocator {
             let address = node.sectionAddress(s)
             if cache.busy.contains(address) { skippedBusy = true; continue }
             let choice = SectionChoice.claim(section: s, word: cache.sections[s], offset: offset)
-            if section.contended {
+            let clean = !(SectionHeader(rawValue: cache.sections[s])?.logPending ?? false) || node.pending.withLock { $0.isQueued(address) }
+            if section.contended || !clean {
                 if contended == nil { contended = choice }
             } else if section.isAllEmpty {
                 if empty == nil { empty = choice }
@@ -44,15 +45,15 @@ extension BlockAllocator {
         let spansLog2 = sizeLog2 - 5
         var refreshed = false
         var failures: [Int: Int] = [:]
+        var backoff = Backoff(configuration)
         while trace.attempts < configuration.maxAttempts {
-            trace.attempts += 1
             switch node.cache.withLock({ chooseSection(spansLog2: spansLog2, cache: &$0, node: node) }) {
             case nil:
                 if refreshed { return nil }
                 refreshed = true
                 try await refresh(node, trace: &trace)
             case .wait:
-                await runtime.sleep(nanoseconds: configuration.backoffNanos)
+                try await backoff.pause(runtime)
             case .claim(let s, let word, let offset):
                 let address = node.sectionAddress(s)
                 defer { node.cache.withLock { _ = $0.busy.remove(address) } }
@@ -61,6 +62,7 @@ extension BlockAllocator {
                       var desired = base.claiming(spanOffset: offset, sizeLog2: spansLog2, owner: owner)
                 else {
                     flushIfReturned(prepared, exchanged: false, node: node, section: s)
+                    trace.attempts += 1
                     continue
                 }
                 if let mark = contentionMark(failures: failures[s, default: 0], currentlyContended: desired.contended) {
@@ -78,6 +80,7 @@ extension BlockAllocator {
                 node.cache.withLock { $0.sections[s] = answer.original }
                 failures[s, default: 0] += 1
                 trace.retries += 1
+                try await lost(to: answer.original, SectionHeader.self, backoff: &backoff, trace: &trace)
             }
         }
         throw .retryLimitExceeded(attempts: trace.attempts)
@@ -90,8 +93,8 @@ extension BlockAllocator {
         let spansLog2 = block.sizeLog2 - 5
         let address = node.sectionAddress(s)
         var freshlyRead = false
+        var backoff = Backoff(configuration)
         while trace.attempts < configuration.maxAttempts {
-            trace.attempts += 1
             let word = node.cache.withLock { $0.sections[s] }
             let prepared = prepareHeader(SectionHeader.self, cached: word, at: address, pending: node.pending, recordKey: node.metadataKey)
             guard let base = SectionHeader(rawValue: prepared.base),
@@ -100,6 +103,7 @@ extension BlockAllocator {
                 flushIfReturned(prepared, exchanged: false, node: node, section: s)
                 guard !freshlyRead else { throw .corruptMetadata("section header \(address) does not hold \(block)") }
                 freshlyRead = true
+                trace.attempts += 1
                 let fresh = try await post([.readWords(address, count: 1, rkey: node.metadataKey)], on: node, trace: &trace)[0].words[0]
                 node.cache.withLock { $0.sections[s] = fresh }
                 continue
@@ -113,6 +117,7 @@ extension BlockAllocator {
             }
             node.cache.withLock { $0.sections[s] = answer.original }
             trace.retries += 1
+            try await lost(to: answer.original, SectionHeader.self, backoff: &backoff, trace: &trace)
         }
         throw .retryLimitExceeded(attempts: trace.attempts)
     }
@@ -153,13 +158,11 @@ extension BlockAllocator {
 
     /// Takes a free intent slot of this node, waiting (bounded) while all are busy.
     private func takeIntentSlot() async throws(AllocationError) -> Int {
-        var delay = configuration.backoffNanos
-        for _ in 0..<configuration.maxWaits {
+        var backoff = Backoff(configuration)
+        while true {
             if let slot = freeIntentSlots.withLock({ $0.popLast() }) { return slot }
-            await runtime.sleep(nanoseconds: delay)
-            delay = min(delay * 2, 64 * configuration.backoffNanos)
+            do { try await backoff.pause(runtime) } catch { throw .intentSlotsBusy }
         }
-        throw .intentSlotsBusy
     }
 
     /// Picks an aligned run of `count` wholly empty sections, searching from the end of
@@ -195,8 +198,8 @@ extension BlockAllocator {
         defer { if !slotHandedOver { freeIntentSlots.withLock { $0.append(slot) } } }
         let intentAddress = node.intentAddress(owner, slot)
         var refreshed = false
+        var backoff = Backoff(configuration)
         while trace.attempts < configuration.maxAttempts {
-            trace.attempts += 1
             guard let choice = node.cache.withLock({ chooseRun(count: count, cache: &$0, node: node) }) else {
                 if refreshed { return nil }
                 refreshed = true
@@ -204,7 +207,7 @@ extension BlockAllocator {
                 continue
             }
             guard let (first, words) = choice else {
-                await runtime.sleep(nanoseconds: configuration.backoffNanos)
+                try await backoff.pause(runtime)
                 continue
             }
             let sections = Array(first..<first + count)
@@ -216,6 +219,7 @@ extension BlockAllocator {
             let desired = prepared.map { SectionHeader(rawValue: $0.base)?.claimingForMultiSection(owner: owner) }
             guard desired.allSatisfy({ $0 != nil }) else {
                 for (s, p) in zip(sections, prepared) { flushIfReturned(p, exchanged: false, node: node, section: s) }
+                trace.attempts += 1
                 continue
             }
             var verbs: [Verb] = [.writeWord(intentAddress, intent.rawValue, rkey: node.metadataKey)]
@@ -249,6 +253,8 @@ extension BlockAllocator {
                 for (i, answer) in answers.enumerated() { cache.sections[sections[i]] = answer.exchanged ? prepared[i].base : answer.original }
             }
             trace.retries += UInt64(answers.count { !$0.exchanged })
+            let pendingLoss = answers.contains { !$0.exchanged && isPendingLog(SectionHeader.self, $0.original) }
+            try await lost(to: pendingLoss, backoff: &backoff, trace: &trace)
         }
         throw .retryLimitExceeded(attempts: trace.attempts)
     }
@@ -267,14 +273,15 @@ extension BlockAllocator {
         let intent = IntentRecord(kind: .release, firstSection: first, sectionCountLog2: countLog2, owner: owner, application: application)
         var released: [Int: SectionHeader] = [:]
         var freshlyRead = false
+        var backoff = Backoff(configuration)
         while trace.attempts < configuration.maxAttempts {
-            trace.attempts += 1
             let remaining = sections.filter { released[$0] == nil }
             let words = node.cache.withLock { cache in remaining.map { cache.sections[$0] } }
             let desired = words.map { HeaderCache.settled(SectionHeader.self, $0)?.releasingFromMultiSection(owner: owner) }
             guard desired.allSatisfy({ $0 != nil }) else {
                 guard !freshlyRead else { throw .corruptMetadata("sections \(sections) do not hold \(block)") }
                 freshlyRead = true
+                trace.attempts += 1
                 let fresh = try await post(remaining.map { .readWords(node.sectionAddress($0), count: 1, rkey: node.metadataKey) }, on: node, trace: &trace)
                 node.cache.withLock { cache in for (s, r) in zip(remaining, fresh) { cache.sections[s] = r.words[0] } }
                 continue
@@ -297,6 +304,8 @@ extension BlockAllocator {
                 return
             }
             trace.retries += UInt64(answers.count { !$0.exchanged })
+            let pendingLoss = answers.contains { !$0.exchanged && isPendingLog(SectionHeader.self, $0.original) }
+            try await lost(to: pendingLoss, backoff: &backoff, trace: &trace)
         }
         throw .retryLimitExceeded(attempts: trace.attempts)
     }

@@ -57,6 +57,10 @@ struct PendingLogTable: Sendable {
 
     func has(_ header: RemoteAddress) -> Bool { logs[header] != nil }
 
+    /// Whether `header` has a log of this node that no task has taken yet (an operation on
+    /// it can fold the flush into its own commit).
+    func isQueued(_ header: RemoteAddress) -> Bool { logs[header].map { !$0.taken } ?? false }
+
     /// Takes the job of flushing `header`'s log if nobody holds it.
     mutating func take(_ header: RemoteAddress) -> PendingLog? {
         guard var log = logs[header], !log.taken else { return nil }

@@ -1,0 +1,56 @@
+import ArgumentParser
+import FineMem
+
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Measure 4 KiB allocation in virtual time: round trips, CAS retries, latency, metadata overhead.",
+        discussion: """
+            Runs the allocate/free microbenchmark (4 KiB blocks, each task frees a random held \
+            block 45 % of the time) in deterministic virtual time with the default latency \
+            model, once with one task and once with compute nodes x tasks (16 x 32 = 512 by \
+            default), and prints hardware-independent figures (round trips and verbs on the \
+            critical path, CAS retries) next to modelled latencies. Build in release.
+            """
+    )
+
+    @Option(help: "Compute nodes of the loaded run.") var computeNodes = 16
+    @Option(help: "Tasks per compute node of the loaded run.") var tasks = 32
+    @Option(help: "Operations per task.") var operations = 200
+    @Option(help: "Pool size of the memory node.") var poolSize = ByteCount(bytes: 1 << 30)
+    @Option(help: "Seed.") var seed: UInt64 = 1
+    @Option(help: "Contention mark threshold (CAS failures before a span is marked contended).") var contentionHigh = AllocatorConfiguration().contentionHigh
+
+    func run() throws {
+        var rows: [(String, String)] = []
+        for (label, nodes, perNode) in [("1 task", 1, 1), ("\(computeNodes * tasks) tasks", computeNodes, tasks)] {
+            var configuration = SimulatedWorkload.Configuration()
+            configuration.memoryNodes = 1
+            configuration.poolBytesPerNode = poolSize.bytes
+            configuration.computeNodes = nodes
+            configuration.tasksPerComputeNode = perNode
+            configuration.operationsPerTask = nodes * perNode == 1 ? operations * 20 : operations
+            configuration.sizeLog2Range = 0...0
+            configuration.checkInvariants = false
+            configuration.allocator.contentionHigh = contentionHigh
+            let clock = SystemRuntime.shared
+            let started = clock.nowNanoseconds
+            let report = SimulatedWorkload(configuration).run(seed: seed)
+            let wall = Double(clock.nowNanoseconds - started) / 1e9
+            guard report.violations.isEmpty else { throw ValidationError("the run failed: \(report.violations.prefix(3))") }
+            let s = report.statistics
+            let latencies = report.allocationLatencies.sorted()
+            let average = latencies.isEmpty ? 0 : Double(latencies.reduce(0, +)) / Double(latencies.count)
+            let p99 = latencies.isEmpty ? 0 : latencies[min(latencies.count - 1, latencies.count * 99 / 100)]
+            rows += [
+                ("\(label): allocations", "\(s.allocations) (\(report.outOfMemory) out of memory), \(Format.fixed(wall, 1)) s wall"),
+                ("\(label): round trips per allocation", "\(Format.fixed(s.roundTripsPerAllocation, 3)) (verbs \(Format.fixed(s.verbsPerAllocation, 3)))"),
+                ("\(label): CAS retries avg/max", "\(Format.fixed(s.casRetriesAverage, 3)) / \(s.casRetriesMax)"),
+                ("\(label): modelled latency avg/p99", "\(Format.fixed(average / 1_000, 2)) / \(Format.fixed(Double(p99) / 1_000, 2)) us"),
+                ("\(label): upkeep round trips per allocation", Format.fixed(Double(s.upkeepBatches) / Double(max(1, s.allocations + s.frees)) * 2, 3)),
+            ]
+        }
+        let geometry = try PoolGeometry(dataBytes: poolSize.bytes)
+        rows.append(("metadata overhead", "\(Format.fixed(geometry.metadataOverheadPercent, 3)) % of \(Format.bytes(geometry.dataBytes))"))
+        print(Format.table(rows))
+    }
+}

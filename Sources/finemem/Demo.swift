@@ -1,0 +1,166 @@
+import ArgumentParser
+import FineMem
+import Synchronization
+
+struct Demo: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run an allocate/free workload on an embedded cluster and print what it cost.",
+        discussion: """
+            Starts memory nodes on simulated NICs and compute nodes in this process, then \
+            runs tasks on real threads: each fills the pool to --fill percent with blocks \
+            of mixed sizes (4 KiB up to --max-block, small ones more often), then frees \
+            random blocks and allocates new ones. Every buffer gets a tag written into it \
+            and checked before it is freed. Prints progress every second and a summary.
+            """
+    )
+
+    @Option(help: "Memory nodes in the cluster.") var memoryNodes = 1
+    @Option(help: "Pool size of each memory node (e.g. 512MiB, 1GiB).") var poolSize = ByteCount(bytes: 1 << 30)
+    @Option(help: "Compute nodes (each runs its own allocator).") var computeNodes = 4
+    @Option(help: "Tasks per compute node.") var tasks = 8
+    @Option(help: "Seconds to run.") var duration = 3.0
+    @Option(help: "Largest block (a power of two from 4KiB).") var maxBlock = ByteCount(bytes: 8 << 20)
+    @Option(help: "Percent of the pool the workload keeps allocated.") var fill = 70
+    @Option(help: "Seed of the workload's random choices.") var seed: UInt64 = 1
+
+    func validate() throws {
+        guard memoryNodes >= 1, computeNodes >= 1, tasks >= 1 else { throw ValidationError("node and task counts must be at least 1") }
+        guard duration > 0, duration <= 3_600 else { throw ValidationError("--duration must be in (0, 3600] seconds") }
+        guard (1...95).contains(fill) else { throw ValidationError("--fill must be 1...95") }
+        guard maxBlock.bytes >= 4096, maxBlock.bytes.nonzeroBitCount == 1, maxBlock.bytes <= poolSize.bytes else {
+            throw ValidationError("--max-block must be a power of two from 4KiB up to the pool size")
+        }
+    }
+
+    func run() async throws {
+        let cluster = try await EmbeddedCluster.start(.init(memoryNodes: memoryNodes, poolBytesPerNode: poolSize.bytes, computeNodes: computeNodes))
+        let geometry = cluster.memoryNodes[0].geometry
+        let poolBytes = geometry.dataBytes * UInt64(memoryNodes)
+        print("FineMem demo: \(memoryNodes) memory node(s) x \(Format.bytes(geometry.dataBytes)), \(computeNodes) compute nodes x \(tasks) tasks, blocks 4 KiB-\(maxBlock), \(Format.fixed(duration, 1)) s")
+        let meter = DemoMeter(poolBytes: poolBytes, fillPercent: fill)
+        let maxSizeLog2 = Block.sizeLog2(forBytes: maxBlock.bytes)
+        let clock = SystemRuntime.shared
+        let start = clock.nowNanoseconds
+        let deadline = start + UInt64(duration * 1e9)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for node in 0..<computeNodes {
+                for task in 0..<tasks {
+                    let allocator = cluster.makeAllocator(computeNode: node, application: ApplicationID(UInt16(task + 1)))
+                    let taskSeed = seed &* 1_000_003 &+ UInt64(node * tasks + task)
+                    group.addTask {
+                        var task = DemoTask(allocator: allocator, maxSizeLog2: maxSizeLog2, meter: meter, random: SeededRandom(seed: taskSeed))
+                        try await task.run(until: deadline)
+                    }
+                }
+            }
+            group.addTask {
+                var second: UInt64 = 1
+                while clock.nowNanoseconds < deadline {
+                    await clock.sleep(nanoseconds: min(start + second * 1_000_000_000, deadline) - min(clock.nowNanoseconds, deadline))
+                    let (operations, live, _) = meter.snapshot()
+                    let elapsed = Double(clock.nowNanoseconds - start) / 1e9
+                    print("  \(Format.fixed(elapsed, 1)) s: \(operations) operations, \(Int(Double(operations) / elapsed)) ops/s, pool \(Format.fixed(100 * Double(live) / Double(poolBytes), 1)) % in use")
+                    second += 1
+                }
+            }
+            try await group.waitForAll()
+        }
+        let elapsed = Double(clock.nowNanoseconds - start) / 1e9
+        await cluster.quiesce()
+        let stats = cluster.statistics
+        let (operations, _, peak) = meter.snapshot()
+        let histogram = zip(AllocatorStatistics.retryBucketBounds.map { "<=\($0)" } + [">\(AllocatorStatistics.retryBucketBounds.last!)"], stats.retryHistogram)
+            .filter { $0.1 > 0 }.map { "\($0.0): \($0.1)" }.joined(separator: ", ")
+        print("")
+        print(Format.table([
+            ("operations", "\(operations) (\(stats.allocations) allocations, \(stats.frees) frees, \(stats.failedAllocations) out of memory)"),
+            ("ops/s", "\(Int(Double(operations) / elapsed))"),
+            ("CAS retries avg/max", "\(Format.fixed(stats.casRetriesAverage, 3)) / \(stats.casRetriesMax)"),
+            ("CAS retry histogram", histogram),
+            ("round trips per allocation", "\(Format.fixed(stats.roundTripsPerAllocation, 3)) (verbs \(Format.fixed(stats.verbsPerAllocation, 3)))"),
+            ("round trips per free", Format.fixed(stats.roundTripsPerFree, 3)),
+            ("upkeep round trips", "\(stats.upkeepBatches) (after the answer)"),
+            ("pool utilisation peak", "\(Format.fixed(100 * Double(peak) / Double(poolBytes), 1)) % of \(Format.bytes(poolBytes))"),
+            ("metadata overhead", "\(Format.fixed(geometry.metadataOverheadPercent, 3)) % of the pool (\(Format.fixed(geometry.metadataAreaPercent, 3)) % with alignment)"),
+        ]))
+    }
+}
+
+/// Live bytes and operation counts shared by the demo's tasks.
+final class DemoMeter: Sendable {
+    struct Values { var operations: UInt64 = 0; var live: UInt64 = 0; var peak: UInt64 = 0 }
+    let poolBytes: UInt64
+    let targetBytes: UInt64
+    private let values = Mutex(Values())
+
+    init(poolBytes: UInt64, fillPercent: Int) {
+        self.poolBytes = poolBytes
+        targetBytes = poolBytes / 100 * UInt64(fillPercent)
+    }
+
+    func allocated(_ bytes: Int) {
+        values.withLock { v in
+            v.operations += 1
+            v.live += UInt64(bytes)
+            v.peak = max(v.peak, v.live)
+        }
+    }
+
+    func freed(_ bytes: Int) {
+        values.withLock { v in
+            v.operations += 1
+            v.live -= UInt64(bytes)
+        }
+    }
+
+    var belowTarget: Bool { values.withLock { $0.live < targetBytes } }
+    func snapshot() -> (operations: UInt64, live: UInt64, peak: UInt64) { values.withLock { ($0.operations, $0.live, $0.peak) } }
+}
+
+/// One task of the demo: keeps the pool near the fill target with tagged buffers.
+private struct DemoTask {
+    let allocator: RemoteAllocator<SimulatedConnection>
+    let maxSizeLog2: Int
+    let meter: DemoMeter
+    var random: SeededRandom
+    var held: [(buffer: RemoteBuffer, tag: UInt64)] = []
+
+    /// Checks a random held buffer's tag and frees it.
+    mutating func freeOne() async throws {
+        let (buffer, tag) = held.remove(at: Int(random.next() % UInt64(held.count)))
+        let read = try await allocator.read(buffer, offset: buffer.length - 8, length: 8)
+        guard read == tag.littleEndianBytes else { throw ValidationError("buffer \(buffer) lost its tag: another block overlapped it") }
+        try await allocator.free(buffer)
+        meter.freed(buffer.length)
+    }
+
+    /// Allocates a buffer (sizes weighted so each size class carries about the same bytes)
+    /// and writes a tag at its end; answers false when the pool is full.
+    mutating func allocateOne() async throws -> Bool {
+        var sizeLog2 = 0
+        while sizeLog2 < maxSizeLog2, random.next() % 2 == 0 { sizeLog2 += 1 }
+        let buffer: RemoteBuffer
+        do throws(AllocationError) {
+            buffer = try await allocator.allocate(bytes: 4096 << sizeLog2)
+        } catch {
+            if case .outOfMemory = error { return false }
+            throw error
+        }
+        let tag = random.next()
+        try await allocator.write(tag.littleEndianBytes, to: buffer, at: buffer.length - 8)
+        held.append((buffer, tag))
+        meter.allocated(buffer.length)
+        return true
+    }
+
+    mutating func run(until deadline: UInt64) async throws {
+        while SystemRuntime.shared.nowNanoseconds < deadline {
+            if !held.isEmpty, !meter.belowTarget || random.next() % 4 == 0 {
+                try await freeOne()
+            } else if try await !allocateOne(), !held.isEmpty {
+                try await freeOne()
+            }
+        }
+        while !held.isEmpty { try await freeOne() }
+    }
+}
