@@ -46,7 +46,7 @@ struct Bench: ParsableCommand {
                 ("\(label): round trips per allocation", "\(Format.fixed(s.roundTripsPerAllocation, 3)) (verbs \(Format.fixed(s.verbsPerAllocation, 3)))"),
                 ("\(label): CAS retries avg/max", "\(Format.fixed(s.casRetriesAverage, 3)) / \(s.casRetriesMax)"),
                 ("\(label): modelled latency avg/p99", "\(Format.fixed(average / 1_000, 2)) / \(Format.fixed(Double(p99) / 1_000, 2)) us"),
-                ("\(label): upkeep round trips per allocation", Format.fixed(Double(s.upkeepBatches) / Double(max(1, s.allocations + s.frees)) * 2, 3)),
+                ("\(label): upkeep round trips per operation", "\(Format.fixed(Double(s.upkeepBatches) / Double(max(1, s.allocations + s.frees)), 3)) (after the answer: log flushes, span and section state)"),
             ]
         }
         let geometry = try PoolGeometry(dataBytes: poolSize.bytes)

@@ -153,3 +153,19 @@ private func cluster(memoryNodes: Int = 1, poolMiB: UInt64 = 64, computeNodes: I
         try await fillAndDrain(bytes: 64 << 20, memoryNodes: memoryNodes, poolMiB: 256)
     }
 }
+
+@Suite struct ReadmeExample {
+    /// The README's usage example, as written there.
+    @Test func usageExampleWorks() async throws {
+        let cluster = try await EmbeddedCluster.start(.init(memoryNodes: 2, poolBytesPerNode: 1 << 30, computeNodes: 1))
+        let allocator = cluster.makeAllocator(computeNode: 0, application: ApplicationID(1))
+
+        let buffer = try await allocator.allocate(bytes: 10_000)
+        try await allocator.write(Array("hello, remote memory".utf8), to: buffer)
+        let bytes = try await allocator.read(buffer, offset: 0, length: 20)
+        try await allocator.free(buffer)
+
+        #expect(buffer.length == 16_384)
+        #expect(bytes == Array("hello, remote memory".utf8))
+    }
+}

@@ -103,7 +103,9 @@ public struct RoundRobinPlacement: PlacementPolicy {
 /// Tunables of the allocation protocol. Every loop in it has a bound here.
 public struct AllocatorConfiguration: Sendable, Hashable {
     /// A span or section whose commit took at least this many CAS failures is marked
-    /// contended; searches avoid contended ones.
+    /// contended; searches avoid contended ones. Measured with `finemem bench` (512 tasks,
+    /// 4 KiB): 1 and 2 mark too eagerly (0.332 and 0.327 CAS retries per allocation against
+    /// 0.322); 3 and above are equal there.
     public var contentionHigh = 3
     /// A contended span or section whose commit took at most this many failures is
     /// returned to normal.

@@ -274,10 +274,20 @@ extension BlockAllocator {
         }
     }
 
-    /// Keeps a span's section entry telling searches whether to avoid it (full or
-    /// contended) or not. A hint: a lost race leaves it stale, never unsafe.
+    /// Keeps a span's section entry telling searches whether to avoid it: avoid once it is
+    /// full or contended, back to normal once a quarter of it is free and it is not
+    /// contended (hysteresis, so that a span at the edge does not flip on every operation).
+    /// A hint: a lost race leaves it stale, never unsafe.
     private func hintSpan(section s: Int, span p: Int, header: SpanHeader, on node: MemoryNodeState<Connection>, trace: inout OperationTrace) async {
-        let avoid = header.contended || header.firstFreeRun(sizeLog2: 0) == nil
+        let freeChunks = SpanHeader.chunkCount - header.bitmap.nonzeroBitCount
+        let avoid: Bool
+        if header.contended || freeChunks == 0 {
+            avoid = true
+        } else if freeChunks >= SpanHeader.chunkCount / 4 {
+            avoid = false
+        } else {
+            return
+        }
         var word = node.cache.withLock { $0.sections[s] }
         for _ in 0..<4 {
             guard let section = SectionHeader(rawValue: word), let hinted = section.hintingSpan(p, avoid: avoid) else { return }

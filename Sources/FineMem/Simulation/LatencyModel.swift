@@ -9,12 +9,14 @@
 /// The defaults follow the paper's ConnectX-6 testbed: about 1.7 us one way with the
 /// software stack (a 4 KiB allocation with one extra READ or CAS costs about 4 us more,
 /// PAPER-NUMBERS.md, factor analysis), 100 Gb/s (12.5 bytes per ns), and an atomic unit
-/// that retires about 8 M atomics per second (125 ns each).
+/// that retires about 33 M atomics per second (30 ns each): 512 threads allocating at
+/// 43 us each is about 12 M allocations per second, with at least two atomics each, so the
+/// memory node's NIC must sustain at least 24 M atomics per second.
 public struct LatencyModel: Sendable, Hashable {
     public var oneWayNanos: UInt64 = 1_700
     public var readServiceNanos: UInt64 = 60
     public var writeServiceNanos: UInt64 = 60
-    public var atomicServiceNanos: UInt64 = 125
+    public var atomicServiceNanos: UInt64 = 30
     public var bytesPerNanosecond: Double = 12.5
     public var jitterFraction: Double = 0.1
 
