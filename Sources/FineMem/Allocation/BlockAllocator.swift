@@ -226,14 +226,6 @@ public final class BlockAllocator<Connection: FabricConnection>: Sendable {
         ).rawValue
     }
 
-    /// Whether a commit after `failures` CAS failures on one header should set (true),
-    /// clear (false) or keep (nil) its contention mark.
-    func contentionMark(failures: Int, currentlyContended: Bool) -> Bool? {
-        if failures >= configuration.contentionHigh, !currentlyContended { return true }
-        if failures <= configuration.contentionLow, currentlyContended { return false }
-        return nil
-    }
-
     /// Waits until this node has no pending log in flight on any of `headers` (a block's
     /// own earlier flush), with backoff and a bound.
     func waitForOwnFlushes(_ headers: [RemoteAddress], on node: MemoryNodeState<Connection>) async throws(AllocationError) {

@@ -94,28 +94,26 @@ extension BlockAllocator {
             case .claim(let s, let p, let word, let offset):
                 let address = node.spanAddress(s, p)
                 defer { node.cache.withLock { _ = $0.busy.remove(address) } }
-                let prepared = prepareHeader(SpanHeader.self, cached: word, at: address, pending: node.pending, recordKey: node.metadataKey)
-                guard let base = SpanHeader(rawValue: prepared.base), var desired = base.claiming(offset: offset, sizeLog2: sizeLog2, owner: owner) else {
-                    flushIfReturned(prepared, exchanged: false, node: node, span: (s, p))
-                    trace.attempts += 1
-                    continue
+                let failed = failures[address, default: 0]
+                let result = try await commit(
+                    SpanHeader.self, at: address, cached: word, on: node, trace: &trace,
+                    requeue: { flushIfReturned($0, exchanged: $1, node: node, span: (s, p)) }
+                ) { header in
+                    header.claiming(offset: offset, sizeLog2: sizeLog2, owner: owner).map { markingContention($0, failures: failed) }
                 }
-                if let mark = contentionMark(failures: failures[address, default: 0], currentlyContended: desired.contended) {
-                    desired = desired.with(contended: mark)
-                }
-                let verbs = (prepared.flush.map { [$0] } ?? []) + [.compareAndSwap(address, expected: prepared.expected, desired: desired.rawValue, rkey: node.metadataKey)]
-                let answer = try await post(verbs, on: node, trace: &trace).last!.compareAndSwap
-                if answer.exchanged {
+                switch result {
+                case .committed(let header):
                     let block = Block(memoryNode: node.grant.memoryNode, firstChunk: s * PoolGeometry.chunksPerSection + p * PoolGeometry.chunksPerSpan + offset, sizeLog2: sizeLog2)
-                    flushIfReturned(prepared, exchanged: true, node: node, span: (s, p))
-                    committedSpan(desired, block: block, allocated: true, application: application, section: s, span: p, node: node)
+                    committedSpan(header, block: block, allocated: true, application: application, section: s, span: p, node: node)
                     return block
+                case .lost(let original):
+                    node.cache.withLock { $0.setSpan(s, p, original) }
+                    failures[address, default: 0] += 1
+                    trace.retries += 1
+                    try await lost(to: original, SpanHeader.self, backoff: &backoff, trace: &trace)
+                case .notApplicable:
+                    trace.attempts += 1
                 }
-                node.cache.withLock { $0.setSpan(s, p, answer.original) }
-                flushIfReturned(prepared, exchanged: false, node: node, span: (s, p))
-                failures[address, default: 0] += 1
-                trace.retries += 1
-                try await lost(to: answer.original, SpanHeader.self, backoff: &backoff, trace: &trace)
             case .open(let s, let p):
                 let sectionAddress = node.sectionAddress(s)
                 defer { node.cache.withLock { _ = $0.busy.remove(sectionAddress) } }
@@ -203,26 +201,25 @@ extension BlockAllocator {
         var backoff = Backoff(configuration)
         while trace.attempts < configuration.maxAttempts {
             let word = node.cache.withLock { $0.span(s, p) }
-            let prepared = prepareHeader(SpanHeader.self, cached: word, at: address, pending: node.pending, recordKey: node.metadataKey)
-            guard let base = SpanHeader(rawValue: prepared.base), let desired = base.releasing(offset: offset, sizeLog2: block.sizeLog2, owner: owner) else {
-                flushIfReturned(prepared, exchanged: false, node: node, span: (s, p))
+            let result = try await commit(
+                SpanHeader.self, at: address, cached: word, on: node, trace: &trace,
+                requeue: { flushIfReturned($0, exchanged: $1, node: node, span: (s, p)) }
+            ) { $0.releasing(offset: offset, sizeLog2: block.sizeLog2, owner: owner) }
+            switch result {
+            case .committed(let header):
+                committedSpan(header, block: block, allocated: false, application: application, section: s, span: p, node: node)
+                return
+            case .lost(let original):
+                node.cache.withLock { $0.setSpan(s, p, original) }
+                trace.retries += 1
+                try await lost(to: original, SpanHeader.self, backoff: &backoff, trace: &trace)
+            case .notApplicable:
                 guard !freshlyRead else { throw .corruptMetadata("span header \(address) does not hold \(block): \(SpanHeader(rawValue: word).map { "\($0)" } ?? "invalid")") }
                 freshlyRead = true
                 trace.attempts += 1
                 let fresh = try await post([.readWords(address, count: 1, rkey: node.metadataKey)], on: node, trace: &trace)[0].words[0]
                 node.cache.withLock { $0.setSpan(s, p, fresh) }
-                continue
             }
-            let verbs = (prepared.flush.map { [$0] } ?? []) + [.compareAndSwap(address, expected: prepared.expected, desired: desired.rawValue, rkey: node.metadataKey)]
-            let answer = try await post(verbs, on: node, trace: &trace).last!.compareAndSwap
-            flushIfReturned(prepared, exchanged: answer.exchanged, node: node, span: (s, p))
-            if answer.exchanged {
-                committedSpan(desired, block: block, allocated: false, application: application, section: s, span: p, node: node)
-                return
-            }
-            node.cache.withLock { $0.setSpan(s, p, answer.original) }
-            trace.retries += 1
-            try await lost(to: answer.original, SpanHeader.self, backoff: &backoff, trace: &trace)
         }
         throw .retryLimitExceeded(attempts: trace.attempts)
     }

@@ -57,30 +57,27 @@ extension BlockAllocator {
             case .claim(let s, let word, let offset):
                 let address = node.sectionAddress(s)
                 defer { node.cache.withLock { _ = $0.busy.remove(address) } }
-                let prepared = prepareHeader(SectionHeader.self, cached: word, at: address, pending: node.pending, recordKey: node.metadataKey)
-                guard let base = SectionHeader(rawValue: prepared.base),
-                      var desired = base.claiming(spanOffset: offset, sizeLog2: spansLog2, owner: owner)
-                else {
-                    flushIfReturned(prepared, exchanged: false, node: node, section: s)
-                    trace.attempts += 1
-                    continue
+                let failed = failures[s, default: 0]
+                let result = try await commit(
+                    SectionHeader.self, at: address, cached: word, on: node, trace: &trace,
+                    requeue: { flushIfReturned($0, exchanged: $1, node: node, section: s) }
+                ) { header in
+                    header.claiming(spanOffset: offset, sizeLog2: spansLog2, owner: owner).map { markingContention($0, failures: failed) }
                 }
-                if let mark = contentionMark(failures: failures[s, default: 0], currentlyContended: desired.contended) {
-                    desired = desired.with(contended: mark)
-                }
-                let verbs = (prepared.flush.map { [$0] } ?? []) + [.compareAndSwap(address, expected: prepared.expected, desired: desired.rawValue, rkey: node.metadataKey)]
-                let answer = try await post(verbs, on: node, trace: &trace).last!.compareAndSwap
-                flushIfReturned(prepared, exchanged: answer.exchanged, node: node, section: s)
-                if answer.exchanged {
+                switch result {
+                case .committed(let header):
                     let block = Block(memoryNode: node.grant.memoryNode, firstChunk: s * PoolGeometry.chunksPerSection + offset * PoolGeometry.chunksPerSpan, sizeLog2: sizeLog2)
-                    committedSection(desired, block: block, allocated: true, application: application, section: s, node: node)
+                    committedSection(header, block: block, allocated: true, application: application, section: s, node: node)
                     node.cache.withLock { $0.cursor = s }
                     return block
+                case .lost(let original):
+                    node.cache.withLock { $0.sections[s] = original }
+                    failures[s, default: 0] += 1
+                    trace.retries += 1
+                    try await lost(to: original, SectionHeader.self, backoff: &backoff, trace: &trace)
+                case .notApplicable:
+                    trace.attempts += 1
                 }
-                node.cache.withLock { $0.sections[s] = answer.original }
-                failures[s, default: 0] += 1
-                trace.retries += 1
-                try await lost(to: answer.original, SectionHeader.self, backoff: &backoff, trace: &trace)
             }
         }
         throw .retryLimitExceeded(attempts: trace.attempts)
@@ -96,28 +93,25 @@ extension BlockAllocator {
         var backoff = Backoff(configuration)
         while trace.attempts < configuration.maxAttempts {
             let word = node.cache.withLock { $0.sections[s] }
-            let prepared = prepareHeader(SectionHeader.self, cached: word, at: address, pending: node.pending, recordKey: node.metadataKey)
-            guard let base = SectionHeader(rawValue: prepared.base),
-                  let desired = base.releasing(spanOffset: offset, sizeLog2: spansLog2, owner: owner)
-            else {
-                flushIfReturned(prepared, exchanged: false, node: node, section: s)
+            let result = try await commit(
+                SectionHeader.self, at: address, cached: word, on: node, trace: &trace,
+                requeue: { flushIfReturned($0, exchanged: $1, node: node, section: s) }
+            ) { $0.releasing(spanOffset: offset, sizeLog2: spansLog2, owner: owner) }
+            switch result {
+            case .committed(let header):
+                committedSection(header, block: block, allocated: false, application: application, section: s, node: node)
+                return
+            case .lost(let original):
+                node.cache.withLock { $0.sections[s] = original }
+                trace.retries += 1
+                try await lost(to: original, SectionHeader.self, backoff: &backoff, trace: &trace)
+            case .notApplicable:
                 guard !freshlyRead else { throw .corruptMetadata("section header \(address) does not hold \(block)") }
                 freshlyRead = true
                 trace.attempts += 1
                 let fresh = try await post([.readWords(address, count: 1, rkey: node.metadataKey)], on: node, trace: &trace)[0].words[0]
                 node.cache.withLock { $0.sections[s] = fresh }
-                continue
             }
-            let verbs = (prepared.flush.map { [$0] } ?? []) + [.compareAndSwap(address, expected: prepared.expected, desired: desired.rawValue, rkey: node.metadataKey)]
-            let answer = try await post(verbs, on: node, trace: &trace).last!.compareAndSwap
-            flushIfReturned(prepared, exchanged: answer.exchanged, node: node, section: s)
-            if answer.exchanged {
-                committedSection(desired, block: block, allocated: false, application: application, section: s, node: node)
-                return
-            }
-            node.cache.withLock { $0.sections[s] = answer.original }
-            trace.retries += 1
-            try await lost(to: answer.original, SectionHeader.self, backoff: &backoff, trace: &trace)
         }
         throw .retryLimitExceeded(attempts: trace.attempts)
     }

@@ -28,10 +28,8 @@ public struct SectionHeader: RawRepresentable, Hashable, Sendable {
     static let statesField = BitField(0, 32)
     static let contendedField = BitField(32, 1)
     static let pendingField = BitField(33, 1)
-    static let offsetField = BitField(34, 4)
     static let sizeField = BitField(38, 3)
-    static let ownerField = BitField(41, 14)
-    static let sequenceField = BitField(55, 6)
+    static let logFields = LogFieldLayout(offset: BitField(34, 4), sizeLog2: sizeField, owner: BitField(41, 14), sequence: BitField(55, 6))
     static let reservedField = BitField(61, 3)
 
     public private(set) var rawValue: UInt64
@@ -50,10 +48,7 @@ public struct SectionHeader: RawRepresentable, Hashable, Sendable {
         Self.statesField.set(&word, UInt64(states))
         Self.contendedField.set(&word, contended ? 1 : 0)
         Self.pendingField.set(&word, logPending ? 1 : 0)
-        Self.offsetField.set(&word, UInt64(log.offset))
-        Self.sizeField.set(&word, UInt64(log.sizeLog2))
-        Self.ownerField.set(&word, UInt64(log.owner.rawValue))
-        Self.sequenceField.set(&word, UInt64(log.sequence.rawValue))
+        Self.logFields.encode(log, into: &word)
         rawValue = word
     }
 
@@ -72,12 +67,7 @@ public struct SectionHeader: RawRepresentable, Hashable, Sendable {
     public var spanStates: [SpanState] { (0..<16).map(state(ofSpan:)) }
     public var contended: Bool { Self.contendedField.get(rawValue) == 1 }
     public var logPending: Bool { Self.pendingField.get(rawValue) == 1 }
-    public var log: TemporaryLog {
-        TemporaryLog(
-            offset: UInt8(Self.offsetField.get(rawValue)), sizeLog2: UInt8(Self.sizeField.get(rawValue)),
-            owner: OwnerID(UInt16(Self.ownerField.get(rawValue))),
-            sequence: LogSequence(rawValue: UInt8(Self.sequenceField.get(rawValue))))
-    }
+    public var log: TemporaryLog { Self.logFields.decode(rawValue) }
 
     /// A multi-section log covers the whole section; others are aligned inside it.
     public var isValid: Bool {

@@ -26,10 +26,8 @@ public struct SpanHeader: RawRepresentable, Hashable, Sendable {
     static let modeField = BitField(32, 2)
     static let contendedField = BitField(34, 1)
     static let pendingField = BitField(35, 1)
-    static let offsetField = BitField(36, 5)
     static let sizeField = BitField(41, 3)
-    static let ownerField = BitField(44, 14)
-    static let sequenceField = BitField(58, 6)
+    static let logFields = LogFieldLayout(offset: BitField(36, 5), sizeLog2: sizeField, owner: BitField(44, 14), sequence: BitField(58, 6))
 
     public private(set) var rawValue: UInt64
 
@@ -50,10 +48,7 @@ public struct SpanHeader: RawRepresentable, Hashable, Sendable {
         Self.modeField.set(&word, mode.rawValue)
         Self.contendedField.set(&word, contended ? 1 : 0)
         Self.pendingField.set(&word, logPending ? 1 : 0)
-        Self.offsetField.set(&word, UInt64(log.offset))
-        Self.sizeField.set(&word, UInt64(log.sizeLog2))
-        Self.ownerField.set(&word, UInt64(log.owner.rawValue))
-        Self.sequenceField.set(&word, UInt64(log.sequence.rawValue))
+        Self.logFields.encode(log, into: &word)
         rawValue = word
     }
 
@@ -61,12 +56,7 @@ public struct SpanHeader: RawRepresentable, Hashable, Sendable {
     public var mode: Mode { Mode(rawValue: Self.modeField.get(rawValue))! }
     public var contended: Bool { Self.contendedField.get(rawValue) == 1 }
     public var logPending: Bool { Self.pendingField.get(rawValue) == 1 }
-    public var log: TemporaryLog {
-        TemporaryLog(
-            offset: UInt8(Self.offsetField.get(rawValue)), sizeLog2: UInt8(Self.sizeField.get(rawValue)),
-            owner: OwnerID(UInt16(Self.ownerField.get(rawValue))),
-            sequence: LogSequence(rawValue: UInt8(Self.sequenceField.get(rawValue))))
-    }
+    public var log: TemporaryLog { Self.logFields.decode(rawValue) }
 
     /// Structural rules: a span that is not open has an empty bitmap; the log's block is
     /// aligned to its size and inside the span.

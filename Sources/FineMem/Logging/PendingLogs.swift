@@ -4,7 +4,9 @@ protocol LoggedHeader: Sendable {
     var rawValue: UInt64 { get }
     var logPending: Bool { get }
     var log: TemporaryLog { get }
+    var contended: Bool { get }
     func flushed() -> Self?
+    func with(contended: Bool) -> Self
 }
 
 extension SpanHeader: LoggedHeader {}
