@@ -169,3 +169,79 @@ private func randomVerbRun(seed: UInt64, taskCount: Int) throws -> (hash: TraceH
         for device in devices { #expect(!device.name.isEmpty) }
     }
 }
+
+@Suite struct PeerDeathTests {
+    @Test func poweredOffMemoryNodeAnswersPeerDead() async throws {
+        let nic = try SimulatedNIC(node: NodeID(3), poolBytes: 1 << 20)
+        let pd = nic.allocateProtectionDomain()
+        let region = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: 4096, access: .all)
+        let connection = nic.connect(from: NodeID(1), protectionDomain: pd)
+        _ = try await connection.fetchAndAdd(region.address, delta: 1, rkey: region.rkey)
+        nic.powerOff()
+        await #expect(throws: FabricError.peerDead(NodeID(3))) { _ = try await connection.fetchAndAdd(region.address, delta: 1, rkey: region.rkey) }
+        #expect(nic.peekWord(region.address) == 1)
+    }
+
+    @Test func crashedMemoryNodeAnswersPeerDeadInVirtualTime() throws {
+        let simulator = Simulator(seed: 11)
+        let nic = try SimulatedNIC(node: NodeID(3), poolBytes: 1 << 20)
+        let pd = nic.allocateProtectionDomain()
+        let region = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: 4096, access: .all)
+        let connection = nic.connect(from: NodeID(1), protectionDomain: pd, simulator: simulator)
+        simulator.faults.crash(NodeID(3), atNanoseconds: 50_000)
+        let errors = Locked<[FabricError]>([])
+        simulator.spawn {
+            for _ in 0..<100 {
+                do throws(FabricError) { _ = try await connection.fetchAndAdd(region.address, delta: 1, rkey: region.rkey) } catch {
+                    errors.withLock { $0.append(error) }
+                    return
+                }
+            }
+        }
+        simulator.run()
+        #expect(errors.withLock { $0 } == [.peerDead(NodeID(3))])
+        #expect(nic.peekWord(region.address) > 0 && nic.peekWord(region.address) < 100)
+    }
+}
+
+/// A compute node stalls right after a commit, with its temporary log still pending.
+@Suite struct StalledFlusherTests {
+    /// Runs: CN 1 allocates 4 KiB and stalls for 1 ms before its flush; CN 2 allocates
+    /// meanwhile; optionally the memory node fences CN 1 during the stall. Answers the
+    /// inspector and both blocks.
+    private func stalledRun(fence: Bool) throws -> (PoolInspector, Block, Block, MemoryNode) {
+        let simulator = Simulator(seed: 21)
+        let outcome = Locked<(PoolInspector, Block, Block, MemoryNode)?>(nil)
+        simulator.spawn {
+            let cluster = try! await EmbeddedCluster.start(.init(memoryNodes: 1, poolBytesPerNode: 2 << 20, computeNodes: 2), simulator: simulator)
+            let first = try! await cluster.computeNodes[0].allocate(sizeLog2: 0, application: ApplicationID(1))
+            simulator.faults.stall(NodeID(1001), fromNanoseconds: simulator.nowNanoseconds, forNanoseconds: 1_000_000)
+            let second = try! await cluster.computeNodes[1].allocate(sizeLog2: 0, application: ApplicationID(1))
+            if fence { try! cluster.memoryNodes[0].fence(computeNode: OwnerID(1)) }
+            await simulator.sleep(nanoseconds: 2_000_000)
+            await cluster.quiesce()
+            outcome.withLock { $0 = (PoolInspector(memoryNodes: cluster.memoryNodes), first, second, cluster.memoryNodes[0]) }
+        }
+        simulator.run()
+        return try #require(outcome.withLock { $0 })
+    }
+
+    @Test func othersAllocateAroundThePendingLogAndTheLateFlushLands() throws {
+        let (inspector, first, second, node) = try stalledRun(fence: false)
+        #expect(first.chunks.overlaps(second.chunks) == false)
+        #expect(first.firstChunk / 32 != second.firstChunk / 32, "the other node must not commit on a header with a pending log")
+        _ = inspector.admit(first, owner: OwnerID(1))
+        _ = inspector.admit(second, owner: OwnerID(2))
+        #expect(inspector.checkAtRest() == [])
+        #expect(inspector.record(node, chunk: first.firstChunk)?.owner == OwnerID(1))
+    }
+
+    @Test func aFencedNodesLateFlushIsDiscarded() throws {
+        let (inspector, first, second, node) = try stalledRun(fence: true)
+        let span = inspector.span(node, first.firstChunk / 512, first.firstChunk % 512 / 32)!
+        #expect(span.logPending && span.log.owner == OwnerID(1), "the fenced node's log stays pending, for recovery")
+        #expect(inspector.record(node, chunk: first.firstChunk) == .never, "the fenced node's late flush must not land")
+        let record = inspector.record(node, chunk: second.firstChunk)!
+        #expect(record.isAllocated && record.owner == OwnerID(2))
+    }
+}

@@ -1,7 +1,7 @@
 /// Faults injected into a simulation: crashes of compute nodes (at a virtual time, or
 /// after a number of executed verbs, which can fall inside a batch), stalls, and broken
 /// connections. A crashed node's effects up to the crash stay in memory; nothing it posts
-/// afterwards executes.
+/// afterwards executes. A crashed memory node answers every verb with `peerDead`.
 public final class FaultPlan: @unchecked Sendable {
     private var crashAfterVerbs: [NodeID: UInt64] = [:]
     private var crashAt: [NodeID: UInt64] = [:]

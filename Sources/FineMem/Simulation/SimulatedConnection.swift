@@ -68,6 +68,10 @@ public final class SimulatedConnection: FabricConnection, @unchecked Sendable {
 
     /// Checks and performs one verb, updating counters and the error state.
     private func executeOne(_ verb: Verb, index: Int) -> Result<VerbResult, FabricError> {
+        if nic.isPoweredOff || simulator?.faults.isCrashed(nic.node, now: simulator!.nowNanoseconds) == true {
+            state.withLock { $0.broken = true }
+            return .failure(.peerDead(nic.node))
+        }
         let broken = state.withLock { $0.broken }
         if broken { return .failure(.connectionBroken(nic.node)) }
         if let violation = nic.authorize(verb, pd: protectionDomain) {

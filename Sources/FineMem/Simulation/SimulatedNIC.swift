@@ -65,6 +65,7 @@ public final class SimulatedNIC: @unchecked Sendable {
 
     private let pool: UnsafeMutableRawPointer
     private let keys = Locked(KeyTable())
+    private let poweredOff = Locked(false)
 
     private enum KeyEntry {
         case region(MemoryRegion)
@@ -194,6 +195,14 @@ public final class SimulatedNIC: @unchecked Sendable {
     ) -> SimulatedConnection {
         SimulatedConnection(nic: self, localNode: node, protectionDomain: pd, simulator: simulator)
     }
+
+    /// Takes the memory node down: every verb from now on fails with `peerDead`, as
+    /// completions fail with retry-exceeded when the remote host is gone. Its memory stays
+    /// inspectable.
+    public func powerOff() { poweredOff.withLock { $0 = true } }
+
+    /// Whether `powerOff()` was called.
+    public var isPoweredOff: Bool { poweredOff.withLock { $0 } }
 
     // MARK: Inspection (tests and invariant checkers; never used to change memory)
 
