@@ -7,6 +7,8 @@ let package = Package(
     products: [
         .library(name: "FineMem", targets: ["FineMem"]),
         .executable(name: "finemem", targets: ["finemem"]),
+        .executable(name: "fuzz-allocator", targets: ["AllocatorFuzzer"]),
+        .executable(name: "fuzz-layout", targets: ["LayoutFuzzer"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-atomics.git", from: "1.3.0"),
@@ -39,9 +41,16 @@ let package = Package(
             name: "FineMemTests",
             dependencies: [
                 "FineMem",
+                "FuzzTargets",
                 .product(name: "PropertyBased", package: "swift-property-based"),
             ]
         ),
+        // libFuzzer targets: the bodies live in FuzzTargets (the tests replay inputs through
+        // them); the executables hand them to LLVMFuzzerRunDriver in -DFUZZING builds.
+        .systemLibrary(name: "CFuzzerDriver", path: "Fuzz/CFuzzerDriver"),
+        .target(name: "FuzzTargets", dependencies: ["FineMem"], path: "Fuzz/FuzzTargets"),
+        .executableTarget(name: "AllocatorFuzzer", dependencies: ["FuzzTargets", "CFuzzerDriver"], path: "Fuzz/AllocatorFuzzer"),
+        .executableTarget(name: "LayoutFuzzer", dependencies: ["FuzzTargets", "CFuzzerDriver"], path: "Fuzz/LayoutFuzzer"),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -172,23 +172,52 @@ public final class BlockAllocator<Connection: FabricConnection>: Sendable {
     }
 
     /// Says why this node may not free `block`: someone else holds it, it is not
-    /// allocated, or it is not a block start. Reads the full-log record at its first chunk.
+    /// allocated, or it is not a block start. Reads the full-log record at its first chunk
+    /// and the header that commits it, in one doorbell: a block allocated a moment ago shows
+    /// in its header's pending log before its record is written.
     private func classifyForeign(_ block: Block, application: ApplicationID, on node: MemoryNodeState<Connection>) async throws(AllocationError) -> AllocationError {
         let geometry = node.geometry
         let address = node.dataAddress(block.firstChunk)
-        guard block.firstChunk >= 0, block.firstChunk < geometry.chunkCount, block.firstChunk % block.chunkCount == 0 else {
+        guard block.firstChunk >= 0, block.firstChunk < geometry.chunkCount, block.firstChunk % block.chunkCount == 0,
+              block.chunks.upperBound <= geometry.chunkCount
+        else {
             return .notABlockStart(memoryNode: block.memoryNode, address: address)
         }
-        let word: UInt64
-        do { word = try await node.connection.readWords(node.recordAddress(block.firstChunk), count: 1, rkey: node.metadataKey)[0] } catch {
-            throw .fabric(error)
+        let s = block.firstChunk / PoolGeometry.chunksPerSection
+        let headerAddress = block.layer == .chunk
+            ? node.spanAddress(s, block.firstChunk % PoolGeometry.chunksPerSection / PoolGeometry.chunksPerSpan)
+            : node.sectionAddress(s)
+        let words: [VerbResult]
+        do {
+            words = try await node.connection.post([
+                .readWords(node.recordAddress(block.firstChunk), count: 1, rkey: node.metadataKey),
+                .readWords(headerAddress, count: 1, rkey: node.metadataKey),
+            ])
+        } catch { throw .fabric(error) }
+        if let record = FullLogRecord(rawValue: words[0].words[0]), record != .never, record.sizeLog2 == block.sizeLog2 {
+            // A record still saying "ours" belongs to a free of ours whose flush is in flight.
+            let ours = record.owner == owner && record.application == application && record.incarnation == incarnations[node.index]
+            return record.isAllocated && !ours ? .notOwner(block) : .doubleFree(block)
         }
-        guard let record = FullLogRecord(rawValue: word), record != .never, record.sizeLog2 == block.sizeLog2 else {
-            return .notABlockStart(memoryNode: block.memoryNode, address: address)
+        if justAllocated(block, header: words[1].words[0]) { return .notOwner(block) }
+        return .notABlockStart(memoryNode: block.memoryNode, address: address)
+    }
+
+    /// Whether `header`'s pending log is the allocation of exactly `block` by another node.
+    private func justAllocated(_ block: Block, header word: UInt64) -> Bool {
+        switch block.layer {
+        case .chunk:
+            guard let span = SpanHeader(rawValue: word), span.logPending, span.log.owner != owner else { return false }
+            return Int(span.log.offset) == block.firstChunk % PoolGeometry.chunksPerSpan && Int(span.log.sizeLog2) == block.sizeLog2
+                && span.logDescribesAllocation
+        case .section:
+            guard let section = SectionHeader(rawValue: word), section.logPending, section.log.owner != owner else { return false }
+            return Int(section.log.offset) == block.firstChunk % PoolGeometry.chunksPerSection / PoolGeometry.chunksPerSpan
+                && Int(section.log.sizeLog2) == block.sizeLog2 - 5 && section.logDescribesAllocation
+        case .multiSection:
+            guard let section = SectionHeader(rawValue: word), section.logPending, section.log.owner != owner else { return false }
+            return section.log.sizeLog2 == SectionHeader.multiSectionSizeCode && section.logDescribesAllocation
         }
-        // A record still saying "ours" belongs to a free of ours whose flush is in flight.
-        let ours = record.owner == owner && record.application == application && record.incarnation == incarnations[node.index]
-        return record.isAllocated && !ours ? .notOwner(block) : .doubleFree(block)
     }
 
     // MARK: Shared steps

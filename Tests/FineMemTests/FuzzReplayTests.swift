@@ -1,0 +1,29 @@
+import FineMem
+import FuzzTargets
+import Testing
+
+/// Runs the fuzz targets on inputs from a seeded generator, so that `swift test` exercises
+/// them; libFuzzer explores further (README, "Fuzzing").
+@Suite struct FuzzReplayTests {
+    private static func input(seed: UInt64, length: Int) -> [UInt8] {
+        var random = SeededRandom(seed: seed)
+        return (0..<length).map { _ in UInt8(truncatingIfNeeded: random.next()) }
+    }
+
+    @Test(arguments: 1...12 as ClosedRange<UInt64>) func allocatorPrograms(seed: UInt64) {
+        let bytes = Self.input(seed: seed, length: 8 + 2 * 96)
+        let findings = allocatorFindings(bytes)
+        #expect(findings.isEmpty, "input seed \(seed): \(findings.prefix(3))")
+    }
+
+    @Test func emptyAndTinyProgramsAreValid() {
+        #expect(allocatorFindings([]).isEmpty)
+        #expect(allocatorFindings([1, 2, 3]).isEmpty)
+    }
+
+    @Test func layoutWords() {
+        for seed in 1...200 as ClosedRange<UInt64> { fuzzLayout(Self.input(seed: seed, length: 12 * 8)) }
+        fuzzLayout([])
+        fuzzLayout([UInt8](repeating: 0xFF, count: 64))
+    }
+}
