@@ -169,3 +169,35 @@ private func cluster(memoryNodes: Int = 1, poolMiB: UInt64 = 64, computeNodes: I
         #expect(bytes == Array("hello, remote memory".utf8))
     }
 }
+
+@Suite struct StartUpErrors {
+    @Test func noMemoryNodeIsATypedError() async {
+        await #expect(throws: AllocationError.noMemoryNodes) {
+            _ = try await BlockAllocator<SimulatedConnection>.start(owner: OwnerID(1), memoryNodes: [], runtime: SystemRuntime.shared)
+        }
+    }
+
+    @Test func aTakenNodeSlotIsATypedError() async throws {
+        let memoryNode = try await MemoryNode.format(id: NodeID(0), geometry: PoolGeometry(sectionCount: 2))
+        _ = try await BlockAllocator.start(owner: OwnerID(3), memoryNodes: [try memoryNode.attach(computeNode: OwnerID(3))], runtime: SystemRuntime.shared)
+        await #expect(throws: AllocationError.nodeSlotTaken(OwnerID(3), memoryNode: NodeID(0))) {
+            _ = try await BlockAllocator.start(owner: OwnerID(3), memoryNodes: [try memoryNode.attach(computeNode: OwnerID(3))], runtime: SystemRuntime.shared)
+        }
+    }
+
+    @Test func aGrantThatDisagreesWithTheSuperblockIsATypedError() async throws {
+        let memoryNode = try await MemoryNode.format(id: NodeID(0), geometry: PoolGeometry(sectionCount: 2))
+        let (grant, connection) = try memoryNode.attach(computeNode: OwnerID(1))
+        let forged = MemoryNodeGrant(
+            memoryNode: grant.memoryNode, geometry: try PoolGeometry(sectionCount: 1), baseAddress: grant.baseAddress,
+            metadataKey: grant.metadataKey, dataKey: grant.dataKey)
+        await #expect(throws: AllocationError.self) {
+            _ = try await BlockAllocator.start(owner: OwnerID(1), memoryNodes: [(forged, connection)], runtime: SystemRuntime.shared)
+        }
+    }
+
+    @Test func attachingBeyondTheNodeTableIsATypedError() async throws {
+        let memoryNode = try await MemoryNode.format(id: NodeID(0), geometry: PoolGeometry(sectionCount: 1, computeNodeSlots: 4))
+        #expect(throws: MemoryNodeError.computeNodeSlotOutOfRange(OwnerID(4))) { _ = try memoryNode.attach(computeNode: OwnerID(4)) }
+    }
+}

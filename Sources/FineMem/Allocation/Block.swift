@@ -52,6 +52,8 @@ public enum AllocationError: Error, Sendable, Hashable, CustomStringConvertible 
     case doubleFree(Block)
     /// No such memory node in this cluster.
     case unknownMemoryNode(NodeID)
+    /// A compute node was started without any memory node.
+    case noMemoryNodes
     /// A read or write outside the buffer.
     case outOfBounds(offset: Int, length: Int, bufferLength: Int)
     /// The compute node's slot in a memory node's node table is already taken.
@@ -74,6 +76,7 @@ public enum AllocationError: Error, Sendable, Hashable, CustomStringConvertible 
         case .notOwner(let block): "\(block) belongs to someone else"
         case .doubleFree(let block): "\(block) is not allocated"
         case .unknownMemoryNode(let node): "\(node) is not in this cluster"
+        case .noMemoryNodes: "a compute node needs at least one memory node"
         case .outOfBounds(let offset, let length, let bufferLength):
             "access of \(length) bytes at \(offset) is outside a buffer of \(bufferLength)"
         case .nodeSlotTaken(let owner, let node): "slot \(owner) on \(node) is already taken"

@@ -41,7 +41,8 @@ public final class BlockAllocator<Connection: FabricConnection>: Sendable {
         self.runtime = runtime
         self.configuration = configuration
         self.placement = placement
-        freeIntentSlots = Locked(Array((0..<nodes[0].geometry.intentSlotsPerNode).reversed()))
+        let slots = nodes.map(\.geometry.intentSlotsPerNode).min()!
+        freeIntentSlots = Locked(Array((0..<slots).reversed()))
     }
 
     /// Attaches to every memory node: checks its superblock against the grant, takes this
@@ -51,7 +52,7 @@ public final class BlockAllocator<Connection: FabricConnection>: Sendable {
         configuration: AllocatorConfiguration = AllocatorConfiguration(),
         placement: any PlacementPolicy = RoundRobinPlacement()
     ) async throws(AllocationError) -> BlockAllocator {
-        precondition(!memoryNodes.isEmpty, "a compute node needs at least one memory node")
+        guard !memoryNodes.isEmpty else { throw .noMemoryNodes }
         var states: [MemoryNodeState<Connection>] = []
         var incarnations: [UInt16] = []
         for (index, (grant, connection)) in memoryNodes.enumerated() {

@@ -162,6 +162,10 @@ extension BlockAllocator {
                 spanWord = try await post([.readWords(spanAddress, count: 1, rkey: node.metadataKey)], on: node, trace: &trace)[0].words[0]
                 continue
             }
+            guard span.mode != .open else {
+                // The section entry was empty, so the span cannot be open (invariant 3).
+                throw .corruptMetadata("span \(s).\(p) is open under an empty section entry")
+            }
             guard let desired = span.opening(offset: 0, sizeLog2: sizeLog2, owner: owner) else { break }
             let answer = try await post([.compareAndSwap(spanAddress, expected: spanWord, desired: desired.rawValue, rkey: node.metadataKey)], on: node, trace: &trace)[0].compareAndSwap
             if answer.exchanged {
