@@ -102,6 +102,7 @@ public struct SimulatedWorkload: Sendable {
                             do throws(AllocationError) {
                                 try await blocks.free(block, application: application)
                                 report.withLock { $0.frees += 1 }
+                                if check { note(inspector.checkStructure()) }
                             } catch {
                                 note(["free of \(block) failed: \(error)"])
                             }
