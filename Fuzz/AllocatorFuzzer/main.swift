@@ -6,9 +6,10 @@ import FuzzTargets
 
 #if FUZZING
 import CFuzzerDriver
+import Glibc
 
 var argc = CommandLine.argc
-var argv = CommandLine.unsafeArgv
+var argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>? = CommandLine.unsafeArgv
 exit(LLVMFuzzerRunDriver(&argc, &argv) { data, size in
     fuzzAllocator(Array(UnsafeBufferPointer(start: data, count: size)))
     return 0
