@@ -48,9 +48,9 @@ let package = Package(
         // libFuzzer targets: the bodies live in FuzzTargets (the tests replay inputs through
         // them); the executables hand them to LLVMFuzzerRunDriver in -DFUZZING builds.
         .systemLibrary(name: "CFuzzerDriver", path: "Fuzz/CFuzzerDriver"),
-        .target(name: "FuzzTargets", dependencies: ["FineMem"], path: "Fuzz/FuzzTargets"),
-        .executableTarget(name: "AllocatorFuzzer", dependencies: ["FuzzTargets", "CFuzzerDriver"], path: "Fuzz/AllocatorFuzzer"),
-        .executableTarget(name: "LayoutFuzzer", dependencies: ["FuzzTargets", "CFuzzerDriver"], path: "Fuzz/LayoutFuzzer"),
+        .target(name: "FuzzTargets", dependencies: ["FineMem", "CFuzzerDriver"], path: "Fuzz/FuzzTargets"),
+        .executableTarget(name: "AllocatorFuzzer", dependencies: ["FuzzTargets"], path: "Fuzz/AllocatorFuzzer"),
+        .executableTarget(name: "LayoutFuzzer", dependencies: ["FuzzTargets"], path: "Fuzz/LayoutFuzzer"),
     ],
     swiftLanguageModes: [.v6]
 )
