@@ -44,8 +44,9 @@ struct Bench: ParsableCommand {
             rows += [
                 ("\(label): allocations", "\(s.allocations) (\(report.outOfMemory) out of memory), \(Format.fixed(wall, 1)) s wall"),
                 ("\(label): round trips per allocation", "\(Format.fixed(s.roundTripsPerAllocation, 3)) (verbs \(Format.fixed(s.verbsPerAllocation, 3)))"),
-                ("\(label): CAS retries avg/max", "\(Format.fixed(s.casRetriesAverage, 3)) / \(s.casRetriesMax)"),
+                ("\(label): CAS retries avg/max", "\(Format.fixed(s.casRetriesAverage, 3)) / \(s.casRetriesMax) (\(Format.fixed(Double(s.casRetriesOnPendingLog) / Double(max(1, s.allocations)), 3)) per allocation lost to a pending log)"),
                 ("\(label): modelled latency avg/p99", "\(Format.fixed(average / 1_000, 2)) / \(Format.fixed(Double(p99) / 1_000, 2)) us"),
+                ("\(label): spans opened / closed, refreshes", "\(s.spansOpened) / \(s.spansClosed), \(s.refreshes)"),
                 ("\(label): upkeep round trips per operation", "\(Format.fixed(Double(s.upkeepBatches) / Double(max(1, s.allocations + s.frees)), 3)) (after the answer: log flushes, span and section state)"),
             ]
         }

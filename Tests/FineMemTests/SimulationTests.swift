@@ -245,3 +245,34 @@ private func randomVerbRun(seed: UInt64, taskCount: Int) throws -> (hash: TraceH
         #expect(record.isAllocated && record.owner == OwnerID(2))
     }
 }
+
+@Suite struct QueuePairOrderTests {
+    /// A connection's batches execute in posting order even when a verb of the earlier
+    /// batch waits for the NIC's atomic unit (busy with another connection's atomics).
+    @Test func laterBatchNeverOvertakesAnEarlierOne() throws {
+        let simulator = Simulator(seed: 8)
+        let nic = try SimulatedNIC(node: NodeID(0), poolBytes: 1 << 20)
+        let pd = nic.allocateProtectionDomain()
+        let region = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: 4096, access: .all)
+        let ordered = nic.connect(from: NodeID(1), protectionDomain: pd, simulator: simulator)
+        let noisy = nic.connect(from: NodeID(2), protectionDomain: pd, simulator: simulator)
+        let word = region.address
+        let other = region.address + 64
+        let answers = Locked<[Bool]>([])
+        // Keep the atomic unit busy.
+        simulator.spawn {
+            _ = try! await noisy.post((0..<200).map { _ in .fetchAndAdd(other, delta: 1, rkey: region.rkey) })
+        }
+        simulator.spawn {
+            let results = try! await ordered.post([.writeWord(word, 1, rkey: region.rkey), .compareAndSwap(word, expected: 1, desired: 2, rkey: region.rkey)])
+            answers.withLock { $0.append(results[1].compareAndSwap.exchanged) }
+        }
+        simulator.spawn {
+            let results = try! await ordered.post([.compareAndSwap(word, expected: 2, desired: 3, rkey: region.rkey)])
+            answers.withLock { $0.append(results[0].compareAndSwap.exchanged) }
+        }
+        simulator.run()
+        #expect(answers.withLock { $0 } == [true, true])
+        #expect(nic.peekWord(word) == 3)
+    }
+}

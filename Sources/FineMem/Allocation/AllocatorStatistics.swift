@@ -9,6 +9,9 @@ public struct AllocatorStatistics: Sendable, Hashable {
     public var failedFrees: UInt64 = 0
     /// CAS failures summed over successful allocations.
     public var casRetries: UInt64 = 0
+    /// The part of `casRetries` lost to a pending log (its flush had not landed yet), as
+    /// opposed to another operation's commit.
+    public var casRetriesOnPendingLog: UInt64 = 0
     public var casRetriesMax: UInt64 = 0
     /// Allocations by CAS failures: bucket i counts those with at most `retryBucketBounds[i]`
     /// (and more than the previous bound); the last bucket counts the rest.
@@ -22,6 +25,11 @@ public struct AllocatorStatistics: Sendable, Hashable {
     /// Batches and verbs of upkeep after the answer (log flushes, span and section state).
     public var upkeepBatches: UInt64 = 0
     public var upkeepVerbs: UInt64 = 0
+    /// Spans this node put into chunk mode, and spans it returned to their sections.
+    public var spansOpened: UInt64 = 0
+    public var spansClosed: UInt64 = 0
+    /// Full re-reads of a memory node's headers (when the cache showed no room).
+    public var refreshes: UInt64 = 0
 
     public init() {}
 
@@ -33,6 +41,7 @@ public struct AllocatorStatistics: Sendable, Hashable {
     mutating func recordAllocation(_ trace: OperationTrace) {
         allocations += 1
         casRetries += trace.retries
+        casRetriesOnPendingLog += trace.pendingLosses
         casRetriesMax = max(casRetriesMax, trace.retries)
         let bucket = Self.retryBucketBounds.firstIndex { trace.retries <= $0 } ?? Self.retryBucketBounds.count
         retryHistogram[bucket] += 1
@@ -53,6 +62,7 @@ public struct AllocatorStatistics: Sendable, Hashable {
         sum.failedAllocations += rhs.failedAllocations
         sum.failedFrees += rhs.failedFrees
         sum.casRetries += rhs.casRetries
+        sum.casRetriesOnPendingLog += rhs.casRetriesOnPendingLog
         sum.casRetriesMax = max(sum.casRetriesMax, rhs.casRetriesMax)
         for i in sum.retryHistogram.indices { sum.retryHistogram[i] += rhs.retryHistogram[i] }
         sum.allocationBatches += rhs.allocationBatches
@@ -61,6 +71,9 @@ public struct AllocatorStatistics: Sendable, Hashable {
         sum.freeVerbs += rhs.freeVerbs
         sum.upkeepBatches += rhs.upkeepBatches
         sum.upkeepVerbs += rhs.upkeepVerbs
+        sum.spansOpened += rhs.spansOpened
+        sum.spansClosed += rhs.spansClosed
+        sum.refreshes += rhs.refreshes
         return sum
     }
 }
@@ -70,5 +83,7 @@ struct OperationTrace: Sendable {
     var batches: UInt64 = 0
     var verbs: UInt64 = 0
     var retries: UInt64 = 0
+    /// CAS failures caused by a pending log rather than by another commit.
+    var pendingLosses: UInt64 = 0
     var attempts = 0
 }

@@ -232,6 +232,7 @@ public final class BlockAllocator<Connection: FabricConnection>: Sendable {
 
     /// Reads every section and span header of `node` into its cache (one batch).
     func refresh(_ node: MemoryNodeState<Connection>, trace: inout OperationTrace) async throws(AllocationError) {
+        statisticsStore.withLock { $0.refreshes += 1 }
         let geometry = node.geometry
         let results = try await post([
             .readWords(node.sectionAddress(0), count: geometry.sectionCount, rkey: node.metadataKey),
@@ -359,6 +360,7 @@ extension BlockAllocator {
     /// spends one of the `maxAttempts`.
     func lost(to pendingLog: Bool, backoff: inout Backoff, trace: inout OperationTrace) async throws(AllocationError) {
         if pendingLog {
+            trace.pendingLosses += 1
             try await backoff.pause(runtime)
         } else {
             trace.attempts += 1

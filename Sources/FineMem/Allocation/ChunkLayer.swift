@@ -93,7 +93,7 @@ extension BlockAllocator {
                 }
             case .claim(let s, let p, let word, let offset):
                 let address = node.spanAddress(s, p)
-                defer { node.cache.withLock { _ = $0.busy.remove(address) } }
+                defer { releaseBusy(address, on: node) }
                 let failed = failures[address, default: 0]
                 let result = try await commit(
                     SpanHeader.self, at: address, cached: word, on: node, trace: &trace,
@@ -116,7 +116,7 @@ extension BlockAllocator {
                 }
             case .open(let s, let p):
                 let sectionAddress = node.sectionAddress(s)
-                defer { node.cache.withLock { _ = $0.busy.remove(sectionAddress) } }
+                defer { releaseBusy(sectionAddress, on: node) }
                 if let block = try await openSpan(section: s, span: p, sizeLog2: sizeLog2, application: application, on: node, trace: &trace) {
                     return block
                 }
@@ -169,6 +169,7 @@ extension BlockAllocator {
             guard let desired = span.opening(offset: 0, sizeLog2: sizeLog2, owner: owner) else { break }
             let answer = try await post([.compareAndSwap(spanAddress, expected: spanWord, desired: desired.rawValue, rkey: node.metadataKey)], on: node, trace: &trace)[0].compareAndSwap
             if answer.exchanged {
+                statisticsStore.withLock { $0.spansOpened += 1 }
                 let block = Block(memoryNode: node.grant.memoryNode, firstChunk: s * PoolGeometry.chunksPerSection + p * PoolGeometry.chunksPerSpan, sizeLog2: sizeLog2)
                 committedSpan(desired, block: block, allocated: true, application: application, section: s, span: p, node: node)
                 return block
@@ -203,6 +204,8 @@ extension BlockAllocator {
         let address = node.spanAddress(s, p)
         var freshlyRead = false
         var backoff = Backoff(configuration)
+        try await acquireBusy(address, on: node, backoff: &backoff)
+        defer { releaseBusy(address, on: node) }
         while trace.attempts < configuration.maxAttempts {
             let word = node.cache.withLock { $0.span(s, p) }
             let result = try await commit(
@@ -308,5 +311,6 @@ extension BlockAllocator {
         guard let results = try? await post([.compareAndSwap(address, expected: closing.rawValue, desired: closed.rawValue, rkey: node.metadataKey)], on: node, trace: &trace) else { return }
         let answer = results[0].compareAndSwap
         node.cache.withLock { $0.setSpan(s, p, answer.exchanged ? closed.rawValue : answer.original) }
+        if answer.exchanged { statisticsStore.withLock { $0.spansClosed += 1 } }
     }
 }

@@ -35,6 +35,19 @@ extension BlockAllocator {
         return answer.exchanged ? .committed(desired) : .lost(answer.original)
     }
 
+    /// Marks `address` busy for this node's CAS, waiting (locally, with backoff) while
+    /// another task of this node has a CAS in flight on it: two tasks of one node racing
+    /// for one header would only cost each other a round trip.
+    func acquireBusy(_ address: RemoteAddress, on node: MemoryNodeState<Connection>, backoff: inout Backoff) async throws(AllocationError) {
+        while !node.cache.withLock({ $0.busy.insert(address).inserted }) {
+            try await backoff.pause(runtime)
+        }
+    }
+
+    func releaseBusy(_ address: RemoteAddress, on node: MemoryNodeState<Connection>) {
+        node.cache.withLock { _ = $0.busy.remove(address) }
+    }
+
     /// `header` with its contention mark set or cleared after `failures` lost CASes.
     func markingContention<Header: LoggedHeader>(_ header: Header, failures: Int) -> Header {
         if failures >= configuration.contentionHigh, !header.contended { return header.with(contended: true) }

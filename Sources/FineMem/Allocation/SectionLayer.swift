@@ -56,7 +56,7 @@ extension BlockAllocator {
                 try await backoff.pause(runtime)
             case .claim(let s, let word, let offset):
                 let address = node.sectionAddress(s)
-                defer { node.cache.withLock { _ = $0.busy.remove(address) } }
+                defer { releaseBusy(address, on: node) }
                 let failed = failures[s, default: 0]
                 let result = try await commit(
                     SectionHeader.self, at: address, cached: word, on: node, trace: &trace,
@@ -91,6 +91,8 @@ extension BlockAllocator {
         let address = node.sectionAddress(s)
         var freshlyRead = false
         var backoff = Backoff(configuration)
+        try await acquireBusy(address, on: node, backoff: &backoff)
+        defer { releaseBusy(address, on: node) }
         while trace.attempts < configuration.maxAttempts {
             let word = node.cache.withLock { $0.sections[s] }
             let result = try await commit(

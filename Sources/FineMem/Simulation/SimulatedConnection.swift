@@ -23,6 +23,9 @@ public final class SimulatedConnection: FabricConnection, @unchecked Sendable {
         var busyUntil: UInt64 = 0
         /// Arrival time of the previous batch: a QP never reorders its own work requests.
         var lastArrival: UInt64 = 0
+        /// Batches posted and not yet fully executed, in posting order: the send queue.
+        /// Only the first executes; the next starts when it is done.
+        var sendQueue: [VirtualBatch] = []
     }
 
     init(nic: SimulatedNIC, localNode: NodeID, protectionDomain: ProtectionDomain, simulator: Simulator?) {
@@ -118,18 +121,35 @@ public final class SimulatedConnection: FabricConnection, @unchecked Sendable {
             s.lastArrival = max(s.lastArrival, issue + simulator.jittered(simulator.latency.oneWayNanos))
             return s.lastArrival
         }
-        let batch = VirtualBatch(verbs: verbs, continuation: continuation)
-        simulator.schedule(at: arrival) { [self] in executeVirtual(batch, simulator: simulator) }
+        let batch = VirtualBatch(verbs: verbs, arrival: arrival, continuation: continuation)
+        let first = state.withLock { s -> Bool in
+            s.sendQueue.append(batch)
+            return s.sendQueue.count == 1
+        }
+        if first { simulator.schedule(at: arrival) { [self] in executeVirtual(batch, simulator: simulator) } }
     }
 
-    private final class VirtualBatch {
+    final class VirtualBatch {
         let verbs: [Verb]
+        let arrival: UInt64
         let continuation: UnsafeContinuation<Result<[VerbResult], FabricError>, Never>
         var results: [VerbResult] = []
         var reservedStart: UInt64?
-        init(verbs: [Verb], continuation: UnsafeContinuation<Result<[VerbResult], FabricError>, Never>) {
+        init(verbs: [Verb], arrival: UInt64, continuation: UnsafeContinuation<Result<[VerbResult], FabricError>, Never>) {
             self.verbs = verbs
+            self.arrival = arrival
             self.continuation = continuation
+        }
+    }
+
+    /// The head batch has executed its last verb (or failed): start the next one.
+    private func startNextBatch(simulator: Simulator) {
+        let next = state.withLock { s -> VirtualBatch? in
+            s.sendQueue.removeFirst()
+            return s.sendQueue.first
+        }
+        if let next {
+            simulator.schedule(at: max(simulator.nowNanoseconds, next.arrival)) { [self] in executeVirtual(next, simulator: simulator) }
         }
     }
 
@@ -151,6 +171,7 @@ public final class SimulatedConnection: FabricConnection, @unchecked Sendable {
         batch.reservedStart = nil
         let index = batch.results.count
         if simulator.faults.crashesBeforeNextVerb(localNode, executedSoFar: simulator.verbsExecuted(by: localNode), now: now) {
+            startNextBatch(simulator: simulator)
             batch.continuation.resume(returning: .failure(.localCrash(executedVerbs: index)))
             return
         }
@@ -158,10 +179,12 @@ public final class SimulatedConnection: FabricConnection, @unchecked Sendable {
         simulator.record(verb, by: localNode, result: result)
         switch result {
         case .failure(let error):
+            startNextBatch(simulator: simulator)
             complete(batch, with: .failure(error), at: now + service, simulator: simulator)
         case .success(let answer):
             batch.results.append(answer)
             if batch.results.count == batch.verbs.count {
+                startNextBatch(simulator: simulator)
                 complete(batch, with: .success(batch.results), at: now + service, simulator: simulator)
             } else {
                 simulator.schedule(at: now + service) { [self] in executeVirtual(batch, simulator: simulator) }
