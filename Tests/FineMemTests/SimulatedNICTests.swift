@@ -9,9 +9,7 @@ private struct Bench {
     let connection: SimulatedConnection
 
     init(access: RemoteAccess = .all) throws {
-        nic = try SimulatedNIC(node: NodeID(0), poolBytes: 1 << 20)
-        pd = nic.allocateProtectionDomain()
-        region = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: 64 << 10, access: access)
+        (nic, pd, region) = try makeTarget(regionBytes: 64 << 10, access: access)
         connection = nic.connect(from: NodeID(1), protectionDomain: pd)
     }
 }

@@ -7,9 +7,8 @@ private func randomVerbRun(seed: UInt64, taskCount: Int) throws -> (hash: TraceH
     let simulator = Simulator(seed: seed)
     var targets: [(SimulatedNIC, MemoryRegion, ProtectionDomain)] = []
     for n in 0..<4 {
-        let nic = try SimulatedNIC(node: NodeID(UInt16(n)), poolBytes: 1 << 20)
-        let pd = nic.allocateProtectionDomain()
-        targets.append((nic, try nic.registerRegion(pd: pd, address: nic.baseAddress, length: 1 << 16, access: .all), pd))
+        let (nic, pd, region) = try makeTarget(node: UInt16(n), regionBytes: 1 << 16)
+        targets.append((nic, region, pd))
     }
     for task in 0..<taskCount {
         let (nic, region, pd) = targets[task % 4]
@@ -47,9 +46,7 @@ private func randomVerbRun(seed: UInt64, taskCount: Int) throws -> (hash: TraceH
         var latency = LatencyModel()
         latency.jitterFraction = 0
         let simulator = Simulator(seed: 1, latency: latency)
-        let nic = try SimulatedNIC(node: NodeID(0), poolBytes: 1 << 20)
-        let pd = nic.allocateProtectionDomain()
-        let region = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: 4096, access: .all)
+        let (nic, pd, region) = try makeTarget(node: 0)
         let connection = nic.connect(from: NodeID(1), protectionDomain: pd, simulator: simulator)
         let finished = Locked<UInt64>(0)
         simulator.spawn {
@@ -69,9 +66,7 @@ private func randomVerbRun(seed: UInt64, taskCount: Int) throws -> (hash: TraceH
     @Test func crashInsideBatchLeavesExactlyTheExecutedPrefix() throws {
         for crashAfter in 0...4 as ClosedRange<UInt64> {
             let simulator = Simulator(seed: 3)
-            let nic = try SimulatedNIC(node: NodeID(0), poolBytes: 1 << 20)
-            let pd = nic.allocateProtectionDomain()
-            let region = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: 4096, access: .all)
+            let (nic, pd, region) = try makeTarget(node: 0)
             let node = NodeID(5)
             let connection = nic.connect(from: node, protectionDomain: pd, simulator: simulator)
             simulator.faults.crash(node, afterVerbs: crashAfter)
@@ -96,9 +91,7 @@ private func randomVerbRun(seed: UInt64, taskCount: Int) throws -> (hash: TraceH
 
     @Test func crashedNodePostsNothing() throws {
         let simulator = Simulator(seed: 4)
-        let nic = try SimulatedNIC(node: NodeID(0), poolBytes: 1 << 20)
-        let pd = nic.allocateProtectionDomain()
-        let region = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: 4096, access: .all)
+        let (nic, pd, region) = try makeTarget(node: 0)
         let connection = nic.connect(from: NodeID(5), protectionDomain: pd, simulator: simulator)
         simulator.faults.crash(NodeID(5), atNanoseconds: 10_000)
         simulator.spawn {
@@ -123,9 +116,7 @@ private func randomVerbRun(seed: UInt64, taskCount: Int) throws -> (hash: TraceH
         var latency = LatencyModel()
         latency.jitterFraction = 0
         let simulator = Simulator(seed: 5, latency: latency)
-        let nic = try SimulatedNIC(node: NodeID(0), poolBytes: 1 << 20)
-        let pd = nic.allocateProtectionDomain()
-        let region = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: 4096, access: .all)
+        let (nic, pd, region) = try makeTarget(node: 0)
         let stalled = nic.connect(from: NodeID(1), protectionDomain: pd, simulator: simulator)
         let free = nic.connect(from: NodeID(2), protectionDomain: pd, simulator: simulator)
         simulator.faults.stall(NodeID(1), fromNanoseconds: 0, forNanoseconds: 1_000_000)
@@ -144,9 +135,7 @@ private func randomVerbRun(seed: UInt64, taskCount: Int) throws -> (hash: TraceH
 
     @Test func brokenConnectionFailsLaterBatches() async throws {
         let simulator = Simulator(seed: 6)
-        let nic = try SimulatedNIC(node: NodeID(0), poolBytes: 1 << 20)
-        let pd = nic.allocateProtectionDomain()
-        let region = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: 4096, access: .all)
+        let (nic, pd, region) = try makeTarget(node: 0)
         let connection = nic.connect(from: NodeID(1), protectionDomain: pd, simulator: simulator)
         let errors = Locked<[FabricError]>([])
         simulator.spawn {
@@ -172,9 +161,7 @@ private func randomVerbRun(seed: UInt64, taskCount: Int) throws -> (hash: TraceH
 
 @Suite struct PeerDeathTests {
     @Test func poweredOffMemoryNodeAnswersPeerDead() async throws {
-        let nic = try SimulatedNIC(node: NodeID(3), poolBytes: 1 << 20)
-        let pd = nic.allocateProtectionDomain()
-        let region = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: 4096, access: .all)
+        let (nic, pd, region) = try makeTarget(node: 3)
         let connection = nic.connect(from: NodeID(1), protectionDomain: pd)
         _ = try await connection.fetchAndAdd(region.address, delta: 1, rkey: region.rkey)
         nic.powerOff()
@@ -184,9 +171,7 @@ private func randomVerbRun(seed: UInt64, taskCount: Int) throws -> (hash: TraceH
 
     @Test func crashedMemoryNodeAnswersPeerDeadInVirtualTime() throws {
         let simulator = Simulator(seed: 11)
-        let nic = try SimulatedNIC(node: NodeID(3), poolBytes: 1 << 20)
-        let pd = nic.allocateProtectionDomain()
-        let region = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: 4096, access: .all)
+        let (nic, pd, region) = try makeTarget(node: 3)
         let connection = nic.connect(from: NodeID(1), protectionDomain: pd, simulator: simulator)
         simulator.faults.crash(NodeID(3), atNanoseconds: 50_000)
         let errors = Locked<[FabricError]>([])
@@ -251,9 +236,7 @@ private func randomVerbRun(seed: UInt64, taskCount: Int) throws -> (hash: TraceH
     /// batch waits for the NIC's atomic unit (busy with another connection's atomics).
     @Test func laterBatchNeverOvertakesAnEarlierOne() throws {
         let simulator = Simulator(seed: 8)
-        let nic = try SimulatedNIC(node: NodeID(0), poolBytes: 1 << 20)
-        let pd = nic.allocateProtectionDomain()
-        let region = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: 4096, access: .all)
+        let (nic, pd, region) = try makeTarget(node: 0)
         let ordered = nic.connect(from: NodeID(1), protectionDomain: pd, simulator: simulator)
         let noisy = nic.connect(from: NodeID(2), protectionDomain: pd, simulator: simulator)
         let word = region.address

@@ -47,8 +47,7 @@ extension BlockAllocator {
                           let offset = span.firstFreeRun(sizeLog2: sizeLog2)
                     else { continue }
                     if cache.busy.contains(address) { skippedBusy = true; continue }
-                    let clean = !(SpanHeader(rawValue: cache.span(s, p))?.logPending ?? false) || node.pending.withLock { $0.isQueued(address) }
-                    if state == .chunks, !span.contended, clean {
+                    if state == .chunks, !span.contended, !waitsForFlush(SpanHeader.self, cache.span(s, p), at: address, on: node) {
                         cache.cursor = s
                         cache.busy.insert(address)
                         return .claim(section: s, span: p, word: cache.span(s, p), offset: offset)
@@ -152,13 +151,12 @@ extension BlockAllocator {
             return nil
         }
         // This node now holds the right to open span p.
-        var delay = configuration.backoffNanos
+        var backoff = Backoff(configuration)
         for _ in 0..<64 {
             guard let span = SpanHeader(rawValue: spanWord) else { break }
             if span.mode == .closing {
                 // Another node is finishing a close: its last step is the span header.
-                await runtime.sleep(nanoseconds: delay)
-                delay = min(delay * 2, 64 * configuration.backoffNanos)
+                try await backoff.pause(runtime)
                 spanWord = try await post([.readWords(spanAddress, count: 1, rkey: node.metadataKey)], on: node, trace: &trace)[0].words[0]
                 continue
             }

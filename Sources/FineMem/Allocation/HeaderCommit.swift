@@ -48,6 +48,13 @@ extension BlockAllocator {
         node.cache.withLock { _ = $0.busy.remove(address) }
     }
 
+    /// Whether a commit on this cached header would have to wait for a flush: it carries a
+    /// pending log that is not this node's queued one (which a commit folds in instead).
+    /// Searches rank such headers after clean ones.
+    func waitsForFlush<Header: LoggedHeader>(_ type: Header.Type, _ word: UInt64, at address: RemoteAddress, on node: MemoryNodeState<Connection>) -> Bool {
+        isPendingLog(type, word) && !node.pending.withLock { $0.isQueued(address) }
+    }
+
     /// `header` with its contention mark set or cleared after `failures` lost CASes.
     func markingContention<Header: LoggedHeader>(_ header: Header, failures: Int) -> Header {
         if failures >= configuration.contentionHigh, !header.contended { return header.with(contended: true) }

@@ -23,8 +23,7 @@ extension BlockAllocator {
             let address = node.sectionAddress(s)
             if cache.busy.contains(address) { skippedBusy = true; continue }
             let choice = SectionChoice.claim(section: s, word: cache.sections[s], offset: offset)
-            let clean = !(SectionHeader(rawValue: cache.sections[s])?.logPending ?? false) || node.pending.withLock { $0.isQueued(address) }
-            if section.contended || !clean {
+            if section.contended || waitsForFlush(SectionHeader.self, cache.sections[s], at: address, on: node) {
                 if contended == nil { contended = choice }
             } else if section.isAllEmpty {
                 if empty == nil { empty = choice }
@@ -306,8 +305,9 @@ extension BlockAllocator {
         throw .retryLimitExceeded(attempts: trace.attempts)
     }
 
-    /// After a multi-section claim or release: in one background doorbell, write the
-    /// block's full-log record, clear each section's pending bit, and clear the intent.
+    /// After a multi-section claim or release, in the background: one doorbell writes the
+    /// block's full-log record and clears each section's pending bit (a clear that loses to a
+    /// span-state change is retried); a last one clears the intent.
     private func committedRun(
         block: Block, sections: [Int], headers: [SectionHeader], allocated: Bool, application: ApplicationID, intentSlot: Int,
         node: MemoryNodeState<Connection>

@@ -71,7 +71,8 @@ public final class SimulatedConnection: FabricConnection, @unchecked Sendable {
 
     /// Checks and performs one verb, updating counters and the error state.
     private func executeOne(_ verb: Verb, index: Int) -> Result<VerbResult, FabricError> {
-        if nic.isPoweredOff || simulator?.faults.isCrashed(nic.node, now: simulator!.nowNanoseconds) == true {
+        let remoteCrashed = simulator.map { $0.faults.isCrashed(nic.node, now: $0.nowNanoseconds) } ?? false
+        if nic.isPoweredOff || remoteCrashed {
             state.withLock { $0.broken = true }
             return .failure(.peerDead(nic.node))
         }
@@ -129,7 +130,7 @@ public final class SimulatedConnection: FabricConnection, @unchecked Sendable {
         if first { simulator.schedule(at: arrival) { [self] in executeVirtual(batch, simulator: simulator) } }
     }
 
-    final class VirtualBatch {
+    private final class VirtualBatch {
         let verbs: [Verb]
         let arrival: UInt64
         let continuation: UnsafeContinuation<Result<[VerbResult], FabricError>, Never>
