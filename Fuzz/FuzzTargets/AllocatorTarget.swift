@@ -2,7 +2,7 @@ import FineMem
 
 /// Runs the allocator on a program the fuzzer wrote, in virtual time, and traps on any
 /// broken invariant (a finding). See `allocatorFindings` for the program's form.
-public func fuzzAllocator(_ bytes: [UInt8]) {
+package func fuzzAllocator(_ bytes: [UInt8]) {
     if let finding = allocatorFindings(bytes).first {
         fatalError("allocator fuzz finding: \(finding)")
     }
@@ -20,7 +20,7 @@ public func fuzzAllocator(_ bytes: [UInt8]) {
 ///   change nothing).
 ///
 /// After at most 96 steps every block is freed and every invariant checked at rest.
-public func allocatorFindings(_ bytes: [UInt8]) -> [String] {
+package func allocatorFindings(_ bytes: [UInt8]) -> [String] {
     var header = FuzzInput(bytes)
     let simulator = Simulator(seed: header.word())
     let program = Array(bytes.dropFirst(8))
@@ -53,19 +53,19 @@ private func runProgram(_ input: inout FuzzInput, simulator: Simulator, failures
         failures.add(["cluster did not start: \(error)"])
         return
     }
-    let inspector = PoolInspector(memoryNodes: cluster.memoryNodes)
+    let inspector = PoolInspector(cluster: cluster)
     let application = ApplicationID(1)
     let holdings = Holdings()
 
-    @Sendable func allocate(node: Int, sizeLog2: Int) async {
+    @Sendable func allocate(node: Int, chunkCountLog2: Int) async {
         let blocks = cluster.computeNodes[node]
         do throws(AllocationError) {
-            let block = try await blocks.allocate(sizeLog2: sizeLog2, application: application)
+            let block = try await blocks.allocate(chunkCountLog2: chunkCountLog2, application: application)
             failures.add(inspector.admit(block, owner: blocks.owner) + inspector.checkStructure())
             holdings.blocks.append((block, node))
         } catch {
             if case .outOfMemory = error { return }
-            failures.add(["allocate 2^\(sizeLog2) on node \(node): \(error)"])
+            failures.add(["allocate 2^\(chunkCountLog2) chunks on node \(node): \(error)"])
         }
     }
 
@@ -87,17 +87,17 @@ private func runProgram(_ input: inout FuzzInput, simulator: Simulator, failures
         let node = Int(op % 3)
         switch op / 3 % 6 {
         case 0, 1:
-            await allocate(node: node, sizeLog2: argument % 12)
+            await allocate(node: node, chunkCountLog2: argument % 12)
         case 2:
             if !holdings.blocks.isEmpty { await free(at: argument % holdings.blocks.count) }
         case 3:
             await withTaskGroup(of: Void.self) { group in
                 for i in 0..<(argument % 8 + 2) {
-                    group.addTask { await allocate(node: (node + i) % 3, sizeLog2: (argument + i) % 6) }
+                    group.addTask { await allocate(node: (node + i) % 3, chunkCountLog2: (argument + i) % 6) }
                 }
             }
         case 4:
-            simulator.faults.stall(NodeID(UInt16(1001 + node)), fromNanoseconds: simulator.nowNanoseconds, forNanoseconds: UInt64(argument) * 1_000)
+            simulator.faults.stall(EmbeddedCluster.computeNodeID(node), fromNanoseconds: simulator.nowNanoseconds, forNanoseconds: UInt64(argument) * 1_000)
         default:
             guard !holdings.blocks.isEmpty else { continue }
             let (block, owner) = holdings.blocks[argument % holdings.blocks.count]

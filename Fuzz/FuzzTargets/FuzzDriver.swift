@@ -13,7 +13,7 @@ nonisolated(unsafe) private var currentTarget: ([UInt8]) -> Void = { _ in }
 /// hands `target` to libFuzzer's driver with the command line; otherwise it replays the
 /// input files named on the command line, so that a saved crash can be rerun in an
 /// ordinary build. Never returns.
-public func runFuzzer(name: String, _ target: @escaping ([UInt8]) -> Void) -> Never {
+package func runFuzzer(name: String, _ target: @escaping ([UInt8]) -> Void) -> Never {
     currentTarget = target
     #if FUZZING
     var argc = CommandLine.argc

@@ -29,7 +29,7 @@ struct Bench: ParsableCommand {
             configuration.computeNodes = nodes
             configuration.tasksPerComputeNode = perNode
             configuration.operationsPerTask = nodes * perNode == 1 ? operations * 20 : operations
-            configuration.sizeLog2Range = 0...0
+            configuration.chunkCountLog2Range = 0...0
             configuration.checkInvariants = false
             configuration.allocator.contentionHigh = contentionHigh
             let clock = SystemRuntime.shared

@@ -38,29 +38,33 @@ struct Demo: AsyncParsableCommand {
         let poolBytes = geometry.dataBytes * UInt64(memoryNodes)
         print("FineMem demo: \(memoryNodes) memory node(s) x \(Format.bytes(geometry.dataBytes)), \(computeNodes) compute nodes x \(tasks) tasks, blocks 4 KiB-\(maxBlock), \(Format.fixed(duration, 1)) s")
         let meter = DemoMeter(poolBytes: poolBytes, fillPercent: fill)
-        let maxSizeLog2 = Block.sizeLog2(forBytes: maxBlock.bytes)
+        let chunkCountLog2Max = Block.chunkCountLog2(forBytes: maxBlock.bytes)
         let clock = SystemRuntime.shared
         let start = clock.nowNanoseconds
         let deadline = start + UInt64(duration * 1e9)
         try await withThrowingTaskGroup(of: Void.self) { group in
             for node in 0..<computeNodes {
                 for task in 0..<tasks {
-                    let allocator = cluster.makeAllocator(computeNode: node, application: ApplicationID(UInt16(task + 1)))
+                    let allocator = try cluster.makeAllocator(computeNode: node, application: ApplicationID(UInt16(task + 1)))
                     let taskSeed = seed &* 1_000_003 &+ UInt64(node * tasks + task)
                     group.addTask {
-                        var task = DemoTask(allocator: allocator, maxSizeLog2: maxSizeLog2, meter: meter, random: SeededRandom(seed: taskSeed))
+                        var task = DemoTask(allocator: allocator, chunkCountLog2Max: chunkCountLog2Max, meter: meter, random: SeededRandom(seed: taskSeed))
                         try await task.run(until: deadline)
                     }
                 }
             }
             group.addTask {
+                // One line per second: sleep until the next whole second after the start
+                // (or the deadline), however late the previous wake-up was.
                 var second: UInt64 = 1
                 while clock.nowNanoseconds < deadline {
-                    await clock.sleep(nanoseconds: min(start + second * 1_000_000_000, deadline) - min(clock.nowNanoseconds, deadline))
+                    let wake = min(start + second * 1_000_000_000, deadline)
+                    let now = clock.nowNanoseconds
+                    if wake > now { await clock.sleep(nanoseconds: wake - now) }
                     let (operations, live, _) = meter.snapshot()
                     let elapsed = Double(clock.nowNanoseconds - start) / 1e9
                     print("  \(Format.fixed(elapsed, 1)) s: \(operations) operations, \(Int(Double(operations) / elapsed)) ops/s, pool \(Format.fixed(100 * Double(live) / Double(poolBytes), 1)) % in use")
-                    second += 1
+                    second = (clock.nowNanoseconds - start) / 1_000_000_000 + 1
                 }
             }
             try await group.waitForAll()
@@ -119,8 +123,8 @@ final class DemoMeter: Sendable {
 
 /// One task of the demo: keeps the pool near the fill target with tagged buffers.
 private struct DemoTask {
-    let allocator: RemoteAllocator<SimulatedConnection>
-    let maxSizeLog2: Int
+    let allocator: RemoteAllocator
+    let chunkCountLog2Max: Int
     let meter: DemoMeter
     var random: SeededRandom
     var held: [(buffer: RemoteBuffer, tag: UInt64)] = []
@@ -137,11 +141,11 @@ private struct DemoTask {
     /// Allocates a buffer (sizes weighted so each size class carries about the same bytes)
     /// and writes a tag at its end; answers false when the pool is full.
     mutating func allocateOne() async throws -> Bool {
-        var sizeLog2 = 0
-        while sizeLog2 < maxSizeLog2, random.next() % 2 == 0 { sizeLog2 += 1 }
+        var chunkCountLog2 = 0
+        while chunkCountLog2 < chunkCountLog2Max, random.next() % 2 == 0 { chunkCountLog2 += 1 }
         let buffer: RemoteBuffer
         do throws(AllocationError) {
-            buffer = try await allocator.allocate(bytes: 4096 << sizeLog2)
+            buffer = try await allocator.allocate(bytes: 4096 << chunkCountLog2)
         } catch {
             if case .outOfMemory = error { return false }
             throw error

@@ -32,7 +32,7 @@ struct Soak: ParsableCommand {
         configuration.computeNodes = computeNodes
         configuration.tasksPerComputeNode = tasks
         configuration.operationsPerTask = operations
-        configuration.sizeLog2Range = 0...Block.sizeLog2(forBytes: maxBlock.bytes)
+        configuration.chunkCountLog2Range = 0...Block.chunkCountLog2(forBytes: maxBlock.bytes)
         let clock = SystemRuntime.shared
         let start = clock.nowNanoseconds
         var failed: [UInt64] = []

@@ -12,7 +12,7 @@ private let spanHeaderGen = zip(
     let aligned = offset / (1 << size) * (1 << size)
     return SpanHeader(
         bitmap: mode == .open ? bitmap : 0, mode: mode, contended: contended, logPending: pending,
-        log: TemporaryLog(offset: UInt8(aligned), sizeLog2: UInt8(size), owner: owner, sequence: sequence))
+        log: TemporaryLog(offset: UInt8(aligned), sizeCode: UInt8(size), owner: owner, sequence: sequence))
 }
 
 private let sectionHeaderGen = zip(
@@ -21,7 +21,7 @@ private let sectionHeaderGen = zip(
     let aligned = size == 5 ? 0 : offset / (1 << size) * (1 << size)
     return SectionHeader(
         spanStates: states, contended: contended, logPending: pending,
-        log: TemporaryLog(offset: UInt8(aligned), sizeLog2: UInt8(size), owner: owner, sequence: sequence))
+        log: TemporaryLog(offset: UInt8(aligned), sizeCode: UInt8(size), owner: owner, sequence: sequence))
 }
 
 @Suite struct SpanHeaderProperties {
@@ -33,11 +33,11 @@ private let sectionHeaderGen = zip(
             let map = mode == .open ? bitmap : 0
             let header = SpanHeader(
                 bitmap: map, mode: mode, contended: contended, logPending: pending,
-                log: TemporaryLog(offset: aligned, sizeLog2: UInt8(size), owner: owner, sequence: sequence))
+                log: TemporaryLog(offset: aligned, sizeCode: UInt8(size), owner: owner, sequence: sequence))
             let decoded = SpanHeader(rawValue: header.rawValue)
             #expect(decoded == header)
             #expect(header.bitmap == map && header.mode == mode && header.contended == contended && header.logPending == pending)
-            #expect(header.log == TemporaryLog(offset: aligned, sizeLog2: UInt8(size), owner: owner, sequence: sequence))
+            #expect(header.log == TemporaryLog(offset: aligned, sizeCode: UInt8(size), owner: owner, sequence: sequence))
         }
     }
 
@@ -51,29 +51,29 @@ private let sectionHeaderGen = zip(
 
     @Test func transitionsKeepTheWordValidAndDoExactlyTheirJob() async {
         await propertyCheck(count: 1000, input: spanHeaderGen, Gen.int(in: 0...31), Gen.int(in: 0...4), ownerGen) { header, offset, size, owner in
-            let mask = SpanHeader.runMask(offset: offset, sizeLog2: size)
+            let mask = SpanHeader.runMask(offset: offset, chunkCountLog2: size)
             let aligned = offset % (1 << size) == 0
-            if let claimed = header.claiming(offset: offset, sizeLog2: size, owner: owner) {
+            if let claimed = header.claiming(offset: offset, chunkCountLog2: size, owner: owner) {
                 #expect(aligned && header.mode == .open && !header.logPending && header.bitmap & mask == 0)
                 #expect(claimed.bitmap == header.bitmap | mask && claimed.logPending && claimed.mode == .open)
                 #expect(claimed.log.owner == owner && claimed.log.sequence == header.log.sequence.next)
                 #expect(claimed.logDescribesAllocation && SpanHeader(rawValue: claimed.rawValue) == claimed)
-                #expect(claimed.releasing(offset: offset, sizeLog2: size, owner: owner) == nil, "pending log must block the next operation")
+                #expect(claimed.releasing(offset: offset, chunkCountLog2: size, owner: owner) == nil, "pending log must block the next operation")
                 let flushed = claimed.flushed()!
-                let released = flushed.releasing(offset: offset, sizeLog2: size, owner: owner)!
+                let released = flushed.releasing(offset: offset, chunkCountLog2: size, owner: owner)!
                 #expect(released.bitmap == header.bitmap && !released.logDescribesAllocation && released.isValid)
             } else {
                 #expect(!aligned || header.mode != .open || header.logPending || header.bitmap & mask != 0)
             }
-            if let opened = header.opening(offset: offset, sizeLog2: size, owner: owner) {
+            if let opened = header.opening(offset: offset, chunkCountLog2: size, owner: owner) {
                 #expect(header.mode == .closed && opened.mode == .open && opened.bitmap == mask && opened.isValid)
             }
-            if let released = header.releasing(offset: offset, sizeLog2: size, owner: owner) {
+            if let released = header.releasing(offset: offset, chunkCountLog2: size, owner: owner) {
                 #expect(header.bitmap & mask == mask && released.bitmap == header.bitmap & ~mask && released.isValid)
             }
             if let closing = header.closing() {
                 #expect(header.bitmap == 0 && closing.mode == .closing && closing.isValid)
-                #expect(closing.opening(offset: 0, sizeLog2: 0, owner: owner) == nil)
+                #expect(closing.opening(offset: 0, chunkCountLog2: 0, owner: owner) == nil)
                 #expect(closing.closed()?.mode == .closed)
             }
             if let flushed = header.flushed() {
@@ -87,11 +87,11 @@ private let sectionHeaderGen = zip(
     @Test func firstFreeRunIsAlignedAndFree() async {
         await propertyCheck(count: 500, input: Gen.uint32(), Gen.int(in: 0...4)) { bitmap, size in
             let header = SpanHeader(bitmap: bitmap, mode: .open, contended: false, logPending: false, log: .empty)
-            if let offset = header.firstFreeRun(sizeLog2: size) {
-                #expect(offset % (1 << size) == 0 && bitmap & SpanHeader.runMask(offset: offset, sizeLog2: size) == 0)
+            if let offset = header.firstFreeRun(chunkCountLog2: size) {
+                #expect(offset % (1 << size) == 0 && bitmap & SpanHeader.runMask(offset: offset, chunkCountLog2: size) == 0)
             } else {
                 for o in stride(from: 0, to: 32, by: 1 << size) {
-                    #expect(bitmap & SpanHeader.runMask(offset: o, sizeLog2: size) != 0)
+                    #expect(bitmap & SpanHeader.runMask(offset: o, chunkCountLog2: size) != 0)
                 }
             }
         }
@@ -123,8 +123,8 @@ private let sectionHeaderGen = zip(
     @Test func transitionsKeepTheWordValid() async {
         await propertyCheck(count: 1000, input: sectionHeaderGen, Gen.int(in: 0...15), Gen.int(in: 0...4), ownerGen) { header, offset, size, owner in
             let results: [SectionHeader?] = [
-                header.claiming(spanOffset: offset, sizeLog2: size, owner: owner),
-                header.releasing(spanOffset: offset, sizeLog2: size, owner: owner),
+                header.claiming(spanOffset: offset, spanCountLog2: size, owner: owner),
+                header.releasing(spanOffset: offset, spanCountLog2: size, owner: owner),
                 header.claimingForMultiSection(owner: owner), header.releasingFromMultiSection(owner: owner),
                 header.flushed(), header.openingSpan(offset), header.closingSpan(offset),
                 header.hintingSpan(offset, avoid: true), header.hintingSpan(offset, avoid: false),
@@ -152,13 +152,13 @@ private let sectionHeaderGen = zip(
             head, layer, sequence, incarnation in
             let (allocated, owner, application, size) = head
             let record = FullLogRecord(
-                allocated: allocated, owner: owner, application: ApplicationID(application), sizeLog2: size, layer: layer,
+                allocated: allocated, owner: owner, application: ApplicationID(application), chunkCountLog2: size, layer: layer,
                 sequence: sequence, incarnation: incarnation)
             #expect(FullLogRecord(rawValue: record.rawValue) == record)
             #expect(record.isAllocated == allocated && record.owner == owner && record.application.rawValue == application)
-            #expect(record.sizeLog2 == size && record.layer == layer && record.sequence == sequence && record.incarnation == incarnation)
+            #expect(record.chunkCountLog2 == size && record.layer == layer && record.sequence == sequence && record.incarnation == incarnation)
             if let freed = record.freed(sequence: sequence.next) {
-                #expect(allocated && !freed.isAllocated && freed.owner == owner && freed.sizeLog2 == size && freed.sequence == sequence.next)
+                #expect(allocated && !freed.isAllocated && freed.owner == owner && freed.chunkCountLog2 == size && freed.sequence == sequence.next)
             } else {
                 #expect(!allocated)
             }
@@ -205,14 +205,14 @@ private let sectionHeaderGen = zip(
     }
 
     @Test func oneFieldAtMaximumLeavesTheOthersZero() {
-        let owner = FullLogRecord(allocated: false, owner: OwnerID(OwnerID.maxRawValue), application: ApplicationID(0), sizeLog2: 0, layer: .chunk, sequence: LogSequence(rawValue: 0), incarnation: 0)
-        #expect(owner.application.rawValue == 0 && owner.sizeLog2 == 0 && owner.incarnation == 0 && !owner.isAllocated)
-        let application = FullLogRecord(allocated: false, owner: OwnerID(0), application: ApplicationID(0xFFFF), sizeLog2: 0, layer: .chunk, sequence: LogSequence(rawValue: 0), incarnation: 0)
-        #expect(application.owner.rawValue == 0 && application.sizeLog2 == 0)
+        let owner = FullLogRecord(allocated: false, owner: OwnerID(OwnerID.maxRawValue), application: ApplicationID(0), chunkCountLog2: 0, layer: .chunk, sequence: LogSequence(rawValue: 0), incarnation: 0)
+        #expect(owner.application.rawValue == 0 && owner.chunkCountLog2 == 0 && owner.incarnation == 0 && !owner.isAllocated)
+        let application = FullLogRecord(allocated: false, owner: OwnerID(0), application: ApplicationID(0xFFFF), chunkCountLog2: 0, layer: .chunk, sequence: LogSequence(rawValue: 0), incarnation: 0)
+        #expect(application.owner.rawValue == 0 && application.chunkCountLog2 == 0)
         let span = SpanHeader(bitmap: ~0, mode: .open, contended: false, logPending: false, log: .empty)
         #expect(span.mode == .open && !span.contended && span.log == .empty)
         let logOnly = SpanHeader(bitmap: 0, mode: .closed, contended: false, logPending: false,
-                                 log: TemporaryLog(offset: 16, sizeLog2: 4, owner: OwnerID(OwnerID.maxRawValue), sequence: LogSequence(rawValue: 63)))
+                                 log: TemporaryLog(offset: 16, sizeCode: 4, owner: OwnerID(OwnerID.maxRawValue), sequence: LogSequence(rawValue: 63)))
         #expect(logOnly.bitmap == 0 && logOnly.mode == .closed && !logOnly.logPending)
         let slot = NodeSlot(heartbeat: (1 << 40) - 1, state: .free, incarnation: 0)
         #expect(slot.state == .free && slot.incarnation == 0)

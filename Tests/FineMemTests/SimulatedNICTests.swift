@@ -151,19 +151,19 @@ private func expectViolation(
 
     @Test func localCallsRejectBadInput() throws {
         let b = try Bench()
-        #expect(throws: SimulatedNICError.rangeOutsidePool(address: b.nic.baseAddress + (2 << 20), length: 8)) {
+        #expect(throws: NICControlError.rangeOutsidePool(address: b.nic.baseAddress + (2 << 20), length: 8)) {
             _ = try b.nic.registerRegion(pd: b.pd, address: b.nic.baseAddress + (2 << 20), length: 8, access: .all)
         }
         let window = try b.nic.allocateWindow(pd: b.pd)
-        #expect(throws: SimulatedNICError.bindOutsideRegion(address: b.region.address, length: 1 << 20)) {
+        #expect(throws: NICControlError.bindOutsideRegion(address: b.region.address, length: 1 << 20)) {
             _ = try b.nic.bind(window, in: b.region, address: b.region.address, length: 1 << 20, access: .read)
         }
         let readOnly = try b.nic.registerRegion(pd: b.pd, address: b.nic.baseAddress, length: 4096, access: .read)
-        #expect(throws: SimulatedNICError.bindExceedsRegionAccess) {
+        #expect(throws: NICControlError.bindExceedsRegionAccess) {
             _ = try b.nic.bind(window, in: readOnly, address: readOnly.address, length: 64, access: .all)
         }
         _ = try b.nic.bind(window, in: b.region, address: b.region.address, length: 64, access: .read)
-        #expect(throws: SimulatedNICError.regionHasBoundWindows(b.region.rkey)) { try b.nic.deregister(b.region) }
+        #expect(throws: NICControlError.regionHasBoundWindows(b.region.rkey)) { try b.nic.deregister(b.region) }
     }
 
     @Test func largePoolCostsNothingUntilTouched() throws {
@@ -211,12 +211,12 @@ private func expectViolation(
 @Suite struct ImmediateAllocatorConcurrencyTests {
     @Test func realThreadsMixedSizes() async throws {
         let cluster = try await EmbeddedCluster.start(.init(memoryNodes: 2, poolBytesPerNode: 128 << 20, computeNodes: 4))
-        let inspector = Locked(PoolInspector(memoryNodes: cluster.memoryNodes))
+        let inspector = Locked(PoolInspector(cluster: cluster))
         let problems = Locked<[String]>([])
-        await withTaskGroup(of: Void.self) { group in
+        try await withThrowingTaskGroup(of: Void.self) { group in
             for node in 0..<4 {
                 for task in 0..<6 {
-                    let allocator = cluster.makeAllocator(computeNode: node, application: ApplicationID(UInt16(task + 1)))
+                    let allocator = try cluster.makeAllocator(computeNode: node, application: ApplicationID(UInt16(task + 1)))
                     let owner = cluster.computeNodes[node].owner
                     group.addTask {
                         var random = SeededRandom(seed: UInt64(node * 6 + task))
@@ -224,30 +224,38 @@ private func expectViolation(
                         for _ in 0..<150 {
                             if held.count >= 6 || (!held.isEmpty && random.next() % 3 == 0) {
                                 let buffer = held.remove(at: Int(random.next() % UInt64(held.count)))
-                                let block = try! allocator.block(for: buffer)
-                                let released = inspector.withLock { $0.release(block) }
-                                do throws(AllocationError) { try await allocator.free(buffer) } catch {
-                                    problems.withLock { $0.append("free \(block): \(error)") }
-                                }
-                                problems.withLock { $0 += released }
-                            } else {
-                                var sizeLog2 = 0
-                                while sizeLog2 < 11, random.next() % 2 == 0 { sizeLog2 += 1 }
                                 do throws(AllocationError) {
-                                    let buffer = try await allocator.allocate(bytes: 4096 << sizeLog2)
+                                    let block = try allocator.block(for: buffer)
+                                    let released = inspector.withLock { $0.release(block) }
+                                    problems.withLock { $0 += released }
+                                    try await allocator.free(buffer)
+                                } catch {
+                                    problems.withLock { $0.append("free \(buffer): \(error)") }
+                                }
+                            } else {
+                                var chunkCountLog2 = 0
+                                while chunkCountLog2 < 11, random.next() % 2 == 0 { chunkCountLog2 += 1 }
+                                do throws(AllocationError) {
+                                    let buffer = try await allocator.allocate(bytes: 4096 << chunkCountLog2)
                                     let block = try allocator.block(for: buffer)
                                     let found = inspector.withLock { $0.admit(block, owner: owner) }
                                     problems.withLock { $0 += found }
                                     held.append(buffer)
                                 } catch {
                                     if case .outOfMemory = error { continue }
-                                    problems.withLock { $0.append("allocate 2^\(sizeLog2): \(error)") }
+                                    problems.withLock { $0.append("allocate 2^\(chunkCountLog2) chunks: \(error)") }
                                 }
                             }
                         }
                         for buffer in held {
-                            _ = inspector.withLock { $0.release(try! allocator.block(for: buffer)) }
-                            try? await allocator.free(buffer)
+                            do throws(AllocationError) {
+                                let block = try allocator.block(for: buffer)
+                                let released = inspector.withLock { $0.release(block) }
+                                problems.withLock { $0 += released }
+                                try await allocator.free(buffer)
+                            } catch {
+                                problems.withLock { $0.append("final free \(buffer): \(error)") }
+                            }
                         }
                     }
                 }

@@ -31,7 +31,7 @@ import Testing
     @Test func contendedSmallPoolStaysConsistent() {
         var configuration = SimulatedWorkload.Configuration()
         configuration.poolBytesPerNode = 8 << 20
-        configuration.sizeLog2Range = 0...4
+        configuration.chunkCountLog2Range = 0...4
         configuration.operationsPerTask = 60
         let report = SimulatedWorkload(configuration).run(seed: 4242)
         #expect(report.violations.isEmpty, "seed 4242: \(report.violations.prefix(5))")

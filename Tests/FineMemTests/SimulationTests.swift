@@ -194,39 +194,43 @@ private func randomVerbRun(seed: UInt64, taskCount: Int) throws -> (hash: TraceH
     /// Runs: CN 1 allocates 4 KiB and stalls for 1 ms before its flush; CN 2 allocates
     /// meanwhile; optionally the memory node fences CN 1 during the stall. Answers the
     /// inspector and both blocks.
-    private func stalledRun(fence: Bool) throws -> (PoolInspector, Block, Block, MemoryNode) {
+    private func stalledRun(fence: Bool) throws -> (PoolInspector, Block, Block) {
         let simulator = Simulator(seed: 21)
-        let outcome = Locked<(PoolInspector, Block, Block, MemoryNode)?>(nil)
+        let outcome = Locked<Result<(PoolInspector, Block, Block), any Error>?>(nil)
         simulator.spawn {
-            let cluster = try! await EmbeddedCluster.start(.init(memoryNodes: 1, poolBytesPerNode: 2 << 20, computeNodes: 2), simulator: simulator)
-            let first = try! await cluster.computeNodes[0].allocate(sizeLog2: 0, application: ApplicationID(1))
-            simulator.faults.stall(NodeID(1001), fromNanoseconds: simulator.nowNanoseconds, forNanoseconds: 1_000_000)
-            let second = try! await cluster.computeNodes[1].allocate(sizeLog2: 0, application: ApplicationID(1))
-            if fence { try! cluster.memoryNodes[0].fence(computeNode: OwnerID(1)) }
-            await simulator.sleep(nanoseconds: 2_000_000)
-            await cluster.quiesce()
-            outcome.withLock { $0 = (PoolInspector(memoryNodes: cluster.memoryNodes), first, second, cluster.memoryNodes[0]) }
+            do {
+                let cluster = try await EmbeddedCluster.start(.init(memoryNodes: 1, poolBytesPerNode: 2 << 20, computeNodes: 2), simulator: simulator)
+                let first = try await cluster.computeNodes[0].allocate(chunkCountLog2: 0, application: ApplicationID(1))
+                simulator.faults.stall(EmbeddedCluster.computeNodeID(0), fromNanoseconds: simulator.nowNanoseconds, forNanoseconds: 1_000_000)
+                let second = try await cluster.computeNodes[1].allocate(chunkCountLog2: 0, application: ApplicationID(1))
+                if fence { try cluster.fence(computeNode: 0) }
+                await simulator.sleep(nanoseconds: 2_000_000)
+                await cluster.quiesce()
+                outcome.withLock { $0 = .success((PoolInspector(cluster: cluster), first, second)) }
+            } catch {
+                outcome.withLock { $0 = .failure(error) }
+            }
         }
         simulator.run()
-        return try #require(outcome.withLock { $0 })
+        return try #require(outcome.withLock { $0 }, "seed 21: the run did not finish").get()
     }
 
     @Test func othersAllocateAroundThePendingLogAndTheLateFlushLands() throws {
-        let (inspector, first, second, node) = try stalledRun(fence: false)
+        let (inspector, first, second) = try stalledRun(fence: false)
         #expect(first.chunks.overlaps(second.chunks) == false)
         #expect(first.firstChunk / 32 != second.firstChunk / 32, "the other node must not commit on a header with a pending log")
         _ = inspector.admit(first, owner: OwnerID(1))
         _ = inspector.admit(second, owner: OwnerID(2))
         #expect(inspector.checkAtRest() == [])
-        #expect(inspector.record(node, chunk: first.firstChunk)?.owner == OwnerID(1))
+        #expect(inspector.record(on: first.memoryNode, chunk: first.firstChunk)?.owner == OwnerID(1))
     }
 
     @Test func aFencedNodesLateFlushIsDiscarded() throws {
-        let (inspector, first, second, node) = try stalledRun(fence: true)
-        let span = inspector.span(node, first.firstChunk / 512, first.firstChunk % 512 / 32)!
+        let (inspector, first, second) = try stalledRun(fence: true)
+        let span = try #require(inspector.span(on: first.memoryNode, section: first.section, span: first.spanInSection))
         #expect(span.logPending && span.log.owner == OwnerID(1), "the fenced node's log stays pending, for recovery")
-        #expect(inspector.record(node, chunk: first.firstChunk) == .never, "the fenced node's late flush must not land")
-        let record = inspector.record(node, chunk: second.firstChunk)!
+        #expect(inspector.record(on: first.memoryNode, chunk: first.firstChunk) == .never, "the fenced node's late flush must not land")
+        let record = try #require(inspector.record(on: second.memoryNode, chunk: second.firstChunk))
         #expect(record.isAllocated && record.owner == OwnerID(2))
     }
 }

@@ -1,37 +1,42 @@
-/// Counters of one compute node's allocator.
+/// Counters of one compute node's allocator (or, summed, of a cluster).
+///
+/// ```swift
+/// let statistics = cluster.statistics
+/// print(statistics.roundTripsPerAllocation, statistics.casRetriesAverage)
+/// ```
 public struct AllocatorStatistics: Sendable, Hashable {
     /// Upper bounds of the CAS-retry histogram buckets (the last bucket is open).
     public static let retryBucketBounds: [UInt64] = [0, 1, 2, 4, 8, 16, 32, 64]
 
-    public var allocations: UInt64 = 0
-    public var frees: UInt64 = 0
-    public var failedAllocations: UInt64 = 0
-    public var failedFrees: UInt64 = 0
+    public package(set) var allocations: UInt64 = 0
+    public package(set) var frees: UInt64 = 0
+    public package(set) var failedAllocations: UInt64 = 0
+    public package(set) var failedFrees: UInt64 = 0
     /// CAS failures summed over successful allocations.
-    public var casRetries: UInt64 = 0
+    public package(set) var casRetries: UInt64 = 0
     /// The part of `casRetries` lost to a pending log (its flush had not landed yet), as
     /// opposed to another operation's commit.
-    public var casRetriesOnPendingLog: UInt64 = 0
-    public var casRetriesMax: UInt64 = 0
+    public package(set) var casRetriesOnPendingLog: UInt64 = 0
+    public package(set) var casRetriesMax: UInt64 = 0
     /// Allocations by CAS failures: bucket i counts those with at most `retryBucketBounds[i]`
     /// (and more than the previous bound); the last bucket counts the rest.
-    public var retryHistogram: [UInt64] = Array(repeating: 0, count: AllocatorStatistics.retryBucketBounds.count + 1)
+    public package(set) var retryHistogram: [UInt64] = Array(repeating: 0, count: AllocatorStatistics.retryBucketBounds.count + 1)
     /// Batches (network round trips) and verbs posted before an allocation returned.
-    public var allocationBatches: UInt64 = 0
-    public var allocationVerbs: UInt64 = 0
+    public package(set) var allocationBatches: UInt64 = 0
+    public package(set) var allocationVerbs: UInt64 = 0
     /// The same for frees.
-    public var freeBatches: UInt64 = 0
-    public var freeVerbs: UInt64 = 0
+    public package(set) var freeBatches: UInt64 = 0
+    public package(set) var freeVerbs: UInt64 = 0
     /// Batches and verbs of upkeep after the answer (log flushes, span and section state).
-    public var upkeepBatches: UInt64 = 0
-    public var upkeepVerbs: UInt64 = 0
+    public package(set) var upkeepBatches: UInt64 = 0
+    public package(set) var upkeepVerbs: UInt64 = 0
     /// Spans this node put into chunk mode, and spans it returned to their sections.
-    public var spansOpened: UInt64 = 0
-    public var spansClosed: UInt64 = 0
+    public package(set) var spansOpened: UInt64 = 0
+    public package(set) var spansClosed: UInt64 = 0
     /// Full re-reads of a memory node's headers (when the cache showed no room).
-    public var refreshes: UInt64 = 0
+    public package(set) var refreshes: UInt64 = 0
 
-    public init() {}
+    package init() {}
 
     public var casRetriesAverage: Double { allocations == 0 ? 0 : Double(casRetries) / Double(allocations) }
     public var roundTripsPerAllocation: Double { allocations == 0 ? 0 : Double(allocationBatches) / Double(allocations) }
@@ -39,6 +44,7 @@ public struct AllocatorStatistics: Sendable, Hashable {
     public var roundTripsPerFree: Double { frees == 0 ? 0 : Double(freeBatches) / Double(frees) }
 
     mutating func recordAllocation(_ trace: OperationTrace) {
+        recordEvents(trace)
         allocations += 1
         casRetries += trace.retries
         casRetriesOnPendingLog += trace.pendingLosses
@@ -50,9 +56,33 @@ public struct AllocatorStatistics: Sendable, Hashable {
     }
 
     mutating func recordFree(_ trace: OperationTrace) {
+        recordEvents(trace)
         frees += 1
         freeBatches += trace.batches
         freeVerbs += trace.verbs
+    }
+
+    /// Upkeep after the answer: log flushes, span and section state.
+    mutating func recordUpkeep(_ trace: OperationTrace) {
+        recordEvents(trace)
+        upkeepBatches += trace.batches
+        upkeepVerbs += trace.verbs
+    }
+
+    mutating func recordFailedAllocation(_ trace: OperationTrace) {
+        recordEvents(trace)
+        failedAllocations += 1
+    }
+
+    mutating func recordFailedFree(_ trace: OperationTrace) {
+        recordEvents(trace)
+        failedFrees += 1
+    }
+
+    private mutating func recordEvents(_ trace: OperationTrace) {
+        refreshes += trace.refreshes
+        spansOpened += trace.spansOpened
+        spansClosed += trace.spansClosed
     }
 
     public static func + (lhs: AllocatorStatistics, rhs: AllocatorStatistics) -> AllocatorStatistics {
@@ -76,14 +106,4 @@ public struct AllocatorStatistics: Sendable, Hashable {
         sum.refreshes += rhs.refreshes
         return sum
     }
-}
-
-/// What one operation spent: batches and verbs posted, CAS failures, attempts.
-struct OperationTrace: Sendable {
-    var batches: UInt64 = 0
-    var verbs: UInt64 = 0
-    var retries: UInt64 = 0
-    /// CAS failures caused by a pending log rather than by another commit.
-    var pendingLosses: UInt64 = 0
-    var attempts = 0
 }

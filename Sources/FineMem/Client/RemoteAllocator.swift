@@ -1,22 +1,25 @@
 /// The allocator an application uses: `allocate(bytes:)` returns a `RemoteBuffer` on some
-/// memory node, `free` returns it, `read` and `write` move data.
+/// memory node, `free` returns it, `read` and `write` move data between the buffer and
+/// local memory.
 ///
 /// Requests round up to the next power of two times 4 KiB. An allocator speaks for one
-/// application of one compute node: it cannot free another application's buffers.
+/// application of one compute node: it cannot free, or turn pointers into, another
+/// application's buffers, and it never hands out keys to metadata.
 ///
 /// ```swift
 /// let cluster = try await EmbeddedCluster.start()
-/// let allocator = cluster.makeAllocator()
+/// let allocator = try cluster.makeAllocator()
 /// let buffer = try await allocator.allocate(bytes: 10_000)      // a 16 KiB buffer
 /// try await allocator.write(Array("hello".utf8), to: buffer)
 /// let bytes = try await allocator.read(buffer, offset: 0, length: 5)
 /// try await allocator.free(buffer)
 /// ```
-public struct RemoteAllocator<Connection: FabricConnection>: Sendable {
+public struct RemoteAllocator: Sendable {
+    /// The application this allocator allocates for.
     public let application: ApplicationID
-    public let blocks: BlockAllocator<Connection>
+    let blocks: BlockAllocator
 
-    public init(application: ApplicationID, blocks: BlockAllocator<Connection>) {
+    init(application: ApplicationID, blocks: BlockAllocator) {
         self.application = application
         self.blocks = blocks
     }
@@ -24,62 +27,78 @@ public struct RemoteAllocator<Connection: FabricConnection>: Sendable {
     /// Allocates a buffer of at least `bytes` bytes.
     public func allocate(bytes: Int) async throws(AllocationError) -> RemoteBuffer {
         guard bytes > 0 else { throw .zeroSize }
-        let block = try await blocks.allocate(sizeLog2: Block.sizeLog2(forBytes: UInt64(bytes)), application: application)
-        return buffer(for: block)
+        let block = try await blocks.allocate(chunkCountLog2: Block.chunkCountLog2(forBytes: UInt64(bytes)), application: application)
+        return try buffer(for: block)
     }
 
-    /// Frees a buffer this allocator returned.
+    /// Frees a buffer this allocator returned. Freeing anything else (another
+    /// application's buffer, a part of a buffer, a buffer twice) is a typed error that
+    /// changes nothing.
     public func free(_ buffer: RemoteBuffer) async throws(AllocationError) {
         try await blocks.free(block(for: buffer), application: application)
     }
 
+    /// The buffer this application holds that starts at `pointer`.
+    public func buffer(at pointer: RemotePointer) throws(AllocationError) -> RemoteBuffer {
+        try buffer(for: blocks.heldBlock(at: pointer, application: application))
+    }
+
     /// Writes `bytes` into the buffer at `offset`.
-    public func write(_ bytes: [UInt8], to buffer: RemoteBuffer, at offset: Int = 0) async throws(AllocationError) {
+    public func write(_ bytes: some Collection<UInt8>, to buffer: RemoteBuffer, at offset: Int = 0) async throws(AllocationError) {
         try check(offset: offset, length: bytes.count, in: buffer)
-        let connection = try connection(for: buffer)
-        do { try await connection.write(buffer.address + UInt64(offset), bytes: bytes, rkey: buffer.rkey) } catch {
-            throw .fabric(error)
-        }
+        try await writeChecked(Array(bytes), to: buffer, at: offset)
+    }
+
+    /// Writes the bytes of `source` into the buffer at `offset`.
+    public func write(from source: UnsafeRawBufferPointer, to buffer: RemoteBuffer, at offset: Int = 0) async throws(AllocationError) {
+        try check(offset: offset, length: source.count, in: buffer)
+        try await writeChecked(Array(source), to: buffer, at: offset)
     }
 
     /// Reads `length` bytes of the buffer at `offset`.
     public func read(_ buffer: RemoteBuffer, offset: Int = 0, length: Int) async throws(AllocationError) -> [UInt8] {
         try check(offset: offset, length: length, in: buffer)
-        let connection = try connection(for: buffer)
-        do { return try await connection.read(buffer.address + UInt64(offset), length: length, rkey: buffer.rkey) } catch {
+        let link = try blocks.link(to: buffer.memoryNode)
+        do { return try await link.connection.read(buffer.address + UInt64(offset), length: length, rkey: buffer.rkey) } catch {
             throw .fabric(error)
         }
     }
 
-    /// The buffer of `block`.
-    public func buffer(for block: Block) -> RemoteBuffer {
-        let node = blocks.nodes.first { $0.grant.memoryNode == block.memoryNode }!
-        return RemoteBuffer(
-            memoryNode: block.memoryNode, address: node.dataAddress(block.firstChunk), length: Int(block.bytes), rkey: node.grant.dataKey)
+    /// Reads `destination.count` bytes of the buffer at `offset` into `destination`.
+    public func read(_ buffer: RemoteBuffer, offset: Int = 0, into destination: UnsafeMutableRawBufferPointer) async throws(AllocationError) {
+        let bytes = try await read(buffer, offset: offset, length: destination.count)
+        destination.copyBytes(from: bytes)
     }
 
-    /// The block of a buffer, or why it is not one.
-    public func block(for buffer: RemoteBuffer) throws(AllocationError) -> Block {
-        guard let node = blocks.nodes.first(where: { $0.grant.memoryNode == buffer.memoryNode }) else {
-            throw .unknownMemoryNode(buffer.memoryNode)
-        }
-        let geometry = node.geometry
-        let notStart = AllocationError.notABlockStart(memoryNode: buffer.memoryNode, address: buffer.address)
-        guard buffer.address >= node.grant.baseAddress, buffer.length > 0, buffer.length.nonzeroBitCount == 1,
-              UInt64(buffer.length) % PoolGeometry.chunkBytes == 0,
-              let chunk = geometry.chunk(atDataOffset: buffer.address - node.grant.baseAddress),
-              geometry.dataOffset(chunk: chunk) == buffer.address - node.grant.baseAddress
-        else { throw notStart }
-        let block = Block(memoryNode: buffer.memoryNode, firstChunk: chunk, sizeLog2: Block.sizeLog2(forBytes: UInt64(buffer.length)))
-        guard chunk % block.chunkCount == 0, block.chunks.upperBound <= geometry.chunkCount else { throw notStart }
+    /// Counters of this allocator's compute node (all its applications).
+    public var statistics: AllocatorStatistics { blocks.statistics }
+
+    // MARK: Buffers and blocks
+
+    /// The buffer of `block`.
+    func buffer(for block: Block) throws(AllocationError) -> RemoteBuffer {
+        let link = try blocks.link(to: block.memoryNode)
+        return RemoteBuffer(memoryNode: block.memoryNode, address: link.grant.dataAddress(chunk: block.firstChunk), length: Int(block.bytes), rkey: link.grant.dataKey)
+    }
+
+    /// The block a buffer names, or why it names none.
+    func block(for buffer: RemoteBuffer) throws(AllocationError) -> Block {
+        let link = try blocks.link(to: buffer.memoryNode)
+        // An address beyond 48 bits is in no pool; the error shows its low 48 bits.
+        let pointer = RemotePointer(rawValue: UInt64(buffer.memoryNode.rawValue) << 48 | buffer.address.rawValue & RemotePointer.addressMask)
+        guard buffer.length > 0, buffer.length.nonzeroBitCount == 1, UInt64(buffer.length) % PoolGeometry.chunkBytes == 0,
+              buffer.address.rawValue <= RemotePointer.addressMask, let chunk = link.grant.chunk(startingAt: buffer.address)
+        else { throw .notABlockStart(pointer) }
+        let block = Block(memoryNode: buffer.memoryNode, firstChunk: chunk, chunkCountLog2: Block.chunkCountLog2(forBytes: UInt64(buffer.length)))
+        guard block.fits(link.geometry) else { throw .notABlockStart(pointer) }
         return block
     }
 
-    private func connection(for buffer: RemoteBuffer) throws(AllocationError) -> Connection {
-        guard let node = blocks.nodes.first(where: { $0.grant.memoryNode == buffer.memoryNode }) else {
-            throw .unknownMemoryNode(buffer.memoryNode)
+    private func writeChecked(_ bytes: [UInt8], to buffer: RemoteBuffer, at offset: Int) async throws(AllocationError) {
+        let link = try blocks.link(to: buffer.memoryNode)
+        do { try await link.connection.write(buffer.address + UInt64(offset), bytes: bytes, rkey: buffer.rkey) } catch {
+            throw .fabric(error)
         }
-        return node.connection
     }
 
     private func check(offset: Int, length: Int, in buffer: RemoteBuffer) throws(AllocationError) {

@@ -13,7 +13,7 @@
 /// ])
 /// let (exchanged, original) = results[0].compareAndSwap
 /// ```
-public protocol FabricConnection: AnyObject, Sendable {
+package protocol FabricConnection: AnyObject, Sendable {
     /// The memory node at the other end.
     var remoteNode: NodeID { get }
     /// Posts `verbs` as one ordered batch and waits for all completions.
@@ -22,30 +22,30 @@ public protocol FabricConnection: AnyObject, Sendable {
 
 extension FabricConnection {
     /// RDMA READ.
-    public func read(_ address: RemoteAddress, length: Int, rkey: RKey) async throws(FabricError) -> [UInt8] {
+    package func read(_ address: RemoteAddress, length: Int, rkey: RKey) async throws(FabricError) -> [UInt8] {
         try await post([.read(address, length: length, rkey: rkey)])[0].bytes
     }
 
     /// RDMA READ of consecutive 64-bit words.
-    public func readWords(_ address: RemoteAddress, count: Int, rkey: RKey) async throws(FabricError) -> [UInt64] {
+    package func readWords(_ address: RemoteAddress, count: Int, rkey: RKey) async throws(FabricError) -> [UInt64] {
         try await post([.readWords(address, count: count, rkey: rkey)])[0].words
     }
 
     /// RDMA WRITE.
-    public func write(_ address: RemoteAddress, bytes: [UInt8], rkey: RKey) async throws(FabricError) {
+    package func write(_ address: RemoteAddress, bytes: [UInt8], rkey: RKey) async throws(FabricError) {
         _ = try await post([.write(address, bytes: bytes, rkey: rkey)])
     }
 
     /// RDMA compare-and-swap of an 8-byte word; answers whether it exchanged and the
     /// original value (as swift-atomics' `compareExchange`).
-    public func compareAndSwap(
+    package func compareAndSwap(
         _ address: RemoteAddress, expected: UInt64, desired: UInt64, rkey: RKey
     ) async throws(FabricError) -> (exchanged: Bool, original: UInt64) {
         try await post([.compareAndSwap(address, expected: expected, desired: desired, rkey: rkey)])[0].compareAndSwap
     }
 
     /// RDMA fetch-and-add (wrapping); answers the original value.
-    public func fetchAndAdd(_ address: RemoteAddress, delta: UInt64, rkey: RKey) async throws(FabricError) -> UInt64 {
+    package func fetchAndAdd(_ address: RemoteAddress, delta: UInt64, rkey: RKey) async throws(FabricError) -> UInt64 {
         guard case .fetchAndAdd(let original) = try await post([.fetchAndAdd(address, delta: delta, rkey: rkey)])[0] else {
             preconditionFailure("fetch-and-add completed as another verb")
         }
@@ -54,20 +54,20 @@ extension FabricConnection {
 }
 
 /// Verb, batch and byte counts of one connection.
-public struct FabricCounters: Sendable, Hashable {
+package struct FabricCounters: Sendable, Hashable {
     /// Batches posted (one doorbell, one network round trip each).
-    public var batches: UInt64 = 0
+    package var batches: UInt64 = 0
     /// Verbs executed, by kind (`VerbKind.rawValue` indexes the array).
-    public var verbs: [UInt64] = Array(repeating: 0, count: VerbKind.allCases.count)
-    public var bytesRead: UInt64 = 0
-    public var bytesWritten: UInt64 = 0
+    package var verbs: [UInt64] = Array(repeating: 0, count: VerbKind.allCases.count)
+    package var bytesRead: UInt64 = 0
+    package var bytesWritten: UInt64 = 0
 
-    public init() {}
+    package init() {}
 
-    public var totalVerbs: UInt64 { verbs.reduce(0, +) }
-    public subscript(kind: VerbKind) -> UInt64 { verbs[kind.rawValue] }
+    package var totalVerbs: UInt64 { verbs.reduce(0, +) }
+    package subscript(kind: VerbKind) -> UInt64 { verbs[kind.rawValue] }
 
-    public static func + (lhs: FabricCounters, rhs: FabricCounters) -> FabricCounters {
+    package static func + (lhs: FabricCounters, rhs: FabricCounters) -> FabricCounters {
         var sum = lhs
         sum.batches += rhs.batches
         for i in sum.verbs.indices { sum.verbs[i] += rhs.verbs[i] }

@@ -6,7 +6,7 @@ import Darwin
 
 /// Where protocol code gets time and background work from: real threads and the monotonic
 /// clock (`SystemRuntime`), or the deterministic `Simulator`.
-public protocol Runtime: AnyObject, Sendable {
+package protocol Runtime: AnyObject, Sendable {
     /// Starts `body` as a new top-level task of this runtime.
     func spawn(_ body: @escaping @Sendable () async -> Void)
     /// Suspends the current task for `nanoseconds`.
@@ -16,20 +16,20 @@ public protocol Runtime: AnyObject, Sendable {
 }
 
 /// Real threads and the monotonic clock.
-public final class SystemRuntime: Runtime {
-    public static let shared = SystemRuntime()
+package final class SystemRuntime: Runtime {
+    package static let shared = SystemRuntime()
 
-    public init() {}
+    package init() {}
 
-    public func spawn(_ body: @escaping @Sendable () async -> Void) {
+    package func spawn(_ body: @escaping @Sendable () async -> Void) {
         Task.detached { await body() }
     }
 
-    public func sleep(nanoseconds: UInt64) async {
+    package func sleep(nanoseconds: UInt64) async {
         try? await Task.sleep(nanoseconds: nanoseconds)
     }
 
-    public var nowNanoseconds: UInt64 {
+    package var nowNanoseconds: UInt64 {
         var now = timespec()
         clock_gettime(CLOCK_MONOTONIC, &now)
         return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)

@@ -1,5 +1,5 @@
 /// One one-sided RDMA operation on a memory node.
-public enum Verb: Sendable, Hashable {
+package enum Verb: Sendable, Hashable {
     /// RDMA READ of `length` bytes.
     case read(RemoteAddress, length: Int, rkey: RKey)
     /// RDMA WRITE of `bytes`.
@@ -10,28 +10,28 @@ public enum Verb: Sendable, Hashable {
     case fetchAndAdd(RemoteAddress, delta: UInt64, rkey: RKey)
 
     /// An RDMA WRITE of one little-endian 64-bit word.
-    public static func writeWord(_ address: RemoteAddress, _ word: UInt64, rkey: RKey) -> Verb {
+    package static func writeWord(_ address: RemoteAddress, _ word: UInt64, rkey: RKey) -> Verb {
         .write(address, bytes: word.littleEndianBytes, rkey: rkey)
     }
 
     /// An RDMA READ of `count` consecutive 64-bit words.
-    public static func readWords(_ address: RemoteAddress, count: Int, rkey: RKey) -> Verb {
+    package static func readWords(_ address: RemoteAddress, count: Int, rkey: RKey) -> Verb {
         .read(address, length: count * 8, rkey: rkey)
     }
 
-    public var address: RemoteAddress {
+    package var address: RemoteAddress {
         switch self {
         case .read(let a, _, _), .write(let a, _, _), .compareAndSwap(let a, _, _, _), .fetchAndAdd(let a, _, _): a
         }
     }
 
-    public var rkey: RKey {
+    package var rkey: RKey {
         switch self {
         case .read(_, _, let k), .write(_, _, let k), .compareAndSwap(_, _, _, let k), .fetchAndAdd(_, _, let k): k
         }
     }
 
-    public var kind: VerbKind {
+    package var kind: VerbKind {
         switch self {
         case .read: .read
         case .write: .write
@@ -41,7 +41,7 @@ public enum Verb: Sendable, Hashable {
     }
 
     /// Bytes carried on the wire as payload (read or written data, or the 8-byte atomic).
-    public var payloadBytes: Int {
+    package var payloadBytes: Int {
         switch self {
         case .read(_, let length, _): length
         case .write(_, let bytes, _): bytes.count
@@ -51,30 +51,30 @@ public enum Verb: Sendable, Hashable {
 }
 
 /// The kind of a verb, for counters and latency models.
-public enum VerbKind: Int, Sendable, CaseIterable, Hashable {
+package enum VerbKind: Int, Sendable, CaseIterable, Hashable {
     case read, write, compareAndSwap, fetchAndAdd
 
-    public var isAtomic: Bool { self == .compareAndSwap || self == .fetchAndAdd }
+    package var isAtomic: Bool { self == .compareAndSwap || self == .fetchAndAdd }
 }
 
 /// The completion of one verb.
-public enum VerbResult: Sendable, Hashable {
+package enum VerbResult: Sendable, Hashable {
     case read([UInt8])
     case written
     case compareAndSwap(exchanged: Bool, original: UInt64)
     case fetchAndAdd(original: UInt64)
 
     /// The bytes of a READ; traps on another kind (a programming error in the caller).
-    public var bytes: [UInt8] {
+    package var bytes: [UInt8] {
         guard case .read(let bytes) = self else { preconditionFailure("not a READ completion: \(self)") }
         return bytes
     }
 
     /// The words of a READ whose length is a multiple of 8.
-    public var words: [UInt64] { [UInt64](littleEndianWords: bytes) }
+    package var words: [UInt64] { [UInt64](littleEndianWords: bytes) }
 
     /// The answer of a compare-and-swap; traps on another kind.
-    public var compareAndSwap: (exchanged: Bool, original: UInt64) {
+    package var compareAndSwap: (exchanged: Bool, original: UInt64) {
         guard case .compareAndSwap(let exchanged, let original) = self else {
             preconditionFailure("not a CAS completion: \(self)")
         }
@@ -84,14 +84,14 @@ public enum VerbResult: Sendable, Hashable {
 
 extension UInt64 {
     /// The eight little-endian bytes of the word, as the wire carries it.
-    public var littleEndianBytes: [UInt8] {
+    package var littleEndianBytes: [UInt8] {
         withUnsafeBytes(of: littleEndian) { Array($0) }
     }
 }
 
 extension Array where Element == UInt64 {
     /// Decodes little-endian words; `bytes.count` must be a multiple of 8.
-    public init(littleEndianWords bytes: [UInt8]) {
+    package init(littleEndianWords bytes: [UInt8]) {
         precondition(bytes.count % 8 == 0, "\(bytes.count) bytes is not a whole number of words")
         self = (0..<bytes.count / 8).map { i in
             var word: UInt64 = 0

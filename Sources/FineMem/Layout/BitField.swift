@@ -21,38 +21,43 @@ struct BitField: Sendable {
 }
 
 /// Who holds a block: the slot of a compute node in the node table (14 bits).
-public struct OwnerID: RawRepresentable, Hashable, Comparable, Sendable, CustomStringConvertible {
-    public static let bitWidth = 14
-    public static let maxRawValue: UInt16 = (1 << 14) - 1
-    public var rawValue: UInt16
-    public init?(rawValue: UInt16) {
+package struct OwnerID: RawRepresentable, Hashable, Comparable, Sendable, CustomStringConvertible {
+    package static let bitWidth = 14
+    package static let maxRawValue: UInt16 = (1 << 14) - 1
+    package var rawValue: UInt16
+    package init?(rawValue: UInt16) {
         guard rawValue <= Self.maxRawValue else { return nil }
         self.rawValue = rawValue
     }
-    public init(_ rawValue: UInt16) {
+    package init(_ rawValue: UInt16) {
         precondition(rawValue <= Self.maxRawValue, "owner \(rawValue) does not fit 14 bits")
         self.rawValue = rawValue
     }
-    public static func < (lhs: OwnerID, rhs: OwnerID) -> Bool { lhs.rawValue < rhs.rawValue }
-    public var description: String { "owner\(rawValue)" }
+    package static func < (lhs: OwnerID, rhs: OwnerID) -> Bool { lhs.rawValue < rhs.rawValue }
+    package var description: String { "owner\(rawValue)" }
 }
 
-/// An application inside a compute node (recorded in the full log; 16 bits).
+/// An application inside a compute node: the allocator of one application can free only
+/// that application's buffers. Recorded in the full log (16 bits).
+///
+/// ```swift
+/// let allocator = try cluster.makeAllocator(computeNode: 0, application: ApplicationID(7))
+/// ```
 public struct ApplicationID: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
     public var rawValue: UInt16
     public init(rawValue: UInt16) { self.rawValue = rawValue }
     public init(_ rawValue: UInt16) { self.rawValue = rawValue }
     /// Recorded by recovery when it completes a dead node's log and the application is unknown.
-    public static let unknown = ApplicationID(0xFFFF)
+    package static let unknown = ApplicationID(0xFFFF)
     public var description: String { "app\(rawValue)" }
 }
 
 /// A 6-bit per-header operation counter carried in temporary logs and full-log records.
 /// It tags which header operation a record reflects; safety never depends on it not
 /// wrapping (see `SpanHeader` on the pending bit).
-public struct LogSequence: RawRepresentable, Hashable, Sendable {
-    public static let bitWidth: UInt64 = 6
-    public var rawValue: UInt8
-    public init(rawValue: UInt8) { self.rawValue = rawValue & 0x3F }
-    public var next: LogSequence { LogSequence(rawValue: rawValue &+ 1) }
+package struct LogSequence: RawRepresentable, Hashable, Sendable {
+    package static let bitWidth: UInt64 = 6
+    package var rawValue: UInt8
+    package init(rawValue: UInt8) { self.rawValue = rawValue & 0x3F }
+    package var next: LogSequence { LogSequence(rawValue: rawValue &+ 1) }
 }

@@ -8,8 +8,8 @@
 /// |  |             |    (16)      | log2 5|                           | (1)  | (1) |
 /// +--+-------------+--------------+-------+---------------------------+------+-----+
 /// ```
-public struct IntentRecord: RawRepresentable, Hashable, Sendable {
-    public enum Kind: UInt64, Sendable, CaseIterable { case claim = 0, release = 1 }
+package struct IntentRecord: RawRepresentable, Hashable, Sendable {
+    package enum Kind: UInt64, Sendable, CaseIterable { case claim = 0, release = 1 }
 
     static let validField = BitField(0, 1)
     static let kindField = BitField(1, 1)
@@ -18,19 +18,19 @@ public struct IntentRecord: RawRepresentable, Hashable, Sendable {
     static let applicationField = BitField(33, 16)
     static let ownerField = BitField(49, 14)
     static let reservedField = BitField(63, 1)
-    public static let maxFirstSection = Int(firstSectionField.maxValue)
+    package static let maxFirstSection = Int(firstSectionField.maxValue)
 
-    public private(set) var rawValue: UInt64
+    package private(set) var rawValue: UInt64
 
-    public init?(rawValue: UInt64) {
+    package init?(rawValue: UInt64) {
         guard Self.reservedField.get(rawValue) == 0 else { return nil }
         if Self.validField.get(rawValue) == 0, rawValue != 0 { return nil }
         self.rawValue = rawValue
     }
 
-    public static let none = IntentRecord(rawValue: 0)!
+    package static let none = IntentRecord(rawValue: 0)!
 
-    public init(kind: Kind, firstSection: Int, sectionCountLog2: Int, owner: OwnerID, application: ApplicationID) {
+    package init(kind: Kind, firstSection: Int, sectionCountLog2: Int, owner: OwnerID, application: ApplicationID) {
         precondition(firstSection >= 0 && firstSection <= Self.maxFirstSection && sectionCountLog2 >= 0 && sectionCountLog2 < 32)
         var word: UInt64 = 0
         Self.validField.set(&word, 1)
@@ -42,11 +42,11 @@ public struct IntentRecord: RawRepresentable, Hashable, Sendable {
         rawValue = word
     }
 
-    public var isValid: Bool { Self.validField.get(rawValue) == 1 }
-    public var kind: Kind { Kind(rawValue: Self.kindField.get(rawValue))! }
-    public var firstSection: Int { Int(Self.firstSectionField.get(rawValue)) }
-    public var sectionCountLog2: Int { Int(Self.countField.get(rawValue)) }
-    public var sections: Range<Int> { firstSection..<firstSection + (1 << sectionCountLog2) }
-    public var application: ApplicationID { ApplicationID(UInt16(Self.applicationField.get(rawValue))) }
-    public var owner: OwnerID { OwnerID(UInt16(Self.ownerField.get(rawValue))) }
+    package var isValid: Bool { Self.validField.get(rawValue) == 1 }
+    package var kind: Kind { Kind(rawValue: Self.kindField.get(rawValue))! }
+    package var firstSection: Int { Int(Self.firstSectionField.get(rawValue)) }
+    package var sectionCountLog2: Int { Int(Self.countField.get(rawValue)) }
+    package var sections: Range<Int> { firstSection..<firstSection + (1 << sectionCountLog2) }
+    package var application: ApplicationID { ApplicationID(UInt16(Self.applicationField.get(rawValue))) }
+    package var owner: OwnerID { OwnerID(UInt16(Self.ownerField.get(rawValue))) }
 }

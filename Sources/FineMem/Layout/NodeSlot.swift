@@ -8,8 +8,8 @@
 /// ```
 ///
 /// States: free, alive, suspected (lease missed), dead (fenced), recovering.
-public struct NodeSlot: RawRepresentable, Hashable, Sendable {
-    public enum State: UInt64, Sendable, CaseIterable {
+package struct NodeSlot: RawRepresentable, Hashable, Sendable {
+    package enum State: UInt64, Sendable, CaseIterable {
         case free = 0, alive = 1, suspected = 2, dead = 3, recovering = 4
     }
 
@@ -18,16 +18,16 @@ public struct NodeSlot: RawRepresentable, Hashable, Sendable {
     static let incarnationField = BitField(43, 16)
     static let reservedField = BitField(59, 5)
 
-    public private(set) var rawValue: UInt64
+    package private(set) var rawValue: UInt64
 
-    public init?(rawValue: UInt64) {
+    package init?(rawValue: UInt64) {
         guard Self.reservedField.get(rawValue) == 0, State(rawValue: Self.stateField.get(rawValue)) != nil else { return nil }
         self.rawValue = rawValue
     }
 
-    public static let free = NodeSlot(heartbeat: 0, state: .free, incarnation: 0)
+    package static let free = NodeSlot(heartbeat: 0, state: .free, incarnation: 0)
 
-    public init(heartbeat: UInt64, state: State, incarnation: UInt16) {
+    package init(heartbeat: UInt64, state: State, incarnation: UInt16) {
         var word: UInt64 = 0
         Self.heartbeatField.set(&word, heartbeat & Self.heartbeatField.maxValue)
         Self.stateField.set(&word, state.rawValue)
@@ -35,38 +35,38 @@ public struct NodeSlot: RawRepresentable, Hashable, Sendable {
         rawValue = word
     }
 
-    public var heartbeat: UInt64 { Self.heartbeatField.get(rawValue) }
-    public var state: State { State(rawValue: Self.stateField.get(rawValue))! }
-    public var incarnation: UInt16 { UInt16(Self.incarnationField.get(rawValue)) }
+    package var heartbeat: UInt64 { Self.heartbeatField.get(rawValue) }
+    package var state: State { State(rawValue: Self.stateField.get(rawValue))! }
+    package var incarnation: UInt16 { UInt16(Self.incarnationField.get(rawValue)) }
 
     /// A free slot taken by a (re)starting node, with a new incarnation.
-    public func registering() -> NodeSlot? {
+    package func registering() -> NodeSlot? {
         guard state == .free else { return nil }
         return NodeSlot(heartbeat: 0, state: .alive, incarnation: incarnation &+ 1)
     }
 
     /// One heartbeat of a live node (a suspected node that beats is alive again).
-    public func beating() -> NodeSlot? {
+    package func beating() -> NodeSlot? {
         guard state == .alive || state == .suspected else { return nil }
         return NodeSlot(heartbeat: heartbeat &+ 1, state: .alive, incarnation: incarnation)
     }
 
-    public func suspecting() -> NodeSlot? {
+    package func suspecting() -> NodeSlot? {
         guard state == .alive else { return nil }
         return NodeSlot(heartbeat: heartbeat, state: .suspected, incarnation: incarnation)
     }
 
-    public func declaringDead() -> NodeSlot? {
+    package func declaringDead() -> NodeSlot? {
         guard state == .suspected else { return nil }
         return NodeSlot(heartbeat: heartbeat, state: .dead, incarnation: incarnation)
     }
 
-    public func recovering() -> NodeSlot? {
+    package func recovering() -> NodeSlot? {
         guard state == .dead || state == .recovering else { return nil }
         return NodeSlot(heartbeat: heartbeat, state: .recovering, incarnation: incarnation)
     }
 
-    public func recovered() -> NodeSlot? {
+    package func recovered() -> NodeSlot? {
         guard state == .recovering else { return nil }
         return NodeSlot(heartbeat: 0, state: .free, incarnation: incarnation)
     }

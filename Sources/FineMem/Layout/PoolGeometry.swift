@@ -6,6 +6,8 @@ public enum LayoutError: Error, Sendable, Hashable, CustomStringConvertible {
     case badMagic(UInt64)
     case unsupportedVersion(UInt64)
     case superblockMismatch(String)
+    /// The pool ends beyond the 48 bits of address a `RemotePointer` holds.
+    case addressBeyondPointerRange(RemoteAddress)
 
     public var description: String {
         switch self {
@@ -15,6 +17,7 @@ public enum LayoutError: Error, Sendable, Hashable, CustomStringConvertible {
         case .badMagic(let m): "not a FineMem pool (magic 0x\(String(m, radix: 16)))"
         case .unsupportedVersion(let v): "unsupported layout version \(v)"
         case .superblockMismatch(let what): "superblock disagrees with the expected geometry: \(what)"
+        case .addressBeyondPointerRange(let end): "the pool ends at \(end), beyond the 48 bits of a remote pointer"
         }
     }
 }
@@ -27,31 +30,31 @@ public enum LayoutError: Error, Sendable, Hashable, CustomStringConvertible {
 /// | superblock | node table | intent table | section headers | span headers | full log | capabilities | pad | data ...
 ///   64 B         8 B/slot     8 B/slot/intent  8 B/section     8 B/span       8 B/chunk   8 B/chunk           2 MiB/section
 /// ```
-public struct PoolGeometry: Sendable, Hashable {
-    public static let chunkBytes: UInt64 = 4096
-    public static let chunksPerSpan = 32
-    public static let spansPerSection = 16
-    public static let chunksPerSection = 512
-    public static let spanBytes: UInt64 = 128 << 10
-    public static let sectionBytes: UInt64 = 2 << 20
-    public static let superblockBytes: UInt64 = 64
+package struct PoolGeometry: Sendable, Hashable {
+    package static let chunkBytes: UInt64 = 4096
+    package static let chunksPerSpan = 32
+    package static let spansPerSection = 16
+    package static let chunksPerSection = 512
+    package static let spanBytes: UInt64 = 128 << 10
+    package static let sectionBytes: UInt64 = 2 << 20
+    package static let superblockBytes: UInt64 = 64
     /// Sections addressable by an intent record (26 bits): 128 TiB of data.
-    public static let maxSections = 1 << 26
+    package static let maxSections = 1 << 26
 
-    public let sectionCount: Int
-    public let computeNodeSlots: Int
-    public let intentSlotsPerNode: Int
+    package let sectionCount: Int
+    package let computeNodeSlots: Int
+    package let intentSlotsPerNode: Int
 
-    public let nodeTableOffset: UInt64
-    public let intentTableOffset: UInt64
-    public let sectionHeadersOffset: UInt64
-    public let spanHeadersOffset: UInt64
-    public let fullLogOffset: UInt64
-    public let capabilitiesOffset: UInt64
+    package let nodeTableOffset: UInt64
+    package let intentTableOffset: UInt64
+    package let sectionHeadersOffset: UInt64
+    package let spanHeadersOffset: UInt64
+    package let fullLogOffset: UInt64
+    package let capabilitiesOffset: UInt64
     /// Bytes of metadata, rounded up to a whole section so the data area is 2 MiB aligned.
-    public let metadataBytes: UInt64
+    package let metadataBytes: UInt64
 
-    public init(sectionCount: Int, computeNodeSlots: Int = 64, intentSlotsPerNode: Int = 8) throws(LayoutError) {
+    package init(sectionCount: Int, computeNodeSlots: Int = 64, intentSlotsPerNode: Int = 8) throws(LayoutError) {
         guard sectionCount >= 1, sectionCount <= Self.maxSections else { throw .sectionCountOutOfRange(sectionCount) }
         guard computeNodeSlots >= 1, computeNodeSlots <= Int(OwnerID.maxRawValue) else {
             throw .computeNodeSlotsOutOfRange(computeNodeSlots)
@@ -73,42 +76,42 @@ public struct PoolGeometry: Sendable, Hashable {
     }
 
     /// The geometry whose data area holds at least `dataBytes`.
-    public init(dataBytes: UInt64, computeNodeSlots: Int = 64, intentSlotsPerNode: Int = 8) throws(LayoutError) {
+    package init(dataBytes: UInt64, computeNodeSlots: Int = 64, intentSlotsPerNode: Int = 8) throws(LayoutError) {
         let sections = (dataBytes + Self.sectionBytes - 1) / Self.sectionBytes
         guard sections <= UInt64(Self.maxSections) else { throw .sectionCountOutOfRange(Int(clamping: sections)) }
         try self.init(sectionCount: Int(sections), computeNodeSlots: computeNodeSlots, intentSlotsPerNode: intentSlotsPerNode)
     }
 
-    public var chunkCount: Int { sectionCount * Self.chunksPerSection }
-    public var spanCount: Int { sectionCount * Self.spansPerSection }
-    public var dataOffset: UInt64 { metadataBytes }
-    public var dataBytes: UInt64 { UInt64(sectionCount) * Self.sectionBytes }
-    public var totalBytes: UInt64 { metadataBytes + dataBytes }
+    package var chunkCount: Int { sectionCount * Self.chunksPerSection }
+    package var spanCount: Int { sectionCount * Self.spansPerSection }
+    package var dataOffset: UInt64 { metadataBytes }
+    package var dataBytes: UInt64 { UInt64(sectionCount) * Self.sectionBytes }
+    package var totalBytes: UInt64 { metadataBytes + dataBytes }
 
     /// Bytes of metadata that scale with the pool (headers, full log, capabilities) per
     /// byte of data, in percent: the figure the paper puts at about 0.39 %.
-    public var metadataOverheadPercent: Double {
+    package var metadataOverheadPercent: Double {
         let perPool = Double(capabilitiesOffset + 8 * UInt64(chunkCount) - sectionHeadersOffset)
         return 100 * perPool / Double(dataBytes)
     }
 
     /// Bytes of the metadata area (rounded) per byte of data, in percent.
-    public var metadataAreaPercent: Double { 100 * Double(metadataBytes) / Double(dataBytes) }
+    package var metadataAreaPercent: Double { 100 * Double(metadataBytes) / Double(dataBytes) }
 
-    public func nodeSlotOffset(_ owner: OwnerID) -> UInt64 { nodeTableOffset + 8 * UInt64(owner.rawValue) }
-    public func intentOffset(owner: OwnerID, slot: Int) -> UInt64 {
+    package func nodeSlotOffset(_ owner: OwnerID) -> UInt64 { nodeTableOffset + 8 * UInt64(owner.rawValue) }
+    package func intentOffset(owner: OwnerID, slot: Int) -> UInt64 {
         intentTableOffset + 8 * UInt64(Int(owner.rawValue) * intentSlotsPerNode + slot)
     }
-    public func sectionHeaderOffset(_ section: Int) -> UInt64 { sectionHeadersOffset + 8 * UInt64(section) }
-    public func spanHeaderOffset(section: Int, span: Int) -> UInt64 {
+    package func sectionHeaderOffset(_ section: Int) -> UInt64 { sectionHeadersOffset + 8 * UInt64(section) }
+    package func spanHeaderOffset(section: Int, span: Int) -> UInt64 {
         spanHeadersOffset + 8 * UInt64(section * Self.spansPerSection + span)
     }
-    public func fullLogOffset(chunk: Int) -> UInt64 { fullLogOffset + 8 * UInt64(chunk) }
-    public func capabilityOffset(chunk: Int) -> UInt64 { capabilitiesOffset + 8 * UInt64(chunk) }
-    public func dataOffset(chunk: Int) -> UInt64 { dataOffset + UInt64(chunk) * Self.chunkBytes }
+    package func fullLogOffset(chunk: Int) -> UInt64 { fullLogOffset + 8 * UInt64(chunk) }
+    package func capabilityOffset(chunk: Int) -> UInt64 { capabilitiesOffset + 8 * UInt64(chunk) }
+    package func dataOffset(chunk: Int) -> UInt64 { dataOffset + UInt64(chunk) * Self.chunkBytes }
 
     /// The chunk at data offset `offset`, if the offset is inside the data area.
-    public func chunk(atDataOffset offset: UInt64) -> Int? {
+    package func chunk(atDataOffset offset: UInt64) -> Int? {
         guard offset >= dataOffset, offset < totalBytes else { return nil }
         return Int((offset - dataOffset) / Self.chunkBytes)
     }
@@ -121,24 +124,24 @@ public struct PoolGeometry: Sendable, Hashable {
 /// word 3: compute node slots   word 4: intent slots per node   word 5: format epoch
 /// words 6-7: zero
 /// ```
-public struct Superblock: Hashable, Sendable {
-    public static let magic: UInt64 = 0x004D_454D_454E_4946  // "FINEMEM\0" little-endian
-    public static let version: UInt64 = 1
+package struct Superblock: Hashable, Sendable {
+    package static let magic: UInt64 = 0x004D_454D_454E_4946  // "FINEMEM\0" little-endian
+    package static let version: UInt64 = 1
 
-    public var geometry: PoolGeometry
-    public var epoch: UInt64
+    package var geometry: PoolGeometry
+    package var epoch: UInt64
 
-    public init(geometry: PoolGeometry, epoch: UInt64) {
+    package init(geometry: PoolGeometry, epoch: UInt64) {
         self.geometry = geometry
         self.epoch = epoch
     }
 
-    public var words: [UInt64] {
+    package var words: [UInt64] {
         [Self.magic, Self.version, UInt64(geometry.sectionCount), UInt64(geometry.computeNodeSlots),
          UInt64(geometry.intentSlotsPerNode), epoch, 0, 0]
     }
 
-    public init(words: [UInt64]) throws(LayoutError) {
+    package init(words: [UInt64]) throws(LayoutError) {
         guard words.count == 8, words[0] == Self.magic else { throw .badMagic(words.first ?? 0) }
         guard words[1] == Self.version else { throw .unsupportedVersion(words[1]) }
         guard words[6] == 0, words[7] == 0, words[2] <= UInt64(PoolGeometry.maxSections),

@@ -17,33 +17,33 @@
 /// part of a multi-section block whose first chunk's full-log record gives its size.
 /// `logPending` works as in `SpanHeader`: block operations (claim, release) require it
 /// clear and set it; span-state changes (open, close, hints) keep the log as it is.
-public struct SectionHeader: RawRepresentable, Hashable, Sendable {
-    public enum SpanState: UInt64, Sendable, CaseIterable {
+package struct SectionHeader: RawRepresentable, Hashable, Sendable {
+    package enum SpanState: UInt64, Sendable, CaseIterable {
         case empty = 0, chunks = 1, chunksAvoid = 2, whole = 3
-        public var isChunkMode: Bool { self == .chunks || self == .chunksAvoid }
+        package var isChunkMode: Bool { self == .chunks || self == .chunksAvoid }
     }
 
-    public static let spanCount = 16
-    public static let multiSectionSizeCode: UInt8 = 5
+    package static let spanCount = 16
+    package static let multiSectionSizeCode: UInt8 = 5
     static let statesField = BitField(0, 32)
     static let contendedField = BitField(32, 1)
     static let pendingField = BitField(33, 1)
     static let sizeField = BitField(38, 3)
-    static let logFields = LogFieldLayout(offset: BitField(34, 4), sizeLog2: sizeField, owner: BitField(41, 14), sequence: BitField(55, 6))
+    static let logFields = LogFieldLayout(offset: BitField(34, 4), sizeCode: sizeField, owner: BitField(41, 14), sequence: BitField(55, 6))
     static let reservedField = BitField(61, 3)
 
-    public private(set) var rawValue: UInt64
+    package private(set) var rawValue: UInt64
 
-    public init?(rawValue: UInt64) {
+    package init?(rawValue: UInt64) {
         guard Self.reservedField.get(rawValue) == 0, Self.sizeField.get(rawValue) <= 5 else { return nil }
         self.rawValue = rawValue
         guard isValid else { return nil }
     }
 
-    public static let empty = SectionHeader(states: 0, contended: false, logPending: false, log: .empty)
+    package static let empty = SectionHeader(states: 0, contended: false, logPending: false, log: .empty)
 
     init(states: UInt32, contended: Bool, logPending: Bool, log: TemporaryLog) {
-        precondition(log.offset < 16 && log.sizeLog2 <= 5, "log \(log) does not fit a section")
+        precondition(log.offset < 16 && log.sizeCode <= 5, "log \(log) does not fit a section")
         var word: UInt64 = 0
         Self.statesField.set(&word, UInt64(states))
         Self.contendedField.set(&word, contended ? 1 : 0)
@@ -53,7 +53,7 @@ public struct SectionHeader: RawRepresentable, Hashable, Sendable {
     }
 
     /// A header with the given span states and fields.
-    public init(spanStates: [SpanState], contended: Bool, logPending: Bool, log: TemporaryLog) {
+    package init(spanStates: [SpanState], contended: Bool, logPending: Bool, log: TemporaryLog) {
         precondition(spanStates.count == 16, "a section has 16 spans")
         var states: UInt32 = 0
         for (i, state) in spanStates.enumerated() { states |= UInt32(state.rawValue) << (2 * UInt32(i)) }
@@ -61,44 +61,54 @@ public struct SectionHeader: RawRepresentable, Hashable, Sendable {
     }
 
     var states: UInt32 { UInt32(Self.statesField.get(rawValue)) }
-    public func state(ofSpan span: Int) -> SpanState {
+    package func state(ofSpan span: Int) -> SpanState {
         SpanState(rawValue: UInt64(states >> (2 * UInt32(span)) & 3))!
     }
-    public var spanStates: [SpanState] { (0..<16).map(state(ofSpan:)) }
-    public var contended: Bool { Self.contendedField.get(rawValue) == 1 }
-    public var logPending: Bool { Self.pendingField.get(rawValue) == 1 }
-    public var log: TemporaryLog { Self.logFields.decode(rawValue) }
+    package var spanStates: [SpanState] { (0..<16).map(state(ofSpan:)) }
+    package var contended: Bool { Self.contendedField.get(rawValue) == 1 }
+    package var logPending: Bool { Self.pendingField.get(rawValue) == 1 }
+    package var log: TemporaryLog { Self.logFields.decode(rawValue) }
 
     /// A multi-section log covers the whole section; others are aligned inside it.
-    public var isValid: Bool {
+    package var isValid: Bool {
         let log = log
-        if log.sizeLog2 == Self.multiSectionSizeCode { return log.offset == 0 }
-        return Int(log.offset) % (1 << log.sizeLog2) == 0
+        if log.sizeCode == Self.multiSectionSizeCode { return log.offset == 0 }
+        return Int(log.offset) % (1 << log.sizeCode) == 0
     }
 
-    public var isAllEmpty: Bool { states == 0 }
-    public var isAllWhole: Bool { states == ~0 }
-    public var emptySpanCount: Int { (0..<16).count { state(ofSpan: $0) == .empty } }
+    package var isAllEmpty: Bool { states == 0 }
+    package var isAllWhole: Bool { states == ~0 }
+    package var emptySpanCount: Int { (0..<16).count { state(ofSpan: $0) == .empty } }
 
     /// The run of spans the log describes.
-    public var logSpanRange: Range<Int> {
+    package var logSpanRange: Range<Int> {
         let log = log
-        if log.sizeLog2 == Self.multiSectionSizeCode { return 0..<16 }
-        return Int(log.offset)..<Int(log.offset) + (1 << log.sizeLog2)
+        if log.sizeCode == Self.multiSectionSizeCode { return 0..<16 }
+        return Int(log.offset)..<Int(log.offset) + (1 << log.sizeCode)
+    }
+
+    /// Whether every span of the run at `offset` is held whole.
+    package func marksWhole(spanOffset offset: Int, spanCountLog2: Int) -> Bool {
+        (offset..<offset + (1 << spanCountLog2)).allSatisfy { state(ofSpan: $0) == .whole }
+    }
+
+    /// Whether every span of the run at `offset` is empty.
+    package func marksEmpty(spanOffset offset: Int, spanCountLog2: Int) -> Bool {
+        states & Self.runMask(offset: offset, count: 1 << spanCountLog2) == 0
     }
 
     /// Whether the pending (or last) log describes an allocation: its spans are all whole.
-    public var logDescribesAllocation: Bool { logSpanRange.allSatisfy { state(ofSpan: $0) == .whole } }
+    package var logDescribesAllocation: Bool { logSpanRange.allSatisfy { state(ofSpan: $0) == .whole } }
 
     static func runMask(offset: Int, count: Int) -> UInt32 {
         let bits = 2 * count
         return (bits == 32 ? ~0 : (UInt32(1) << UInt32(bits)) - 1) << (2 * UInt32(offset))
     }
 
-    /// The lowest offset of an aligned run of `2^sizeLog2` empty spans, if any.
-    public func firstEmptyRun(sizeLog2: Int) -> Int? {
-        guard sizeLog2 >= 0, sizeLog2 <= 4 else { return nil }
-        let count = 1 << sizeLog2
+    /// The lowest offset of an aligned run of `2^spanCountLog2` empty spans, if any.
+    package func firstEmptyRun(spanCountLog2: Int) -> Int? {
+        guard spanCountLog2 >= 0, spanCountLog2 <= 4 else { return nil }
+        let count = 1 << spanCountLog2
         for offset in stride(from: 0, to: 16, by: count) where states & Self.runMask(offset: offset, count: count) == 0 {
             return offset
         }
@@ -116,61 +126,61 @@ public struct SectionHeader: RawRepresentable, Hashable, Sendable {
     private func committing(states newStates: UInt32, offset: Int, sizeCode: Int, owner: OwnerID) -> SectionHeader {
         SectionHeader(
             states: newStates, contended: contended, logPending: true,
-            log: TemporaryLog(offset: UInt8(offset), sizeLog2: UInt8(sizeCode), owner: owner, sequence: log.sequence.next))
+            log: TemporaryLog(offset: UInt8(offset), sizeCode: UInt8(sizeCode), owner: owner, sequence: log.sequence.next))
     }
 
-    private func fits(offset: Int, sizeLog2: Int) -> Bool {
-        sizeLog2 >= 0 && sizeLog2 <= 4 && offset >= 0 && offset < 16 && offset % (1 << sizeLog2) == 0
+    private func fits(offset: Int, spanCountLog2: Int) -> Bool {
+        spanCountLog2 >= 0 && spanCountLog2 <= 4 && offset >= 0 && offset < 16 && offset % (1 << spanCountLog2) == 0
     }
 
-    /// Claims `2^sizeLog2` empty spans at `offset` whole: a section-layer allocation.
-    public func claiming(spanOffset offset: Int, sizeLog2: Int, owner: OwnerID) -> SectionHeader? {
-        guard !logPending, fits(offset: offset, sizeLog2: sizeLog2) else { return nil }
-        let count = 1 << sizeLog2
+    /// Claims `2^spanCountLog2` empty spans at `offset` whole: a section-layer allocation.
+    package func claiming(spanOffset offset: Int, spanCountLog2: Int, owner: OwnerID) -> SectionHeader? {
+        guard !logPending, fits(offset: offset, spanCountLog2: spanCountLog2) else { return nil }
+        let count = 1 << spanCountLog2
         guard states & Self.runMask(offset: offset, count: count) == 0 else { return nil }
-        return committing(states: setting(offset, count, to: .whole), offset: offset, sizeCode: sizeLog2, owner: owner)
+        return committing(states: setting(offset, count, to: .whole), offset: offset, sizeCode: spanCountLog2, owner: owner)
     }
 
-    /// Releases `2^sizeLog2` whole spans at `offset`.
-    public func releasing(spanOffset offset: Int, sizeLog2: Int, owner: OwnerID) -> SectionHeader? {
-        guard !logPending, fits(offset: offset, sizeLog2: sizeLog2) else { return nil }
-        let count = 1 << sizeLog2
+    /// Releases `2^spanCountLog2` whole spans at `offset`.
+    package func releasing(spanOffset offset: Int, spanCountLog2: Int, owner: OwnerID) -> SectionHeader? {
+        guard !logPending, fits(offset: offset, spanCountLog2: spanCountLog2) else { return nil }
+        let count = 1 << spanCountLog2
         guard (offset..<offset + count).allSatisfy({ state(ofSpan: $0) == .whole }) else { return nil }
-        return committing(states: setting(offset, count, to: .empty), offset: offset, sizeCode: sizeLog2, owner: owner)
+        return committing(states: setting(offset, count, to: .empty), offset: offset, sizeCode: spanCountLog2, owner: owner)
     }
 
     /// Claims this whole, empty section as part of a multi-section block.
-    public func claimingForMultiSection(owner: OwnerID) -> SectionHeader? {
+    package func claimingForMultiSection(owner: OwnerID) -> SectionHeader? {
         guard !logPending, isAllEmpty else { return nil }
         return committing(states: ~0, offset: 0, sizeCode: Int(Self.multiSectionSizeCode), owner: owner)
     }
 
     /// Releases this section from a multi-section block.
-    public func releasingFromMultiSection(owner: OwnerID) -> SectionHeader? {
+    package func releasingFromMultiSection(owner: OwnerID) -> SectionHeader? {
         guard !logPending, isAllWhole else { return nil }
         return committing(states: 0, offset: 0, sizeCode: Int(Self.multiSectionSizeCode), owner: owner)
     }
 
     /// Marks the pending log as written to the full log.
-    public func flushed() -> SectionHeader? {
+    package func flushed() -> SectionHeader? {
         guard logPending else { return nil }
         return SectionHeader(states: states, contended: contended, logPending: false, log: log)
     }
 
     /// Puts an empty span into chunk mode (the first step of opening it).
-    public func openingSpan(_ span: Int) -> SectionHeader? {
+    package func openingSpan(_ span: Int) -> SectionHeader? {
         guard state(ofSpan: span) == .empty else { return nil }
         return SectionHeader(states: setting(span, 1, to: .chunks), contended: contended, logPending: logPending, log: log)
     }
 
     /// Returns a closing span to empty (its span header is `closing`).
-    public func closingSpan(_ span: Int) -> SectionHeader? {
+    package func closingSpan(_ span: Int) -> SectionHeader? {
         guard state(ofSpan: span).isChunkMode else { return nil }
         return SectionHeader(states: setting(span, 1, to: .empty), contended: contended, logPending: logPending, log: log)
     }
 
     /// Sets the search hint of a chunk-mode span: avoid (full or contended) or normal.
-    public func hintingSpan(_ span: Int, avoid: Bool) -> SectionHeader? {
+    package func hintingSpan(_ span: Int, avoid: Bool) -> SectionHeader? {
         let current = state(ofSpan: span)
         guard current.isChunkMode else { return nil }
         let target: SpanState = avoid ? .chunksAvoid : .chunks
@@ -179,7 +189,7 @@ public struct SectionHeader: RawRepresentable, Hashable, Sendable {
     }
 
     /// The same header with the section-level contention mark set or cleared.
-    public func with(contended value: Bool) -> SectionHeader {
+    package func with(contended value: Bool) -> SectionHeader {
         SectionHeader(states: states, contended: value, logPending: logPending, log: log)
     }
 }

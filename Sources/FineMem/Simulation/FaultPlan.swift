@@ -2,7 +2,7 @@
 /// after a number of executed verbs, which can fall inside a batch), stalls, and broken
 /// connections. A crashed node's effects up to the crash stay in memory; nothing it posts
 /// afterwards executes. A crashed memory node answers every verb with `peerDead`.
-public final class FaultPlan: @unchecked Sendable {
+package final class FaultPlan: @unchecked Sendable {
     private var crashAfterVerbs: [NodeID: UInt64] = [:]
     private var crashAt: [NodeID: UInt64] = [:]
     private var crashedNodes: Set<NodeID> = []
@@ -10,18 +10,18 @@ public final class FaultPlan: @unchecked Sendable {
 
     /// Crashes `node` once it has had `count` verbs executed in total: a crash between two
     /// verbs, possibly in the middle of a batch.
-    public func crash(_ node: NodeID, afterVerbs count: UInt64) { crashAfterVerbs[node] = count }
+    package func crash(_ node: NodeID, afterVerbs count: UInt64) { crashAfterVerbs[node] = count }
 
     /// Crashes `node` at virtual time `time`; verbs that would execute later do not.
-    public func crash(_ node: NodeID, atNanoseconds time: UInt64) { crashAt[node] = time }
+    package func crash(_ node: NodeID, atNanoseconds time: UInt64) { crashAt[node] = time }
 
     /// Freezes `node`'s CPU during `[start, start+duration)`: it posts nothing and receives
     /// no completion until the stall ends. Verbs already on the wire still execute.
-    public func stall(_ node: NodeID, fromNanoseconds start: UInt64, forNanoseconds duration: UInt64) {
+    package func stall(_ node: NodeID, fromNanoseconds start: UInt64, forNanoseconds duration: UInt64) {
         stalls[node, default: []].append((start, start + duration))
     }
 
-    public func isCrashed(_ node: NodeID) -> Bool { crashedNodes.contains(node) }
+    package func isCrashed(_ node: NodeID) -> Bool { crashedNodes.contains(node) }
 
     /// Decides, just before a verb of `node` executes at `now`, whether the node has crashed.
     func crashesBeforeNextVerb(_ node: NodeID, executedSoFar: UInt64, now: UInt64) -> Bool {

@@ -12,17 +12,17 @@
 /// that retires about 33 M atomics per second (30 ns each): 512 threads allocating at
 /// 43 us each is about 12 M allocations per second, with at least two atomics each, so the
 /// memory node's NIC must sustain at least 24 M atomics per second.
-public struct LatencyModel: Sendable, Hashable {
-    public var oneWayNanos: UInt64 = 1_700
-    public var readServiceNanos: UInt64 = 60
-    public var writeServiceNanos: UInt64 = 60
-    public var atomicServiceNanos: UInt64 = 30
-    public var bytesPerNanosecond: Double = 12.5
-    public var jitterFraction: Double = 0.1
+package struct LatencyModel: Sendable, Hashable {
+    package var oneWayNanos: UInt64 = 1_700
+    package var readServiceNanos: UInt64 = 60
+    package var writeServiceNanos: UInt64 = 60
+    package var atomicServiceNanos: UInt64 = 30
+    package var bytesPerNanosecond: Double = 12.5
+    package var jitterFraction: Double = 0.1
 
-    public init() {}
+    package init() {}
 
-    public func serviceNanos(_ verb: Verb) -> UInt64 {
+    package func serviceNanos(_ verb: Verb) -> UInt64 {
         let base: UInt64 = switch verb.kind {
         case .read: readServiceNanos
         case .write: writeServiceNanos

@@ -5,11 +5,11 @@
 /// order. With a `Simulator` (virtual time) each verb executes at the virtual time the
 /// latency model gives, interleaved with other connections' verbs, and fault injection
 /// applies. After a remote access error the connection stays broken (QP error state).
-public final class SimulatedConnection: FabricConnection, @unchecked Sendable {
-    public let nic: SimulatedNIC
-    public let localNode: NodeID
-    public let protectionDomain: ProtectionDomain
-    public var remoteNode: NodeID { nic.node }
+package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
+    package let nic: SimulatedNIC
+    package let localNode: NodeID
+    package let protectionDomain: ProtectionDomain
+    package var remoteNode: NodeID { nic.node }
     let simulator: Simulator?
 
     private let state = Locked(State())
@@ -36,15 +36,15 @@ public final class SimulatedConnection: FabricConnection, @unchecked Sendable {
     }
 
     /// Verb, batch and byte counts so far.
-    public var counters: FabricCounters { state.withLock { $0.counters } }
+    package var counters: FabricCounters { state.withLock { $0.counters } }
 
     /// Whether the connection is in the error state.
-    public var isBroken: Bool { state.withLock { $0.broken } }
+    package var isBroken: Bool { state.withLock { $0.broken } }
 
     /// Puts the connection in the error state (a fault, or fencing of its node).
-    public func breakConnection() { state.withLock { $0.broken = true } }
+    package func breakConnection() { state.withLock { $0.broken = true } }
 
-    public func post(_ verbs: [Verb]) async throws(FabricError) -> [VerbResult] {
+    package func post(_ verbs: [Verb]) async throws(FabricError) -> [VerbResult] {
         if let simulator {
             let outcome = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<[VerbResult], FabricError>, Never>) in
                 startVirtualBatch(verbs, simulator: simulator, continuation: continuation)

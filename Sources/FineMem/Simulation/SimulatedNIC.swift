@@ -5,41 +5,6 @@ import Darwin
 #endif
 import Atomics
 
-/// A protection domain on a simulated NIC: a key works only on connections of its own
-/// domain, as an rkey works only on QPs of the PD it was registered in.
-public struct ProtectionDomain: Hashable, Sendable {
-    public let id: UInt32
-}
-
-/// A registered memory region on a simulated NIC.
-public struct MemoryRegion: Hashable, Sendable {
-    public let rkey: RKey
-    public let address: RemoteAddress
-    public let length: UInt64
-    public let access: RemoteAccess
-    public let protectionDomain: ProtectionDomain
-}
-
-/// A type-1 memory window on a simulated NIC, bound and invalidated by the owner of the NIC
-/// (the memory node), as `ibv_bind_mw` does.
-public struct MemoryWindow: Hashable, Sendable {
-    /// The 24-bit index; the current key is this index with the current tag.
-    public let index: UInt32
-    public let protectionDomain: ProtectionDomain
-}
-
-/// Errors of the memory node's local calls on a simulated NIC (registration and binding).
-public enum SimulatedNICError: Error, Sendable, Hashable {
-    case rangeOutsidePool(address: RemoteAddress, length: UInt64)
-    case noSuchRegion(RKey)
-    case noSuchWindow(UInt32)
-    case regionHasBoundWindows(RKey)
-    case bindOutsideRegion(address: RemoteAddress, length: UInt64)
-    case bindExceedsRegionAccess
-    case protectionDomainMismatch
-    case keySpaceExhausted
-}
-
 /// An in-process emulation of the NIC of one memory node, over an `mmap`'ed pool.
 ///
 /// The pool is reserved with `MAP_NORESERVE`: a 64 GiB pool costs nothing until touched.
@@ -55,13 +20,13 @@ public enum SimulatedNICError: Error, Sendable, Hashable {
 /// let connection = nic.connect(from: NodeID(1), protectionDomain: pd)
 /// try await connection.write(region.address, bytes: [1, 2, 3], rkey: region.rkey)
 /// ```
-public final class SimulatedNIC: @unchecked Sendable {
+package final class SimulatedNIC: NICControl, @unchecked Sendable {
     /// The memory node this NIC belongs to.
-    public let node: NodeID
+    package let node: NodeID
     /// The NIC address of the first byte of the pool.
-    public let baseAddress: RemoteAddress
+    package let baseAddress: RemoteAddress
     /// Size of the pool in bytes.
-    public let poolBytes: UInt64
+    package let poolBytes: UInt64
 
     private let pool: UnsafeMutableRawPointer
     private let keys = Locked(KeyTable())
@@ -83,7 +48,7 @@ public final class SimulatedNIC: @unchecked Sendable {
         var nextIndex: UInt32 = 1
         var nextProtectionDomain: UInt32 = 1
 
-        mutating func takeIndex() throws(SimulatedNICError) -> UInt32 {
+        mutating func takeIndex() throws(NICControlError) -> UInt32 {
             guard nextIndex < 1 << 24 else { throw .keySpaceExhausted }
             defer { nextIndex += 1 }
             return nextIndex
@@ -92,16 +57,23 @@ public final class SimulatedNIC: @unchecked Sendable {
 
     /// The default NIC address of a pool's first byte: not zero, so that a zero address is
     /// never valid, and the same on every run, so that simulated traces are reproducible.
-    public static let defaultBaseAddress = RemoteAddress(1 << 40)
+    package static let defaultBaseAddress = RemoteAddress(1 << 40)
+
+    /// The simulator whose virtual time the connections of `openConnection` run in; nil
+    /// for immediate mode (real threads).
+    package let simulator: Simulator?
 
     /// Maps a pool of `poolBytes` (rounded up to the page size) that the NIC serves.
-    public init(node: NodeID, poolBytes: UInt64, baseAddress: RemoteAddress = SimulatedNIC.defaultBaseAddress) throws(SimulatedNICError) {
+    package init(
+        node: NodeID, poolBytes: UInt64, simulator: Simulator? = nil, baseAddress: RemoteAddress = SimulatedNIC.defaultBaseAddress
+    ) throws(NICControlError) {
         let page = UInt64(sysconf(Int32(_SC_PAGESIZE)))
         let length = (poolBytes + page - 1) / page * page
         let mapped = mmap(nil, Int(length), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
         guard let mapped, mapped != MAP_FAILED else {
-            throw .rangeOutsidePool(address: baseAddress, length: length)
+            throw .poolUnavailable(bytes: length)
         }
+        self.simulator = simulator
         self.node = node
         self.baseAddress = baseAddress
         self.poolBytes = length
@@ -114,7 +86,7 @@ public final class SimulatedNIC: @unchecked Sendable {
 
     // MARK: Memory node's local calls (the verbs control path)
 
-    public func allocateProtectionDomain() -> ProtectionDomain {
+    package func allocateProtectionDomain() -> ProtectionDomain {
         keys.withLock { table in
             defer { table.nextProtectionDomain += 1 }
             return ProtectionDomain(id: table.nextProtectionDomain)
@@ -122,11 +94,11 @@ public final class SimulatedNIC: @unchecked Sendable {
     }
 
     /// Registers `[address, address+length)` of the pool with remote `access` (`ibv_reg_mr`).
-    public func registerRegion(
+    package func registerRegion(
         pd: ProtectionDomain, address: RemoteAddress, length: UInt64, access: RemoteAccess
-    ) throws(SimulatedNICError) -> MemoryRegion {
+    ) throws(NICControlError) -> MemoryRegion {
         guard contains(address, length) else { throw .rangeOutsidePool(address: address, length: length) }
-        return try keys.withLock { (table) throws(SimulatedNICError) -> MemoryRegion in
+        return try keys.withLock { (table) throws(NICControlError) -> MemoryRegion in
             let index = try table.takeIndex()
             let region = MemoryRegion(
                 rkey: RKey(index: index, tag: 0), address: address, length: length, access: access,
@@ -138,8 +110,8 @@ public final class SimulatedNIC: @unchecked Sendable {
 
     /// Deregisters a region (`ibv_dereg_mr`); refused while windows are bound to it. From
     /// then on its key is unknown: this is how a dead compute node is fenced.
-    public func deregister(_ region: MemoryRegion) throws(SimulatedNICError) {
-        try keys.withLock { (table) throws(SimulatedNICError) in
+    package func deregister(_ region: MemoryRegion) throws(NICControlError) {
+        try keys.withLock { (table) throws(NICControlError) in
             guard case .region(let known)? = table.entries[region.rkey.index], known == region else {
                 throw .noSuchRegion(region.rkey)
             }
@@ -151,8 +123,8 @@ public final class SimulatedNIC: @unchecked Sendable {
     }
 
     /// Allocates an unbound type-1 window (`ibv_alloc_mw`).
-    public func allocateWindow(pd: ProtectionDomain) throws(SimulatedNICError) -> MemoryWindow {
-        try keys.withLock { (table) throws(SimulatedNICError) -> MemoryWindow in
+    package func allocateWindow(pd: ProtectionDomain) throws(NICControlError) -> MemoryWindow {
+        try keys.withLock { (table) throws(NICControlError) -> MemoryWindow in
             let index = try table.takeIndex()
             let window = MemoryWindow(index: index, protectionDomain: pd)
             table.entries[index] = .window(WindowState(window: window, tag: 0, binding: nil))
@@ -162,15 +134,15 @@ public final class SimulatedNIC: @unchecked Sendable {
 
     /// Binds (or rebinds) `window` over part of `region` (`ibv_bind_mw`). The key's tag
     /// advances on every bind, so keys of earlier bindings stop working.
-    public func bind(
+    package func bind(
         _ window: MemoryWindow, in region: MemoryRegion, address: RemoteAddress, length: UInt64, access: RemoteAccess
-    ) throws(SimulatedNICError) -> RKey {
+    ) throws(NICControlError) -> RKey {
         guard window.protectionDomain == region.protectionDomain else { throw .protectionDomainMismatch }
         guard address >= region.address, length > 0, address.rawValue + length <= region.address.rawValue + region.length else {
             throw .bindOutsideRegion(address: address, length: length)
         }
         guard region.access.isSuperset(of: access) else { throw .bindExceedsRegionAccess }
-        return try keys.withLock { (table) throws(SimulatedNICError) -> RKey in
+        return try keys.withLock { (table) throws(NICControlError) -> RKey in
             guard case .region? = table.entries[region.rkey.index] else { throw .noSuchRegion(region.rkey) }
             guard case .window(var state)? = table.entries[window.index] else { throw .noSuchWindow(window.index) }
             state.tag &+= 1
@@ -181,16 +153,21 @@ public final class SimulatedNIC: @unchecked Sendable {
     }
 
     /// Invalidates a window's binding (local invalidate); its key stops working at once.
-    public func invalidate(_ window: MemoryWindow) throws(SimulatedNICError) {
-        try keys.withLock { (table) throws(SimulatedNICError) in
+    package func invalidate(_ window: MemoryWindow) throws(NICControlError) {
+        try keys.withLock { (table) throws(NICControlError) in
             guard case .window(var state)? = table.entries[window.index] else { throw .noSuchWindow(window.index) }
             state.binding = nil
             table.entries[window.index] = .window(state)
         }
     }
 
-    /// Opens a reliable connection from `node` in protection domain `pd`.
-    public func connect(
+    package func openConnection(from node: NodeID, protectionDomain pd: ProtectionDomain) -> any FabricConnection {
+        connect(from: node, protectionDomain: pd, simulator: simulator)
+    }
+
+    /// Opens a reliable connection from `node` in protection domain `pd`, in the virtual
+    /// time of `simulator` (immediate mode without one).
+    package func connect(
         from node: NodeID, protectionDomain pd: ProtectionDomain, simulator: Simulator? = nil
     ) -> SimulatedConnection {
         SimulatedConnection(nic: self, localNode: node, protectionDomain: pd, simulator: simulator)
@@ -199,16 +176,16 @@ public final class SimulatedNIC: @unchecked Sendable {
     /// Takes the memory node down: every verb from now on fails with `peerDead`, as
     /// completions fail with retry-exceeded when the remote host is gone. Its memory stays
     /// inspectable.
-    public func powerOff() { poweredOff.withLock { $0 = true } }
+    package func powerOff() { poweredOff.withLock { $0 = true } }
 
     /// Whether `powerOff()` was called.
-    public var isPoweredOff: Bool { poweredOff.withLock { $0 } }
+    package var isPoweredOff: Bool { poweredOff.withLock { $0 } }
 
     // MARK: Inspection (tests and invariant checkers; never used to change memory)
 
     /// Loads the 8-byte word at `address` atomically. For checkers only: protocol code
     /// reads through a connection.
-    public func peekWord(_ address: RemoteAddress) -> UInt64 {
+    package func peekWord(_ address: RemoteAddress) -> UInt64 {
         precondition(contains(address, 8) && address.rawValue % 8 == 0, "peek outside pool or misaligned: \(address)")
         return atomicWord(address).load(ordering: .relaxed)
     }

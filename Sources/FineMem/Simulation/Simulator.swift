@@ -20,9 +20,9 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
     /// The seed this run was created with; print it when a check fails.
     public let seed: UInt64
     /// The latency model that virtual-time connections use.
-    public let latency: LatencyModel
+    package let latency: LatencyModel
     /// Faults that apply from now on (crashes, stalls, broken links).
-    public let faults = FaultPlan()
+    package let faults = FaultPlan()
 
     private let readyJobs = Locked(JobQueue())
     private var timers = TimerHeap()
@@ -32,7 +32,7 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
     private var verbsExecuted: [NodeID: UInt64] = [:]
     public private(set) var traceHash = TraceHash()
     /// Verbs executed by all simulated NICs in this run.
-    public private(set) var totalVerbs: UInt64 = 0
+    package private(set) var totalVerbs: UInt64 = 0
 
     private struct JobQueue {
         var jobs: [UnownedJob] = []
@@ -48,7 +48,12 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
         }
     }
 
-    public init(seed: UInt64, latency: LatencyModel = LatencyModel()) {
+    /// A simulator whose run is determined by `seed`, with the default latency model.
+    public convenience init(seed: UInt64) {
+        self.init(seed: seed, latency: LatencyModel())
+    }
+
+    package init(seed: UInt64, latency: LatencyModel) {
         self.seed = seed
         self.latency = latency
         self.randomSource = SeededRandom(seed: seed)
@@ -98,17 +103,17 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
     }
 
     /// Calls `action` on the simulator thread at virtual time `time` (not before now).
-    public func schedule(at time: UInt64, _ action: @escaping () -> Void) {
+    package func schedule(at time: UInt64, _ action: @escaping () -> Void) {
         timers.push(at: max(time, now), action)
     }
 
     /// Draws from the run's seeded generator.
-    public func random<T: FixedWidthInteger>(in range: ClosedRange<T>) -> T {
+    package func random<T: FixedWidthInteger>(in range: ClosedRange<T>) -> T {
         T.random(in: range, using: &randomSource)
     }
 
     /// Derives a seed for an independent stream (a workload, a compute node's choices).
-    public func forkSeed() -> UInt64 { randomSource.next() }
+    package func forkSeed() -> UInt64 { randomSource.next() }
 
     // MARK: NIC timing (used by virtual-time connections)
 
@@ -148,7 +153,7 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
     }
 
     /// Verbs that `node` has had executed so far.
-    public func verbsExecuted(by node: NodeID) -> UInt64 { verbsExecuted[node] ?? 0 }
+    package func verbsExecuted(by node: NodeID) -> UInt64 { verbsExecuted[node] ?? 0 }
 }
 
 /// A binary min-heap of timers ordered by (time, insertion sequence): ties run in the

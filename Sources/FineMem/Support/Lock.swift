@@ -42,3 +42,12 @@ final class Locked<Value>: @unchecked Sendable {
         try lock.withLock { () throws(Failure) -> Result in try body(&value) }
     }
 }
+
+/// Runs `check` in debug builds only: for invariant checks too costly for release, such as
+/// walking a whole cache after every change. Cheap checks use `precondition` directly.
+@inline(__always)
+func debugOnly(_ check: () -> Void) {
+    #if DEBUG
+    check()
+    #endif
+}

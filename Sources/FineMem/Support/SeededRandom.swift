@@ -2,11 +2,11 @@
 ///
 /// Every random choice in the package that must be reproducible (simulation latencies,
 /// span choice, fault plans, workloads) draws from one of these, derived from a seed.
-public struct SeededRandom: RandomNumberGenerator, Sendable {
+package struct SeededRandom: RandomNumberGenerator, Sendable {
     private var state: (UInt64, UInt64, UInt64, UInt64)
 
     /// Creates a generator whose whole output is determined by `seed`.
-    public init(seed: UInt64) {
+    package init(seed: UInt64) {
         var mixer = seed
         func splitMix(_ x: inout UInt64) -> UInt64 {
             x &+= 0x9E37_79B9_7F4A_7C15
@@ -18,7 +18,7 @@ public struct SeededRandom: RandomNumberGenerator, Sendable {
         state = (splitMix(&mixer), splitMix(&mixer), splitMix(&mixer), splitMix(&mixer))
     }
 
-    public mutating func next() -> UInt64 {
+    package mutating func next() -> UInt64 {
         let result = rotateLeft(state.1 &* 5, 7) &* 9
         let t = state.1 << 17
         state.2 ^= state.0
@@ -31,7 +31,7 @@ public struct SeededRandom: RandomNumberGenerator, Sendable {
     }
 
     /// A new generator whose stream is independent of this one's continuation.
-    public mutating func fork() -> SeededRandom {
+    package mutating func fork() -> SeededRandom {
         SeededRandom(seed: next())
     }
 
@@ -44,9 +44,9 @@ public struct SeededRandom: RandomNumberGenerator, Sendable {
 public struct TraceHash: Sendable, Hashable, CustomStringConvertible {
     public private(set) var value: UInt64 = 0xCBF2_9CE4_8422_2325
 
-    public init() {}
+    package init() {}
 
-    public mutating func mix(_ word: UInt64) {
+    package mutating func mix(_ word: UInt64) {
         var w = word
         for _ in 0..<8 {
             value ^= w & 0xFF

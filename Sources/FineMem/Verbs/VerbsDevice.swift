@@ -4,17 +4,17 @@ import Glibc
 #endif
 
 /// An error from libibverbs, with the call that failed and its errno.
-public struct VerbsError: Error, Sendable, Hashable, CustomStringConvertible {
-    public let call: String
-    public let errno: Int32
-    public var description: String { "\(call) failed: \(String(cString: strerror(errno))) (errno \(errno))" }
+package struct VerbsError: Error, Sendable, Hashable, CustomStringConvertible {
+    package let call: String
+    package let errno: Int32
+    package var description: String { "\(call) failed: \(String(cString: strerror(errno))) (errno \(errno))" }
 }
 
 /// An RDMA device as libibverbs lists it.
-public struct VerbsDeviceInfo: Sendable, Hashable {
-    public let name: String
+package struct VerbsDeviceInfo: Sendable, Hashable {
+    package let name: String
     /// The node GUID, in host order.
-    public let guid: UInt64
+    package let guid: UInt64
 }
 
 /// The RDMA devices of this machine.
@@ -27,8 +27,8 @@ public struct VerbsDeviceInfo: Sendable, Hashable {
 /// let devices = try VerbsDevices.list()
 /// if devices.isEmpty { print("no RDMA device: using the simulated NIC") }
 /// ```
-public enum VerbsDevices {
-    public static func list() throws(VerbsError) -> [VerbsDeviceInfo] {
+package enum VerbsDevices {
+    package static func list() throws(VerbsError) -> [VerbsDeviceInfo] {
         var count: Int32 = 0
         finemem_clear_errno()
         guard let list = ibv_get_device_list(&count) else {

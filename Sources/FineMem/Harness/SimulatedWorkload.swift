@@ -1,48 +1,48 @@
 /// A seeded allocate/free workload of many compute nodes and tasks in virtual time, with
 /// the invariants checked after every operation and at the end. `swift test` runs it for
 /// many seeds; `finemem soak` runs as many as asked; `finemem bench` measures with it.
-public struct SimulatedWorkload: Sendable {
-    public struct Configuration: Sendable, Hashable {
-        public var memoryNodes = 1
-        public var poolBytesPerNode: UInt64 = 64 << 20
-        public var computeNodes = 16
-        public var tasksPerComputeNode = 8
-        public var operationsPerTask = 40
+package struct SimulatedWorkload: Sendable {
+    package struct Configuration: Sendable, Hashable {
+        package var memoryNodes = 1
+        package var poolBytesPerNode: UInt64 = 64 << 20
+        package var computeNodes = 16
+        package var tasksPerComputeNode = 8
+        package var operationsPerTask = 40
         /// Block sizes as log2 of chunks: 0 = 4 KiB ... 11 = 8 MiB. Drawn with weight
         /// halving as the size doubles, so small blocks dominate as in the paper's traces.
-        public var sizeLog2Range: ClosedRange<Int> = 0...11
+        package var chunkCountLog2Range: ClosedRange<Int> = 0...11
         /// Probability (percent) that a task holding blocks frees one instead of allocating.
-        public var freePercent = 45
-        public var checkInvariants = true
-        public var allocator = AllocatorConfiguration()
-        public var latency = LatencyModel()
+        package var freePercent = 45
+        package var checkInvariants = true
+        package var allocator = AllocatorConfiguration()
+        package var latency = LatencyModel()
 
-        public init() {}
+        package init() {}
     }
 
-    public struct Report: Sendable, CustomStringConvertible {
-        public var seed: UInt64
-        public var allocations = 0
-        public var frees = 0
-        public var outOfMemory = 0
-        public var virtualNanoseconds: UInt64 = 0
-        public var traceHash = TraceHash()
-        public var statistics = AllocatorStatistics()
-        public var violations: [String] = []
-        public var allocationLatencies: [UInt64] = []
+    package struct Report: Sendable, CustomStringConvertible {
+        package var seed: UInt64
+        package var allocations = 0
+        package var frees = 0
+        package var outOfMemory = 0
+        package var virtualNanoseconds: UInt64 = 0
+        package var traceHash = TraceHash()
+        package var statistics = AllocatorStatistics()
+        package var violations: [String] = []
+        package var allocationLatencies: [UInt64] = []
 
-        public var description: String {
+        package var description: String {
             "seed \(seed): \(allocations) allocations, \(frees) frees, \(outOfMemory) out of memory, "
                 + "\(virtualNanoseconds / 1_000) us virtual, trace \(traceHash), \(violations.count) violations"
         }
     }
 
-    public let configuration: Configuration
+    package let configuration: Configuration
 
-    public init(_ configuration: Configuration) { self.configuration = configuration }
+    package init(_ configuration: Configuration) { self.configuration = configuration }
 
     /// Runs the workload with `seed` and answers what happened. Same seed, same report.
-    public func run(seed: UInt64) -> Report {
+    package func run(seed: UInt64) -> Report {
         let simulator = Simulator(seed: seed, latency: configuration.latency)
         let report = Locked(Report(seed: seed))
         let configuration = configuration
@@ -80,7 +80,7 @@ public struct SimulatedWorkload: Sendable {
             report.withLock { $0.violations.append("cluster did not start: \(error)") }
             return
         }
-        let inspector = PoolInspector(memoryNodes: cluster.memoryNodes)
+        let inspector = PoolInspector(cluster: cluster)
         let check = configuration.checkInvariants
         func note(_ problems: [String]) {
             if !problems.isEmpty { report.withLock { $0.violations += problems } }
@@ -107,10 +107,10 @@ public struct SimulatedWorkload: Sendable {
                                 note(["free of \(block) failed: \(error)"])
                             }
                         } else {
-                            let size = drawSize(configuration.sizeLog2Range, &random)
+                            let size = drawSize(configuration.chunkCountLog2Range, &random)
                             let start = simulator.nowNanoseconds
                             do throws(AllocationError) {
-                                let block = try await blocks.allocate(sizeLog2: size, application: application)
+                                let block = try await blocks.allocate(chunkCountLog2: size, application: application)
                                 let latency = simulator.nowNanoseconds - start
                                 held.append(block)
                                 report.withLock { r in

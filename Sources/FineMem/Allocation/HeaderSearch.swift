@@ -1,0 +1,116 @@
+/// Where a search decided to go next.
+enum HeaderChoice: Sendable {
+    /// Claim the run at `offset` of the header at `slot`.
+    case claim(HeaderSlot, offset: Int)
+    /// The span headers of this chunk-mode section are not cached yet: read them.
+    case readSpans(section: Int)
+    /// Open this empty span (chunk layer).
+    case open(section: Int, span: Int)
+    /// Every candidate has a CAS of this node in flight: try again shortly.
+    case wait
+}
+
+/// Picks where to put `2^chunkCountLog2` chunks, from the cache: a normal open span with
+/// room, else an uncached chunk-mode section (to read), else an empty span (preferring
+/// sections already in use, so that whole sections stay free for large blocks), else a
+/// contended or full-hinted span with room. Marks the chosen header busy.
+func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeLink) -> HeaderChoice? {
+    let sectionCount = cache.sectionCount
+    var openInUsedSection: (section: Int, span: Int)?
+    var openInEmptySection: (section: Int, span: Int)?
+    var avoided: (slot: HeaderSlot, offset: Int)?
+    var unknownSection: Int?
+    var skippedBusy = false
+    for step in 0..<sectionCount {
+        let section = (cache.cursor + step) % sectionCount
+        guard let sectionHeader = cache.settled(SectionHeader.self, .section(section)) else { continue }
+        for span in 0..<PoolGeometry.spansPerSection {
+            let state = sectionHeader.state(ofSpan: span)
+            switch state {
+            case .whole:
+                continue
+            case .empty:
+                guard openInUsedSection == nil else { continue }
+                if cache.busy.contains(.section(section)) { skippedBusy = true; continue }
+                if !sectionHeader.isAllEmpty {
+                    openInUsedSection = (section, span)
+                } else if openInEmptySection == nil {
+                    openInEmptySection = (section, span)
+                }
+            case .chunks, .chunksAvoid:
+                guard cache.spansKnown[section] else {
+                    if unknownSection == nil { unknownSection = section }
+                    continue
+                }
+                let slot = HeaderSlot.span(section: section, span: span)
+                guard let spanHeader = cache.settled(SpanHeader.self, slot), let offset = spanHeader.firstFreeRun(chunkCountLog2: chunkCountLog2) else { continue }
+                if cache.busy.contains(slot) { skippedBusy = true; continue }
+                if state == .chunks, !spanHeader.contended, !link.waitsForFlush(SpanHeader.self, slot, cache: cache) {
+                    cache.cursor = section
+                    cache.busy.insert(slot)
+                    return .claim(slot, offset: offset)
+                }
+                if avoided == nil { avoided = (slot, offset) }
+            }
+        }
+    }
+    if let unknownSection { return .readSpans(section: unknownSection) }
+    if let (section, span) = openInUsedSection ?? openInEmptySection {
+        cache.busy.insert(.section(section))
+        cache.cursor = section
+        return .open(section: section, span: span)
+    }
+    if let avoided {
+        cache.busy.insert(avoided.slot)
+        return .claim(avoided.slot, offset: avoided.offset)
+    }
+    return skippedBusy ? .wait : nil
+}
+
+/// Picks a section with an aligned run of `2^spanCountLog2` empty spans: a normal section
+/// already in use first, then a wholly empty one, then a contended one (or one whose log
+/// another node has yet to flush). Marks the chosen header busy; the cursor moves when the
+/// claim commits.
+func chooseSection(spanCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeLink) -> HeaderChoice? {
+    let sectionCount = cache.sectionCount
+    var empty: HeaderChoice?
+    var contended: HeaderChoice?
+    var skippedBusy = false
+    for step in 0..<sectionCount {
+        let section = (cache.cursor + step) % sectionCount
+        let slot = HeaderSlot.section(section)
+        guard let header = cache.settled(SectionHeader.self, slot), let offset = header.firstEmptyRun(spanCountLog2: spanCountLog2) else { continue }
+        if cache.busy.contains(slot) { skippedBusy = true; continue }
+        let choice = HeaderChoice.claim(slot, offset: offset)
+        if header.contended || link.waitsForFlush(SectionHeader.self, slot, cache: cache) {
+            if contended == nil { contended = choice }
+        } else if header.isAllEmpty {
+            if empty == nil { empty = choice }
+        } else {
+            cache.busy.insert(slot)
+            return choice
+        }
+    }
+    guard let chosen = empty ?? contended else { return skippedBusy ? .wait : nil }
+    if case .claim(let slot, _) = chosen { cache.busy.insert(slot) }
+    return chosen
+}
+
+/// Picks an aligned run of `count` wholly empty sections, searching from the end of the
+/// pool (small blocks fill from each node's cursor, large ones from the top), and marks
+/// them busy. Answers `.some(nil)` when every run found has a section busy.
+func chooseRun(count: Int, cache: inout HeaderCache) -> Range<Int>?? {
+    let groupCount = cache.sectionCount / count
+    var skippedBusy = false
+    for group in stride(from: groupCount - 1, through: 0, by: -1) {
+        let sections = group * count..<(group + 1) * count
+        guard sections.allSatisfy({ cache.settled(SectionHeader.self, .section($0))?.isAllEmpty ?? false }) else { continue }
+        if sections.contains(where: { cache.busy.contains(.section($0)) }) {
+            skippedBusy = true
+            continue
+        }
+        for section in sections { cache.busy.insert(.section(section)) }
+        return .some(sections)
+    }
+    return skippedBusy ? .some(nil) : nil
+}

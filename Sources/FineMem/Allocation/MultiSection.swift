@@ -1,0 +1,154 @@
+/// Blocks over 2 MiB: aligned runs of whole sections.
+///
+/// A claim writes the intent record (kind claim, the run, owner, application) and sends
+/// one CAS per section in one doorbell; if any CAS loses, the claimed sections are rolled
+/// back to exactly the words they had and the intent is cleared, in one more doorbell. A
+/// release writes a release intent with its first CASes and rolls forward until every
+/// section is released. Either way, once every section is committed the block's record
+/// is written and each section's pending bit cleared in one doorbell, and the intent is
+/// cleared last (`MemoryNodeLink.flushRun`). Between any two of these verbs the intent
+/// record names the node in the middle of the operation.
+extension BlockAllocator {
+    /// Takes a free intent slot of this node, waiting (bounded) while all are busy.
+    private func takeIntentSlot() async throws(AllocationError) -> Int {
+        var backoff = Backoff(configuration)
+        while true {
+            if let slot = freeIntentSlots.withLock({ $0.popLast() }) { return slot }
+            do { try await backoff.pause(runtime) } catch { throw .intentSlotsBusy }
+        }
+    }
+
+    /// Allocates `2^chunkCountLog2` chunks (more than one section) as an aligned run of
+    /// whole sections; nil when the node has no such run.
+    func allocateSections(
+        chunkCountLog2: Int, application: ApplicationID, on link: MemoryNodeLink, trace: inout OperationTrace
+    ) async throws(AllocationError) -> Block? {
+        let sectionCountLog2 = chunkCountLog2 - Block.sectionLayerCountLog2Max
+        let sectionCount = 1 << sectionCountLog2
+        guard sectionCount <= link.geometry.sectionCount else { return nil }
+        let intentSlot = try await takeIntentSlot()
+        var intentSlotHandedOver = false
+        defer { if !intentSlotHandedOver { freeIntentSlots.withLock { $0.append(intentSlot) } } }
+        var refreshed = false
+        var backoff = Backoff(configuration)
+        while trace.attempts < configuration.operationAttemptsMax {
+            guard let choice = link.cache.withLock({ chooseRun(count: sectionCount, cache: &$0) }) else {
+                if refreshed { return nil }
+                refreshed = true
+                do { try await link.refresh(trace: &trace) } catch { throw .fabric(error) }
+                continue
+            }
+            guard let sections = choice else {
+                try await backoff.pause(runtime)
+                continue
+            }
+            let slots = sections.map(HeaderSlot.section)
+            defer { for slot in slots { link.releaseBusy(slot) } }
+            let intent = IntentRecord(kind: .claim, firstSection: sections.lowerBound, sectionCountLog2: sectionCountLog2, owner: owner, application: application)
+            var bases: [HeaderSlot: SectionHeader] = [:]
+            let outcomes: [UpdateOutcome<SectionHeader>]
+            do {
+                outcomes = try await link.updateEach(
+                    slots, UpdatePolicy(attemptsMax: 1, log: .commitAfterFlush), requireAll: true,
+                    before: [link.intentWrite(intent, slot: intentSlot)], trace: &trace
+                ) { slot, header in
+                    bases[slot] = header
+                    return header.claimingForMultiSection(owner: owner)
+                }
+            } catch { throw .fabric(error) }
+            let claimed = zip(slots, outcomes).compactMap { slot, outcome -> (HeaderSlot, SectionHeader)? in
+                guard case .updated(let header) = outcome else { return nil }
+                return (slot, header)
+            }
+            if claimed.count == sectionCount {
+                let block = Block(memoryNode: link.memoryNode, firstChunk: sections.lowerBound * PoolGeometry.chunksPerSection, chunkCountLog2: chunkCountLog2)
+                intentSlotHandedOver = true
+                committedRun(claimed, block: block, allocated: true, application: application, intentSlot: intentSlot, link: link)
+                return block
+            }
+            if claimed.isEmpty, outcomes.allSatisfy({ if case .refused = $0 { true } else { false } }) {
+                // The cache was stale; nothing was sent.
+                trace.attempts += 1
+                continue
+            }
+            try await rollBack(claimed, to: bases, intentSlot: intentSlot, on: link, trace: &trace)
+            let pendingLoss = outcomes.contains { outcome in
+                if case .lost(let current) = outcome { SectionHeader(rawValue: current)?.logPending ?? false } else { false }
+            }
+            try await lost(toPendingLog: pendingLoss, backoff: &backoff, trace: &trace)
+        }
+        throw .retryLimitExceeded(attempts: trace.attempts)
+    }
+
+    /// Undoes the claims of a multi-section allocation that lost a race: each claimed
+    /// section goes back to exactly the word it had (nobody else can change a section
+    /// while this node's claim log is pending on it), and the intent is cleared after
+    /// them, in one doorbell.
+    private func rollBack(
+        _ claimed: [(HeaderSlot, SectionHeader)], to bases: [HeaderSlot: SectionHeader], intentSlot: Int, on link: MemoryNodeLink,
+        trace: inout OperationTrace
+    ) async throws(AllocationError) {
+        let slots = claimed.map(\.0)
+        guard !slots.isEmpty else {
+            do { _ = try await link.post([link.intentWrite(.none, slot: intentSlot)], trace: &trace) } catch { throw .fabric(error) }
+            return
+        }
+        let outcomes: [UpdateOutcome<SectionHeader>]
+        do {
+            outcomes = try await link.updateEach(
+                slots, UpdatePolicy(attemptsMax: 1), requireAll: true, known: claimed.map(\.1.rawValue),
+                after: [link.intentWrite(.none, slot: intentSlot)], trace: &trace
+            ) { slot, _ in bases[slot] }
+        } catch { throw .fabric(error) }
+        guard outcomes.allSatisfy({ if case .updated = $0 { true } else { false } }) else {
+            throw .corruptMetadata("a claimed section changed under its claim (rollback of \(slots))")
+        }
+    }
+
+    /// Frees a multi-section block. Once one section is released the free only rolls
+    /// forward: the others are retried until released (only this node can change them).
+    func freeSections(_ block: Block, application: ApplicationID, on link: MemoryNodeLink, trace: inout OperationTrace) async throws(AllocationError) {
+        let slots = block.sections.map(HeaderSlot.section)
+        try await waitForOwnFlushes(slots, on: link)
+        let intentSlot = try await takeIntentSlot()
+        var intentSlotHandedOver = false
+        defer { if !intentSlotHandedOver { freeIntentSlots.withLock { $0.append(intentSlot) } } }
+        let intent = IntentRecord(kind: .release, firstSection: block.section, sectionCountLog2: block.sectionCountLog2, owner: owner, application: application)
+        let outcomes: [UpdateOutcome<SectionHeader>]
+        do {
+            outcomes = try await link.updateEach(
+                slots, UpdatePolicy(attemptsMax: configuration.operationAttemptsMax, log: .commitAfterFlush, rereadOnRefusal: true),
+                requireAll: true, before: [link.intentWrite(intent, slot: intentSlot)], trace: &trace
+            ) { _, header in header.releasingFromMultiSection(owner: owner) }
+        } catch { throw .fabric(error) }
+        var released: [(HeaderSlot, SectionHeader)] = []
+        for (slot, outcome) in zip(slots, outcomes) {
+            switch outcome {
+            case .updated(let header): released.append((slot, header))
+            case .refused: throw .corruptMetadata("sections \(block.sections) do not hold \(block)")
+            case .lost: throw .retryLimitExceeded(attempts: configuration.operationAttemptsMax)
+            }
+        }
+        intentSlotHandedOver = true
+        committedRun(released, block: block, allocated: false, application: application, intentSlot: intentSlot, link: link)
+    }
+
+    /// After a multi-section claim or release: checks the postcondition (every section
+    /// whole or empty, with this node's pending log), records the logs, and flushes them
+    /// in the background (`MemoryNodeLink.flushRun`), which also clears the intent.
+    private func committedRun(
+        _ headers: [(HeaderSlot, SectionHeader)], block: Block, allocated: Bool, application: ApplicationID, intentSlot: Int,
+        link: MemoryNodeLink
+    ) {
+        for (slot, header) in headers {
+            precondition(allocated ? header.isAllWhole : header.isAllEmpty, "a multi-section commit left \(slot) as \(header)")
+        }
+        let record = link.logCommittedRun(headers, block: block, allocated: allocated, application: application)
+        startUpkeep { [self] in
+            var trace = OperationTrace()
+            await link.flushRun(headers, record: record, at: block, intentSlot: intentSlot, attemptsMax: configuration.flushAttemptsMax, trace: &trace)
+            freeIntentSlots.withLock { $0.append(intentSlot) }
+            return trace
+        }
+    }
+}

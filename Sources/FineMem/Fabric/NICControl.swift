@@ -1,0 +1,84 @@
+/// A protection domain: a key works only on connections of its own domain, as an rkey
+/// works only on QPs of the PD it was registered in.
+package struct ProtectionDomain: Hashable, Sendable {
+    package let id: UInt32
+    package init(id: UInt32) { self.id = id }
+}
+
+/// A registered memory region (`ibv_reg_mr`).
+package struct MemoryRegion: Hashable, Sendable {
+    package let rkey: RKey
+    package let address: RemoteAddress
+    package let length: UInt64
+    package let access: RemoteAccess
+    package let protectionDomain: ProtectionDomain
+}
+
+/// A type-1 memory window (`ibv_alloc_mw`), bound and invalidated by the memory node that
+/// owns the NIC.
+package struct MemoryWindow: Hashable, Sendable {
+    /// The 24-bit index; the current key is this index with the current tag.
+    package let index: UInt32
+    package let protectionDomain: ProtectionDomain
+}
+
+/// Errors of a memory node's local calls on its NIC (registration, binding, connecting).
+package enum NICControlError: Error, Sendable, Hashable, CustomStringConvertible {
+    case poolUnavailable(bytes: UInt64)
+    case rangeOutsidePool(address: RemoteAddress, length: UInt64)
+    case noSuchRegion(RKey)
+    case noSuchWindow(UInt32)
+    case regionHasBoundWindows(RKey)
+    case bindOutsideRegion(address: RemoteAddress, length: UInt64)
+    case bindExceedsRegionAccess
+    case protectionDomainMismatch
+    case keySpaceExhausted
+
+    package var description: String {
+        switch self {
+        case .poolUnavailable(let bytes): "cannot map a pool of \(bytes) bytes"
+        case .rangeOutsidePool(let address, let length): "\(length) bytes at \(address) are outside the pool"
+        case .noSuchRegion(let key): "no region has \(key)"
+        case .noSuchWindow(let index): "no window has index \(index)"
+        case .regionHasBoundWindows(let key): "the region of \(key) still has bound windows"
+        case .bindOutsideRegion(let address, let length): "a window of \(length) bytes at \(address) is outside its region"
+        case .bindExceedsRegionAccess: "a window cannot grant more access than its region"
+        case .protectionDomainMismatch: "window and region are in different protection domains"
+        case .keySpaceExhausted: "no 24-bit key index is left"
+        }
+    }
+}
+
+/// The control path of a memory node's NIC: what the memory node does locally to serve
+/// its pool (the verbs `ibv_alloc_pd`, `ibv_reg_mr`, `ibv_dereg_mr`, `ibv_alloc_mw`,
+/// `ibv_bind_mw`, invalidation, and connecting a queue pair). The simulated NIC implements
+/// it, and the verbs NIC will; the memory node knows only this protocol.
+///
+/// ```swift
+/// let pd = try nic.allocateProtectionDomain()
+/// let region = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: 4096, access: .all)
+/// let connection = nic.openConnection(from: NodeID(1001), protectionDomain: pd)
+/// ```
+package protocol NICControl: AnyObject, Sendable {
+    /// The memory node this NIC serves.
+    var node: NodeID { get }
+    /// The NIC address of the pool's first byte.
+    var baseAddress: RemoteAddress { get }
+    /// Bytes of the pool.
+    var poolBytes: UInt64 { get }
+
+    func allocateProtectionDomain() throws(NICControlError) -> ProtectionDomain
+    /// Registers `[address, address+length)` with remote `access`. Regions are registered
+    /// without relaxed ordering: the protocol relies on a WRITE being placed before a later
+    /// atomic of the same QP.
+    func registerRegion(pd: ProtectionDomain, address: RemoteAddress, length: UInt64, access: RemoteAccess) throws(NICControlError) -> MemoryRegion
+    /// Deregisters a region; refused while windows are bound to it.
+    func deregister(_ region: MemoryRegion) throws(NICControlError)
+    func allocateWindow(pd: ProtectionDomain) throws(NICControlError) -> MemoryWindow
+    /// Binds (or rebinds) a window over part of a region; the key's tag advances on every bind.
+    func bind(_ window: MemoryWindow, in region: MemoryRegion, address: RemoteAddress, length: UInt64, access: RemoteAccess) throws(NICControlError) -> RKey
+    /// Invalidates a window's binding: its key stops working at once.
+    func invalidate(_ window: MemoryWindow) throws(NICControlError)
+    /// Opens a reliable connection from `node`, in protection domain `pd`.
+    func openConnection(from node: NodeID, protectionDomain pd: ProtectionDomain) -> any FabricConnection
+}

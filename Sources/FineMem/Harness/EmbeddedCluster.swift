@@ -1,0 +1,139 @@
+/// Errors of starting an embedded cluster or asking it for an allocator.
+public enum ClusterError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// The configuration cannot describe a cluster.
+    case invalidConfiguration(String)
+    /// A memory node could not be started.
+    case memoryNodeFailed(NodeID, reason: String)
+    /// A compute node could not attach to its memory nodes.
+    case allocation(AllocationError)
+    /// No compute node has this index.
+    case noSuchComputeNode(Int, computeNodes: Int)
+
+    public var description: String {
+        switch self {
+        case .invalidConfiguration(let why): "invalid cluster configuration: \(why)"
+        case .memoryNodeFailed(let node, let reason): "memory node \(node) did not start: \(reason)"
+        case .allocation(let error): "allocation: \(error)"
+        case .noSuchComputeNode(let index, let count): "compute node \(index) does not exist (the cluster has \(count))"
+        }
+    }
+}
+
+/// Memory nodes on simulated NICs and compute nodes, all in this process: the default way
+/// to use FineMem without RDMA hardware. Real threads and atomics (immediate mode), or
+/// deterministic virtual time when a `Simulator` is given.
+///
+/// ```swift
+/// let cluster = try await EmbeddedCluster.start(.init(memoryNodes: 2, poolBytesPerNode: 1 << 30, computeNodes: 4))
+/// let allocator = try cluster.makeAllocator(computeNode: 0, application: ApplicationID(7))
+/// let buffer = try await allocator.allocate(bytes: 4096)
+/// ```
+public final class EmbeddedCluster: Sendable {
+    /// The shape of a cluster.
+    public struct Configuration: Sendable, Hashable {
+        /// Memory nodes, 1-1000.
+        public var memoryNodes = 1
+        /// Data bytes of each memory node's pool (rounded up to 2 MiB sections).
+        public var poolBytesPerNode: UInt64 = 1 << 30
+        /// Compute nodes, each with its own allocator (at least 1).
+        public var computeNodes = 1
+        /// Tunables of every compute node's allocator.
+        public var allocator = AllocatorConfiguration()
+
+        public init(memoryNodes: Int = 1, poolBytesPerNode: UInt64 = 1 << 30, computeNodes: Int = 1, allocator: AllocatorConfiguration = AllocatorConfiguration()) {
+            self.memoryNodes = memoryNodes
+            self.poolBytesPerNode = poolBytesPerNode
+            self.computeNodes = computeNodes
+            self.allocator = allocator
+        }
+    }
+
+    public let configuration: Configuration
+    package let memoryNodes: [MemoryNode]
+    /// The simulated NIC of each memory node, in the order of `memoryNodes`.
+    package let nics: [SimulatedNIC]
+    /// One block allocator per compute node (owner ids 1, 2, ...).
+    package let computeNodes: [BlockAllocator]
+
+    private init(configuration: Configuration, memoryNodes: [MemoryNode], nics: [SimulatedNIC], computeNodes: [BlockAllocator]) {
+        self.configuration = configuration
+        self.memoryNodes = memoryNodes
+        self.nics = nics
+        self.computeNodes = computeNodes
+    }
+
+    /// The fabric node id of compute node `index` (0-based); memory nodes are 0, 1, ...
+    package static func computeNodeID(_ index: Int) -> NodeID { NodeID(UInt16(1001 + index)) }
+
+    /// The node-table slot (owner id) of compute node `index` (0-based).
+    package static func owner(ofComputeNode index: Int) -> OwnerID { OwnerID(UInt16(index + 1)) }
+
+    /// Formats the memory nodes and starts the compute nodes. With a simulator, call this
+    /// from a task the simulator runs (`simulator.spawn`).
+    public static func start(_ configuration: Configuration = Configuration(), simulator: Simulator? = nil) async throws(ClusterError) -> EmbeddedCluster {
+        guard configuration.memoryNodes >= 1, configuration.memoryNodes <= 1_000 else {
+            throw .invalidConfiguration("memory nodes must be 1...1000, not \(configuration.memoryNodes)")
+        }
+        guard configuration.computeNodes >= 1, configuration.computeNodes < Int(OwnerID.maxRawValue) else {
+            throw .invalidConfiguration("compute nodes must be 1...\(OwnerID.maxRawValue - 1), not \(configuration.computeNodes)")
+        }
+        let geometry: PoolGeometry
+        do {
+            geometry = try PoolGeometry(dataBytes: configuration.poolBytesPerNode, computeNodeSlots: max(64, configuration.computeNodes + 1))
+        } catch {
+            throw .invalidConfiguration("\(error)")
+        }
+        var memoryNodes: [MemoryNode] = []
+        var nics: [SimulatedNIC] = []
+        for index in 0..<configuration.memoryNodes {
+            let id = NodeID(UInt16(index))
+            do {
+                let nic = try SimulatedNIC(node: id, poolBytes: geometry.totalBytes, simulator: simulator)
+                nics.append(nic)
+                memoryNodes.append(try await MemoryNode.format(nic: nic, geometry: geometry))
+            } catch {
+                throw .memoryNodeFailed(id, reason: "\(error)")
+            }
+        }
+        var computeNodes: [BlockAllocator] = []
+        let runtime: any Runtime = simulator ?? SystemRuntime.shared
+        for index in 0..<configuration.computeNodes {
+            let owner = owner(ofComputeNode: index)
+            var links: [(MemoryNodeGrant, any FabricConnection)] = []
+            for memoryNode in memoryNodes {
+                do { links.append(try memoryNode.attach(computeNode: owner, from: computeNodeID(index))) } catch {
+                    throw .memoryNodeFailed(memoryNode.id, reason: "\(error)")
+                }
+            }
+            do {
+                computeNodes.append(try await BlockAllocator.start(owner: owner, memoryNodes: links, runtime: runtime, configuration: configuration.allocator))
+            } catch {
+                throw .allocation(error)
+            }
+        }
+        return EmbeddedCluster(configuration: configuration, memoryNodes: memoryNodes, nics: nics, computeNodes: computeNodes)
+    }
+
+    /// An allocator for `application` on compute node `computeNode` (0-based).
+    public func makeAllocator(computeNode: Int = 0, application: ApplicationID = ApplicationID(1)) throws(ClusterError) -> RemoteAllocator {
+        guard computeNodes.indices.contains(computeNode) else { throw .noSuchComputeNode(computeNode, computeNodes: computeNodes.count) }
+        return RemoteAllocator(application: application, blocks: computeNodes[computeNode])
+    }
+
+    /// Waits for every compute node's background upkeep (log flushes, span and section
+    /// state) to finish.
+    public func quiesce() async {
+        for node in computeNodes { await node.quiesce() }
+    }
+
+    /// The sum of all compute nodes' counters.
+    public var statistics: AllocatorStatistics {
+        computeNodes.map(\.statistics).reduce(AllocatorStatistics(), +)
+    }
+
+    /// Fences compute node `index` on every memory node: nothing it posts from now on
+    /// reaches a pool.
+    package func fence(computeNode index: Int) throws(MemoryNodeError) {
+        for memoryNode in memoryNodes { try memoryNode.fence(computeNode: Self.owner(ofComputeNode: index)) }
+    }
+}

@@ -1,0 +1,179 @@
+/// Checks DESIGN.md's invariants on memory nodes by reading their words (never writing).
+///
+/// - Invariant 1: no two live blocks overlap (`admit` keeps a chunk map of the ledger).
+/// - Invariant 3: the two header layers agree: a span with chunks in use is open and its
+///   section entry is in chunk mode; a span whose section entry is empty or whole is not
+///   open. Every block of the ledger is marked in the headers of its layer.
+/// - At rest (`checkAtRest`, after every flush): no pending log, every chunk in use
+///   belongs to a ledger block, every ledger block's full-log record names its owner and
+///   size, and no record claims a block the ledger does not hold (no leak).
+package final class PoolInspector: @unchecked Sendable {
+    /// One memory node's pool as the inspector reads it: through its simulated NIC.
+    private struct Pool {
+        let id: NodeID
+        let geometry: PoolGeometry
+        let nic: SimulatedNIC
+    }
+
+    private let pools: [Pool]
+    private var holders: [NodeID: [Int: Block]] = [:]
+    private var ledger: [Block: OwnerID] = [:]
+
+    /// An inspector of every memory node of `cluster`.
+    package init(cluster: EmbeddedCluster) {
+        pools = zip(cluster.memoryNodes, cluster.nics).map { Pool(id: $0.id, geometry: $0.geometry, nic: $1) }
+    }
+
+    /// Blocks the ledger holds now.
+    package var liveBlocks: [Block: OwnerID] { ledger }
+
+    private func pool(_ id: NodeID) -> Pool { pools.first { $0.id == id }! }
+
+    private func word(_ pool: Pool, _ offset: UInt64) -> UInt64 { pool.nic.peekWord(pool.nic.baseAddress + offset) }
+
+    private func section(_ pool: Pool, _ section: Int) -> SectionHeader? {
+        SectionHeader(rawValue: word(pool, pool.geometry.sectionHeaderOffset(section)))
+    }
+    private func span(_ pool: Pool, _ section: Int, _ span: Int) -> SpanHeader? {
+        SpanHeader(rawValue: word(pool, pool.geometry.spanHeaderOffset(section: section, span: span)))
+    }
+    private func record(_ pool: Pool, chunk: Int) -> FullLogRecord? {
+        FullLogRecord(rawValue: word(pool, pool.geometry.fullLogOffset(chunk: chunk)))
+    }
+
+    /// The section header `section` of memory node `node`; nil when the word is invalid.
+    package func section(on node: NodeID, _ index: Int) -> SectionHeader? { section(pool(node), index) }
+    /// The span header `span` of section `section` of memory node `node`.
+    package func span(on node: NodeID, section: Int, span index: Int) -> SpanHeader? { span(pool(node), section, index) }
+    /// The full-log record of `chunk` of memory node `node`.
+    package func record(on node: NodeID, chunk: Int) -> FullLogRecord? { record(pool(node), chunk: chunk) }
+
+    /// Adds a block just handed out; reports an overlap with a live block (invariant 1)
+    /// and a block its headers do not mark as allocated.
+    package func admit(_ block: Block, owner: OwnerID) -> [String] {
+        var problems: [String] = []
+        for chunk in block.chunks {
+            if let other = holders[block.memoryNode]?[chunk] {
+                problems.append("invariant 1: \(block) of \(owner) overlaps \(other) of \(ledger[other].map { "\($0)" } ?? "?")")
+                break
+            }
+        }
+        for chunk in block.chunks { holders[block.memoryNode, default: [:]][chunk] = block }
+        ledger[block] = owner
+        problems += marked(block)
+        return problems
+    }
+
+    /// Removes a block its owner freed; reports a block the ledger did not hold.
+    package func release(_ block: Block) -> [String] {
+        guard ledger.removeValue(forKey: block) != nil else { return ["released \(block), which the ledger does not hold"] }
+        for chunk in block.chunks { holders[block.memoryNode]?[chunk] = nil }
+        return []
+    }
+
+    /// Whether the headers of `block`'s layer mark it allocated.
+    package func marked(_ block: Block) -> [String] {
+        let pool = pool(block.memoryNode)
+        switch block.layer {
+        case .chunk:
+            let spanHeader = span(pool, block.section, block.spanInSection)
+            guard let spanHeader, spanHeader.mode == .open, spanHeader.marksAllocated(offset: block.chunkInSpan, chunkCountLog2: block.chunkCountLog2) else {
+                return ["invariant 3: \(block) is not marked in its span header \(String(describing: spanHeader))"]
+            }
+            guard section(pool, block.section)?.state(ofSpan: block.spanInSection).isChunkMode == true else {
+                return ["invariant 3: span of \(block) is not in chunk mode in its section"]
+            }
+        case .section:
+            guard let header = section(pool, block.section), header.marksWhole(spanOffset: block.spanInSection, spanCountLog2: block.spanCountLog2) else {
+                return ["invariant 3: \(block) is not marked whole in its section header"]
+            }
+        case .multiSection:
+            for index in block.sections where section(pool, index)?.isAllWhole != true {
+                return ["invariant 3: section \(index) of \(block) is not held whole"]
+            }
+        }
+        return []
+    }
+
+    /// The structural agreement of both header layers, on every memory node (invariant 3).
+    package func checkStructure() -> [String] {
+        var problems: [String] = []
+        for pool in pools {
+            for sectionIndex in 0..<pool.geometry.sectionCount {
+                guard let sectionHeader = section(pool, sectionIndex) else {
+                    problems.append("\(pool.id) section \(sectionIndex): invalid word")
+                    continue
+                }
+                for spanIndex in 0..<PoolGeometry.spansPerSection {
+                    guard let spanHeader = span(pool, sectionIndex, spanIndex) else {
+                        problems.append("\(pool.id) span \(sectionIndex).\(spanIndex): invalid word")
+                        continue
+                    }
+                    let state = sectionHeader.state(ofSpan: spanIndex)
+                    if spanHeader.bitmap != 0, !(spanHeader.mode == .open && state.isChunkMode) {
+                        problems.append("invariant 3: \(pool.id) span \(sectionIndex).\(spanIndex) has chunks in use (\(spanHeader.mode)) but its section says \(state)")
+                    }
+                    if !state.isChunkMode, spanHeader.mode == .open {
+                        problems.append("invariant 3: \(pool.id) span \(sectionIndex).\(spanIndex) is open but its section says \(state)")
+                    }
+                }
+            }
+        }
+        return problems
+    }
+
+    /// The checks that hold once every log is flushed (no operation in flight).
+    package func checkAtRest() -> [String] {
+        var problems = checkStructure()
+        for pool in pools {
+            let held = holders[pool.id] ?? [:]
+            for sectionIndex in 0..<pool.geometry.sectionCount {
+                guard let sectionHeader = section(pool, sectionIndex) else { continue }
+                if sectionHeader.logPending { problems.append("\(pool.id) section \(sectionIndex): log still pending at rest") }
+                for spanIndex in 0..<PoolGeometry.spansPerSection {
+                    guard let spanHeader = span(pool, sectionIndex, spanIndex) else { continue }
+                    if spanHeader.logPending { problems.append("\(pool.id) span \(sectionIndex).\(spanIndex): log still pending at rest") }
+                    let firstChunk = sectionIndex * PoolGeometry.chunksPerSection + spanIndex * PoolGeometry.chunksPerSpan
+                    for chunk in 0..<PoolGeometry.chunksPerSpan where spanHeader.bitmap & (1 << UInt32(chunk)) != 0 && held[firstChunk + chunk] == nil {
+                        problems.append("leak: \(pool.id) chunk \(firstChunk + chunk) is in use but no live block holds it")
+                    }
+                    if sectionHeader.state(ofSpan: spanIndex) == .whole, held[firstChunk] == nil {
+                        problems.append("leak: \(pool.id) span \(sectionIndex).\(spanIndex) is held whole but no live block holds it")
+                    }
+                }
+            }
+            for chunk in 0..<pool.geometry.chunkCount {
+                guard let record = record(pool, chunk: chunk) else {
+                    problems.append("\(pool.id) record \(chunk): invalid")
+                    continue
+                }
+                if let block = held[chunk], block.firstChunk == chunk {
+                    if !record.isAllocated || record.owner != ledger[block] || record.chunkCountLog2 != block.chunkCountLog2 || record.layer != block.layer {
+                        problems.append("full log: \(block) of \(ledger[block]!) has record \(record)")
+                    }
+                } else if record.isAllocated {
+                    problems.append("full log: chunk \(chunk) of \(pool.id) records a block of \(record.owner) that nobody holds")
+                }
+            }
+        }
+        return problems
+    }
+
+    /// Whether every header is back to empty (after all blocks are freed).
+    package func everyHeaderEmpty() -> [String] {
+        var problems: [String] = []
+        for pool in pools {
+            for sectionIndex in 0..<pool.geometry.sectionCount {
+                if let sectionHeader = section(pool, sectionIndex), !sectionHeader.isAllEmpty || sectionHeader.logPending {
+                    problems.append("\(pool.id) section \(sectionIndex) is not empty: \(sectionHeader.spanStates)")
+                }
+                for spanIndex in 0..<PoolGeometry.spansPerSection {
+                    if let spanHeader = span(pool, sectionIndex, spanIndex), spanHeader.mode != .closed || spanHeader.bitmap != 0 || spanHeader.logPending {
+                        problems.append("\(pool.id) span \(sectionIndex).\(spanIndex) is not empty: \(spanHeader.mode) bitmap \(spanHeader.bitmap)")
+                    }
+                }
+            }
+        }
+        return problems
+    }
+}

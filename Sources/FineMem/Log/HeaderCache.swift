@@ -1,0 +1,78 @@
+/// A compute node's cached header words of one memory node, refreshed from READs and
+/// from the answer of every CAS (a failed CAS returns the word it found). The cache is a
+/// hint for where to look: every remote change is decided by a CAS whose expected value
+/// is the cached word.
+///
+/// `busy` holds headers with a CAS of this node in flight, so that tasks of one compute
+/// node do not race each other for the same word; `cursor` is where searches start.
+struct HeaderCache: Sendable {
+    private(set) var sections: [UInt64]
+    private var spans: [UInt64]
+    /// Whether the span headers of a section have been read since start (a section's
+    /// spans are read when a search first needs them).
+    private(set) var spansKnown: [Bool]
+    var busy: Set<HeaderSlot> = []
+    var cursor: Int
+
+    init(sections: [UInt64], cursor: Int) {
+        self.sections = sections
+        spans = Array(repeating: SpanHeader.empty.rawValue, count: sections.count * PoolGeometry.spansPerSection)
+        spansKnown = Array(repeating: false, count: sections.count)
+        self.cursor = cursor % max(1, sections.count)
+        debugOnly { checkInvariants() }
+    }
+
+    var sectionCount: Int { sections.count }
+
+    subscript(slot: HeaderSlot) -> UInt64 {
+        get {
+            switch slot {
+            case .section(let section): sections[section]
+            case .span(let section, let span): spans[section * PoolGeometry.spansPerSection + span]
+            }
+        }
+        set {
+            switch slot {
+            case .section(let section): sections[section] = newValue
+            case .span(let section, let span): spans[section * PoolGeometry.spansPerSection + span] = newValue
+            }
+        }
+    }
+
+    /// Stores the span headers of `section` as just read.
+    mutating func storeSpans(of section: Int, _ words: [UInt64]) {
+        precondition(words.count == PoolGeometry.spansPerSection, "a section has \(PoolGeometry.spansPerSection) spans, not \(words.count)")
+        for (span, word) in words.enumerated() { self[.span(section: section, span: span)] = word }
+        spansKnown[section] = true
+    }
+
+    /// Stores every header as just read.
+    mutating func storeAll(sections newSections: [UInt64], spans newSpans: [UInt64]) {
+        precondition(newSections.count == sections.count && newSpans.count == spans.count, "a refresh reads every header")
+        sections = newSections
+        spans = newSpans
+        spansKnown = Array(repeating: true, count: sections.count)
+        debugOnly { checkInvariants() }
+    }
+
+    /// The settled header at `slot`, or nil when the cached word does not decode.
+    func settled<Header: LoggedHeader>(_ type: Header.Type, _ slot: HeaderSlot) -> Header? {
+        Header(rawValue: self[slot])?.settled
+    }
+
+    /// The structural rules of the cache: every array sized by the section count, the
+    /// cursor and every busy header inside the pool.
+    func checkInvariants() {
+        let sectionCount = sections.count
+        precondition(sectionCount >= 1, "a pool has at least one section")
+        precondition(spans.count == sectionCount * PoolGeometry.spansPerSection && spansKnown.count == sectionCount, "cache arrays disagree")
+        precondition(cursor >= 0 && cursor < sectionCount, "cursor \(cursor) outside \(sectionCount) sections")
+        for slot in busy {
+            switch slot {
+            case .section(let section): precondition(section >= 0 && section < sectionCount, "busy \(slot) outside the pool")
+            case .span(let section, let span):
+                precondition(section >= 0 && section < sectionCount && span >= 0 && span < PoolGeometry.spansPerSection, "busy \(slot) outside the pool")
+            }
+        }
+    }
+}

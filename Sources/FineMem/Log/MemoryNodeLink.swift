@@ -1,0 +1,146 @@
+/// Errors of attaching a compute node to a memory node.
+enum AttachError: Error, Sendable {
+    case fabric(FabricError)
+    case layout(LayoutError)
+    /// The compute node's slot in the node table is not free.
+    case slotTaken
+}
+
+/// What a compute node keeps about one memory node: the connection and grant, a cache of
+/// the header words, and its own pending logs there. Every remote metadata access of the
+/// protocol goes through a link: reads of headers, the one update primitive
+/// (`update`, `updateEach`), and the write-ahead log (`flush`, `flushRun`).
+final class MemoryNodeLink: Sendable {
+    /// The position of this memory node in the compute node's list.
+    let index: Int
+    let grant: MemoryNodeGrant
+    let connection: any FabricConnection
+    /// The compute node (its slot in the node table) and its incarnation there.
+    let owner: OwnerID
+    let incarnation: UInt16
+    let cache: Locked<HeaderCache>
+    let pending = Locked(PendingLogTable())
+    /// Called with a log of this node that an operation took to fold into its commit and
+    /// gave back when the commit did not happen: it must still be flushed. Set once, by
+    /// the owner of the link, before the link is used.
+    private let returnedLogHandler = Locked<(@Sendable (HeaderSlot) -> Void)?>(nil)
+
+    private init(
+        index: Int, grant: MemoryNodeGrant, connection: any FabricConnection, owner: OwnerID, incarnation: UInt16,
+        sections: [UInt64]
+    ) {
+        self.index = index
+        self.grant = grant
+        self.connection = connection
+        self.owner = owner
+        self.incarnation = incarnation
+        cache = Locked(HeaderCache(sections: sections, cursor: Int(owner.rawValue) &* 7_919))
+    }
+
+    /// Attaches `owner` to a memory node: reads its superblock, the owner's node-table
+    /// slot and every section header in one doorbell, checks the superblock against the
+    /// grant, and takes the slot (free to alive, with the next incarnation) by CAS.
+    static func attach(
+        index: Int, grant: MemoryNodeGrant, connection: any FabricConnection, owner: OwnerID
+    ) async throws(AttachError) -> MemoryNodeLink {
+        let geometry = grant.geometry
+        guard grant.endAddress.rawValue <= RemotePointer.addressMask else {
+            throw .layout(.addressBeyondPointerRange(grant.endAddress))
+        }
+        let first: [VerbResult]
+        do {
+            first = try await connection.post([
+                .readWords(grant.baseAddress, count: 8, rkey: grant.metadataKey),
+                .readWords(grant.nodeSlotAddress(owner), count: 1, rkey: grant.metadataKey),
+                .readWords(grant.address(of: .section(0)), count: geometry.sectionCount, rkey: grant.metadataKey),
+            ])
+        } catch { throw .fabric(error) }
+        let superblock: Superblock
+        do { superblock = try Superblock(words: first[0].words) } catch { throw .layout(error) }
+        guard superblock.geometry == geometry else {
+            throw .layout(.superblockMismatch("pool of \(superblock.geometry.sectionCount) sections, grant says \(geometry.sectionCount)"))
+        }
+        let slotWord = first[1].words[0]
+        guard let registered = NodeSlot(rawValue: slotWord)?.registering() else { throw .slotTaken }
+        let link = MemoryNodeLink(
+            index: index, grant: grant, connection: connection, owner: owner, incarnation: registered.incarnation,
+            sections: first[2].words)
+        var trace = OperationTrace()
+        let outcome: UpdateOutcome<NodeSlot>
+        do {
+            outcome = try await link.update(
+                .word(grant.nodeSlotAddress(owner), known: slotWord), UpdatePolicy(attemptsMax: 1), trace: &trace
+            ) { $0.registering() }
+        } catch { throw .fabric(error) }
+        guard case .updated(let slot) = outcome, slot == registered else { throw .slotTaken }
+        return link
+    }
+
+    var geometry: PoolGeometry { grant.geometry }
+    var memoryNode: NodeID { grant.memoryNode }
+    var metadataKey: RKey { grant.metadataKey }
+
+    /// Posts `verbs` as one batch, counting it in `trace`.
+    func post(_ verbs: [Verb], trace: inout OperationTrace) async throws(FabricError) -> [VerbResult] {
+        trace.batches += 1
+        trace.verbs += UInt64(verbs.count)
+        return try await connection.post(verbs)
+    }
+
+    /// The READ of one header word.
+    func read(_ slot: HeaderSlot) -> Verb { .readWords(grant.address(of: slot), count: 1, rkey: metadataKey) }
+
+    /// Reads every section and span header into the cache (one doorbell).
+    func refresh(trace: inout OperationTrace) async throws(FabricError) {
+        trace.refreshes += 1
+        let results = try await post([
+            .readWords(grant.address(of: .section(0)), count: geometry.sectionCount, rkey: metadataKey),
+            .readWords(grant.address(of: .span(section: 0, span: 0)), count: geometry.spanCount, rkey: metadataKey),
+        ], trace: &trace)
+        let sections = results[0].words
+        let spans = results[1].words
+        cache.withLock { $0.storeAll(sections: sections, spans: spans) }
+    }
+
+    /// Reads header words into the cache (one doorbell).
+    func readHeaders(_ slots: [HeaderSlot], trace: inout OperationTrace) async throws(FabricError) {
+        let words = try await post(slots.map(read), trace: &trace).map { $0.words[0] }
+        cache.withLock { cache in for (slot, word) in zip(slots, words) { cache[slot] = word } }
+    }
+
+    /// Reads the span headers of `section` into the cache.
+    func readSpans(of section: Int, trace: inout OperationTrace) async throws(FabricError) {
+        let words = try await post([
+            .readWords(grant.address(of: .span(section: section, span: 0)), count: PoolGeometry.spansPerSection, rkey: metadataKey)
+        ], trace: &trace)[0].words
+        cache.withLock { $0.storeSpans(of: section, words) }
+    }
+
+    /// Sets what happens to a log an operation gives back (see `returnedLogHandler`).
+    func onReturnedLog(_ handler: @escaping @Sendable (HeaderSlot) -> Void) {
+        returnedLogHandler.withLock { current in
+            precondition(current == nil, "the returned-log handler is set once")
+            current = handler
+        }
+    }
+
+    /// An operation gave back this node's log on `slot`.
+    func logReturned(_ slot: HeaderSlot) {
+        guard let handler = returnedLogHandler.withLock({ $0 }) else {
+            preconditionFailure("a log of \(slot) was given back before the link had a handler")
+        }
+        handler(slot)
+    }
+
+    /// Marks `slot` busy for this node's CAS; false when another task of the node holds it.
+    func tryAcquire(_ slot: HeaderSlot) -> Bool { cache.withLock { $0.busy.insert(slot).inserted } }
+
+    func releaseBusy(_ slot: HeaderSlot) { cache.withLock { _ = $0.busy.remove(slot) } }
+
+    /// Whether a block operation on this cached header would wait for someone's flush: it
+    /// carries a pending log that is not this node's queued one (which a commit folds in).
+    /// Searches rank such headers after clean ones.
+    func waitsForFlush<Header: LoggedHeader>(_ type: Header.Type, _ slot: HeaderSlot, cache: HeaderCache) -> Bool {
+        (Header(rawValue: cache[slot])?.logPending ?? false) && !pending.withLock { $0.isQueued(slot) }
+    }
+}

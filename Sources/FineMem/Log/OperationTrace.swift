@@ -1,0 +1,18 @@
+/// What one operation (an allocation, a free, or one piece of upkeep) spent: batches and
+/// verbs posted, CAS failures, search attempts, and the structural events it caused.
+struct OperationTrace: Sendable {
+    /// Batches posted: one doorbell, one network round trip each.
+    var batches: UInt64 = 0
+    var verbs: UInt64 = 0
+    /// Compare-and-swaps that did not exchange.
+    var retries: UInt64 = 0
+    /// The part of `retries` lost to a pending log rather than to another commit.
+    var pendingLosses: UInt64 = 0
+    /// Choices the search made and spent (a lost commit, a transition that no longer
+    /// applied); bounded by `AllocatorConfiguration.operationAttemptsMax`.
+    var attempts = 0
+    /// Full re-reads of a memory node's headers.
+    var refreshes: UInt64 = 0
+    var spansOpened: UInt64 = 0
+    var spansClosed: UInt64 = 0
+}

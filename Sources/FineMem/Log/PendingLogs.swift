@@ -1,0 +1,83 @@
+/// A temporary log that this compute node committed and has not yet flushed: the full-log
+/// record to write for it, and whether some task has taken the job of flushing it.
+///
+/// Only the node that committed a log flushes it (recovery does it for a dead, fenced
+/// node), and within the node exactly one task at a time holds the job. That task writes
+/// the record and clears the pending bit in one doorbell (the WRITE executes first); it
+/// may fold the clear into its own next commit on the same header. No other block
+/// operation can change a header while its log is pending, so the record of one header's
+/// log is never written after the record of that header's next log.
+struct PendingLog: Sendable {
+    let recordAddress: RemoteAddress
+    /// The record; it carries the sequence of the header that committed the block (the
+    /// first section's, for a multi-section block).
+    let record: FullLogRecord
+    /// The header's log sequence of this log: a job finishing late must not touch the
+    /// entry of a newer log on the same header.
+    let sequence: LogSequence
+    var taken: Bool
+}
+
+/// The pending logs of one compute node on one memory node, by header.
+struct PendingLogTable: Sendable {
+    private var logs: [HeaderSlot: PendingLog] = [:]
+
+    var isEmpty: Bool { logs.isEmpty }
+    var count: Int { logs.count }
+
+    /// Records a log this node just committed. An entry left for an older log on the same
+    /// header is finished (the new commit expected its pending bit clear) and is replaced.
+    mutating func add(_ slot: HeaderSlot, recordAddress: RemoteAddress, record: FullLogRecord, sequence: LogSequence, taken: Bool) {
+        logs[slot] = PendingLog(recordAddress: recordAddress, record: record, sequence: sequence, taken: taken)
+    }
+
+    func has(_ slot: HeaderSlot) -> Bool { logs[slot] != nil }
+
+    /// Whether `slot` has a log of this node that no task has taken yet (an operation on
+    /// it can fold the flush into its own commit).
+    func isQueued(_ slot: HeaderSlot) -> Bool { logs[slot].map { !$0.taken } ?? false }
+
+    /// Takes the job of flushing `slot`'s log if nobody holds it.
+    mutating func take(_ slot: HeaderSlot) -> PendingLog? {
+        guard var log = logs[slot], !log.taken else { return nil }
+        log.taken = true
+        logs[slot] = log
+        return log
+    }
+
+    /// Gives the job back (the CAS that was to clear the bit did not happen).
+    mutating func release(_ slot: HeaderSlot, sequence: LogSequence) {
+        if logs[slot]?.sequence == sequence {
+            precondition(logs[slot]!.taken, "a log of \(slot) was given back that nobody had taken")
+            logs[slot]?.taken = false
+        }
+    }
+
+    /// The log is flushed and its pending bit cleared (or recovery owns it).
+    mutating func remove(_ slot: HeaderSlot, sequence: LogSequence) {
+        if logs[slot]?.sequence == sequence { logs[slot] = nil }
+    }
+
+    /// Every entry's record names `owner` and records an allocation or a free of a block
+    /// whose first chunk is where the record goes.
+    func checkInvariants(owner: OwnerID) {
+        for (slot, log) in logs {
+            precondition(log.record.owner == owner, "pending log of \(slot) records owner \(log.record.owner), not \(owner)")
+            precondition(log.record != .never, "pending log of \(slot) has an empty record")
+        }
+    }
+}
+
+/// What an update learned about a word before it sends its CAS.
+struct PreparedWord: Sendable {
+    /// The value the CAS expects.
+    let expected: UInt64
+    /// The value the transition applies to: for a block operation, the header as it will
+    /// be once its pending log is flushed (by this batch, or by the flush in flight).
+    let base: UInt64
+    /// This node's own queued log on the header, taken over by this operation: its record
+    /// WRITE rides in the doorbell before the CAS.
+    let foldedLog: (slot: HeaderSlot, log: PendingLog)?
+
+    static func plain(_ word: UInt64) -> PreparedWord { PreparedWord(expected: word, base: word, foldedLog: nil) }
+}
