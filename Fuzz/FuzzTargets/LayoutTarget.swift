@@ -13,8 +13,8 @@ package func fuzzLayout(_ bytes: [UInt8]) {
         if let span = SpanHeader(rawValue: word) {
             check(span.rawValue == word, "span header \(word) re-encodes differently")
             let next = [
-                span.claiming(offset: offset, chunkCountLog2: size, owner: owner), span.opening(offset: offset, chunkCountLog2: size, owner: owner),
-                span.releasing(offset: offset, chunkCountLog2: size, owner: owner), span.flushed(), span.closing(), span.closed(),
+                span.claiming(HeaderRun(offset: offset, countLog2: size), owner: owner), span.opening(HeaderRun(offset: offset, countLog2: size), owner: owner),
+                span.releasing(HeaderRun(offset: offset, countLog2: size), owner: owner), span.flushed(), span.closing(), span.closed(),
             ]
             for case let header? in next {
                 check(SpanHeader(rawValue: header.rawValue) == header && header.isValid, "span transition from \(word) gave \(header.rawValue)")
@@ -24,7 +24,7 @@ package func fuzzLayout(_ bytes: [UInt8]) {
             check(section.rawValue == word, "section header \(word) re-encodes differently")
             let span = offset % 16
             let next = [
-                section.claiming(spanOffset: span, spanCountLog2: size, owner: owner), section.releasing(spanOffset: span, spanCountLog2: size, owner: owner),
+                section.claiming(HeaderRun(offset: span, countLog2: size), owner: owner), section.releasing(HeaderRun(offset: span, countLog2: size), owner: owner),
                 section.claimingForMultiSection(owner: owner), section.releasingFromMultiSection(owner: owner), section.flushed(),
                 section.openingSpan(span), section.closingSpan(span), section.hintingSpan(span, avoid: size % 2 == 0),
             ]

@@ -37,17 +37,17 @@ struct Bench: ParsableCommand {
             let report = SimulatedWorkload(configuration).run(seed: seed)
             let wall = Double(clock.nowNanoseconds - started) / 1e9
             guard report.violations.isEmpty else { throw ValidationError("the run failed: \(report.violations.prefix(3))") }
-            let s = report.statistics
+            let statistics = report.statistics
             let latencies = report.allocationLatencies.sorted()
             let average = latencies.isEmpty ? 0 : Double(latencies.reduce(0, +)) / Double(latencies.count)
             let p99 = latencies.isEmpty ? 0 : latencies[min(latencies.count - 1, latencies.count * 99 / 100)]
             rows += [
-                ("\(label): allocations", "\(s.allocations) (\(report.outOfMemory) out of memory), \(Format.fixed(wall, 1)) s wall"),
-                ("\(label): round trips per allocation", "\(Format.fixed(s.roundTripsPerAllocation, 3)) (verbs \(Format.fixed(s.verbsPerAllocation, 3)))"),
-                ("\(label): CAS retries avg/max", "\(Format.fixed(s.casRetriesAverage, 3)) / \(s.casRetriesMax) (\(Format.fixed(Double(s.casRetriesOnPendingLog) / Double(max(1, s.allocations)), 3)) per allocation lost to a pending log)"),
+                ("\(label): allocations", "\(statistics.allocations) (\(report.outOfMemory) out of memory), \(Format.fixed(wall, 1)) s wall"),
+                ("\(label): round trips per allocation", "\(Format.fixed(statistics.roundTripsPerAllocation, 3)) (verbs \(Format.fixed(statistics.verbsPerAllocation, 3)))"),
+                ("\(label): CAS retries avg/max", "\(Format.fixed(statistics.casRetriesAverage, 3)) / \(statistics.casRetriesMax) (\(Format.fixed(Double(statistics.casRetriesOnPendingLog) / Double(max(1, statistics.allocations)), 3)) per allocation lost to a pending log)"),
                 ("\(label): modelled latency avg/p99", "\(Format.fixed(average / 1_000, 2)) / \(Format.fixed(Double(p99) / 1_000, 2)) us"),
-                ("\(label): spans opened / closed, refreshes", "\(s.spansOpened) / \(s.spansClosed), \(s.refreshes)"),
-                ("\(label): upkeep round trips per operation", "\(Format.fixed(Double(s.upkeepBatches) / Double(max(1, s.allocations + s.frees)), 3)) (after the answer: log flushes, span and section state)"),
+                ("\(label): spans opened / closed, refreshes", "\(statistics.spansOpened) / \(statistics.spansClosed), \(statistics.refreshes)"),
+                ("\(label): upkeep round trips per operation", "\(Format.fixed(Double(statistics.upkeepBatches) / Double(max(1, statistics.allocations + statistics.frees)), 3)) (after the answer: log flushes, span and section state)"),
             ]
         }
         let geometry = try PoolGeometry(dataBytes: poolSize.bytes)

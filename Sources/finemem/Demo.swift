@@ -103,17 +103,17 @@ final class DemoMeter: Sendable {
     }
 
     func allocated(_ bytes: Int) {
-        values.withLock { v in
-            v.operations += 1
-            v.live += UInt64(bytes)
-            v.peak = max(v.peak, v.live)
+        values.withLock { values in
+            values.operations += 1
+            values.live += UInt64(bytes)
+            values.peak = max(values.peak, values.live)
         }
     }
 
     func freed(_ bytes: Int) {
-        values.withLock { v in
-            v.operations += 1
-            v.live -= UInt64(bytes)
+        values.withLock { values in
+            values.operations += 1
+            values.live -= UInt64(bytes)
         }
     }
 

@@ -172,6 +172,38 @@ private func cluster(memoryNodes: Int = 1, poolMiB: UInt64 = 64, computeNodes: I
     }
 }
 
+@Suite struct SimulatorArticleExample {
+    /// The example of the DocC article "Using the simulator", as written there (printing
+    /// replaced by recording), run twice with the same seed.
+    private func run(seed: UInt64) -> (hash: TraceHash, roundTrips: Double, failure: String?) {
+        let simulator = Simulator(seed: seed)
+        let outcome = Locked<(Double, String?)>((0, "did not finish"))
+        simulator.spawn {
+            do {
+                let cluster = try await EmbeddedCluster.start(.init(computeNodes: 4), simulator: simulator)
+                let allocator = try cluster.makeAllocator(computeNode: 0)
+                let buffer = try await allocator.allocate(bytes: 4096)
+                try await allocator.free(buffer)
+                await cluster.quiesce()
+                outcome.withLock { $0 = (cluster.statistics.roundTripsPerAllocation, nil) }
+            } catch {
+                outcome.withLock { $0 = (0, "seed \(simulator.seed) failed: \(error)") }
+            }
+        }
+        simulator.run()
+        let (roundTrips, failure) = outcome.withLock { $0 }
+        return (simulator.traceHash, roundTrips, failure)
+    }
+
+    @Test func theExampleRunsAndReproduces() {
+        let first = run(seed: 42)
+        let again = run(seed: 42)
+        #expect(first.failure == nil, "\(first.failure ?? "")")
+        #expect(first.roundTrips >= 1)
+        #expect(first.hash == again.hash, "seed 42 did not reproduce")
+    }
+}
+
 @Suite struct StartUpErrors {
     private func memoryNode(sections: Int, computeNodeSlots: Int = 64) async throws -> MemoryNode {
         let geometry = try PoolGeometry(sectionCount: sections, computeNodeSlots: computeNodeSlots)

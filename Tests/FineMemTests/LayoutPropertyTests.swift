@@ -51,29 +51,29 @@ private let sectionHeaderGen = zip(
 
     @Test func transitionsKeepTheWordValidAndDoExactlyTheirJob() async {
         await propertyCheck(count: 1000, input: spanHeaderGen, Gen.int(in: 0...31), Gen.int(in: 0...4), ownerGen) { header, offset, size, owner in
-            let mask = SpanHeader.runMask(offset: offset, chunkCountLog2: size)
+            let mask = SpanHeader.runMask(HeaderRun(offset: offset, countLog2: size))
             let aligned = offset % (1 << size) == 0
-            if let claimed = header.claiming(offset: offset, chunkCountLog2: size, owner: owner) {
+            if let claimed = header.claiming(HeaderRun(offset: offset, countLog2: size), owner: owner) {
                 #expect(aligned && header.mode == .open && !header.logPending && header.bitmap & mask == 0)
                 #expect(claimed.bitmap == header.bitmap | mask && claimed.logPending && claimed.mode == .open)
                 #expect(claimed.log.owner == owner && claimed.log.sequence == header.log.sequence.next)
                 #expect(claimed.logDescribesAllocation && SpanHeader(rawValue: claimed.rawValue) == claimed)
-                #expect(claimed.releasing(offset: offset, chunkCountLog2: size, owner: owner) == nil, "pending log must block the next operation")
+                #expect(claimed.releasing(HeaderRun(offset: offset, countLog2: size), owner: owner) == nil, "pending log must block the next operation")
                 let flushed = claimed.flushed()!
-                let released = flushed.releasing(offset: offset, chunkCountLog2: size, owner: owner)!
+                let released = flushed.releasing(HeaderRun(offset: offset, countLog2: size), owner: owner)!
                 #expect(released.bitmap == header.bitmap && !released.logDescribesAllocation && released.isValid)
             } else {
                 #expect(!aligned || header.mode != .open || header.logPending || header.bitmap & mask != 0)
             }
-            if let opened = header.opening(offset: offset, chunkCountLog2: size, owner: owner) {
+            if let opened = header.opening(HeaderRun(offset: offset, countLog2: size), owner: owner) {
                 #expect(header.mode == .closed && opened.mode == .open && opened.bitmap == mask && opened.isValid)
             }
-            if let released = header.releasing(offset: offset, chunkCountLog2: size, owner: owner) {
+            if let released = header.releasing(HeaderRun(offset: offset, countLog2: size), owner: owner) {
                 #expect(header.bitmap & mask == mask && released.bitmap == header.bitmap & ~mask && released.isValid)
             }
             if let closing = header.closing() {
                 #expect(header.bitmap == 0 && closing.mode == .closing && closing.isValid)
-                #expect(closing.opening(offset: 0, chunkCountLog2: 0, owner: owner) == nil)
+                #expect(closing.opening(HeaderRun(offset: 0, countLog2: 0), owner: owner) == nil)
                 #expect(closing.closed()?.mode == .closed)
             }
             if let flushed = header.flushed() {
@@ -87,11 +87,12 @@ private let sectionHeaderGen = zip(
     @Test func firstFreeRunIsAlignedAndFree() async {
         await propertyCheck(count: 500, input: Gen.uint32(), Gen.int(in: 0...4)) { bitmap, size in
             let header = SpanHeader(bitmap: bitmap, mode: .open, contended: false, logPending: false, log: .empty)
-            if let offset = header.firstFreeRun(chunkCountLog2: size) {
-                #expect(offset % (1 << size) == 0 && bitmap & SpanHeader.runMask(offset: offset, chunkCountLog2: size) == 0)
+            if let run = header.firstFreeRun(countLog2: size) {
+                #expect(run.countLog2 == size && run.offset % (1 << size) == 0 && bitmap & SpanHeader.runMask(run) == 0)
+                #expect(header.claiming(run, owner: OwnerID(1)) != nil)
             } else {
                 for o in stride(from: 0, to: 32, by: 1 << size) {
-                    #expect(bitmap & SpanHeader.runMask(offset: o, chunkCountLog2: size) != 0)
+                    #expect(bitmap & SpanHeader.runMask(HeaderRun(offset: o, countLog2: size)) != 0)
                 }
             }
         }
@@ -123,8 +124,8 @@ private let sectionHeaderGen = zip(
     @Test func transitionsKeepTheWordValid() async {
         await propertyCheck(count: 1000, input: sectionHeaderGen, Gen.int(in: 0...15), Gen.int(in: 0...4), ownerGen) { header, offset, size, owner in
             let results: [SectionHeader?] = [
-                header.claiming(spanOffset: offset, spanCountLog2: size, owner: owner),
-                header.releasing(spanOffset: offset, spanCountLog2: size, owner: owner),
+                header.claiming(HeaderRun(offset: offset, countLog2: size), owner: owner),
+                header.releasing(HeaderRun(offset: offset, countLog2: size), owner: owner),
                 header.claimingForMultiSection(owner: owner), header.releasingFromMultiSection(owner: owner),
                 header.flushed(), header.openingSpan(offset), header.closingSpan(offset),
                 header.hintingSpan(offset, avoid: true), header.hintingSpan(offset, avoid: false),
@@ -259,5 +260,40 @@ private let sectionHeaderGen = zip(
         bad = block.words
         bad[1] = 9
         #expect(throws: LayoutError.unsupportedVersion(9)) { try Superblock(words: bad) }
+    }
+}
+
+/// The one description both block layers share: where a block sits in the header that
+/// commits it, and back.
+@Suite struct BlockHeaderProperties {
+    @Test func aBlockAndItsRunDescribeEachOther() async {
+        await propertyCheck(count: 500, input: Gen.int(in: 0...63), Gen.int(in: 0...9), Gen.int(in: 0...511)) { section, chunkCountLog2, chunk in
+            let firstChunk = section * 512 + chunk / (1 << chunkCountLog2) * (1 << chunkCountLog2)
+            let block = Block(memoryNode: NodeID(3), firstChunk: firstChunk, chunkCountLog2: chunkCountLog2)
+            let slot = HeaderSlot(committing: block)
+            if block.layer == .chunk {
+                let run = SpanHeader.run(of: block)
+                #expect(SpanHeader.holds(run) && SpanHeader.block(at: run, of: slot, on: NodeID(3)) == block)
+                #expect(slot == .span(section: section, span: block.spanInSection))
+            } else {
+                let run = SectionHeader.run(of: block)
+                #expect(SectionHeader.holds(run) && SectionHeader.block(at: run, of: slot, on: NodeID(3)) == block)
+                #expect(slot == .section(section) && run.offset == block.spanInSection)
+            }
+        }
+    }
+
+    @Test func sectionFirstFreeRunIsAlignedAndEmpty() async {
+        await propertyCheck(count: 500, input: Gen<SectionHeader.SpanState>.case.array(of: 16), Gen.int(in: 0...4)) { states, size in
+            let header = SectionHeader(spanStates: states, contended: false, logPending: false, log: .empty)
+            if let run = header.firstFreeRun(countLog2: size) {
+                #expect(run.countLog2 == size && run.offset % (1 << size) == 0 && run.units.allSatisfy { states[$0] == .empty })
+                #expect(header.claiming(run, owner: OwnerID(1))?.marksAllocated(run) == true)
+            } else {
+                for offset in stride(from: 0, to: 16, by: 1 << size) {
+                    #expect(!(offset..<offset + (1 << size)).allSatisfy { states[$0] == .empty })
+                }
+            }
+        }
     }
 }

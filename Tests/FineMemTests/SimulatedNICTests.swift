@@ -218,20 +218,23 @@ private func expectViolation(
                 for task in 0..<6 {
                     let allocator = try cluster.makeAllocator(computeNode: node, application: ApplicationID(UInt16(task + 1)))
                     let owner = cluster.computeNodes[node].owner
+                    /// Takes the buffer out of the ledger and frees it.
+                    @Sendable func free(_ buffer: RemoteBuffer) async {
+                        do throws(AllocationError) {
+                            let block = try allocator.block(for: buffer)
+                            let released = inspector.withLock { $0.release(block) }
+                            problems.withLock { $0 += released }
+                            try await allocator.free(buffer)
+                        } catch {
+                            problems.withLock { $0.append("free \(buffer): \(error)") }
+                        }
+                    }
                     group.addTask {
                         var random = SeededRandom(seed: UInt64(node * 6 + task))
                         var held: [RemoteBuffer] = []
                         for _ in 0..<150 {
                             if held.count >= 6 || (!held.isEmpty && random.next() % 3 == 0) {
-                                let buffer = held.remove(at: Int(random.next() % UInt64(held.count)))
-                                do throws(AllocationError) {
-                                    let block = try allocator.block(for: buffer)
-                                    let released = inspector.withLock { $0.release(block) }
-                                    problems.withLock { $0 += released }
-                                    try await allocator.free(buffer)
-                                } catch {
-                                    problems.withLock { $0.append("free \(buffer): \(error)") }
-                                }
+                                await free(held.remove(at: Int(random.next() % UInt64(held.count))))
                             } else {
                                 var chunkCountLog2 = 0
                                 while chunkCountLog2 < 11, random.next() % 2 == 0 { chunkCountLog2 += 1 }
@@ -247,16 +250,7 @@ private func expectViolation(
                                 }
                             }
                         }
-                        for buffer in held {
-                            do throws(AllocationError) {
-                                let block = try allocator.block(for: buffer)
-                                let released = inspector.withLock { $0.release(block) }
-                                problems.withLock { $0 += released }
-                                try await allocator.free(buffer)
-                            } catch {
-                                problems.withLock { $0.append("final free \(buffer): \(error)") }
-                            }
-                        }
+                        for buffer in held { await free(buffer) }
                     }
                 }
             }

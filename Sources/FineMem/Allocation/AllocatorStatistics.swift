@@ -94,7 +94,7 @@ public struct AllocatorStatistics: Sendable, Hashable {
         sum.casRetries += rhs.casRetries
         sum.casRetriesOnPendingLog += rhs.casRetriesOnPendingLog
         sum.casRetriesMax = max(sum.casRetriesMax, rhs.casRetriesMax)
-        for i in sum.retryHistogram.indices { sum.retryHistogram[i] += rhs.retryHistogram[i] }
+        for bucket in sum.retryHistogram.indices { sum.retryHistogram[bucket] += rhs.retryHistogram[bucket] }
         sum.allocationBatches += rhs.allocationBatches
         sum.allocationVerbs += rhs.allocationVerbs
         sum.freeBatches += rhs.freeBatches

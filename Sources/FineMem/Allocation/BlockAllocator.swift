@@ -2,8 +2,8 @@
 /// a two-layer bitmap tree of section and span headers, changed only by one-sided CAS,
 /// each block operation carrying its temporary log.
 ///
-/// - 4-64 KiB (1-16 chunks): one CAS on a span header (`ChunkLayer`).
-/// - 128 KiB-2 MiB (1-16 spans): one CAS on a section header (`SectionLayer`).
+/// - 4-64 KiB (1-16 chunks): one CAS on a span header (the chunk layer).
+/// - 128 KiB-2 MiB (1-16 spans): one CAS on a section header (the section layer).
 /// - larger: a run of whole sections, announced by an intent record and claimed in one
 ///   doorbell; a lost race rolls the claimed ones back (`allocateSections`).
 ///
@@ -127,10 +127,11 @@ package final class BlockAllocator: Sendable {
             for index in placement.order(memoryNodeCount: links.count, chunkCountLog2: chunkCountLog2, sequence: turn) {
                 let link = links[index]
                 let block: Block? = switch Block.layer(chunkCountLog2: chunkCountLog2) {
-                case .chunk: try await allocate(in: ChunkLayer.self, chunkCountLog2: chunkCountLog2, application: application, on: link, trace: &trace)
-                case .section: try await allocate(in: SectionLayer.self, chunkCountLog2: chunkCountLog2, application: application, on: link, trace: &trace)
+                case .chunk: try await allocate(in: SpanHeader.self, chunkCountLog2: chunkCountLog2, application: application, on: link, trace: &trace)
+                case .section: try await allocate(in: SectionHeader.self, chunkCountLog2: chunkCountLog2, application: application, on: link, trace: &trace)
                 case .multiSection: try await allocateSections(chunkCountLog2: chunkCountLog2, application: application, on: link, trace: &trace)
                 }
+                link.checkInvariants()
                 if let block {
                     precondition(block.chunkCountLog2 == chunkCountLog2 && block.fits(link.geometry), "allocated \(block) for 2^\(chunkCountLog2) chunks")
                     let previous = ownedBlocks.withLock { $0.updateValue(Holding(chunkCountLog2: chunkCountLog2, application: application), forKey: BlockStart(block)) }
@@ -173,8 +174,8 @@ package final class BlockAllocator: Sendable {
         }
         do throws(AllocationError) {
             switch block.layer {
-            case .chunk: try await free(block, in: ChunkLayer.self, application: application, on: link, trace: &trace)
-            case .section: try await free(block, in: SectionLayer.self, application: application, on: link, trace: &trace)
+            case .chunk: try await free(block, in: SpanHeader.self, application: application, on: link, trace: &trace)
+            case .section: try await free(block, in: SectionHeader.self, application: application, on: link, trace: &trace)
             case .multiSection: try await freeSections(block, application: application, on: link, trace: &trace)
             }
         } catch {
@@ -182,6 +183,7 @@ package final class BlockAllocator: Sendable {
             statisticsStore.withLock { $0.recordFailedFree(trace) }
             throw error
         }
+        link.checkInvariants()
         statisticsStore.withLock { $0.recordFree(trace) }
     }
 
@@ -221,16 +223,17 @@ package final class BlockAllocator: Sendable {
     /// Whether `header`'s pending log is another node's allocation of exactly `block`.
     private func justAllocatedByAnother(_ block: Block, header word: UInt64) -> Bool {
         switch block.layer {
-        case .chunk:
-            guard let span = SpanHeader(rawValue: word), span.logPending, span.log.owner != owner else { return false }
-            return Int(span.log.offset) == block.chunkInSpan && Int(span.log.sizeCode) == block.chunkCountLog2 && span.logDescribesAllocation
-        case .section:
-            guard let section = SectionHeader(rawValue: word), section.logPending, section.log.owner != owner else { return false }
-            return Int(section.log.offset) == block.spanInSection && Int(section.log.sizeCode) == block.spanCountLog2 && section.logDescribesAllocation
+        case .chunk: return pendingAllocationByAnother(SpanHeader.self, word, of: SpanHeader.run(of: block))
+        case .section: return pendingAllocationByAnother(SectionHeader.self, word, of: SectionHeader.run(of: block))
         case .multiSection:
             guard let section = SectionHeader(rawValue: word), section.logPending, section.log.owner != owner else { return false }
-            return section.log.sizeCode == SectionHeader.multiSectionSizeCode && section.logDescribesAllocation
+            return section.log.sizeCode == SectionHeader.multiSectionSizeCode && section.isAllWhole
         }
+    }
+
+    private func pendingAllocationByAnother<Header: BlockHeader>(_ type: Header.Type, _ word: UInt64, of run: HeaderRun) -> Bool {
+        guard let header = Header(rawValue: word), header.logPending, header.log.owner != owner else { return false }
+        return header.log.run == run && header.marksAllocated(run)
     }
 
     // MARK: Waiting
@@ -257,9 +260,9 @@ package final class BlockAllocator: Sendable {
 
     /// Marks `slot` busy for this node's CAS, waiting (with backoff) while another task of
     /// this node has a CAS in flight on it: two tasks of one node racing for one header
-    /// would only cost each other a round trip.
-    func acquireBusy(_ slot: HeaderSlot, on link: MemoryNodeLink) async throws(AllocationError) {
-        var backoff = Backoff(configuration)
+    /// would only cost each other a round trip. The waits count against `backoff`, the
+    /// operation's own.
+    func acquireBusy(_ slot: HeaderSlot, on link: MemoryNodeLink, backoff: inout Backoff) async throws(AllocationError) {
         while !link.tryAcquire(slot) { try await backoff.pause(runtime) }
     }
 

@@ -1,7 +1,7 @@
 /// Where a search decided to go next.
 enum HeaderChoice: Sendable {
-    /// Claim the run at `offset` of the header at `slot`.
-    case claim(HeaderSlot, offset: Int)
+    /// Claim `run` of the header at `slot`.
+    case claim(HeaderSlot, HeaderRun)
     /// The span headers of this chunk-mode section are not cached yet: read them.
     case readSpans(section: Int)
     /// Open this empty span (chunk layer).
@@ -18,7 +18,7 @@ func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeL
     let sectionCount = cache.sectionCount
     var openInUsedSection: (section: Int, span: Int)?
     var openInEmptySection: (section: Int, span: Int)?
-    var avoided: (slot: HeaderSlot, offset: Int)?
+    var avoided: (slot: HeaderSlot, run: HeaderRun)?
     var unknownSection: Int?
     var skippedBusy = false
     for step in 0..<sectionCount {
@@ -43,14 +43,14 @@ func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeL
                     continue
                 }
                 let slot = HeaderSlot.span(section: section, span: span)
-                guard let spanHeader = cache.settled(SpanHeader.self, slot), let offset = spanHeader.firstFreeRun(chunkCountLog2: chunkCountLog2) else { continue }
+                guard let spanHeader = cache.settled(SpanHeader.self, slot), let run = spanHeader.firstFreeRun(countLog2: chunkCountLog2) else { continue }
                 if cache.busy.contains(slot) { skippedBusy = true; continue }
                 if state == .chunks, !spanHeader.contended, !link.waitsForFlush(SpanHeader.self, slot, cache: cache) {
                     cache.cursor = section
                     cache.busy.insert(slot)
-                    return .claim(slot, offset: offset)
+                    return .claim(slot, run)
                 }
-                if avoided == nil { avoided = (slot, offset) }
+                if avoided == nil { avoided = (slot, run) }
             }
         }
     }
@@ -62,15 +62,15 @@ func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeL
     }
     if let avoided {
         cache.busy.insert(avoided.slot)
-        return .claim(avoided.slot, offset: avoided.offset)
+        return .claim(avoided.slot, avoided.run)
     }
     return skippedBusy ? .wait : nil
 }
 
 /// Picks a section with an aligned run of `2^spanCountLog2` empty spans: a normal section
 /// already in use first, then a wholly empty one, then a contended one (or one whose log
-/// another node has yet to flush). Marks the chosen header busy; the cursor moves when the
-/// claim commits.
+/// another node has yet to flush). Marks the chosen header busy; the cursor moves to the
+/// section once a claim on it commits (`SectionHeader.claimCommitted`).
 func chooseSection(spanCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeLink) -> HeaderChoice? {
     let sectionCount = cache.sectionCount
     var empty: HeaderChoice?
@@ -79,9 +79,9 @@ func chooseSection(spanCountLog2: Int, cache: inout HeaderCache, link: MemoryNod
     for step in 0..<sectionCount {
         let section = (cache.cursor + step) % sectionCount
         let slot = HeaderSlot.section(section)
-        guard let header = cache.settled(SectionHeader.self, slot), let offset = header.firstEmptyRun(spanCountLog2: spanCountLog2) else { continue }
+        guard let header = cache.settled(SectionHeader.self, slot), let run = header.firstFreeRun(countLog2: spanCountLog2) else { continue }
         if cache.busy.contains(slot) { skippedBusy = true; continue }
-        let choice = HeaderChoice.claim(slot, offset: offset)
+        let choice = HeaderChoice.claim(slot, run)
         if header.contended || link.waitsForFlush(SectionHeader.self, slot, cache: cache) {
             if contended == nil { contended = choice }
         } else if header.isAllEmpty {

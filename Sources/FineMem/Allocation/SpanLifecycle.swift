@@ -24,12 +24,12 @@ extension BlockAllocator {
         waiting: for _ in 0..<configuration.spanOpenAttemptsMax {
             let opened: UpdateOutcome<SpanHeader> = try await update(
                 spanSlot, UpdatePolicy(attemptsMax: configuration.spanOpenAttemptsMax), on: link, trace: &trace
-            ) { $0.opening(offset: 0, chunkCountLog2: chunkCountLog2, owner: owner) }
+            ) { $0.opening(HeaderRun(offset: 0, countLog2: chunkCountLog2), owner: owner) }
             switch opened {
             case .updated(let header):
                 trace.spansOpened += 1
-                let block = Block(memoryNode: link.memoryNode, firstChunk: ChunkLayer.firstChunk(slot: spanSlot, offset: 0), chunkCountLog2: chunkCountLog2)
-                committed(header, in: ChunkLayer.self, on: spanSlot, block: block, allocated: true, application: application, link: link)
+                let block = SpanHeader.block(at: HeaderRun(offset: 0, countLog2: chunkCountLog2), of: spanSlot, on: link.memoryNode)
+                committed(header, on: spanSlot, block: block, allocated: true, application: application, link: link)
                 return block
             case .lost:
                 break waiting

@@ -70,7 +70,7 @@ package struct FabricCounters: Sendable, Hashable {
     package static func + (lhs: FabricCounters, rhs: FabricCounters) -> FabricCounters {
         var sum = lhs
         sum.batches += rhs.batches
-        for i in sum.verbs.indices { sum.verbs[i] += rhs.verbs[i] }
+        for kind in sum.verbs.indices { sum.verbs[kind] += rhs.verbs[kind] }
         sum.bytesRead += rhs.bytesRead
         sum.bytesWritten += rhs.bytesWritten
         return sum

@@ -81,4 +81,8 @@ package protocol NICControl: AnyObject, Sendable {
     func invalidate(_ window: MemoryWindow) throws(NICControlError)
     /// Opens a reliable connection from `node`, in protection domain `pd`.
     func openConnection(from node: NodeID, protectionDomain pd: ProtectionDomain) -> any FabricConnection
+    /// Opens the memory node's own connection to its NIC (a loopback queue pair), through
+    /// which it changes metadata words: never by CPU stores, which are not atomic against
+    /// the NIC's atomics.
+    func openLoopback(protectionDomain pd: ProtectionDomain) -> any FabricConnection
 }

@@ -21,13 +21,13 @@ package enum Verb: Sendable, Hashable {
 
     package var address: RemoteAddress {
         switch self {
-        case .read(let a, _, _), .write(let a, _, _), .compareAndSwap(let a, _, _, _), .fetchAndAdd(let a, _, _): a
+        case .read(let address, _, _), .write(let address, _, _), .compareAndSwap(let address, _, _, _), .fetchAndAdd(let address, _, _): address
         }
     }
 
     package var rkey: RKey {
         switch self {
-        case .read(_, _, let k), .write(_, _, let k), .compareAndSwap(_, _, _, let k), .fetchAndAdd(_, _, let k): k
+        case .read(_, _, let rkey), .write(_, _, let rkey), .compareAndSwap(_, _, _, let rkey), .fetchAndAdd(_, _, let rkey): rkey
         }
     }
 
@@ -93,9 +93,9 @@ extension Array where Element == UInt64 {
     /// Decodes little-endian words; `bytes.count` must be a multiple of 8.
     package init(littleEndianWords bytes: [UInt8]) {
         precondition(bytes.count % 8 == 0, "\(bytes.count) bytes is not a whole number of words")
-        self = (0..<bytes.count / 8).map { i in
+        self = (0..<bytes.count / 8).map { index in
             var word: UInt64 = 0
-            for b in 0..<8 { word |= UInt64(bytes[i * 8 + b]) << (8 * UInt64(b)) }
+            for byte in 0..<8 { word |= UInt64(bytes[index * 8 + byte]) << (8 * UInt64(byte)) }
             return word
         }
     }

@@ -77,14 +77,14 @@ package final class PoolInspector: @unchecked Sendable {
         switch block.layer {
         case .chunk:
             let spanHeader = span(pool, block.section, block.spanInSection)
-            guard let spanHeader, spanHeader.mode == .open, spanHeader.marksAllocated(offset: block.chunkInSpan, chunkCountLog2: block.chunkCountLog2) else {
+            guard let spanHeader, spanHeader.mode == .open, spanHeader.marksAllocated(SpanHeader.run(of: block)) else {
                 return ["invariant 3: \(block) is not marked in its span header \(String(describing: spanHeader))"]
             }
             guard section(pool, block.section)?.state(ofSpan: block.spanInSection).isChunkMode == true else {
                 return ["invariant 3: span of \(block) is not in chunk mode in its section"]
             }
         case .section:
-            guard let header = section(pool, block.section), header.marksWhole(spanOffset: block.spanInSection, spanCountLog2: block.spanCountLog2) else {
+            guard let header = section(pool, block.section), header.marksAllocated(SectionHeader.run(of: block)) else {
                 return ["invariant 3: \(block) is not marked whole in its section header"]
             }
         case .multiSection:

@@ -50,10 +50,10 @@ package struct SimulatedWorkload: Sendable {
             await Self.drive(configuration, simulator: simulator, report: report)
         }
         simulator.run()
-        return report.withLock { r in
-            r.virtualNanoseconds = simulator.nowNanoseconds
-            r.traceHash = simulator.traceHash
-            return r
+        return report.withLock { report in
+            report.virtualNanoseconds = simulator.nowNanoseconds
+            report.traceHash = simulator.traceHash
+            return report
         }
     }
 
@@ -61,9 +61,9 @@ package struct SimulatedWorkload: Sendable {
         // Weight 2^(upper - k) for size k.
         let total = (1 << (range.count)) - 1
         var pick = Int(random.next() % UInt64(total))
-        for k in range {
-            let weight = 1 << (range.upperBound - k)
-            if pick < weight { return k }
+        for chunkCountLog2 in range {
+            let weight = 1 << (range.upperBound - chunkCountLog2)
+            if pick < weight { return chunkCountLog2 }
             pick -= weight
         }
         return range.lowerBound
@@ -113,9 +113,9 @@ package struct SimulatedWorkload: Sendable {
                                 let block = try await blocks.allocate(chunkCountLog2: size, application: application)
                                 let latency = simulator.nowNanoseconds - start
                                 held.append(block)
-                                report.withLock { r in
-                                    r.allocations += 1
-                                    r.allocationLatencies.append(latency)
+                                report.withLock { report in
+                                    report.allocations += 1
+                                    report.allocationLatencies.append(latency)
                                 }
                                 if check { note(inspector.admit(block, owner: blocks.owner) + inspector.checkStructure()) }
                             } catch {

@@ -37,10 +37,6 @@ package struct Block: Hashable, Sendable, CustomStringConvertible {
     package var section: Int { firstChunk / PoolGeometry.chunksPerSection }
     /// The span of the block's first chunk, inside its section.
     package var spanInSection: Int { firstChunk % PoolGeometry.chunksPerSection / PoolGeometry.chunksPerSpan }
-    /// The block's first chunk, inside its span.
-    package var chunkInSpan: Int { firstChunk % PoolGeometry.chunksPerSpan }
-    /// Spans of a section-layer block, log2.
-    package var spanCountLog2: Int { chunkCountLog2 - 5 }
     /// Sections of a multi-section block, log2.
     package var sectionCountLog2: Int { chunkCountLog2 - 9 }
     /// The sections a multi-section block covers.

@@ -64,6 +64,14 @@ package enum HeaderSlot: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
+    /// The first chunk the header covers.
+    package var firstChunk: Int {
+        switch self {
+        case .section(let section): section * PoolGeometry.chunksPerSection
+        case .span(let section, let span): section * PoolGeometry.chunksPerSection + span * PoolGeometry.chunksPerSpan
+        }
+    }
+
     package var description: String {
         switch self {
         case .section(let section): "section \(section)"

@@ -11,11 +11,11 @@ public enum LayoutError: Error, Sendable, Hashable, CustomStringConvertible {
 
     public var description: String {
         switch self {
-        case .sectionCountOutOfRange(let n): "section count \(n) is outside 1...\(PoolGeometry.maxSections)"
-        case .computeNodeSlotsOutOfRange(let n): "compute node slots \(n) is outside 1...\(OwnerID.maxRawValue)"
-        case .intentSlotsOutOfRange(let n): "intent slots per node \(n) is outside 1...64"
-        case .badMagic(let m): "not a FineMem pool (magic 0x\(String(m, radix: 16)))"
-        case .unsupportedVersion(let v): "unsupported layout version \(v)"
+        case .sectionCountOutOfRange(let count): "section count \(count) is outside 1...\(PoolGeometry.maxSections)"
+        case .computeNodeSlotsOutOfRange(let count): "compute node slots \(count) is outside 1...\(OwnerID.maxRawValue)"
+        case .intentSlotsOutOfRange(let count): "intent slots per node \(count) is outside 1...64"
+        case .badMagic(let magic): "not a FineMem pool (magic 0x\(String(magic, radix: 16)))"
+        case .unsupportedVersion(let version): "unsupported layout version \(version)"
         case .superblockMismatch(let what): "superblock disagrees with the expected geometry: \(what)"
         case .addressBeyondPointerRange(let end): "the pool ends at \(end), beyond the 48 bits of a remote pointer"
         }

@@ -24,6 +24,9 @@ package struct SectionHeader: RawRepresentable, Hashable, Sendable {
     }
 
     package static let spanCount = 16
+    package static let unitChunkCountLog2 = 5
+    package static let unitCount = 16
+    package static let countLog2Max = 4
     package static let multiSectionSizeCode: UInt8 = 5
     static let statesField = BitField(0, 32)
     static let contendedField = BitField(32, 1)
@@ -87,39 +90,34 @@ package struct SectionHeader: RawRepresentable, Hashable, Sendable {
         return Int(log.offset)..<Int(log.offset) + (1 << log.sizeCode)
     }
 
-    /// Whether every span of the run at `offset` is held whole.
-    package func marksWhole(spanOffset offset: Int, spanCountLog2: Int) -> Bool {
-        (offset..<offset + (1 << spanCountLog2)).allSatisfy { state(ofSpan: $0) == .whole }
-    }
+    /// Whether every span of `run` is held whole.
+    package func marksAllocated(_ run: HeaderRun) -> Bool { run.units.allSatisfy { state(ofSpan: $0) == .whole } }
 
-    /// Whether every span of the run at `offset` is empty.
-    package func marksEmpty(spanOffset offset: Int, spanCountLog2: Int) -> Bool {
-        states & Self.runMask(offset: offset, count: 1 << spanCountLog2) == 0
-    }
+    /// Whether every span of `run` is empty.
+    package func marksFree(_ run: HeaderRun) -> Bool { states & Self.runMask(run) == 0 }
 
     /// Whether the pending (or last) log describes an allocation: its spans are all whole.
     package var logDescribesAllocation: Bool { logSpanRange.allSatisfy { state(ofSpan: $0) == .whole } }
 
-    static func runMask(offset: Int, count: Int) -> UInt32 {
-        let bits = 2 * count
-        return (bits == 32 ? ~0 : (UInt32(1) << UInt32(bits)) - 1) << (2 * UInt32(offset))
+    /// The mask of a run's 2-bit span states.
+    static func runMask(_ run: HeaderRun) -> UInt32 {
+        let bits = 2 * run.count
+        return (bits == 32 ? ~0 : (UInt32(1) << UInt32(bits)) - 1) << (2 * UInt32(run.offset))
     }
 
-    /// The lowest offset of an aligned run of `2^spanCountLog2` empty spans, if any.
-    package func firstEmptyRun(spanCountLog2: Int) -> Int? {
-        guard spanCountLog2 >= 0, spanCountLog2 <= 4 else { return nil }
-        let count = 1 << spanCountLog2
-        for offset in stride(from: 0, to: 16, by: count) where states & Self.runMask(offset: offset, count: count) == 0 {
-            return offset
-        }
-        return nil
+    /// The lowest aligned run of `2^countLog2` empty spans, if any.
+    package func firstFreeRun(countLog2: Int) -> HeaderRun? {
+        guard countLog2 >= 0, countLog2 <= Self.countLog2Max else { return nil }
+        return stride(from: 0, to: Self.unitCount, by: 1 << countLog2).lazy
+            .map { HeaderRun(offset: $0, countLog2: countLog2) }
+            .first { marksFree($0) }
     }
 
     // MARK: Transitions
 
-    private func setting(_ offset: Int, _ count: Int, to state: SpanState) -> UInt32 {
-        var newStates = states & ~Self.runMask(offset: offset, count: count)
-        for span in offset..<offset + count { newStates |= UInt32(state.rawValue) << (2 * UInt32(span)) }
+    private func setting(_ run: HeaderRun, to state: SpanState) -> UInt32 {
+        var newStates = states & ~Self.runMask(run)
+        for span in run.units { newStates |= UInt32(state.rawValue) << (2 * UInt32(span)) }
         return newStates
     }
 
@@ -129,24 +127,16 @@ package struct SectionHeader: RawRepresentable, Hashable, Sendable {
             log: TemporaryLog(offset: UInt8(offset), sizeCode: UInt8(sizeCode), owner: owner, sequence: log.sequence.next))
     }
 
-    private func fits(offset: Int, spanCountLog2: Int) -> Bool {
-        spanCountLog2 >= 0 && spanCountLog2 <= 4 && offset >= 0 && offset < 16 && offset % (1 << spanCountLog2) == 0
+    /// Claims the empty spans of `run` whole: a section-layer allocation.
+    package func claiming(_ run: HeaderRun, owner: OwnerID) -> SectionHeader? {
+        guard !logPending, Self.holds(run), marksFree(run) else { return nil }
+        return committing(states: setting(run, to: .whole), offset: run.offset, sizeCode: run.countLog2, owner: owner)
     }
 
-    /// Claims `2^spanCountLog2` empty spans at `offset` whole: a section-layer allocation.
-    package func claiming(spanOffset offset: Int, spanCountLog2: Int, owner: OwnerID) -> SectionHeader? {
-        guard !logPending, fits(offset: offset, spanCountLog2: spanCountLog2) else { return nil }
-        let count = 1 << spanCountLog2
-        guard states & Self.runMask(offset: offset, count: count) == 0 else { return nil }
-        return committing(states: setting(offset, count, to: .whole), offset: offset, sizeCode: spanCountLog2, owner: owner)
-    }
-
-    /// Releases `2^spanCountLog2` whole spans at `offset`.
-    package func releasing(spanOffset offset: Int, spanCountLog2: Int, owner: OwnerID) -> SectionHeader? {
-        guard !logPending, fits(offset: offset, spanCountLog2: spanCountLog2) else { return nil }
-        let count = 1 << spanCountLog2
-        guard (offset..<offset + count).allSatisfy({ state(ofSpan: $0) == .whole }) else { return nil }
-        return committing(states: setting(offset, count, to: .empty), offset: offset, sizeCode: spanCountLog2, owner: owner)
+    /// Releases the whole spans of `run`.
+    package func releasing(_ run: HeaderRun, owner: OwnerID) -> SectionHeader? {
+        guard !logPending, Self.holds(run), marksAllocated(run) else { return nil }
+        return committing(states: setting(run, to: .empty), offset: run.offset, sizeCode: run.countLog2, owner: owner)
     }
 
     /// Claims this whole, empty section as part of a multi-section block.
@@ -170,13 +160,13 @@ package struct SectionHeader: RawRepresentable, Hashable, Sendable {
     /// Puts an empty span into chunk mode (the first step of opening it).
     package func openingSpan(_ span: Int) -> SectionHeader? {
         guard state(ofSpan: span) == .empty else { return nil }
-        return SectionHeader(states: setting(span, 1, to: .chunks), contended: contended, logPending: logPending, log: log)
+        return SectionHeader(states: setting(.unit(span), to: .chunks), contended: contended, logPending: logPending, log: log)
     }
 
     /// Returns a closing span to empty (its span header is `closing`).
     package func closingSpan(_ span: Int) -> SectionHeader? {
         guard state(ofSpan: span).isChunkMode else { return nil }
-        return SectionHeader(states: setting(span, 1, to: .empty), contended: contended, logPending: logPending, log: log)
+        return SectionHeader(states: setting(.unit(span), to: .empty), contended: contended, logPending: logPending, log: log)
     }
 
     /// Sets the search hint of a chunk-mode span: avoid (full or contended) or normal.
@@ -185,7 +175,7 @@ package struct SectionHeader: RawRepresentable, Hashable, Sendable {
         guard current.isChunkMode else { return nil }
         let target: SpanState = avoid ? .chunksAvoid : .chunks
         guard current != target else { return nil }
-        return SectionHeader(states: setting(span, 1, to: target), contended: contended, logPending: logPending, log: log)
+        return SectionHeader(states: setting(.unit(span), to: target), contended: contended, logPending: logPending, log: log)
     }
 
     /// The same header with the section-level contention mark set or cleared.

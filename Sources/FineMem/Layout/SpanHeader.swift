@@ -22,6 +22,9 @@ package struct SpanHeader: RawRepresentable, Hashable, Sendable {
     package enum Mode: UInt64, Sendable, CaseIterable { case closed = 0, open = 1, closing = 2 }
 
     package static let chunkCount = 32
+    package static let unitChunkCountLog2 = 0
+    package static let unitCount = 32
+    package static let countLog2Max = 4
     static let bitmapField = BitField(0, 32)
     static let modeField = BitField(32, 2)
     static let contendedField = BitField(34, 1)
@@ -60,80 +63,56 @@ package struct SpanHeader: RawRepresentable, Hashable, Sendable {
 
     /// Structural rules: a span that is not open has an empty bitmap; the log's block is
     /// aligned to its size and inside the span.
-    package var isValid: Bool {
-        let log = log
-        let sizeOK = Int(log.offset) % (1 << log.sizeCode) == 0
-        return (mode == .open || bitmap == 0) && sizeOK
+    package var isValid: Bool { (mode == .open || bitmap == 0) && Self.holds(log.run) }
+
+    /// The mask of a run of chunks.
+    package static func runMask(_ run: HeaderRun) -> UInt32 {
+        run.count == 32 ? ~0 : ((1 << UInt32(run.count)) - 1) << UInt32(run.offset)
     }
 
-    /// The mask of `2^chunkCountLog2` chunks at `offset`.
-    package static func runMask(offset: Int, chunkCountLog2: Int) -> UInt32 {
-        let count = 1 << chunkCountLog2
-        return count == 32 ? ~0 : ((1 << UInt32(count)) - 1) << UInt32(offset)
+    /// The lowest free, aligned run of `2^countLog2` chunks, if any.
+    package func firstFreeRun(countLog2: Int) -> HeaderRun? {
+        guard mode == .open, countLog2 >= 0, countLog2 <= Self.countLog2Max else { return nil }
+        return stride(from: 0, to: Self.unitCount, by: 1 << countLog2).lazy
+            .map { HeaderRun(offset: $0, countLog2: countLog2) }
+            .first { bitmap & Self.runMask($0) == 0 }
     }
 
-    /// The lowest offset of a free, aligned run of `2^chunkCountLog2` chunks, if any.
-    package func firstFreeRun(chunkCountLog2: Int) -> Int? {
-        guard mode == .open, chunkCountLog2 >= 0, chunkCountLog2 <= 4 else { return nil }
-        let step = 1 << chunkCountLog2
-        for offset in stride(from: 0, to: 32, by: step) where bitmap & Self.runMask(offset: offset, chunkCountLog2: chunkCountLog2) == 0 {
-            return offset
-        }
-        return nil
-    }
+    /// Whether every chunk of `run` is marked in use.
+    package func marksAllocated(_ run: HeaderRun) -> Bool { bitmap & Self.runMask(run) == Self.runMask(run) }
 
-    /// Whether every chunk of the run at `offset` is marked in use.
-    package func marksAllocated(offset: Int, chunkCountLog2: Int) -> Bool {
-        let mask = Self.runMask(offset: offset, chunkCountLog2: chunkCountLog2)
-        return bitmap & mask == mask
-    }
-
-    /// Whether no chunk of the run at `offset` is marked in use.
-    package func marksFree(offset: Int, chunkCountLog2: Int) -> Bool {
-        bitmap & Self.runMask(offset: offset, chunkCountLog2: chunkCountLog2) == 0
-    }
+    /// Whether no chunk of `run` is marked in use.
+    package func marksFree(_ run: HeaderRun) -> Bool { bitmap & Self.runMask(run) == 0 }
 
     /// Whether the pending (or last) log describes an allocation: its run is all set.
-    package var logDescribesAllocation: Bool {
-        let mask = Self.runMask(offset: Int(log.offset), chunkCountLog2: Int(log.sizeCode))
-        return bitmap & mask == mask
-    }
+    package var logDescribesAllocation: Bool { marksAllocated(log.run) }
 
     // MARK: Transitions (pure; nil when not allowed)
 
-    private func committing(bitmap newBitmap: UInt32, mode newMode: Mode, offset: Int, chunkCountLog2: Int, owner: OwnerID) -> SpanHeader {
+    private func committing(bitmap newBitmap: UInt32, mode newMode: Mode, _ run: HeaderRun, owner: OwnerID) -> SpanHeader {
         SpanHeader(
             bitmap: newBitmap, mode: newMode, contended: contended, logPending: true,
-            log: TemporaryLog(offset: UInt8(offset), sizeCode: UInt8(chunkCountLog2), owner: owner, sequence: log.sequence.next))
+            log: TemporaryLog(offset: UInt8(run.offset), sizeCode: UInt8(run.countLog2), owner: owner, sequence: log.sequence.next))
     }
 
-    private func fits(offset: Int, chunkCountLog2: Int) -> Bool {
-        chunkCountLog2 >= 0 && chunkCountLog2 <= 4 && offset >= 0 && offset < 32 && offset % (1 << chunkCountLog2) == 0
-    }
-
-    /// Claims `2^chunkCountLog2` chunks at `offset` in an open span: the commit point of a
-    /// chunk-layer allocation.
-    package func claiming(offset: Int, chunkCountLog2: Int, owner: OwnerID) -> SpanHeader? {
-        guard mode == .open, !logPending, fits(offset: offset, chunkCountLog2: chunkCountLog2) else { return nil }
-        let mask = Self.runMask(offset: offset, chunkCountLog2: chunkCountLog2)
-        guard bitmap & mask == 0 else { return nil }
-        return committing(bitmap: bitmap | mask, mode: .open, offset: offset, chunkCountLog2: chunkCountLog2, owner: owner)
+    /// Claims the chunks of `run` in an open span: the commit point of a chunk-layer
+    /// allocation.
+    package func claiming(_ run: HeaderRun, owner: OwnerID) -> SpanHeader? {
+        guard mode == .open, !logPending, Self.holds(run), marksFree(run) else { return nil }
+        return committing(bitmap: bitmap | Self.runMask(run), mode: .open, run, owner: owner)
     }
 
     /// Opens a closed span (its section entry was just flipped to chunk mode by `owner`)
-    /// and claims a run in the same CAS.
-    package func opening(offset: Int, chunkCountLog2: Int, owner: OwnerID) -> SpanHeader? {
-        guard mode == .closed, !logPending, bitmap == 0, fits(offset: offset, chunkCountLog2: chunkCountLog2) else { return nil }
-        let mask = Self.runMask(offset: offset, chunkCountLog2: chunkCountLog2)
-        return committing(bitmap: mask, mode: .open, offset: offset, chunkCountLog2: chunkCountLog2, owner: owner)
+    /// and claims `run` in the same CAS.
+    package func opening(_ run: HeaderRun, owner: OwnerID) -> SpanHeader? {
+        guard mode == .closed, !logPending, bitmap == 0, Self.holds(run) else { return nil }
+        return committing(bitmap: Self.runMask(run), mode: .open, run, owner: owner)
     }
 
-    /// Releases `2^chunkCountLog2` allocated chunks at `offset`: the commit point of a free.
-    package func releasing(offset: Int, chunkCountLog2: Int, owner: OwnerID) -> SpanHeader? {
-        guard mode == .open, !logPending, fits(offset: offset, chunkCountLog2: chunkCountLog2) else { return nil }
-        let mask = Self.runMask(offset: offset, chunkCountLog2: chunkCountLog2)
-        guard bitmap & mask == mask else { return nil }
-        return committing(bitmap: bitmap & ~mask, mode: .open, offset: offset, chunkCountLog2: chunkCountLog2, owner: owner)
+    /// Releases the allocated chunks of `run`: the commit point of a free.
+    package func releasing(_ run: HeaderRun, owner: OwnerID) -> SpanHeader? {
+        guard mode == .open, !logPending, Self.holds(run), marksAllocated(run) else { return nil }
+        return committing(bitmap: bitmap & ~Self.runMask(run), mode: .open, run, owner: owner)
     }
 
     /// Marks the pending log as written to the full log.

@@ -44,6 +44,7 @@ struct HeaderCache: Sendable {
         precondition(words.count == PoolGeometry.spansPerSection, "a section has \(PoolGeometry.spansPerSection) spans, not \(words.count)")
         for (span, word) in words.enumerated() { self[.span(section: section, span: span)] = word }
         spansKnown[section] = true
+        debugOnly { checkInvariants() }
     }
 
     /// Stores every header as just read.

@@ -132,6 +132,14 @@ final class MemoryNodeLink: Sendable {
         handler(slot)
     }
 
+    /// Checks the cache's and the pending table's invariants (debug builds).
+    func checkInvariants() {
+        debugOnly {
+            cache.withLock { $0.checkInvariants() }
+            pending.withLock { $0.checkInvariants(owner: owner) }
+        }
+    }
+
     /// Marks `slot` busy for this node's CAS; false when another task of the node holds it.
     func tryAcquire(_ slot: HeaderSlot) -> Bool { cache.withLock { $0.busy.insert(slot).inserted } }
 

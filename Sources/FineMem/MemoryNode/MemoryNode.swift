@@ -44,7 +44,7 @@ package final class MemoryNode: Sendable {
         do {
             let pd = try nic.allocateProtectionDomain()
             loopbackRegion = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: geometry.metadataBytes, access: .all)
-            loopback = nic.openConnection(from: nic.node, protectionDomain: pd)
+            loopback = nic.openLoopback(protectionDomain: pd)
         } catch {
             throw .nic(error)
         }

@@ -39,15 +39,15 @@ package final class FaultPlan: @unchecked Sendable {
 
     /// The earliest time at or after `time` when `node` is not stalled.
     func unstalled(_ node: NodeID, at time: UInt64) -> UInt64 {
-        var t = time
+        var clear = time
         var moved = true
         while moved {
             moved = false
-            for stall in stalls[node] ?? [] where t >= stall.start && t < stall.end {
-                t = stall.end
+            for stall in stalls[node] ?? [] where clear >= stall.start && clear < stall.end {
+                clear = stall.end
                 moved = true
             }
         }
-        return t
+        return clear
     }
 }

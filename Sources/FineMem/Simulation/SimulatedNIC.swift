@@ -115,7 +115,7 @@ package final class SimulatedNIC: NICControl, @unchecked Sendable {
             guard case .region(let known)? = table.entries[region.rkey.index], known == region else {
                 throw .noSuchRegion(region.rkey)
             }
-            for case .window(let w) in table.entries.values where w.binding?.region == region.rkey.index {
+            for case .window(let window) in table.entries.values where window.binding?.region == region.rkey.index {
                 throw .regionHasBoundWindows(region.rkey)
             }
             table.entries[region.rkey.index] = nil
@@ -165,6 +165,13 @@ package final class SimulatedNIC: NICControl, @unchecked Sendable {
         connect(from: node, protectionDomain: pd, simulator: simulator)
     }
 
+    /// The memory node's own connection. It crosses no network, so it executes each batch
+    /// at once on the caller's thread (in virtual time too: in zero virtual time, without
+    /// drawing from the simulator's random stream), with the same checks as any other.
+    package func openLoopback(protectionDomain pd: ProtectionDomain) -> any FabricConnection {
+        connect(from: node, protectionDomain: pd, simulator: nil)
+    }
+
     /// Opens a reliable connection from `node` in protection domain `pd`, in the virtual
     /// time of `simulator` (immediate mode without one).
     package func connect(
@@ -209,7 +216,7 @@ package final class SimulatedNIC: NICControl, @unchecked Sendable {
         let needed: RemoteAccess
         let length: Int
         switch verb {
-        case .read(_, let n, _): needed = .read; length = n
+        case .read(_, let readLength, _): needed = .read; length = readLength
         case .write(_, let bytes, _): needed = .write; length = bytes.count
         case .compareAndSwap, .fetchAndAdd: needed = .atomic; length = 8
         }
@@ -251,9 +258,9 @@ package final class SimulatedNIC: NICControl, @unchecked Sendable {
             var bytes = [UInt8](repeating: 0, count: length)
             bytes.withUnsafeMutableBytes { out in
                 if address.rawValue % 8 == 0, length % 8 == 0 {
-                    for i in stride(from: 0, to: length, by: 8) {
-                        let word = atomicWord(address + UInt64(i)).load(ordering: .relaxed)
-                        out.storeBytes(of: word.littleEndian, toByteOffset: i, as: UInt64.self)
+                    for offset in stride(from: 0, to: length, by: 8) {
+                        let word = atomicWord(address + UInt64(offset)).load(ordering: .relaxed)
+                        out.storeBytes(of: word.littleEndian, toByteOffset: offset, as: UInt64.self)
                     }
                 } else {
                     out.copyMemory(from: UnsafeRawBufferPointer(start: pointer(address), count: length))
@@ -263,9 +270,9 @@ package final class SimulatedNIC: NICControl, @unchecked Sendable {
         case .write(let address, let bytes, _):
             bytes.withUnsafeBytes { source in
                 if address.rawValue % 8 == 0, bytes.count % 8 == 0 {
-                    for i in stride(from: 0, to: bytes.count, by: 8) {
-                        let word = UInt64(littleEndian: source.loadUnaligned(fromByteOffset: i, as: UInt64.self))
-                        atomicWord(address + UInt64(i)).store(word, ordering: .relaxed)
+                    for offset in stride(from: 0, to: bytes.count, by: 8) {
+                        let word = UInt64(littleEndian: source.loadUnaligned(fromByteOffset: offset, as: UInt64.self))
+                        atomicWord(address + UInt64(offset)).store(word, ordering: .relaxed)
                     }
                 } else {
                     pointer(address).copyMemory(from: source.baseAddress!, byteCount: bytes.count)

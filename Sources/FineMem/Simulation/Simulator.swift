@@ -142,7 +142,7 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
         case .success(.read(let bytes)):
             for chunk in stride(from: 0, to: bytes.count, by: 8) {
                 var word: UInt64 = 0
-                for b in chunk..<min(chunk + 8, bytes.count) { word |= UInt64(bytes[b]) << (8 * UInt64(b - chunk)) }
+                for byte in chunk..<min(chunk + 8, bytes.count) { word |= UInt64(bytes[byte]) << (8 * UInt64(byte - chunk)) }
                 traceHash.mix(word)
             }
         case .success(.written): traceHash.mix(1)

@@ -1,0 +1,139 @@
+/// A header that the allocation protocol searches and commits blocks on with one CAS: a
+/// span header (the chunk layer: blocks of 1-16 chunks) or a section header (the section
+/// layer: blocks of 1-16 spans). Everything else about a layer (where its header is, which
+/// transitions claim and release a run) comes from `BlockHeader`; the protocol over both
+/// (`allocate(in:)`, `free(_:in:)`) is written once.
+protocol SearchedHeader: BlockHeader {
+    /// Picks where to claim a run of `2^countLog2` units, from the cache; marks the chosen
+    /// header busy.
+    static func choose(countLog2: Int, cache: inout HeaderCache, link: MemoryNodeLink) -> HeaderChoice?
+    /// Where the next search starts after a claim on `slot` committed.
+    static func claimCommitted(on slot: HeaderSlot, cache: inout HeaderCache)
+}
+
+extension SpanHeader: SearchedHeader {
+    static func choose(countLog2: Int, cache: inout HeaderCache, link: MemoryNodeLink) -> HeaderChoice? {
+        chooseSpan(chunkCountLog2: countLog2, cache: &cache, link: link)
+    }
+
+    /// The span search moved the cursor when it chose a normal span: a claim on a span it
+    /// had to avoid leaves the cursor where it was.
+    static func claimCommitted(on slot: HeaderSlot, cache: inout HeaderCache) {}
+}
+
+extension SectionHeader: SearchedHeader {
+    static func choose(countLog2: Int, cache: inout HeaderCache, link: MemoryNodeLink) -> HeaderChoice? {
+        chooseSection(spanCountLog2: countLog2, cache: &cache, link: link)
+    }
+
+    static func claimCommitted(on slot: HeaderSlot, cache: inout HeaderCache) { cache.cursor = slot.section }
+}
+
+extension BlockAllocator {
+    /// Allocates `2^chunkCountLog2` chunks on `link` in `layer`; nil when the node has no
+    /// room. Each choice of the search gets one commit CAS; a lost one refreshes the cache
+    /// from its answer and the search chooses again.
+    func allocate<Header: SearchedHeader>(
+        in layer: Header.Type, chunkCountLog2: Int, application: ApplicationID, on link: MemoryNodeLink, trace: inout OperationTrace
+    ) async throws(AllocationError) -> Block? {
+        let countLog2 = chunkCountLog2 - Header.unitChunkCountLog2
+        var refreshed = false
+        var failures: [HeaderSlot: Int] = [:]
+        var backoff = Backoff(configuration)
+        while trace.attempts < configuration.operationAttemptsMax {
+            switch link.cache.withLock({ Header.choose(countLog2: countLog2, cache: &$0, link: link) }) {
+            case nil:
+                if refreshed { return nil }
+                refreshed = true
+                do { try await link.refresh(trace: &trace) } catch { throw .fabric(error) }
+            case .wait:
+                try await backoff.pause(runtime)
+            case .readSpans(let section):
+                do { try await link.readSpans(of: section, trace: &trace) } catch { throw .fabric(error) }
+            case .open(let section, let span):
+                defer { link.releaseBusy(.section(section)) }
+                if let block = try await openSpan(section: section, span: span, chunkCountLog2: chunkCountLog2, application: application, on: link, trace: &trace) {
+                    return block
+                }
+                trace.attempts += 1
+            case .claim(let slot, let run):
+                precondition(run.countLog2 == countLog2, "the search chose \(run) for 2^\(countLog2) units")
+                defer { link.releaseBusy(slot) }
+                let failed = failures[slot, default: 0]
+                let outcome: UpdateOutcome<Header> = try await update(
+                    slot, UpdatePolicy(attemptsMax: 1, log: .commitAfterFlush), on: link, trace: &trace
+                ) { header in
+                    header.claiming(run, owner: owner).map { markingContention($0, failures: failed) }
+                }
+                switch outcome {
+                case .updated(let header):
+                    let block = Header.block(at: run, of: slot, on: link.memoryNode)
+                    committed(header, on: slot, block: block, allocated: true, application: application, link: link)
+                    link.cache.withLock { Header.claimCommitted(on: slot, cache: &$0) }
+                    return block
+                case .lost(let current):
+                    failures[slot, default: 0] += 1
+                    try await lost(toPendingLog: Header(rawValue: current)?.logPending ?? false, backoff: &backoff, trace: &trace)
+                case .refused:
+                    trace.attempts += 1
+                }
+            }
+        }
+        throw .retryLimitExceeded(attempts: trace.attempts)
+    }
+
+    /// Frees `block`, committed on a header of type `Header`: one CAS on that header.
+    func free<Header: BlockHeader>(
+        _ block: Block, in layer: Header.Type, application: ApplicationID, on link: MemoryNodeLink, trace: inout OperationTrace
+    ) async throws(AllocationError) {
+        let slot = HeaderSlot(committing: block)
+        let run = Header.run(of: block)
+        var backoff = Backoff(configuration)
+        try await acquireBusy(slot, on: link, backoff: &backoff)
+        defer { link.releaseBusy(slot) }
+        while trace.attempts < configuration.operationAttemptsMax {
+            let outcome: UpdateOutcome<Header> = try await update(
+                slot, UpdatePolicy(attemptsMax: 1, log: .commitAfterFlush, rereadOnRefusal: true), on: link, trace: &trace
+            ) { $0.releasing(run, owner: owner) }
+            switch outcome {
+            case .updated(let header):
+                committed(header, on: slot, block: block, allocated: false, application: application, link: link)
+                return
+            case .lost(let current):
+                try await lost(toPendingLog: Header(rawValue: current)?.logPending ?? false, backoff: &backoff, trace: &trace)
+            case .refused(let current):
+                throw .corruptMetadata("\(slot) does not hold \(block): \(Header(rawValue: current).map { "\($0)" } ?? "invalid word")")
+            }
+        }
+        throw .retryLimitExceeded(attempts: trace.attempts)
+    }
+
+    /// After a block operation's commit: checks its postcondition (the header's log is
+    /// pending, names this node, and the block's run is marked as the operation left it),
+    /// records the pending log, and starts the upkeep (flush; for a span, close or hint).
+    func committed<Header: BlockHeader>(
+        _ header: Header, on slot: HeaderSlot, block: Block, allocated: Bool, application: ApplicationID, link: MemoryNodeLink
+    ) {
+        let run = Header.run(of: block)
+        precondition(allocated ? header.marksAllocated(run) : header.marksFree(run),
+                     "the commit on \(slot) does not mark \(block) \(allocated ? "allocated" : "free"): \(header)")
+        precondition(header.log.run == run, "the commit on \(slot) logged \(header.log.run), not \(run)")
+        link.logCommitted(header, on: slot, block: block, allocated: allocated, application: application, taken: false)
+        startUpkeep(of: slot, on: link)
+    }
+
+    /// `link.update` on a header, with a fabric error as an allocation error.
+    func update<Header: LoggedHeader>(
+        _ slot: HeaderSlot, _ policy: UpdatePolicy, on link: MemoryNodeLink, alsoRead: [HeaderSlot] = [],
+        trace: inout OperationTrace, _ transition: (Header) -> Header?
+    ) async throws(AllocationError) -> UpdateOutcome<Header> {
+        do { return try await link.update(.header(slot), policy, alsoRead: alsoRead, trace: &trace, transition) } catch { throw .fabric(error) }
+    }
+
+    /// `header` with its contention mark set or cleared after `failures` lost CASes.
+    func markingContention<Header: LoggedHeader>(_ header: Header, failures: Int) -> Header {
+        if failures >= configuration.contentionHigh, !header.contended { return header.with(contended: true) }
+        if failures <= configuration.contentionLow, header.contended { return header.with(contended: false) }
+        return header
+    }
+}
