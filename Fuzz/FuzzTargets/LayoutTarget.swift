@@ -15,6 +15,7 @@ package func fuzzLayout(_ bytes: [UInt8]) {
             let next = [
                 span.claiming(HeaderRun(offset: offset, countLog2: size), owner: owner), span.opening(HeaderRun(offset: offset, countLog2: size), owner: owner),
                 span.releasing(HeaderRun(offset: offset, countLog2: size), owner: owner), span.flushed(), span.closing(), span.closed(),
+                span.markingOpening(owner: owner), span.abandoningOpening(owner: owner),
             ]
             for case let header? in next {
                 check(SpanHeader(rawValue: header.rawValue) == header && header.isValid, "span transition from \(word) gave \(header.rawValue)")

@@ -7,8 +7,11 @@ struct Soak: ParsableCommand {
         discussion: """
             Each seed runs compute nodes x tasks in deterministic virtual time with mixed \
             block sizes (4 KiB-8 MiB by default). A failing seed is printed with its \
-            violations; `--start-seed SEED --seeds 1` reproduces it exactly. Build in \
-            release for speed: swift run -c release finemem soak --seeds 500
+            violations and the command that reproduces it exactly (the same seed and \
+            the same flags, `--explore` included). `--explore` adds PCT-style schedule \
+            exploration: random node priorities that reorder and delay nodes against \
+            each other, with `--change-points` priority drops per run. Build in release \
+            for speed: swift run -c release finemem soak --seeds 500
             """
     )
 
@@ -20,9 +23,13 @@ struct Soak: ParsableCommand {
     @Option(help: "Tasks per compute node.") var tasks = 8
     @Option(help: "Operations per task.") var operations = 40
     @Option(help: "Largest block.") var maxBlock = ByteCount(bytes: 8 << 20)
+    @Flag(help: "Explore schedules with random node priorities (PCT-style).") var explore = false
+    @Option(help: "Priority change points per run with --explore.") var changePoints = 3
 
     func validate() throws {
-        guard seeds >= 1, computeNodes >= 1, tasks >= 1, operations >= 1, memoryNodes >= 0 else { throw ValidationError("counts must be positive") }
+        guard seeds >= 1, computeNodes >= 1, tasks >= 1, operations >= 1, memoryNodes >= 0, changePoints >= 0 else {
+            throw ValidationError("counts must be positive")
+        }
         guard maxBlock.bytes >= 4096, maxBlock.bytes.nonzeroBitCount == 1 else { throw ValidationError("--max-block must be a power of two from 4KiB") }
     }
 
@@ -33,6 +40,8 @@ struct Soak: ParsableCommand {
         configuration.tasksPerComputeNode = tasks
         configuration.operationsPerTask = operations
         configuration.chunkCountLog2Range = 0...Block.chunkCountLog2(forBytes: maxBlock.bytes)
+        configuration.exploration = explore ? .randomPriorities(changePoints: changePoints) : .none
+        print("schedule exploration: \(configuration.exploration)")
         let clock = SystemRuntime.shared
         let start = clock.nowNanoseconds
         var failed: [UInt64] = []
@@ -45,6 +54,7 @@ struct Soak: ParsableCommand {
                 failed.append(seed)
                 print("FAILED \(report)")
                 for violation in report.violations.prefix(10) { print("  \(violation)") }
+                print("  replay: \(replayCommand(seed: seed))")
             }
             let done = Int(seed - startSeed) + 1
             if done % 10 == 0 || done == seeds {
@@ -56,5 +66,15 @@ struct Soak: ParsableCommand {
             print("failing seeds: \(failed.map(String.init).joined(separator: " "))")
             throw ExitCode.failure
         }
+    }
+
+    /// The command that reruns exactly `seed`: every flag that shapes the run.
+    private func replayCommand(seed: UInt64) -> String {
+        var flags = [
+            "--start-seed \(seed)", "--seeds 1", "--memory-nodes \(memoryNodes)", "--pool-size \(poolSize.bytes)",
+            "--compute-nodes \(computeNodes)", "--tasks \(tasks)", "--operations \(operations)", "--max-block \(maxBlock.bytes)",
+        ]
+        if explore { flags += ["--explore", "--change-points \(changePoints)"] }
+        return "swift run -c release finemem soak " + flags.joined(separator: " ")
     }
 }

@@ -66,7 +66,20 @@ private let sectionHeaderGen = zip(
                 #expect(!aligned || header.mode != .open || header.logPending || header.bitmap & mask != 0)
             }
             if let opened = header.opening(HeaderRun(offset: offset, countLog2: size), owner: owner) {
-                #expect(header.mode == .closed && opened.mode == .open && opened.bitmap == mask && opened.isValid)
+                #expect(header.mode == .opening && header.log.owner == owner && opened.mode == .open && opened.bitmap == mask && opened.isValid)
+                #expect(opened.logPending && opened.log.owner == owner)
+            }
+            if let marked = header.markingOpening(owner: owner) {
+                // An opening names its owner from the first verb on, and only it may go on.
+                #expect(header.mode == .closed && !header.logPending && marked.mode == .opening && marked.log.owner == owner && marked.isValid)
+                #expect(marked.markingOpening(owner: owner) == nil && marked.closing() == nil)
+                #expect(marked.abandoningOpening(owner: owner)?.mode == .closed)
+                let other = OwnerID(owner.rawValue == 0 ? 1 : owner.rawValue - 1)
+                #expect(marked.abandoningOpening(owner: other) == nil)
+                #expect(marked.opening(HeaderRun(offset: 0, countLog2: 0), owner: other) == nil)
+                #expect(marked.opening(HeaderRun(offset: 0, countLog2: 0), owner: owner)?.mode == .open)
+            } else {
+                #expect(header.mode != .closed || header.logPending || header.bitmap != 0)
             }
             if let released = header.releasing(HeaderRun(offset: offset, countLog2: size), owner: owner) {
                 #expect(header.bitmap & mask == mask && released.bitmap == header.bitmap & ~mask && released.isValid)
@@ -142,6 +155,9 @@ private let sectionHeaderGen = zip(
             }
             if let opened = results[5] {
                 #expect(opened.log == header.log && opened.logPending == header.logPending, "span-state changes keep the log")
+                #expect(!header.pendingLogCovers(span: offset), "a span under a pending log that covers it stays out of chunk mode")
+            } else if header.state(ofSpan: offset) == .empty {
+                #expect(header.pendingLogCovers(span: offset))
             }
         }
     }

@@ -1,3 +1,4 @@
+import Dispatch
 import Testing
 @testable import FineMem
 
@@ -202,6 +203,41 @@ private func expectViolation(
             }
         }
         #expect(nic.peekWord(word) == UInt64(workers * rounds * 2))
+    }
+}
+
+/// Two OS threads, released together behind a barrier, hammer one word of the simulated
+/// NIC with compare-and-swap increments and fetch-and-adds, synchronously (no task hops,
+/// so the threads truly overlap on two cores); the final value must be exact. A CAS that
+/// is not atomic (a load, a compare and a store) loses increments here within a few
+/// thousand iterations. CI runs this suite in a step of its own.
+@Suite struct ImmediateAtomicityTests {
+    @Test func casAndFetchAndAddAreAtomicAcrossThreads() throws {
+        let (nic, _, region) = try makeTarget(node: 0)
+        let word = region.address + 512
+        let iterations = 200_000
+        let arrived = Locked(0)
+        let exchangedCounts = Locked([Int](repeating: 0, count: 2))
+        DispatchQueue.concurrentPerform(iterations: 2) { thread in
+            arrived.withLock { $0 += 1 }
+            while arrived.withLock({ $0 }) < 2 {}
+            var exchanged = 0
+            var expected: UInt64 = 0
+            for _ in 0..<iterations {
+                while true {
+                    let result = nic.perform(.compareAndSwap(word, expected: expected, desired: expected &+ 1, rkey: region.rkey))
+                    let answer = result.compareAndSwap
+                    if answer.exchanged { break }
+                    expected = answer.original
+                }
+                exchanged += 1
+                expected &+= 1
+                _ = nic.perform(.fetchAndAdd(word, delta: 1, rkey: region.rkey))
+            }
+            exchangedCounts.withLock { $0[thread] = exchanged }
+        }
+        #expect(exchangedCounts.withLock { $0 } == [iterations, iterations])
+        #expect(nic.peekWord(word) == UInt64(4 * iterations), "increments were lost: the NIC's atomics are not atomic")
     }
 }
 

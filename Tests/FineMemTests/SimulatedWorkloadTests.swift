@@ -38,3 +38,17 @@ import Testing
         #expect(report.statistics.casRetries > 0, "4 KiB-64 KiB blocks from 128 tasks in 8 MiB must contend")
     }
 }
+
+/// Pools run to exhaustion and back: every answer is a block or a prompt `outOfMemory`
+/// that a look at the full pool confirms, never a retry limit.
+@Suite struct ExhaustionWorkloadTests {
+    @Test(arguments: [1, 2, 3] as [UInt64]) func exhaustionAndBack(seed: UInt64) {
+        var configuration = ExhaustionWorkload.Configuration()
+        configuration.poolBytesPerNode = 32 << 20
+        let report = ExhaustionWorkload(configuration).run(seed: seed)
+        #expect(report.wrongAnswers == [], "seed \(seed): \(report.wrongAnswers.prefix(3))")
+        #expect(report.violations == [], "seed \(seed): \(report.violations.prefix(5))")
+        #expect(report.outOfMemory >= 16 * 8 * 2, "seed \(seed): every task must be answered out of memory each round")
+        #expect(report.allocations > 0)
+    }
+}

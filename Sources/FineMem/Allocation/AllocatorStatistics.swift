@@ -35,6 +35,12 @@ public struct AllocatorStatistics: Sendable, Hashable {
     public package(set) var spansClosed: UInt64 = 0
     /// Full re-reads of a memory node's headers (when the cache showed no room).
     public package(set) var refreshes: UInt64 = 0
+    /// Refreshes an operation took from another task's read in flight instead of its own.
+    public package(set) var refreshesShared: UInt64 = 0
+    /// Rounds log flushes waited out (with backoff) because their header kept changing.
+    public package(set) var flushRounds: UInt64 = 0
+    /// Background upkeep (flushes, span closes, hints) that ended in an error.
+    public package(set) var upkeepErrors: UInt64 = 0
 
     package init() {}
 
@@ -81,8 +87,11 @@ public struct AllocatorStatistics: Sendable, Hashable {
 
     private mutating func recordEvents(_ trace: OperationTrace) {
         refreshes += trace.refreshes
+        refreshesShared += trace.refreshesShared
         spansOpened += trace.spansOpened
         spansClosed += trace.spansClosed
+        flushRounds += trace.flushRounds
+        upkeepErrors += trace.upkeepErrors
     }
 
     public static func + (lhs: AllocatorStatistics, rhs: AllocatorStatistics) -> AllocatorStatistics {
@@ -104,6 +113,9 @@ public struct AllocatorStatistics: Sendable, Hashable {
         sum.spansOpened += rhs.spansOpened
         sum.spansClosed += rhs.spansClosed
         sum.refreshes += rhs.refreshes
+        sum.refreshesShared += rhs.refreshesShared
+        sum.flushRounds += rhs.flushRounds
+        sum.upkeepErrors += rhs.upkeepErrors
         return sum
     }
 }

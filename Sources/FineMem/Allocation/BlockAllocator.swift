@@ -236,7 +236,46 @@ package final class BlockAllocator: Sendable {
         return header.log.run == run && header.marksAllocated(run)
     }
 
-    // MARK: Waiting
+    // MARK: Searching and waiting
+
+    /// The state of one allocation's search on one memory node. Room and contention end a
+    /// search differently: no room is answered after a fresh read of the headers shows
+    /// none (`noRoomInCache`); contention (commits lost to other nodes, choices the cache
+    /// made stale) never ends it while room may exist: after `operationAttemptsMax` spent
+    /// choices it pauses and reads afresh (`beginRound`), and only `waitCountMax` pauses in
+    /// all make it answer `retryLimitExceeded`.
+    struct Search {
+        var refreshed = false
+        var backoff: Backoff
+        init(_ configuration: AllocatorConfiguration) { backoff = Backoff(configuration) }
+    }
+
+    /// Starts a round of the search: after `operationAttemptsMax` spent choices, pause and
+    /// look again from a fresh read.
+    func beginRound(_ search: inout Search, on link: MemoryNodeLink, trace: inout OperationTrace) async throws(AllocationError) {
+        guard trace.attempts >= configuration.operationAttemptsMax else { return }
+        trace.attempts = 0
+        try await search.backoff.pause(runtime)
+        try await refresh(link, trace: &trace)
+        search.refreshed = true
+    }
+
+    /// The cache shows no room: read afresh once (answers false), or, when this search
+    /// already did, conclude there is none (answers true).
+    func noRoomInCache(_ search: inout Search, on link: MemoryNodeLink, trace: inout OperationTrace) async throws(AllocationError) -> Bool {
+        if search.refreshed { return true }
+        search.refreshed = true
+        try await refresh(link, trace: &trace)
+        return false
+    }
+
+    /// Reads every header of `link` into its cache (shared with other tasks' reads in
+    /// flight).
+    func refresh(_ link: MemoryNodeLink, trace: inout OperationTrace) async throws(AllocationError) {
+        do {
+            try await link.refresh(trace: &trace, runtime: runtime, pauseNanos: configuration.backoffNanosMin...configuration.backoffNanosMax)
+        } catch { throw .fabric(error) }
+    }
 
     /// After a lost CAS: if it lost to a pending log (its flush is on its way), wait with
     /// backoff; otherwise another operation committed first, which spends an attempt.
@@ -285,10 +324,19 @@ package final class BlockAllocator: Sendable {
             var trace = OperationTrace()
             switch slot {
             case .span(let section, let span): await spanUpkeep(section: section, span: span, on: link, trace: &trace)
-            case .section: _ = await link.flush(SectionHeader.self, slot, attemptsMax: configuration.flushAttemptsMax, trace: &trace)
+            case .section: _ = await flush(SectionHeader.self, slot, on: link, trace: &trace)
             }
             return trace
         }
+    }
+
+    /// Flushes this node's log on `slot` (see `MemoryNodeLink.flush`).
+    func flush<Header: LoggedHeader>(
+        _ type: Header.Type, _ slot: HeaderSlot, on link: MemoryNodeLink, trace: inout OperationTrace, then transform: (Header) -> Header = { $0 }
+    ) async -> Header? {
+        await link.flush(
+            type, slot, attemptsMax: configuration.flushAttemptsMax, backoffNanos: configuration.backoffNanosMin...configuration.backoffNanosMax,
+            runtime: runtime, trace: &trace, then: transform)
     }
 
     /// Waits until every log flush and every span and section upkeep has finished (the

@@ -8,22 +8,31 @@ enum HeaderChoice: Sendable {
     case open(section: Int, span: Int)
     /// Every candidate has a CAS of this node in flight: try again shortly.
     case wait
+    /// The only room the cache shows is in the middle of someone else's operation (a span
+    /// under a section's pending log, a span being opened or closed): wait a moment and
+    /// read these headers again (the cache may also just be stale).
+    case recheck([HeaderSlot])
 }
 
 /// Picks where to put `2^chunkCountLog2` chunks, from the cache: a normal open span with
 /// room, else an uncached chunk-mode section (to read), else an empty span (preferring
 /// sections already in use, so that whole sections stay free for large blocks), else a
-/// contended or full-hinted span with room. Marks the chosen header busy.
+/// contended or full-hinted span with room. Marks the chosen header busy. Answers `.wait`
+/// when the only room is in headers busy with this node's CASes, `.recheck` when it is
+/// under a section's pending log (its flush is on its way) or in a span someone is
+/// opening or closing, nil when there is none.
 func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeLink) -> HeaderChoice? {
     let sectionCount = cache.sectionCount
     var openInUsedSection: (section: Int, span: Int)?
     var openInEmptySection: (section: Int, span: Int)?
     var avoided: (slot: HeaderSlot, run: HeaderRun)?
     var unknownSection: Int?
+    var transient: [HeaderSlot]?
     var skippedBusy = false
     for step in 0..<sectionCount {
         let section = (cache.cursor + step) % sectionCount
-        guard let sectionHeader = cache.settled(SectionHeader.self, .section(section)) else { continue }
+        guard let rawSection = SectionHeader(rawValue: cache[.section(section)]) else { continue }
+        let sectionHeader = rawSection.settled
         for span in 0..<PoolGeometry.spansPerSection {
             let state = sectionHeader.state(ofSpan: span)
             switch state {
@@ -31,6 +40,16 @@ func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeL
                 continue
             case .empty:
                 guard openInUsedSection == nil else { continue }
+                // A span under the section's pending log waits for its record (L2); one
+                // still being closed or opened by someone waits for them.
+                if rawSection.pendingLogCovers(span: span) {
+                    if transient == nil { transient = [.section(section)] }
+                    continue
+                }
+                if cache.spansKnown[section], SpanHeader(rawValue: cache[.span(section: section, span: span)])?.canBeOpened != true {
+                    if transient == nil { transient = [.section(section), .span(section: section, span: span)] }
+                    continue
+                }
                 if cache.busy.contains(.section(section)) { skippedBusy = true; continue }
                 if !sectionHeader.isAllEmpty {
                     openInUsedSection = (section, span)
@@ -64,7 +83,8 @@ func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeL
         cache.busy.insert(avoided.slot)
         return .claim(avoided.slot, avoided.run)
     }
-    return skippedBusy ? .wait : nil
+    if skippedBusy { return .wait }
+    return transient.map { .recheck($0) }
 }
 
 /// Picks a section with an aligned run of `2^spanCountLog2` empty spans: a normal section

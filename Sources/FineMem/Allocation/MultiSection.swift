@@ -29,41 +29,40 @@ extension BlockAllocator {
         let intentSlot = try await takeIntentSlot()
         var intentSlotHandedOver = false
         defer { if !intentSlotHandedOver { freeIntentSlots.withLock { $0.append(intentSlot) } } }
-        var refreshed = false
-        var backoff = Backoff(configuration)
-        while trace.attempts < configuration.operationAttemptsMax {
+        var search = Search(configuration)
+        while true {
+            try await beginRound(&search, on: link, trace: &trace)
             guard let choice = link.cache.withLock({ chooseRun(count: sectionCount, cache: &$0) }) else {
-                if refreshed { return nil }
-                refreshed = true
-                do { try await link.refresh(trace: &trace) } catch { throw .fabric(error) }
+                if try await noRoomInCache(&search, on: link, trace: &trace) { return nil }
                 continue
             }
             guard let sections = choice else {
-                try await backoff.pause(runtime)
+                try await search.backoff.pause(runtime)
                 continue
             }
             let slots = sections.map(HeaderSlot.section)
             defer { for slot in slots { link.releaseBusy(slot) } }
             let intent = IntentRecord(kind: .claim, firstSection: sections.lowerBound, sectionCountLog2: sectionCountLog2, owner: owner, application: application)
-            var bases: [HeaderSlot: SectionHeader] = [:]
+            let block = Block(memoryNode: link.memoryNode, firstChunk: sections.lowerBound * PoolGeometry.chunksPerSection, chunkCountLog2: chunkCountLog2)
+            let bases = Locked<[HeaderSlot: SectionHeader]>([:])
             let outcomes: [UpdateOutcome<SectionHeader>]
             do {
                 outcomes = try await link.updateEach(
-                    slots, UpdatePolicy(attemptsMax: 1, log: .commitAfterFlush), requireAll: true,
+                    slots, UpdatePolicy(attemptsMax: 1, log: .commit(record: link.grant.recordAddress(chunk: block.firstChunk))), requireAll: true,
                     before: [link.intentWrite(intent, slot: intentSlot)], trace: &trace
-                ) { slot, header in
-                    bases[slot] = header
+                ) { [owner] slot, header in
+                    bases.withLock { $0[slot] = header }
                     return header.claimingForMultiSection(owner: owner)
                 }
             } catch { throw .fabric(error) }
-            let claimed = zip(slots, outcomes).compactMap { slot, outcome -> (HeaderSlot, SectionHeader)? in
-                guard case .updated(let header) = outcome else { return nil }
-                return (slot, header)
+            let claimed = zip(slots, outcomes).compactMap { slot, outcome -> (HeaderSlot, SectionHeader, UInt64)? in
+                guard case .committed(let header, let recordBefore) = outcome else { return nil }
+                return (slot, header, recordBefore)
             }
             if claimed.count == sectionCount {
-                let block = Block(memoryNode: link.memoryNode, firstChunk: sections.lowerBound * PoolGeometry.chunksPerSection, chunkCountLog2: chunkCountLog2)
                 intentSlotHandedOver = true
-                committedRun(claimed, block: block, allocated: true, application: application, intentSlot: intentSlot, link: link)
+                committedRun(claimed.map { ($0.0, $0.1) }, block: block, allocated: true, application: application, recordBefore: claimed[0].2,
+                             intentSlot: intentSlot, link: link)
                 return block
             }
             if claimed.isEmpty, outcomes.allSatisfy({ if case .refused = $0 { true } else { false } }) {
@@ -71,13 +70,12 @@ extension BlockAllocator {
                 trace.attempts += 1
                 continue
             }
-            try await rollBack(claimed, to: bases, intentSlot: intentSlot, on: link, trace: &trace)
+            try await rollBack(claimed.map { ($0.0, $0.1) }, to: bases.withLock { $0 }, intentSlot: intentSlot, on: link, trace: &trace)
             let pendingLoss = outcomes.contains { outcome in
                 if case .lost(let current) = outcome { SectionHeader(rawValue: current)?.logPending ?? false } else { false }
             }
-            try await lost(toPendingLog: pendingLoss, backoff: &backoff, trace: &trace)
+            try await lost(toPendingLog: pendingLoss, backoff: &search.backoff, trace: &trace)
         }
-        throw .retryLimitExceeded(attempts: trace.attempts)
     }
 
     /// Undoes the claims of a multi-section allocation that lost a race: each claimed
@@ -97,7 +95,7 @@ extension BlockAllocator {
         do {
             outcomes = try await link.updateEach(
                 slots, UpdatePolicy(attemptsMax: 1), requireAll: true, known: claimed.map(\.1.rawValue),
-                after: [link.intentWrite(.none, slot: intentSlot)], trace: &trace
+                after: [link.intentWrite(.none, slot: intentSlot).fenced()], trace: &trace
             ) { slot, _ in bases[slot] }
         } catch { throw .fabric(error) }
         guard outcomes.allSatisfy({ if case .updated = $0 { true } else { false } }) else {
@@ -117,36 +115,43 @@ extension BlockAllocator {
         let outcomes: [UpdateOutcome<SectionHeader>]
         do {
             outcomes = try await link.updateEach(
-                slots, UpdatePolicy(attemptsMax: configuration.operationAttemptsMax, log: .commitAfterFlush, rereadOnRefusal: true),
+                slots, UpdatePolicy(attemptsMax: configuration.operationAttemptsMax, log: .commit(record: link.grant.recordAddress(chunk: block.firstChunk)),
+                                    rereadOnRefusal: true),
                 requireAll: true, before: [link.intentWrite(intent, slot: intentSlot)], trace: &trace
-            ) { _, header in header.releasingFromMultiSection(owner: owner) }
+            ) { [owner] _, header in header.releasingFromMultiSection(owner: owner) }
         } catch { throw .fabric(error) }
         var released: [(HeaderSlot, SectionHeader)] = []
+        var recordBefore: UInt64?
         for (slot, outcome) in zip(slots, outcomes) {
             switch outcome {
-            case .updated(let header): released.append((slot, header))
+            case .committed(let header, let before):
+                released.append((slot, header))
+                recordBefore = recordBefore ?? before
             case .refused: throw .corruptMetadata("sections \(block.sections) do not hold \(block)")
             case .lost: throw .retryLimitExceeded(attempts: configuration.operationAttemptsMax)
+            case .updated: preconditionFailure("a block operation answers committed")
             }
         }
         intentSlotHandedOver = true
-        committedRun(released, block: block, allocated: false, application: application, intentSlot: intentSlot, link: link)
+        committedRun(released, block: block, allocated: false, application: application, recordBefore: recordBefore!, intentSlot: intentSlot, link: link)
     }
 
     /// After a multi-section claim or release: checks the postcondition (every section
     /// whole or empty, with this node's pending log), records the logs, and flushes them
     /// in the background (`MemoryNodeLink.flushRun`), which also clears the intent.
     private func committedRun(
-        _ headers: [(HeaderSlot, SectionHeader)], block: Block, allocated: Bool, application: ApplicationID, intentSlot: Int,
-        link: MemoryNodeLink
+        _ headers: [(HeaderSlot, SectionHeader)], block: Block, allocated: Bool, application: ApplicationID, recordBefore: UInt64,
+        intentSlot: Int, link: MemoryNodeLink
     ) {
         for (slot, header) in headers {
             precondition(allocated ? header.isAllWhole : header.isAllEmpty, "a multi-section commit left \(slot) as \(header)")
         }
-        let record = link.logCommittedRun(headers, block: block, allocated: allocated, application: application)
+        let log = link.logCommittedRun(headers, block: block, allocated: allocated, application: application, recordBefore: recordBefore)
         startUpkeep { [self] in
             var trace = OperationTrace()
-            await link.flushRun(headers, record: record, at: block, intentSlot: intentSlot, attemptsMax: configuration.flushAttemptsMax, trace: &trace)
+            await link.flushRun(
+                headers, log: log, intentSlot: intentSlot, attemptsMax: configuration.flushAttemptsMax,
+                backoffNanos: configuration.backoffNanosMin...configuration.backoffNanosMax, runtime: runtime, trace: &trace)
             freeIntentSlots.withLock { $0.append(intentSlot) }
             return trace
         }

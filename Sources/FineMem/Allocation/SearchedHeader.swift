@@ -32,22 +32,24 @@ extension SectionHeader: SearchedHeader {
 extension BlockAllocator {
     /// Allocates `2^chunkCountLog2` chunks on `link` in `layer`; nil when the node has no
     /// room. Each choice of the search gets one commit CAS; a lost one refreshes the cache
-    /// from its answer and the search chooses again.
+    /// from its answer and the search chooses again (see `Search` for the bounds).
     func allocate<Header: SearchedHeader>(
         in layer: Header.Type, chunkCountLog2: Int, application: ApplicationID, on link: MemoryNodeLink, trace: inout OperationTrace
     ) async throws(AllocationError) -> Block? {
         let countLog2 = chunkCountLog2 - Header.unitChunkCountLog2
-        var refreshed = false
+        var search = Search(configuration)
         var failures: [HeaderSlot: Int] = [:]
-        var backoff = Backoff(configuration)
-        while trace.attempts < configuration.operationAttemptsMax {
+        while true {
+            try await beginRound(&search, on: link, trace: &trace)
             switch link.cache.withLock({ Header.choose(countLog2: countLog2, cache: &$0, link: link) }) {
             case nil:
-                if refreshed { return nil }
-                refreshed = true
-                do { try await link.refresh(trace: &trace) } catch { throw .fabric(error) }
+                if try await noRoomInCache(&search, on: link, trace: &trace) { return nil }
             case .wait:
-                try await backoff.pause(runtime)
+                try await search.backoff.pause(runtime)
+            case .recheck(let slots):
+                trace.attempts += 1
+                try await search.backoff.pause(runtime)
+                do { try await link.readHeaders(slots, trace: &trace) } catch { throw .fabric(error) }
             case .readSpans(let section):
                 do { try await link.readSpans(of: section, trace: &trace) } catch { throw .fabric(error) }
             case .open(let section, let span):
@@ -60,26 +62,27 @@ extension BlockAllocator {
                 precondition(run.countLog2 == countLog2, "the search chose \(run) for 2^\(countLog2) units")
                 defer { link.releaseBusy(slot) }
                 let failed = failures[slot, default: 0]
+                let block = Header.block(at: run, of: slot, on: link.memoryNode)
                 let outcome: UpdateOutcome<Header> = try await update(
-                    slot, UpdatePolicy(attemptsMax: 1, log: .commitAfterFlush), on: link, trace: &trace
+                    slot, UpdatePolicy(attemptsMax: 1, log: .commit(record: link.grant.recordAddress(chunk: block.firstChunk))), on: link, trace: &trace
                 ) { header in
                     header.claiming(run, owner: owner).map { markingContention($0, failures: failed) }
                 }
                 switch outcome {
-                case .updated(let header):
-                    let block = Header.block(at: run, of: slot, on: link.memoryNode)
-                    committed(header, on: slot, block: block, allocated: true, application: application, link: link)
+                case .committed(let header, let recordBefore):
+                    committed(header, on: slot, block: block, allocated: true, application: application, recordBefore: recordBefore, link: link)
                     link.cache.withLock { Header.claimCommitted(on: slot, cache: &$0) }
                     return block
                 case .lost(let current):
                     failures[slot, default: 0] += 1
-                    try await lost(toPendingLog: Header(rawValue: current)?.logPending ?? false, backoff: &backoff, trace: &trace)
+                    try await lost(toPendingLog: Header(rawValue: current)?.logPending ?? false, backoff: &search.backoff, trace: &trace)
                 case .refused:
                     trace.attempts += 1
+                case .updated:
+                    preconditionFailure("a block operation answers committed")
                 }
             }
         }
-        throw .retryLimitExceeded(attempts: trace.attempts)
     }
 
     /// Frees `block`, committed on a header of type `Header`: one CAS on that header.
@@ -93,12 +96,15 @@ extension BlockAllocator {
         defer { link.releaseBusy(slot) }
         while trace.attempts < configuration.operationAttemptsMax {
             let outcome: UpdateOutcome<Header> = try await update(
-                slot, UpdatePolicy(attemptsMax: 1, log: .commitAfterFlush, rereadOnRefusal: true), on: link, trace: &trace
+                slot, UpdatePolicy(attemptsMax: 1, log: .commit(record: link.grant.recordAddress(chunk: block.firstChunk)), rereadOnRefusal: true),
+                on: link, trace: &trace
             ) { $0.releasing(run, owner: owner) }
             switch outcome {
-            case .updated(let header):
-                committed(header, on: slot, block: block, allocated: false, application: application, link: link)
+            case .committed(let header, let recordBefore):
+                committed(header, on: slot, block: block, allocated: false, application: application, recordBefore: recordBefore, link: link)
                 return
+            case .updated:
+                preconditionFailure("a block operation answers committed")
             case .lost(let current):
                 try await lost(toPendingLog: Header(rawValue: current)?.logPending ?? false, backoff: &backoff, trace: &trace)
             case .refused(let current):
@@ -112,13 +118,19 @@ extension BlockAllocator {
     /// pending, names this node, and the block's run is marked as the operation left it),
     /// records the pending log, and starts the upkeep (flush; for a span, close or hint).
     func committed<Header: BlockHeader>(
-        _ header: Header, on slot: HeaderSlot, block: Block, allocated: Bool, application: ApplicationID, link: MemoryNodeLink
+        _ header: Header, on slot: HeaderSlot, block: Block, allocated: Bool, application: ApplicationID, recordBefore: UInt64,
+        link: MemoryNodeLink
     ) {
         let run = Header.run(of: block)
         precondition(allocated ? header.marksAllocated(run) : header.marksFree(run),
                      "the commit on \(slot) does not mark \(block) \(allocated ? "allocated" : "free"): \(header)")
         precondition(header.log.run == run, "the commit on \(slot) logged \(header.log.run), not \(run)")
-        link.logCommitted(header, on: slot, block: block, allocated: allocated, application: application, taken: false)
+        if !allocated {
+            let ownRecord = FullLogRecord(rawValue: recordBefore)
+            precondition(ownRecord?.isAllocated == true && ownRecord?.owner == owner && ownRecord?.chunkCountLog2 == block.chunkCountLog2,
+                         "freeing \(block), whose record says \(ownRecord.map { "\($0)" } ?? "an invalid word")")
+        }
+        link.logCommitted(header, on: slot, block: block, allocated: allocated, application: application, recordBefore: recordBefore)
         startUpkeep(of: slot, on: link)
     }
 

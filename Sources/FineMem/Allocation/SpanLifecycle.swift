@@ -1,63 +1,79 @@
-/// How a span enters and leaves chunk mode.
+/// How a span enters and leaves chunk mode (invariant L6 of the write-ahead log).
 ///
-/// Open: a node flips the span's section entry from empty to chunk mode by CAS (the
-/// "opening right"), then opens the span header with its first claim by CAS. Close: the
-/// free that empties an open span is followed, in its flush's CAS, by marking the span
-/// `closing`; the node then returns the section entry to empty, and last marks the span
-/// `closed`. Between the steps the intermediate states are: chunk-mode entry over a
-/// closed span (an opening in progress), and `closing` span under a chunk-mode entry (a
-/// close in progress, its log naming the closing node).
+/// Open, three doorbells: mark the closed span header `opening`, naming this node (the
+/// mark is the exclusive right to open it: nobody else flips the entry of a span marked
+/// by another); flip the span's section entry from empty to chunk mode; open the span
+/// header with the first claim. A failed flip (the entry went whole, or a pending log
+/// covers the span) gives the mark up. Close: the flush of the free that emptied an open
+/// span marks it `closing` in the same CAS; the node then returns the section entry to
+/// empty, and last marks the span `closed`.
+///
+/// Between any two verbs the state names the node in the middle: an `opening` or
+/// `closing` span carries it in its log's owner field. A chunk-mode entry over a `closed`
+/// span never arises (the flip happens only under the mark, the close returns the entry
+/// before it clears the mark).
 extension BlockAllocator {
-    /// Flips an empty span's section entry to chunk mode (reading the span header in the
-    /// same doorbell), then opens the span header with the first claim. Gives the span
-    /// back if it cannot be opened; nil then.
+    /// Opens an empty span for a first claim of `2^chunkCountLog2` chunks at its start;
+    /// nil when the span could not be opened (someone else got there first).
     func openSpan(
         section: Int, span: Int, chunkCountLog2: Int, application: ApplicationID, on link: MemoryNodeLink, trace: inout OperationTrace
     ) async throws(AllocationError) -> Block? {
         let spanSlot = HeaderSlot.span(section: section, span: span)
-        let flip: UpdateOutcome<SectionHeader> = try await update(
-            .section(section), UpdatePolicy(attemptsMax: 1), on: link, alsoRead: [spanSlot], trace: &trace
-        ) { $0.openingSpan(span) }
-        guard case .updated = flip else { return nil }
-        // This node now holds the right to open the span.
-        var backoff = Backoff(configuration)
-        waiting: for _ in 0..<configuration.spanOpenAttemptsMax {
-            let opened: UpdateOutcome<SpanHeader> = try await update(
-                spanSlot, UpdatePolicy(attemptsMax: configuration.spanOpenAttemptsMax), on: link, trace: &trace
-            ) { $0.opening(HeaderRun(offset: 0, countLog2: chunkCountLog2), owner: owner) }
-            switch opened {
-            case .updated(let header):
-                trace.spansOpened += 1
-                let block = SpanHeader.block(at: HeaderRun(offset: 0, countLog2: chunkCountLog2), of: spanSlot, on: link.memoryNode)
-                committed(header, on: spanSlot, block: block, allocated: true, application: application, link: link)
-                return block
-            case .lost:
-                break waiting
-            case .refused(let current):
-                switch SpanHeader(rawValue: current)?.mode {
-                case .closing?:
-                    // Another node is finishing a close: its last step is the span header.
-                    try await backoff.pause(runtime)
-                    do { try await link.readHeaders([spanSlot], trace: &trace) } catch { throw .fabric(error) }
-                case .open?:
-                    // The section entry was empty, so the span cannot be open (invariant 2).
-                    throw .corruptMetadata("\(spanSlot) is open under an empty section entry")
-                case .closed?, nil:
-                    break waiting
-                }
-            }
+        let mark: UpdateOutcome<SpanHeader> = try await update(spanSlot, UpdatePolicy(attemptsMax: 1), on: link, trace: &trace) {
+            $0.markingOpening(owner: owner)
         }
-        try await returnSpanToSection(section: section, span: span, on: link, trace: &trace)
-        return nil
+        guard case .updated = mark else { return nil }
+        // This node holds the right to open the span, and the span names it.
+        let flip: UpdateOutcome<SectionHeader> = try await update(
+            .section(section), UpdatePolicy(attemptsMax: configuration.spanStateAttemptsMax, rereadOnRefusal: true), on: link, trace: &trace
+        ) { $0.openingSpan(span) }
+        guard case .updated = flip else {
+            try await abandonOpening(of: spanSlot, on: link, trace: &trace)
+            if case .lost = flip { throw .retryLimitExceeded(attempts: configuration.spanStateAttemptsMax) }
+            return nil
+        }
+        let run = HeaderRun(offset: 0, countLog2: chunkCountLog2)
+        let block = SpanHeader.block(at: run, of: spanSlot, on: link.memoryNode)
+        let opened: UpdateOutcome<SpanHeader> = try await update(
+            spanSlot, UpdatePolicy(attemptsMax: configuration.spanOpenAttemptsMax, log: .commit(record: link.grant.recordAddress(chunk: block.firstChunk)),
+                                   rereadOnRefusal: true),
+            on: link, trace: &trace
+        ) { $0.opening(run, owner: owner) }
+        guard case .committed(let header, let recordBefore) = opened else {
+            throw .corruptMetadata("\(spanSlot), marked opening by \(owner), changed under the mark: \(opened)")
+        }
+        trace.spansOpened += 1
+        committed(header, on: spanSlot, block: block, allocated: true, application: application, recordBefore: recordBefore, link: link)
+        return block
     }
 
-    /// Sets a chunk-mode span's section entry back to empty (its header is closed or
-    /// closing and this node holds the right to it).
+    /// Gives up this node's `opening` mark on a span whose section entry it could not flip.
+    private func abandonOpening(of spanSlot: HeaderSlot, on link: MemoryNodeLink, trace: inout OperationTrace) async throws(AllocationError) {
+        let outcome: UpdateOutcome<SpanHeader> = try await update(
+            spanSlot, UpdatePolicy(attemptsMax: configuration.spanStateAttemptsMax, rereadOnRefusal: true), on: link, trace: &trace
+        ) { $0.abandoningOpening(owner: owner) }
+        switch outcome {
+        case .updated: return
+        case .refused(let current): throw .corruptMetadata("\(spanSlot), marked opening by \(owner), changed under the mark: \(current)")
+        case .lost: throw .retryLimitExceeded(attempts: configuration.spanStateAttemptsMax)
+        case .committed: preconditionFailure("a state change answers updated")
+        }
+    }
+
+    /// Sets a chunk-mode span's section entry back to empty after a close (the span is
+    /// `closing` by this node). The entry is read afresh before concluding that there is
+    /// nothing to return, which the protocol does not allow.
     func returnSpanToSection(section: Int, span: Int, on link: MemoryNodeLink, trace: inout OperationTrace) async throws(AllocationError) {
         let outcome: UpdateOutcome<SectionHeader> = try await update(
-            .section(section), UpdatePolicy(attemptsMax: configuration.spanStateAttemptsMax), on: link, trace: &trace
+            .section(section), UpdatePolicy(attemptsMax: configuration.spanStateAttemptsMax, rereadOnRefusal: true), on: link, trace: &trace
         ) { $0.closingSpan(span) }
-        if case .lost = outcome { throw .retryLimitExceeded(attempts: configuration.spanStateAttemptsMax) }
+        switch outcome {
+        case .updated: return
+        case .refused(let current):
+            throw .corruptMetadata("section \(section) entry of span \(span) is not in chunk mode while this node returns it: \(current)")
+        case .lost: throw .retryLimitExceeded(attempts: configuration.spanStateAttemptsMax)
+        case .committed: preconditionFailure("a state change answers updated")
+        }
     }
 
     /// The upkeep of a span header with a queued log of this node, by whichever task gets
@@ -66,8 +82,7 @@ extension BlockAllocator {
     /// search hint up to date.
     func spanUpkeep(section: Int, span: Int, on link: MemoryNodeLink, trace: inout OperationTrace) async {
         let slot = HeaderSlot.span(section: section, span: span)
-        guard let header = await link.flush(SpanHeader.self, slot, attemptsMax: configuration.flushAttemptsMax, trace: &trace, then: { $0.closing() ?? $0 })
-        else { return }
+        guard let header = await flush(SpanHeader.self, slot, on: link, trace: &trace, then: { $0.closing() ?? $0 }) else { return }
         if header.mode == .closing {
             await finishClosing(section: section, span: span, closing: header, on: link, trace: &trace)
         } else {
@@ -97,11 +112,16 @@ extension BlockAllocator {
     /// The last two steps of returning an emptied span: its section entry back to empty,
     /// then the span header from `closing` to `closed`.
     private func finishClosing(section: Int, span: Int, closing: SpanHeader, on link: MemoryNodeLink, trace: inout OperationTrace) async {
-        guard (try? await returnSpanToSection(section: section, span: span, on: link, trace: &trace)) != nil else { return }
+        do {
+            try await returnSpanToSection(section: section, span: span, on: link, trace: &trace)
+        } catch {
+            trace.upkeepErrors += 1
+            return
+        }
         let slot = HeaderSlot.span(section: section, span: span)
         let outcome: UpdateOutcome<SpanHeader>? = try? await link.update(
             .header(slot, known: closing.rawValue), UpdatePolicy(attemptsMax: 1), trace: &trace
         ) { $0.closed() }
-        if case .updated? = outcome { trace.spansClosed += 1 }
+        if case .updated? = outcome { trace.spansClosed += 1 } else { trace.upkeepErrors += 1 }
     }
 }

@@ -3,8 +3,14 @@
 ///
 /// A batch is posted with one doorbell: its verbs execute in order, each atomically (an
 /// atomic verb against every other atomic verb on the same NIC), and the results come back
-/// together. Verbs of other connections may interleave between them. The first failing
-/// verb breaks the connection; later verbs of that batch do not execute.
+/// together, in posting order. Verbs of other connections may interleave between them.
+/// "In order" is the order of a reliable-connected QP (see `Verb`): an unfenced WRITE may
+/// execute before READs and atomics posted earlier on the same connection, in the same
+/// batch or in an earlier one still outstanding; put `.fenced()` on a WRITE that must not.
+/// The first failing verb breaks the connection (the QP's error state); later verbs of
+/// that batch do not execute, and every later verb on the connection fails with
+/// `connectionBroken`. The memory node can also break a connection (fencing a compute
+/// node, `NICControl.breakConnections(of:)`).
 ///
 /// ```swift
 /// let results = try await connection.post([

@@ -51,13 +51,17 @@ package enum NICControlError: Error, Sendable, Hashable, CustomStringConvertible
 
 /// The control path of a memory node's NIC: what the memory node does locally to serve
 /// its pool (the verbs `ibv_alloc_pd`, `ibv_reg_mr`, `ibv_dereg_mr`, `ibv_alloc_mw`,
-/// `ibv_bind_mw`, invalidation, and connecting a queue pair). The simulated NIC implements
-/// it, and the verbs NIC will; the memory node knows only this protocol.
+/// `ibv_bind_mw`, invalidation, connecting a queue pair, and moving queue pairs to the
+/// error state). The simulated NIC implements it, and the verbs NIC will; the memory node
+/// knows only this protocol.
 ///
 /// ```swift
 /// let pd = try nic.allocateProtectionDomain()
 /// let region = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: 4096, access: .all)
 /// let connection = nic.openConnection(from: NodeID(1001), protectionDomain: pd)
+/// // Fencing the compute node: its QPs first, then its keys.
+/// try nic.breakConnections(of: pd)
+/// try nic.deregister(region)
 /// ```
 package protocol NICControl: AnyObject, Sendable {
     /// The memory node this NIC serves.
@@ -85,4 +89,12 @@ package protocol NICControl: AnyObject, Sendable {
     /// which it changes metadata words: never by CPU stores, which are not atomic against
     /// the NIC's atomics.
     func openLoopback(protectionDomain pd: ProtectionDomain) -> any FabricConnection
+    /// Moves every connection (queue pair) of protection domain `pd` to the error state,
+    /// as `ibv_modify_qp` to `IBV_QPS_ERR` does: from the moment this returns, every verb
+    /// on those connections fails with `FabricError.connectionBroken` and has no effect,
+    /// including verbs posted before and still in flight (a dead compute node's posted
+    /// work requests may otherwise execute after its death). A verb executing while this
+    /// is called finishes first. Connections opened in `pd` later are not affected.
+    /// Fencing a compute node starts here, before its keys are revoked.
+    func breakConnections(of pd: ProtectionDomain) throws(NICControlError)
 }

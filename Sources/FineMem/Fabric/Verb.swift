@@ -1,13 +1,24 @@
 /// One one-sided RDMA operation on a memory node.
+///
+/// Every case ends with `fence`, the verb's `IBV_SEND_FENCE` flag (see `isFenced`); it is
+/// false unless asked for, so `.write(address, bytes: bytes, rkey: key)` is unfenced and
+/// `.write(address, bytes: bytes, rkey: key).fenced()` is fenced.
+///
+/// Ordering on one connection (a reliable-connected QP), as real NICs give it:
+/// - READs and atomics execute in posting order among themselves, and never before an
+///   earlier WRITE;
+/// - WRITEs execute in posting order among themselves;
+/// - an unfenced WRITE may execute at the memory node before an earlier READ or atomic of
+///   its connection (so a READ may see it, and a CAS may find it); a fenced one may not.
 package enum Verb: Sendable, Hashable {
     /// RDMA READ of `length` bytes.
-    case read(RemoteAddress, length: Int, rkey: RKey)
+    case read(RemoteAddress, length: Int, rkey: RKey, fence: Bool = false)
     /// RDMA WRITE of `bytes`.
-    case write(RemoteAddress, bytes: [UInt8], rkey: RKey)
+    case write(RemoteAddress, bytes: [UInt8], rkey: RKey, fence: Bool = false)
     /// 8-byte compare-and-swap; answers the original value.
-    case compareAndSwap(RemoteAddress, expected: UInt64, desired: UInt64, rkey: RKey)
+    case compareAndSwap(RemoteAddress, expected: UInt64, desired: UInt64, rkey: RKey, fence: Bool = false)
     /// 8-byte fetch-and-add (wrapping); answers the original value.
-    case fetchAndAdd(RemoteAddress, delta: UInt64, rkey: RKey)
+    case fetchAndAdd(RemoteAddress, delta: UInt64, rkey: RKey, fence: Bool = false)
 
     /// An RDMA WRITE of one little-endian 64-bit word.
     package static func writeWord(_ address: RemoteAddress, _ word: UInt64, rkey: RKey) -> Verb {
@@ -19,18 +30,54 @@ package enum Verb: Sendable, Hashable {
         .read(address, length: count * 8, rkey: rkey)
     }
 
+    /// The remote address the verb starts at.
     package var address: RemoteAddress {
         switch self {
-        case .read(let address, _, _), .write(let address, _, _), .compareAndSwap(let address, _, _, _), .fetchAndAdd(let address, _, _): address
+        case .read(let address, _, _, _), .write(let address, _, _, _), .compareAndSwap(let address, _, _, _, _),
+             .fetchAndAdd(let address, _, _, _): address
         }
     }
 
+    /// The key the verb presents.
     package var rkey: RKey {
         switch self {
-        case .read(_, _, let rkey), .write(_, _, let rkey), .compareAndSwap(_, _, _, let rkey), .fetchAndAdd(_, _, let rkey): rkey
+        case .read(_, _, let rkey, _), .write(_, _, let rkey, _), .compareAndSwap(_, _, _, let rkey, _), .fetchAndAdd(_, _, let rkey, _): rkey
         }
     }
 
+    /// Whether the verb carries the fence flag (`IBV_SEND_FENCE`): it does not start until
+    /// every earlier READ and atomic of its connection has completed, that is, until their
+    /// answers are back at the compute node. On a WRITE this keeps it behind the READs and
+    /// atomics posted before it. READs and atomics execute after earlier ones anyway, so on
+    /// them the flag only adds the wait. The wait costs up to a round trip (the answer
+    /// crossing back, the fenced verb crossing over) while an earlier READ or atomic is
+    /// outstanding, and nothing otherwise.
+    package var isFenced: Bool {
+        switch self {
+        case .read(_, _, _, let fence), .write(_, _, _, let fence), .compareAndSwap(_, _, _, _, let fence), .fetchAndAdd(_, _, _, let fence): fence
+        }
+    }
+
+    /// The same verb with the fence flag set (see `isFenced`).
+    ///
+    /// ```swift
+    /// // The WRITE must not land before the CAS has taken the word.
+    /// try await connection.post([
+    ///     .compareAndSwap(lock, expected: 0, desired: 1, rkey: key),
+    ///     .writeWord(data, value, rkey: key).fenced(),
+    /// ])
+    /// ```
+    package func fenced() -> Verb {
+        switch self {
+        case .read(let address, let length, let rkey, _): .read(address, length: length, rkey: rkey, fence: true)
+        case .write(let address, let bytes, let rkey, _): .write(address, bytes: bytes, rkey: rkey, fence: true)
+        case .compareAndSwap(let address, let expected, let desired, let rkey, _):
+            .compareAndSwap(address, expected: expected, desired: desired, rkey: rkey, fence: true)
+        case .fetchAndAdd(let address, let delta, let rkey, _): .fetchAndAdd(address, delta: delta, rkey: rkey, fence: true)
+        }
+    }
+
+    /// The kind of the verb (for counters, latency models and the ordering rules).
     package var kind: VerbKind {
         switch self {
         case .read: .read
@@ -43,8 +90,8 @@ package enum Verb: Sendable, Hashable {
     /// Bytes carried on the wire as payload (read or written data, or the 8-byte atomic).
     package var payloadBytes: Int {
         switch self {
-        case .read(_, let length, _): length
-        case .write(_, let bytes, _): bytes.count
+        case .read(_, let length, _, _): length
+        case .write(_, let bytes, _, _): bytes.count
         case .compareAndSwap, .fetchAndAdd: 8
         }
     }

@@ -131,8 +131,9 @@ public final class EmbeddedCluster: Sendable {
         computeNodes.map(\.statistics).reduce(AllocatorStatistics(), +)
     }
 
-    /// Fences compute node `index` on every memory node: nothing it posts from now on
-    /// reaches a pool.
+    /// Fences compute node `index` on every memory node: its connections enter the error
+    /// state (verbs it posted and that are still in flight included), then its regions are
+    /// deregistered. Nothing it posted or posts reaches a pool after this returns.
     package func fence(computeNode index: Int) throws(MemoryNodeError) {
         for memoryNode in memoryNodes { try memoryNode.fence(computeNode: Self.owner(ofComputeNode: index)) }
     }

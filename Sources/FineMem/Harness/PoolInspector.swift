@@ -4,9 +4,11 @@
 /// - Invariant 3: the two header layers agree: a span with chunks in use is open and its
 ///   section entry is in chunk mode; a span whose section entry is empty or whole is not
 ///   open. Every block of the ledger is marked in the headers of its layer.
-/// - At rest (`checkAtRest`, after every flush): no pending log, every chunk in use
-///   belongs to a ledger block, every ledger block's full-log record names its owner and
-///   size, and no record claims a block the ledger does not hold (no leak).
+/// - At rest (`checkAtRest`, after every flush): no pending log, no span in the middle of
+///   an open or close, no chunk-mode entry over a closed span, no intent record left,
+///   every chunk in use belongs to a ledger block, every ledger block's full-log record
+///   names its owner and size, and no record claims a block the ledger does not hold (no
+///   leak).
 package final class PoolInspector: @unchecked Sendable {
     /// One memory node's pool as the inspector reads it: through its simulated NIC.
     private struct Pool {
@@ -133,6 +135,12 @@ package final class PoolInspector: @unchecked Sendable {
                 for spanIndex in 0..<PoolGeometry.spansPerSection {
                     guard let spanHeader = span(pool, sectionIndex, spanIndex) else { continue }
                     if spanHeader.logPending { problems.append("\(pool.id) span \(sectionIndex).\(spanIndex): log still pending at rest") }
+                    if spanHeader.mode == .opening || spanHeader.mode == .closing {
+                        problems.append("\(pool.id) span \(sectionIndex).\(spanIndex): still \(spanHeader.mode) (by \(spanHeader.log.owner)) at rest")
+                    }
+                    if spanHeader.mode == .closed, sectionHeader.state(ofSpan: spanIndex).isChunkMode {
+                        problems.append("leak: \(pool.id) span \(sectionIndex).\(spanIndex) is closed under a chunk-mode entry at rest")
+                    }
                     let firstChunk = sectionIndex * PoolGeometry.chunksPerSection + spanIndex * PoolGeometry.chunksPerSpan
                     for chunk in 0..<PoolGeometry.chunksPerSpan where spanHeader.bitmap & (1 << UInt32(chunk)) != 0 && held[firstChunk + chunk] == nil {
                         problems.append("leak: \(pool.id) chunk \(firstChunk + chunk) is in use but no live block holds it")
@@ -140,6 +148,12 @@ package final class PoolInspector: @unchecked Sendable {
                     if sectionHeader.state(ofSpan: spanIndex) == .whole, held[firstChunk] == nil {
                         problems.append("leak: \(pool.id) span \(sectionIndex).\(spanIndex) is held whole but no live block holds it")
                     }
+                }
+            }
+            for slot in 0..<pool.geometry.computeNodeSlots * pool.geometry.intentSlotsPerNode {
+                let word = word(pool, pool.geometry.intentTableOffset + 8 * UInt64(slot))
+                if word != IntentRecord.none.rawValue {
+                    problems.append("\(pool.id) intent slot \(slot) still holds \(IntentRecord(rawValue: word).map { "\($0)" } ?? "an invalid word") at rest")
                 }
             }
             for chunk in 0..<pool.geometry.chunkCount {
@@ -157,6 +171,39 @@ package final class PoolInspector: @unchecked Sendable {
             }
         }
         return problems
+    }
+
+    /// Whether any memory node has room for a block of `2^chunkCountLog2` chunks, as its
+    /// settled headers show it (pending logs counted as flushed): a free aligned run in an
+    /// open span or an empty span (chunk layer), in a section (section layer), or an
+    /// aligned run of empty sections.
+    package func freeRunExists(chunkCountLog2: Int) -> Bool {
+        for pool in pools {
+            let sectionCount = pool.geometry.sectionCount
+            switch Block.layer(chunkCountLog2: chunkCountLog2) {
+            case .chunk:
+                for sectionIndex in 0..<sectionCount {
+                    guard let sectionHeader = section(pool, sectionIndex)?.settled else { continue }
+                    for spanIndex in 0..<PoolGeometry.spansPerSection {
+                        let state = sectionHeader.state(ofSpan: spanIndex)
+                        if state == .empty { return true }
+                        if state.isChunkMode, span(pool, sectionIndex, spanIndex)?.settled.firstFreeRun(countLog2: chunkCountLog2) != nil { return true }
+                    }
+                }
+            case .section:
+                for sectionIndex in 0..<sectionCount
+                where section(pool, sectionIndex)?.settled.firstFreeRun(countLog2: chunkCountLog2 - SectionHeader.unitChunkCountLog2) != nil {
+                    return true
+                }
+            case .multiSection:
+                let count = 1 << (chunkCountLog2 - Block.sectionLayerCountLog2Max)
+                for first in stride(from: 0, to: sectionCount - count + 1, by: count)
+                where (first..<first + count).allSatisfy({ section(pool, $0)?.settled.isAllEmpty == true }) {
+                    return true
+                }
+            }
+        }
+        return false
     }
 
     /// Whether every header is back to empty (after all blocks are freed).

@@ -16,6 +16,9 @@ package struct SimulatedWorkload: Sendable {
         package var checkInvariants = true
         package var allocator = AllocatorConfiguration()
         package var latency = LatencyModel()
+        /// How the simulator explores schedules (`.none`: as the latency model gives); a
+        /// failing seed replays only with the same setting.
+        package var exploration = ScheduleExploration.none
 
         package init() {}
     }
@@ -43,7 +46,7 @@ package struct SimulatedWorkload: Sendable {
 
     /// Runs the workload with `seed` and answers what happened. Same seed, same report.
     package func run(seed: UInt64) -> Report {
-        let simulator = Simulator(seed: seed, latency: configuration.latency)
+        let simulator = Simulator(seed: seed, latency: configuration.latency, exploration: configuration.exploration)
         let report = Locked(Report(seed: seed))
         let configuration = configuration
         simulator.spawn {

@@ -157,9 +157,15 @@ package struct SectionHeader: RawRepresentable, Hashable, Sendable {
         return SectionHeader(states: states, contended: contended, logPending: false, log: log)
     }
 
-    /// Puts an empty span into chunk mode (the first step of opening it).
+    /// Whether the pending log covers `span`: a section-layer block or a multi-section
+    /// block whose record is not written yet. Such a span may not enter chunk mode until the
+    /// log is flushed: a chunk-layer block there would start at a chunk whose record the
+    /// pending log is yet to write.
+    package func pendingLogCovers(span: Int) -> Bool { logPending && logSpanRange.contains(span) }
+
+    /// Puts an empty span into chunk mode (sent with the span header's `markingOpening`).
     package func openingSpan(_ span: Int) -> SectionHeader? {
-        guard state(ofSpan: span) == .empty else { return nil }
+        guard state(ofSpan: span) == .empty, !pendingLogCovers(span: span) else { return nil }
         return SectionHeader(states: setting(.unit(span), to: .chunks), contended: contended, logPending: logPending, log: log)
     }
 

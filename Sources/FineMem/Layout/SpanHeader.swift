@@ -9,9 +9,12 @@
 /// +----------+--------------+------+-------+----+----+-----+------------------------+
 /// ```
 ///
-/// - `mode`: `closed` (the span is not in chunk mode; its bitmap is empty), `open` (chunk
-///   allocations happen here), `closing` (being returned to its section by the node in
-///   `log.owner`). 3 is invalid.
+/// - `mode`: `closed` (the span is not in chunk mode; its bitmap is empty), `opening`
+///   (the node in `log.owner` is putting it into chunk mode: it marked the span, and flips
+///   the section entry in the same doorbell), `open` (chunk allocations happen here),
+///   `closing` (being returned to its section by the node in `log.owner`). Outside `open`
+///   the bitmap is empty, and the log is not pending except right after the free that
+///   emptied an open span.
 /// - `logPending`: the temporary log has not reached the full log yet. Every block
 ///   operation (claim, release, open) requires it clear and sets it; only the node that
 ///   committed the log clears it (after writing the full-log record, in the same doorbell),
@@ -19,7 +22,7 @@
 ///   a flush can never land after a newer one: a stale flush is impossible, not unlikely.
 /// - `contended`: contention control marked this span; searches avoid it.
 package struct SpanHeader: RawRepresentable, Hashable, Sendable {
-    package enum Mode: UInt64, Sendable, CaseIterable { case closed = 0, open = 1, closing = 2 }
+    package enum Mode: UInt64, Sendable, CaseIterable { case closed = 0, open = 1, closing = 2, opening = 3 }
 
     package static let chunkCount = 32
     package static let unitChunkCountLog2 = 0
@@ -102,10 +105,27 @@ package struct SpanHeader: RawRepresentable, Hashable, Sendable {
         return committing(bitmap: bitmap | Self.runMask(run), mode: .open, run, owner: owner)
     }
 
-    /// Opens a closed span (its section entry was just flipped to chunk mode by `owner`)
-    /// and claims `run` in the same CAS.
+    /// Marks a closed span as being opened by `owner`: the first step of opening it, sent
+    /// in one doorbell with the flip of its section entry to chunk mode, so that between
+    /// any two verbs of an opening the span names the node that holds it.
+    package func markingOpening(owner: OwnerID) -> SpanHeader? {
+        guard canBeOpened else { return nil }
+        return SpanHeader(bitmap: 0, mode: .opening, contended: false, logPending: false, log: log.naming(owner))
+    }
+
+    /// Whether the span is closed with nothing pending: free to be opened.
+    package var canBeOpened: Bool { mode == .closed && !logPending && bitmap == 0 }
+
+    /// Gives up an opening `owner` marked (its section entry could not be flipped).
+    package func abandoningOpening(owner: OwnerID) -> SpanHeader? {
+        guard mode == .opening, log.owner == owner else { return nil }
+        return SpanHeader(bitmap: 0, mode: .closed, contended: false, logPending: false, log: log)
+    }
+
+    /// Opens a span that `owner` marked `opening` (and whose section entry it flipped to
+    /// chunk mode) and claims `run` in the same CAS.
     package func opening(_ run: HeaderRun, owner: OwnerID) -> SpanHeader? {
-        guard mode == .closed, !logPending, bitmap == 0, Self.holds(run) else { return nil }
+        guard mode == .opening, log.owner == owner, !logPending, bitmap == 0, Self.holds(run) else { return nil }
         return committing(bitmap: Self.runMask(run), mode: .open, run, owner: owner)
     }
 

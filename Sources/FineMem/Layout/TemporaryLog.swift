@@ -18,6 +18,12 @@ package struct TemporaryLog: Hashable, Sendable {
     }
 
     package static let empty = TemporaryLog(offset: 0, sizeCode: 0, owner: OwnerID(0), sequence: LogSequence(rawValue: 0))
+
+    /// The same log naming `owner`: a header in an intermediate state names the node in the
+    /// middle of the operation in its (not pending) log's owner field.
+    package func naming(_ owner: OwnerID) -> TemporaryLog {
+        TemporaryLog(offset: offset, sizeCode: sizeCode, owner: owner, sequence: sequence)
+    }
 }
 
 /// Where a header word keeps its temporary log: four bit fields, placed differently in

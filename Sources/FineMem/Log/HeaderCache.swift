@@ -1,13 +1,20 @@
 /// A compute node's cached header words of one memory node, refreshed from READs and
 /// from the answer of every CAS (a failed CAS returns the word it found). The cache is a
 /// hint for where to look: every remote change is decided by a CAS whose expected value
-/// is the cached word.
+/// is the cached word, and a decision not to change a word rests on a fresh READ.
+///
+/// Newer answers win: every answer is stored with the ticket of the batch that carried it
+/// (batches of one connection execute in the order their tickets were drawn), and an
+/// answer older than the word's stored one is dropped, so that a slow refresh cannot undo
+/// what a later CAS showed.
 ///
 /// `busy` holds headers with a CAS of this node in flight, so that tasks of one compute
 /// node do not race each other for the same word; `cursor` is where searches start.
 struct HeaderCache: Sendable {
     private(set) var sections: [UInt64]
     private var spans: [UInt64]
+    /// The ticket of the answer each word came from, sections then spans.
+    private var versions: [UInt64]
     /// Whether the span headers of a section have been read since start (a section's
     /// spans are read when a search first needs them).
     private(set) var spansKnown: [Bool]
@@ -18,6 +25,7 @@ struct HeaderCache: Sendable {
         self.sections = sections
         spans = Array(repeating: SpanHeader.empty.rawValue, count: sections.count * PoolGeometry.spansPerSection)
         spansKnown = Array(repeating: false, count: sections.count)
+        versions = Array(repeating: 0, count: sections.count * (1 + PoolGeometry.spansPerSection))
         self.cursor = cursor % max(1, sections.count)
         debugOnly { checkInvariants() }
     }
@@ -25,33 +33,46 @@ struct HeaderCache: Sendable {
     var sectionCount: Int { sections.count }
 
     subscript(slot: HeaderSlot) -> UInt64 {
-        get {
-            switch slot {
-            case .section(let section): sections[section]
-            case .span(let section, let span): spans[section * PoolGeometry.spansPerSection + span]
-            }
+        switch slot {
+        case .section(let section): sections[section]
+        case .span(let section, let span): spans[section * PoolGeometry.spansPerSection + span]
         }
-        set {
-            switch slot {
-            case .section(let section): sections[section] = newValue
-            case .span(let section, let span): spans[section * PoolGeometry.spansPerSection + span] = newValue
-            }
+    }
+
+    private func versionIndex(_ slot: HeaderSlot) -> Int {
+        switch slot {
+        case .section(let section): section
+        case .span(let section, let span): sections.count + section * PoolGeometry.spansPerSection + span
+        }
+    }
+
+    /// Stores `word`, the answer of the batch with `ticket`, unless the cache holds an
+    /// answer of a later batch.
+    mutating func store(_ word: UInt64, at slot: HeaderSlot, ticket: UInt64) {
+        let index = versionIndex(slot)
+        guard ticket >= versions[index] else { return }
+        versions[index] = ticket
+        switch slot {
+        case .section(let section): sections[section] = word
+        case .span(let section, let span): spans[section * PoolGeometry.spansPerSection + span] = word
         }
     }
 
     /// Stores the span headers of `section` as just read.
-    mutating func storeSpans(of section: Int, _ words: [UInt64]) {
+    mutating func storeSpans(of section: Int, _ words: [UInt64], ticket: UInt64) {
         precondition(words.count == PoolGeometry.spansPerSection, "a section has \(PoolGeometry.spansPerSection) spans, not \(words.count)")
-        for (span, word) in words.enumerated() { self[.span(section: section, span: span)] = word }
+        for (span, word) in words.enumerated() { store(word, at: .span(section: section, span: span), ticket: ticket) }
         spansKnown[section] = true
         debugOnly { checkInvariants() }
     }
 
     /// Stores every header as just read.
-    mutating func storeAll(sections newSections: [UInt64], spans newSpans: [UInt64]) {
+    mutating func storeAll(sections newSections: [UInt64], spans newSpans: [UInt64], ticket: UInt64) {
         precondition(newSections.count == sections.count && newSpans.count == spans.count, "a refresh reads every header")
-        sections = newSections
-        spans = newSpans
+        for (section, word) in newSections.enumerated() { store(word, at: .section(section), ticket: ticket) }
+        for (index, word) in newSpans.enumerated() {
+            store(word, at: .span(section: index / PoolGeometry.spansPerSection, span: index % PoolGeometry.spansPerSection), ticket: ticket)
+        }
         spansKnown = Array(repeating: true, count: sections.count)
         debugOnly { checkInvariants() }
     }
@@ -67,6 +88,7 @@ struct HeaderCache: Sendable {
         let sectionCount = sections.count
         precondition(sectionCount >= 1, "a pool has at least one section")
         precondition(spans.count == sectionCount * PoolGeometry.spansPerSection && spansKnown.count == sectionCount, "cache arrays disagree")
+        precondition(versions.count == sections.count + spans.count, "one version per cached word")
         precondition(cursor >= 0 && cursor < sectionCount, "cursor \(cursor) outside \(sectionCount) sections")
         for slot in busy {
             switch slot {

@@ -1,16 +1,32 @@
 /// The write-ahead log of one compute node on one memory node.
 ///
-/// Rules (DESIGN.md section 5, "Flush"):
-/// - A block operation commits its temporary log in the same CAS that changes the bitmap,
-///   and sets the header's pending bit; no other block operation can commit on that
-///   header until the bit is clear.
-/// - The committing node (and, for a dead node, recovery after fencing it) writes the
-///   block's full-log record at the block's first chunk and clears the bit, the WRITE
-///   before the CAS in one doorbell: `flush`, or folded into the node's next commit on
-///   the same header (`LogHandling.commitAfterFlush`).
-/// - A multi-section operation announces itself in an intent record first and logs on
-///   every section header; its record is written once, before the bits are cleared
-///   (`flushRun`), and the intent is cleared last.
+/// Rules (DESIGN.md section 5, "Flush"), each kept by the code below and checked from
+/// outside by the pool inspector:
+///
+/// - L1 (commit point). A block operation commits its temporary log (offset, size code,
+///   owner, sequence) in the same CAS that changes the bitmap, and sets the header's
+///   pending bit; no other block operation commits on that header while the bit is set.
+/// - L2 (exclusion of the record). While a header's log is pending, nobody but its
+///   committer (or recovery, after fencing the committer) writes the record the log
+///   describes: other operations on that header wait, a span covered by a section's
+///   pending log cannot enter chunk mode (`SectionHeader.pendingLogCovers`), and a
+///   multi-section block's sections are all pending until its record is written.
+/// - L3 (records never go backwards). The commit reads the block's record in its own
+///   doorbell, after the CAS; the flush replaces exactly that value by CAS, before it
+///   clears the bit in the same doorbell. A flush that comes late (a stalled node) finds
+///   another value and changes nothing; its header CAS, expecting its own pending word,
+///   fails too.
+/// - L4 (flush). Only the committer clears the bit, after the record (one doorbell, the
+///   record CAS first): by `flush`, or folded into its next commit on the same header. A
+///   live node never abandons a flush.
+/// - L5 (multi-section). A multi-section claim or release announces itself in an intent
+///   record first (same doorbell, before the CASes) and logs on every section header;
+///   its record is written once, before the bits are cleared (`flushRun`), and the intent
+///   is cleared last. Between any two verbs the intent names the node in the middle of it.
+/// - L6 (intermediate states name their owner). A span being opened is `opening` with
+///   the opener in its log's owner field before its section entry is flipped (the mark is
+///   the right to flip it); a span being closed is `closing` with the closer there until
+///   its entry is back to empty. So no chunk-mode entry is ever over a `closed` span.
 extension MemoryNodeLink {
     /// The full-log record of an operation this node commits.
     func record(allocated: Bool, block: Block, application: ApplicationID, sequence: LogSequence) -> FullLogRecord {
@@ -19,75 +35,117 @@ extension MemoryNodeLink {
             layer: block.layer, sequence: sequence, incarnation: incarnation)
     }
 
-    /// The WRITE that puts a pending log's record in the full log.
-    func flushWrite(_ log: PendingLog) -> Verb { .writeWord(log.recordAddress, log.record.rawValue, rkey: metadataKey) }
-
     /// The WRITE of this node's intent slot `slot` (`IntentRecord.none` clears it).
     func intentWrite(_ intent: IntentRecord, slot: Int) -> Verb {
         .writeWord(grant.intentAddress(owner: owner, slot: slot), intent.rawValue, rkey: metadataKey)
     }
 
-    /// Records the log of a commit this node just made on `slot` (to be flushed by whoever
-    /// takes the job), after checking the commit's postcondition: the header's log is
-    /// pending and names this node.
-    func logCommitted<Header: LoggedHeader>(_ header: Header, on slot: HeaderSlot, block: Block, allocated: Bool, application: ApplicationID, taken: Bool) {
+    /// Records the log of a block operation this node just committed on `slot` (to be
+    /// flushed by whoever takes the job), after checking the commit's postcondition: the
+    /// header's log is pending and names this node.
+    func logCommitted<Header: LoggedHeader>(
+        _ header: Header, on slot: HeaderSlot, block: Block, allocated: Bool, application: ApplicationID, recordBefore: UInt64
+    ) {
         precondition(header.logPending && header.log.owner == owner, "a commit on \(slot) left \(header) without this node's pending log")
         let record = record(allocated: allocated, block: block, application: application, sequence: header.log.sequence)
         pending.withLock { table in
-            table.add(slot, recordAddress: grant.recordAddress(chunk: block.firstChunk), record: record, sequence: header.log.sequence, taken: taken)
+            table.add(slot, recordAddress: grant.recordAddress(chunk: block.firstChunk), record: record, recordBefore: recordBefore,
+                      sequence: header.log.sequence, taken: false)
             debugOnly { table.checkInvariants(owner: owner) }
         }
     }
 
-    /// Flushes this node's pending log on `slot` unless another task holds the job: writes
-    /// the record and, in the same doorbell, replaces the header by `transform` of its
-    /// flushed self (by default just the cleared bit). A lost CAS is retried from the word
-    /// it returns (span states may change while a log is pending); a cached word that
-    /// does not show the log is read once. Answers the header written, or nil (no job, or
-    /// the log is not there: recovery owns it).
+    /// Flushes this node's pending log on `slot` unless another task holds the job: the
+    /// record CAS and, in the same doorbell, the header replaced by `transform` of its
+    /// flushed self (by default just the cleared bit). A lost header CAS is retried from
+    /// the word it returns (span states may change while a log is pending), with backoff
+    /// between rounds of `attemptsMax`: a live node never abandons a flush (its bound is
+    /// the node's life: once fenced, its verbs fail). A cached word that does not show the
+    /// log is read once. Answers the header written, or nil (no job, the connection failed,
+    /// or the log is not there: recovery owns it).
     func flush<Header: LoggedHeader>(
-        _ type: Header.Type, _ slot: HeaderSlot, attemptsMax: Int, trace: inout OperationTrace,
-        then transform: (Header) -> Header = { $0 }
+        _ type: Header.Type, _ slot: HeaderSlot, attemptsMax: Int, backoffNanos: ClosedRange<UInt64>, runtime: any Runtime,
+        trace: inout OperationTrace, then transform: (Header) -> Header = { $0 }
     ) async -> Header? {
         guard let log = pending.withLock({ $0.take(slot) }) else { return nil }
         defer { pending.withLock { $0.remove(slot, sequence: log.sequence) } }
-        let outcome: UpdateOutcome<Header>? = try? await update(
-            .header(slot), UpdatePolicy(attemptsMax: attemptsMax, rereadOnRefusal: true), before: [flushWrite(log)], trace: &trace
-        ) { header in
-            guard header.isPending(by: owner, sequence: log.sequence), let flushed = header.flushed() else { return nil }
-            return transform(flushed)
+        var handling = LogHandling.flush(log)
+        var delay = backoffNanos.lowerBound
+        while true {
+            let outcome: UpdateOutcome<Header>
+            do {
+                outcome = try await update(
+                    .header(slot), UpdatePolicy(attemptsMax: attemptsMax, log: handling, rereadOnRefusal: true), trace: &trace
+                ) { header in
+                    guard header.isPending(by: owner, sequence: log.sequence), let flushed = header.flushed() else { return nil }
+                    return transform(flushed)
+                }
+            } catch {
+                return nil
+            }
+            switch outcome {
+            case .updated(let header), .committed(let header, _):
+                precondition(!header.logPending, "a flush of \(slot) left its log pending")
+                return header
+            case .refused:
+                return nil
+            case .lost:
+                // The record is in place; only the header's bit remains to be cleared.
+                handling = .keep
+                trace.flushRounds += 1
+                await runtime.sleep(nanoseconds: delay)
+                delay = min(delay * 2, backoffNanos.upperBound)
+            }
         }
-        guard case .updated(let header)? = outcome else { return nil }
-        precondition(!header.logPending, "a flush of \(slot) left its log pending")
-        return header
     }
 
     /// Registers the logs of a multi-section operation this node just committed: one per
     /// section header, all for the same record, which carries the first section's log
     /// sequence (taken: `flushRun` flushes them).
-    func logCommittedRun(_ headers: [(HeaderSlot, SectionHeader)], block: Block, allocated: Bool, application: ApplicationID) -> FullLogRecord {
+    func logCommittedRun(
+        _ headers: [(HeaderSlot, SectionHeader)], block: Block, allocated: Bool, application: ApplicationID, recordBefore: UInt64
+    ) -> PendingLog {
         let sequence = headers[0].1.log.sequence
         let record = record(allocated: allocated, block: block, application: application, sequence: sequence)
+        let recordAddress = grant.recordAddress(chunk: block.firstChunk)
         pending.withLock { table in
             for (slot, header) in headers {
                 precondition(header.logPending && header.log.owner == owner, "a multi-section commit left \(slot) without this node's log")
-                table.add(slot, recordAddress: grant.recordAddress(chunk: block.firstChunk), record: record, sequence: header.log.sequence, taken: true)
+                table.add(slot, recordAddress: recordAddress, record: record, recordBefore: recordBefore, sequence: header.log.sequence, taken: true)
             }
         }
-        return record
+        return PendingLog(recordAddress: recordAddress, record: record, recordBefore: recordBefore, sequence: sequence, taken: true)
     }
 
-    /// Flushes a multi-section operation: one doorbell writes its record and clears each
-    /// section's pending bit (a clear that loses to a span-state change is retried from
-    /// the answer); then the intent slot is cleared. Nothing is written for a section whose
-    /// log is no longer this node's (recovery owns it).
-    func flushRun(_ headers: [(HeaderSlot, SectionHeader)], record: FullLogRecord, at block: Block, intentSlot: Int, attemptsMax: Int, trace: inout OperationTrace) async {
+    /// Flushes a multi-section operation: one doorbell updates its record and clears each
+    /// section's pending bit (a clear that loses to a span-state change is retried from the
+    /// answer, with backoff between rounds, until done); then the intent slot is cleared.
+    /// Nothing is cleared for a section whose log is no longer this node's (recovery owns it).
+    func flushRun(
+        _ headers: [(HeaderSlot, SectionHeader)], log: PendingLog, intentSlot: Int, attemptsMax: Int,
+        backoffNanos: ClosedRange<UInt64>, runtime: any Runtime, trace: inout OperationTrace
+    ) async {
         let sequences = Dictionary(uniqueKeysWithValues: headers.map { ($0.0, $0.1.log.sequence) })
-        _ = try? await updateEach(
-            headers.map(\.0), UpdatePolicy(attemptsMax: attemptsMax),
-            before: [.writeWord(grant.recordAddress(chunk: block.firstChunk), record.rawValue, rkey: metadataKey)], trace: &trace
-        ) { (slot, header: SectionHeader) in
-            header.isPending(by: owner, sequence: sequences[slot]!) ? header.flushed() : nil
+        var remaining = headers.map(\.0)
+        var handling = LogHandling.flush(log)
+        var delay = backoffNanos.lowerBound
+        while !remaining.isEmpty {
+            let outcomes: [UpdateOutcome<SectionHeader>]
+            do {
+                outcomes = try await updateEach(remaining, UpdatePolicy(attemptsMax: attemptsMax, log: handling), trace: &trace) { [owner] slot, header in
+                    header.isPending(by: owner, sequence: sequences[slot]!) ? header.flushed() : nil
+                }
+            } catch {
+                break
+            }
+            remaining = zip(remaining, outcomes).compactMap { slot, outcome in
+                if case .lost = outcome { slot } else { nil }
+            }
+            guard !remaining.isEmpty else { break }
+            handling = .keep
+            trace.flushRounds += 1
+            await runtime.sleep(nanoseconds: delay)
+            delay = min(delay * 2, backoffNanos.upperBound)
         }
         _ = try? await post([intentWrite(.none, slot: intentSlot)], trace: &trace)
         pending.withLock { table in for (slot, header) in headers { table.remove(slot, sequence: header.log.sequence) } }

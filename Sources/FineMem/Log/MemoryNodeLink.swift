@@ -24,6 +24,10 @@ final class MemoryNodeLink: Sendable {
     /// gave back when the commit did not happen: it must still be flushed. Set once, by
     /// the owner of the link, before the link is used.
     private let returnedLogHandler = Locked<(@Sendable (HeaderSlot) -> Void)?>(nil)
+    /// The ticket of the next batch: answers of later batches are newer (`HeaderCache`).
+    private let nextTicket = Locked<UInt64>(1)
+    /// Whether a full refresh is in flight, and how many have finished.
+    private let refreshFlight = Locked<(inFlight: Bool, finished: UInt64)>((false, 0))
 
     private init(
         index: Int, grant: MemoryNodeGrant, connection: any FabricConnection, owner: OwnerID, incarnation: UInt16,
@@ -82,38 +86,77 @@ final class MemoryNodeLink: Sendable {
 
     /// Posts `verbs` as one batch, counting it in `trace`.
     func post(_ verbs: [Verb], trace: inout OperationTrace) async throws(FabricError) -> [VerbResult] {
+        try await postTicketed(verbs, trace: &trace).results
+    }
+
+    /// Posts `verbs` as one batch and answers its results with the batch's ticket. The
+    /// ticket is drawn right before the batch is posted: batches of one connection
+    /// execute in posting order, so a later ticket carries newer answers (exactly so in
+    /// virtual time; with real threads two posts racing may draw tickets in the other
+    /// order, which leaves the cache staler, never wrong: it is only a hint).
+    func postTicketed(_ verbs: [Verb], trace: inout OperationTrace) async throws(FabricError) -> (results: [VerbResult], ticket: UInt64) {
         trace.batches += 1
         trace.verbs += UInt64(verbs.count)
-        return try await connection.post(verbs)
+        let ticket = nextTicket.withLock { next in
+            defer { next += 1 }
+            return next
+        }
+        return (try await connection.post(verbs), ticket)
     }
 
     /// The READ of one header word.
     func read(_ slot: HeaderSlot) -> Verb { .readWords(grant.address(of: slot), count: 1, rkey: metadataKey) }
 
-    /// Reads every section and span header into the cache (one doorbell).
-    func refresh(trace: inout OperationTrace) async throws(FabricError) {
+    /// Reads every section and span header into the cache (one doorbell), or, when another
+    /// task of this compute node is already doing so, waits for that refresh and uses its
+    /// answer: one full read per memory node at a time, however many tasks run out of
+    /// room together (no refresh storm near a full pool). The wait is bounded by the
+    /// refresh it waits for, which completes or fails.
+    func refresh(trace: inout OperationTrace, runtime: any Runtime, pauseNanos: ClosedRange<UInt64>) async throws(FabricError) {
+        let (leads, finished) = refreshFlight.withLock { flight -> (Bool, UInt64) in
+            if flight.inFlight { return (false, flight.finished) }
+            flight.inFlight = true
+            return (true, flight.finished)
+        }
+        guard leads else {
+            trace.refreshesShared += 1
+            var delay = pauseNanos.lowerBound
+            while refreshFlight.withLock({ $0.inFlight && $0.finished == finished }) {
+                await runtime.sleep(nanoseconds: delay)
+                delay = min(delay * 2, pauseNanos.upperBound)
+            }
+            return
+        }
+        defer { refreshFlight.withLock { $0 = (false, $0.finished + 1) } }
         trace.refreshes += 1
-        let results = try await post([
+        let (results, ticket) = try await postTicketed([
             .readWords(grant.address(of: .section(0)), count: geometry.sectionCount, rkey: metadataKey),
             .readWords(grant.address(of: .span(section: 0, span: 0)), count: geometry.spanCount, rkey: metadataKey),
         ], trace: &trace)
         let sections = results[0].words
         let spans = results[1].words
-        cache.withLock { $0.storeAll(sections: sections, spans: spans) }
+        cache.withLock { $0.storeAll(sections: sections, spans: spans, ticket: ticket) }
     }
 
     /// Reads header words into the cache (one doorbell).
     func readHeaders(_ slots: [HeaderSlot], trace: inout OperationTrace) async throws(FabricError) {
-        let words = try await post(slots.map(read), trace: &trace).map { $0.words[0] }
-        cache.withLock { cache in for (slot, word) in zip(slots, words) { cache[slot] = word } }
+        let (results, ticket) = try await postTicketed(slots.map(read), trace: &trace)
+        store(results.map { $0.words[0] }, at: slots, ticket: ticket)
+    }
+
+    /// Stores answers of the batch with `ticket` into the cache (newer answers win).
+    func store(_ words: [UInt64], at slots: [HeaderSlot], ticket: UInt64) {
+        guard !slots.isEmpty else { return }
+        cache.withLock { cache in for (slot, word) in zip(slots, words) { cache.store(word, at: slot, ticket: ticket) } }
     }
 
     /// Reads the span headers of `section` into the cache.
     func readSpans(of section: Int, trace: inout OperationTrace) async throws(FabricError) {
-        let words = try await post([
+        let (results, ticket) = try await postTicketed([
             .readWords(grant.address(of: .span(section: section, span: 0)), count: PoolGeometry.spansPerSection, rkey: metadataKey)
-        ], trace: &trace)[0].words
-        cache.withLock { $0.storeSpans(of: section, words) }
+        ], trace: &trace)
+        let words = results[0].words
+        cache.withLock { $0.storeSpans(of: section, words, ticket: ticket) }
     }
 
     /// Sets what happens to a log an operation gives back (see `returnedLogHandler`).

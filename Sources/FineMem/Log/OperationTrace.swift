@@ -13,6 +13,13 @@ struct OperationTrace: Sendable {
     var attempts = 0
     /// Full re-reads of a memory node's headers.
     var refreshes: UInt64 = 0
+    /// Refreshes this operation wanted and took from another task's read in flight.
+    var refreshesShared: UInt64 = 0
     var spansOpened: UInt64 = 0
     var spansClosed: UInt64 = 0
+    /// Rounds a flush waited out (with backoff) because its header kept changing.
+    var flushRounds: UInt64 = 0
+    /// Background upkeep that ended in an error (a fabric error, or a metadata word the
+    /// protocol does not allow).
+    var upkeepErrors: UInt64 = 0
 }

@@ -2,16 +2,20 @@
 /// record to write for it, and whether some task has taken the job of flushing it.
 ///
 /// Only the node that committed a log flushes it (recovery does it for a dead, fenced
-/// node), and within the node exactly one task at a time holds the job. That task writes
-/// the record and clears the pending bit in one doorbell (the WRITE executes first); it
-/// may fold the clear into its own next commit on the same header. No other block
-/// operation can change a header while its log is pending, so the record of one header's
-/// log is never written after the record of that header's next log.
+/// node), and within the node exactly one task at a time holds the job. That task updates
+/// the record and clears the pending bit in one doorbell (the record CAS executes first);
+/// it may fold the clear into its own next commit on the same header. No other block
+/// operation can change a header while its log is pending, no span under a section's
+/// pending log can enter chunk mode, and the record update is a CAS from the value read
+/// right after the commit: a record never goes backwards.
 struct PendingLog: Sendable {
     let recordAddress: RemoteAddress
     /// The record; it carries the sequence of the header that committed the block (the
     /// first section's, for a multi-section block).
     let record: FullLogRecord
+    /// The record's value right after the commit (read in its doorbell): what the flush's
+    /// CAS expects to replace.
+    let recordBefore: UInt64
     /// The header's log sequence of this log: a job finishing late must not touch the
     /// entry of a newer log on the same header.
     let sequence: LogSequence
@@ -27,8 +31,8 @@ struct PendingLogTable: Sendable {
 
     /// Records a log this node just committed. An entry left for an older log on the same
     /// header is finished (the new commit expected its pending bit clear) and is replaced.
-    mutating func add(_ slot: HeaderSlot, recordAddress: RemoteAddress, record: FullLogRecord, sequence: LogSequence, taken: Bool) {
-        logs[slot] = PendingLog(recordAddress: recordAddress, record: record, sequence: sequence, taken: taken)
+    mutating func add(_ slot: HeaderSlot, recordAddress: RemoteAddress, record: FullLogRecord, recordBefore: UInt64, sequence: LogSequence, taken: Bool) {
+        logs[slot] = PendingLog(recordAddress: recordAddress, record: record, recordBefore: recordBefore, sequence: sequence, taken: taken)
     }
 
     func has(_ slot: HeaderSlot) -> Bool { logs[slot] != nil }
@@ -76,7 +80,7 @@ struct PreparedWord: Sendable {
     /// be once its pending log is flushed (by this batch, or by the flush in flight).
     let base: UInt64
     /// This node's own queued log on the header, taken over by this operation: its record
-    /// WRITE rides in the doorbell before the CAS.
+    /// CAS rides in the doorbell before the commit CAS.
     let foldedLog: (slot: HeaderSlot, log: PendingLog)?
 
     static func plain(_ word: UInt64) -> PreparedWord { PreparedWord(expected: word, base: word, foldedLog: nil) }

@@ -6,17 +6,22 @@ enum WordHome: Sendable {
     case word(RemoteAddress, known: UInt64)
 }
 
-/// How an update treats a header's temporary log.
+/// How an update treats a header's temporary log and the full log.
 enum LogHandling: Sendable {
     /// A state change (span open or close, a hint, a node slot): expect the cached word
     /// and keep its log as it is.
     case keep
-    /// A block operation (claim or release): it commits on top of the flushed header.
-    /// This node's own queued log on the header is folded in (its record WRITE rides
-    /// before the CAS, which expects the pending word); anyone else's pending log is
-    /// predicted flushed, and a wrong guess costs one lost CAS whose answer refreshes the
-    /// cache.
-    case commitAfterFlush
+    /// A block operation (claim or release) of the block whose full-log record is at
+    /// `record`: it commits on top of the flushed header. This node's own queued log on
+    /// the header is folded in (its record CAS rides before the commit CAS, which expects
+    /// the pending word); anyone else's pending log is predicted flushed, and a wrong guess
+    /// costs one lost CAS whose answer refreshes the cache. A READ of `record` rides after
+    /// the CAS: with the log pending nobody else writes that record, so what it answers is
+    /// the value the flush will expect to replace.
+    case commit(record: RemoteAddress)
+    /// The flush of this node's pending log `log`: its record CAS (from the value read at
+    /// commit to the operation's record) rides the first doorbell, before the header CAS.
+    case flush(PendingLog)
 }
 
 /// The bound and manner of one update.
@@ -24,27 +29,62 @@ struct UpdatePolicy: Sendable {
     /// CAS attempts before the update answers `lost`.
     var attemptsMax: Int
     var log: LogHandling = .keep
-    /// When the transition refuses the cached word, read the word once and try again
-    /// (the cache may be stale).
+    /// When the transition refuses the word as cached, read the word once and try again:
+    /// a decision not to change remote state rests on a fresh READ, not on the cache.
     var rereadOnRefusal = false
+}
+
+/// One header word of a multi-word update: where it is, its transition, and how to see
+/// its pending log, on raw words (so that one doorbell can change words of several types).
+struct WordChange {
+    let slot: HeaderSlot
+    /// The transition; nil when it does not apply.
+    let transition: (UInt64) -> UInt64?
+    /// The word with its pending log flushed; nil when no log is pending.
+    let flushed: (UInt64) -> UInt64?
+
+    init<Header: LoggedHeader>(_ slot: HeaderSlot, _ type: Header.Type, _ transition: @escaping (Header) -> Header?) {
+        self.slot = slot
+        self.transition = { word in Header(rawValue: word).flatMap(transition)?.rawValue }
+        self.flushed = { word in Header(rawValue: word)?.flushed()?.rawValue }
+    }
+}
+
+/// A metadata word of no particular type: the outcomes of a multi-word update.
+struct RawWord: MetadataWord {
+    let rawValue: UInt64
+    init(rawValue: UInt64) { self.rawValue = rawValue }
+    init(_ rawValue: UInt64) { self.rawValue = rawValue }
 }
 
 /// The answer of an update.
 enum UpdateOutcome<Word: MetadataWord>: Sendable {
-    /// A CAS committed this word.
+    /// A state change's CAS (or a flush's) committed this word.
     case updated(Word)
+    /// A block operation's CAS committed this word; `recordBefore` is the block's full-log
+    /// record right after the commit (read in the same doorbell).
+    case committed(Word, recordBefore: UInt64)
     /// The transition does not apply to the word as last seen.
     case refused(current: UInt64)
     /// Every attempt's CAS lost; this is the word the last one found.
     case lost(current: UInt64)
+
+    /// The word a CAS of this update committed, whichever kind.
+    var committedWord: Word? {
+        switch self {
+        case .updated(let word), .committed(let word, _): word
+        case .refused, .lost: nil
+        }
+    }
 }
 
 extension MemoryNodeLink {
     /// The one way the protocol changes a remote metadata word (the LLFree `try_update` of
     /// this package): apply the pure `transition` to the word as cached, send the CAS
-    /// (after `before` and any folded log WRITE, followed by READs of `alsoRead`, all in
-    /// one doorbell), write the answer back to the cache, count a lost CAS in `trace`,
-    /// and try again from the answer until `policy.attemptsMax` CASes have lost.
+    /// (after `before` and whatever the log handling adds, followed by READs of
+    /// `alsoRead`, all in one doorbell), write the answers back to the cache, count a lost
+    /// CAS in `trace`, and try again from the answer until `policy.attemptsMax` CASes have
+    /// lost.
     ///
     /// `before` and `alsoRead` ride the first doorbell only; the READs land in the cache.
     func update<Word: MetadataWord>(
@@ -63,6 +103,11 @@ extension MemoryNodeLink {
             known = word
         }
         var riders = before
+        var flushLog: PendingLog?
+        if case .flush(let log) = policy.log {
+            riders.append(recordUpdate(log))
+            flushLog = log
+        }
         var readsAfter = alsoRead
         var rereadLeft = policy.rereadOnRefusal
         var lostCount = 0
@@ -72,60 +117,94 @@ extension MemoryNodeLink {
                 settle(prepared, committed: false)
                 guard rereadLeft else { return .refused(current: known) }
                 rereadLeft = false
-                let results = try await post(riders + [.readWords(address, count: 1, rkey: metadataKey)], trace: &trace)
+                let (results, ticket) = try await postTicketed(riders + [.readWords(address, count: 1, rkey: metadataKey)], trace: &trace)
+                checkRecordUpdate(flushLog, results.first)
                 riders = []
+                flushLog = nil
                 known = results.last!.words[0]
-                store(known, at: home)
+                store(known, at: home, ticket: ticket)
                 continue
             }
-            let verbs = riders + (prepared.foldedLog.map { [flushWrite($0.log)] } ?? [])
-                + [.compareAndSwap(address, expected: prepared.expected, desired: desired.rawValue, rkey: metadataKey)]
-                + readsAfter.map(read)
-            let results: [VerbResult]
-            do { results = try await post(verbs, trace: &trace) } catch {
+            var verbs = riders
+            if let folded = prepared.foldedLog { verbs.append(recordUpdate(folded.log)) }
+            let casIndex = verbs.count
+            verbs.append(.compareAndSwap(address, expected: prepared.expected, desired: desired.rawValue, rkey: metadataKey))
+            verbs += readsAfter.map(read)
+            if case .commit(let record) = policy.log { verbs.append(.readWords(record, count: 1, rkey: metadataKey)) }
+            let (results, ticket): ([VerbResult], UInt64)
+            do { (results, ticket) = try await postTicketed(verbs, trace: &trace) } catch {
                 settle(prepared, committed: false)
                 throw error
             }
-            let answer = results[verbs.count - readsAfter.count - 1].compareAndSwap
+            checkRecordUpdate(flushLog, results.first)
+            if let folded = prepared.foldedLog { checkRecordUpdate(folded.log, results[casIndex - 1]) }
+            let answer = results[casIndex].compareAndSwap
             known = answer.exchanged ? desired.rawValue : answer.original
-            store(known, at: home)
-            storeReads(readsAfter, results.suffix(readsAfter.count))
+            store(known, at: home, ticket: ticket)
+            store(results[casIndex + 1..<casIndex + 1 + readsAfter.count].map { $0.words[0] }, at: readsAfter, ticket: ticket)
             riders = []
+            flushLog = nil
             readsAfter = []
             settle(prepared, committed: answer.exchanged)
-            if answer.exchanged { return .updated(desired) }
+            if answer.exchanged {
+                if case .commit = policy.log { return .committed(desired, recordBefore: results.last!.words[0]) }
+                return .updated(desired)
+            }
             trace.retries += 1
             lostCount += 1
             if lostCount >= policy.attemptsMax { return .lost(current: known) }
         }
     }
 
-    /// `update` for several headers at once, one CAS each in the same doorbell (after
-    /// `before`, followed by `after`; both ride the first doorbell only). A header whose
-    /// CAS lost is tried again in the next doorbell, up to `policy.attemptsMax` doorbells.
-    /// With `requireAll`, a transition refused on any header sends nothing at all: every
-    /// header answers `refused`. `known` (in the order of `slots`) replaces the cached
-    /// words in the first round. Outcomes come in the order of `slots`.
+    /// `update` for several headers of one type at once (see `updateWords`).
     func updateEach<Header: LoggedHeader>(
-        _ slots: [HeaderSlot], _ policy: UpdatePolicy, requireAll: Bool = false, known firstKnown: [UInt64]? = nil,
-        before: [Verb] = [], after: [Verb] = [], trace: inout OperationTrace, _ transition: (HeaderSlot, Header) -> Header?
+        _ slots: [HeaderSlot], _ policy: UpdatePolicy, requireAll: Bool = false, known: [UInt64]? = nil,
+        before: [Verb] = [], after: [Verb] = [], trace: inout OperationTrace, _ transition: @escaping (HeaderSlot, Header) -> Header?
     ) async throws(FabricError) -> [UpdateOutcome<Header>] {
+        let changes = slots.map { slot in WordChange(slot, Header.self) { transition(slot, $0) } }
+        let outcomes = try await updateWords(changes, policy, requireAll: requireAll, known: known, before: before, after: after, trace: &trace)
+        return outcomes.map { outcome in
+            switch outcome {
+            case .updated(let word): .updated(Header(rawValue: word.rawValue)!)
+            case .committed(let word, let recordBefore): .committed(Header(rawValue: word.rawValue)!, recordBefore: recordBefore)
+            case .refused(let current): .refused(current: current)
+            case .lost(let current): .lost(current: current)
+            }
+        }
+    }
+
+    /// `update` for several header words at once, one CAS each in the same doorbell, in
+    /// the order of `changes` (after `before` and whatever the log handling adds, followed
+    /// by `after`; both ride the first doorbell only). A word whose CAS lost is tried again
+    /// in the next doorbell, up to `policy.attemptsMax` doorbells. With `requireAll`, a
+    /// transition refused on any word sends nothing at all: every word answers `refused`.
+    /// `known` (in the order of `changes`) replaces the cached words in the first round.
+    /// Outcomes come in the order of `changes`.
+    func updateWords(
+        _ changes: [WordChange], _ policy: UpdatePolicy, requireAll: Bool = false, known firstKnown: [UInt64]? = nil,
+        before: [Verb] = [], after: [Verb] = [], trace: inout OperationTrace
+    ) async throws(FabricError) -> [UpdateOutcome<RawWord>] {
         precondition(policy.attemptsMax >= 1, "an update needs at least one attempt")
-        precondition(Set(slots).count == slots.count, "each header once")
-        precondition(firstKnown.map { $0.count == slots.count } ?? true, "one known word per header")
+        precondition(Set(changes.map(\.slot)).count == changes.count, "each header once")
+        precondition(firstKnown.map { $0.count == changes.count } ?? true, "one known word per header")
         var firstKnown = firstKnown
-        var outcomes: [UpdateOutcome<Header>?] = Array(repeating: nil, count: slots.count)
+        var outcomes: [UpdateOutcome<RawWord>?] = Array(repeating: nil, count: changes.count)
         var riders = before
+        var flushLog: PendingLog?
+        if case .flush(let log) = policy.log {
+            riders.append(recordUpdate(log))
+            flushLog = log
+        }
         var trailers = after
         var rereadLeft = policy.rereadOnRefusal
         var round = 0
         while round < policy.attemptsMax {
-            let open = slots.indices.filter { outcomes[$0] == nil }
+            let open = changes.indices.filter { outcomes[$0] == nil }
             if open.isEmpty { break }
-            let known = firstKnown.map { words in open.map { words[$0] } } ?? cache.withLock { cache in open.map { cache[slots[$0]] } }
+            let known = firstKnown.map { words in open.map { words[$0] } } ?? cache.withLock { cache in open.map { cache[changes[$0].slot] } }
             firstKnown = nil
-            let prepared = zip(open, known).map { index, word in prepare(Header.self, .header(slots[index]), word, policy.log) }
-            let desired = zip(open, prepared).map { index, prepared in Header(rawValue: prepared.base).flatMap { transition(slots[index], $0) } }
+            let prepared = zip(open, known).map { index, word in prepare(changes[index], word, policy.log) }
+            let desired = zip(open, prepared).map { index, prepared in changes[index].transition(prepared.base) }
             let refused = desired.contains { $0 == nil }
             if refused, rereadLeft || requireAll {
                 for item in prepared { settle(item, committed: false) }
@@ -134,76 +213,111 @@ extension MemoryNodeLink {
                     break
                 }
                 rereadLeft = false
-                let stale = zip(open, desired).filter { $0.1 == nil }.map { slots[$0.0] }
-                let results = try await post(riders + stale.map(read), trace: &trace)
+                let stale = zip(open, desired).filter { $0.1 == nil }.map { changes[$0.0].slot }
+                let (results, ticket) = try await postTicketed(riders + stale.map(read), trace: &trace)
+                checkRecordUpdate(flushLog, results.first)
                 riders = []
-                storeReads(stale, results.suffix(stale.count))
+                flushLog = nil
+                store(results.suffix(stale.count).map { $0.words[0] }, at: stale, ticket: ticket)
                 continue
             }
             var verbs = riders
-            var sent: [(index: Int, prepared: PreparedWord, desired: Header)] = []
+            var sent: [(index: Int, prepared: PreparedWord, desired: UInt64, foldIndex: Int?)] = []
             for (position, index) in open.enumerated() {
                 guard let target = desired[position] else {
                     settle(prepared[position], committed: false)
                     outcomes[index] = .refused(current: known[position])
                     continue
                 }
-                if let folded = prepared[position].foldedLog { verbs.append(flushWrite(folded.log)) }
-                sent.append((index, prepared[position], target))
+                var foldIndex: Int?
+                if let folded = prepared[position].foldedLog {
+                    foldIndex = verbs.count
+                    verbs.append(recordUpdate(folded.log))
+                }
+                sent.append((index, prepared[position], target, foldIndex))
             }
             if sent.isEmpty { break }
             let firstCAS = verbs.count
             for item in sent {
-                verbs.append(.compareAndSwap(grant.address(of: slots[item.index]), expected: item.prepared.expected, desired: item.desired.rawValue, rkey: metadataKey))
+                verbs.append(.compareAndSwap(grant.address(of: changes[item.index].slot), expected: item.prepared.expected, desired: item.desired, rkey: metadataKey))
             }
             verbs += trailers
-            let results: [VerbResult]
-            do { results = try await post(verbs, trace: &trace) } catch {
+            if case .commit(let record) = policy.log { verbs.append(.readWords(record, count: 1, rkey: metadataKey)) }
+            let (results, ticket): ([VerbResult], UInt64)
+            do { (results, ticket) = try await postTicketed(verbs, trace: &trace) } catch {
                 for item in sent { settle(item.prepared, committed: false) }
                 throw error
             }
+            checkRecordUpdate(flushLog, results.first)
             riders = []
+            flushLog = nil
             trailers = []
             round += 1
             for (offset, item) in sent.enumerated() {
+                if let foldIndex = item.foldIndex, let folded = item.prepared.foldedLog { checkRecordUpdate(folded.log, results[foldIndex]) }
                 let answer = results[firstCAS + offset].compareAndSwap
-                let word = answer.exchanged ? item.desired.rawValue : answer.original
-                store(word, at: .header(slots[item.index]))
+                let word = answer.exchanged ? item.desired : answer.original
+                store(word, at: .header(changes[item.index].slot), ticket: ticket)
                 settle(item.prepared, committed: answer.exchanged)
                 if answer.exchanged {
-                    outcomes[item.index] = .updated(item.desired)
+                    if case .commit = policy.log {
+                        outcomes[item.index] = .committed(RawWord(item.desired), recordBefore: results.last!.words[0])
+                    } else {
+                        outcomes[item.index] = .updated(RawWord(item.desired))
+                    }
                 } else {
                     trace.retries += 1
                     if round >= policy.attemptsMax { outcomes[item.index] = .lost(current: word) }
                 }
             }
         }
-        return outcomes.enumerated().map { index, outcome in outcome ?? .refused(current: cache.withLock { $0[slots[index]] }) }
+        return outcomes.enumerated().map { index, outcome in outcome ?? .refused(current: cache.withLock { $0[changes[index].slot] }) }
     }
 
     // MARK: Parts
 
-    private func store(_ word: UInt64, at home: WordHome) {
-        if case .header(let slot, _) = home { cache.withLock { $0[slot] = word } }
+    private func store(_ word: UInt64, at home: WordHome, ticket: UInt64) {
+        if case .header(let slot, _) = home { cache.withLock { $0.store(word, at: slot, ticket: ticket) } }
     }
 
-    private func storeReads(_ slots: [HeaderSlot], _ results: ArraySlice<VerbResult>) {
-        guard !slots.isEmpty else { return }
-        let words = results.map { $0.words[0] }
-        cache.withLock { cache in for (slot, word) in zip(slots, words) { cache[slot] = word } }
+    /// The CAS that puts a pending log's record in the full log: from the value the record
+    /// had right after the commit to the operation's record. Records never go backwards:
+    /// a flush that comes too late finds another value and changes nothing.
+    func recordUpdate(_ log: PendingLog) -> Verb {
+        .compareAndSwap(log.recordAddress, expected: log.recordBefore, desired: log.record.rawValue, rkey: metadataKey)
+    }
+
+    /// Checks the answer of a record update: it exchanged, or the record already held the
+    /// operation's record (recovery wrote it first). Anything else means someone wrote a
+    /// record under this node's pending log, which the protocol excludes.
+    private func checkRecordUpdate(_ log: PendingLog?, _ result: VerbResult?) {
+        guard let log, let result else { return }
+        let answer = result.compareAndSwap
+        precondition(answer.exchanged || answer.original == log.record.rawValue,
+                     "the record at \(log.recordAddress) changed under a pending log of \(owner): expected \(log.recordBefore), found \(answer.original)")
     }
 
     /// Decides the expected word and the transition's base (see `LogHandling`).
     private func prepare<Word: MetadataWord>(_ type: Word.Type, _ home: WordHome, _ word: UInt64, _ handling: LogHandling) -> PreparedWord {
-        guard handling == .commitAfterFlush else { return .plain(word) }
+        guard case .commit = handling else { return .plain(word) }
         guard case .header(let slot, _) = home else { preconditionFailure("block operations commit on headers") }
-        guard let header = Word(rawValue: word) as? any LoggedHeader, header.logPending, let flushed = header.flushed() else {
-            return .plain(word)
-        }
+        let flushed = (Word(rawValue: word) as? any LoggedHeader)?.flushed()?.rawValue
+        return prepareCommit(slot, word, flushed: flushed)
+    }
+
+    private func prepare(_ change: WordChange, _ word: UInt64, _ handling: LogHandling) -> PreparedWord {
+        guard case .commit = handling else { return .plain(word) }
+        return prepareCommit(change.slot, word, flushed: change.flushed(word))
+    }
+
+    /// A block operation on a header whose word is `word` (`flushed`: the same with its
+    /// pending log flushed; nil when none is pending).
+    private func prepareCommit(_ slot: HeaderSlot, _ word: UInt64, flushed: UInt64?) -> PreparedWord {
+        guard let flushed else { return .plain(word) }
         if let own = pending.withLock({ $0.take(slot) }) {
-            return PreparedWord(expected: word, base: flushed.rawValue, foldedLog: (slot, own))
+            return PreparedWord(expected: word, base: flushed, foldedLog: (slot, own))
         }
-        return PreparedWord(expected: flushed.rawValue, base: flushed.rawValue, foldedLog: nil)
+        return PreparedWord(expected: flushed, base: flushed, foldedLog: nil)
     }
 
     /// After the CAS of a prepared word: a folded log is flushed if the CAS committed;

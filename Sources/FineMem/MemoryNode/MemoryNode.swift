@@ -83,11 +83,16 @@ package final class MemoryNode: Sendable {
         return (grant, nic.openConnection(from: node, protectionDomain: pd))
     }
 
-    /// Fences compute node `owner`: deregisters its regions, so nothing it posts from now on
-    /// reaches the pool.
+    /// Fences compute node `owner`: first moves its connections to the error state, so
+    /// that no verb it posted, even one still in flight from before a crash, executes from
+    /// now on; then deregisters its regions, so that its keys are unknown. When this
+    /// returns, nothing the node posted or posts reaches the pool. A later `attach` of the
+    /// same compute node is a new incarnation: new protection domain, new keys, new
+    /// connection. Fencing a node that is not attached does nothing.
     package func fence(computeNode owner: OwnerID) throws(MemoryNodeError) {
         guard let regions = attachments.withLock({ $0.removeValue(forKey: owner) }) else { return }
         do {
+            try nic.breakConnections(of: regions.metadata.protectionDomain)
             try nic.deregister(regions.metadata)
             try nic.deregister(regions.data)
         } catch {

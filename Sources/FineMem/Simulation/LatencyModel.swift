@@ -1,10 +1,13 @@
 /// The time a simulated NIC takes for each part of a verb, in nanoseconds.
 ///
 /// A batch leaves the compute node, crosses the network (`oneWayNanos`), and its verbs
-/// execute in order at the memory node's NIC: each occupies the NIC for its service time
-/// plus its payload over the bandwidth; atomics also occupy the NIC's single atomic unit,
-/// so concurrent atomics from all connections serialise there. The completions cross back
-/// (`oneWayNanos` again). `jitterFraction` adds seeded noise to each crossing.
+/// execute one at a time, in the order of its queue pair (see `SimulatedConnection`), at
+/// the memory node's NIC: each occupies the NIC for its service time plus its payload over
+/// the bandwidth; atomics also occupy the NIC's single atomic unit, so concurrent atomics
+/// from all connections serialise there. The completions cross back (`oneWayNanos`
+/// again). A fenced verb waits for the answers of earlier READs and atomics to cross back
+/// and then crosses itself: two more crossings. `jitterFraction` adds seeded noise to each
+/// crossing.
 ///
 /// The defaults follow the paper's ConnectX-6 testbed: about 1.7 us one way with the
 /// software stack (a 4 KiB allocation with one extra READ or CAS costs about 4 us more,

@@ -31,6 +31,14 @@ package final class SimulatedNIC: NICControl, @unchecked Sendable {
     private let pool: UnsafeMutableRawPointer
     private let keys = Locked(KeyTable())
     private let poweredOff = Locked(false)
+    /// The connections opened on this NIC, by protection domain, held weakly: what
+    /// `breakConnections(of:)` moves to the error state.
+    private let connections = Locked<[ProtectionDomain: [WeakConnection]]>([:])
+
+    /// A connection the NIC knows without keeping it alive.
+    private struct WeakConnection {
+        weak var connection: SimulatedConnection?
+    }
 
     private enum KeyEntry {
         case region(MemoryRegion)
@@ -177,7 +185,25 @@ package final class SimulatedNIC: NICControl, @unchecked Sendable {
     package func connect(
         from node: NodeID, protectionDomain pd: ProtectionDomain, simulator: Simulator? = nil
     ) -> SimulatedConnection {
-        SimulatedConnection(nic: self, localNode: node, protectionDomain: pd, simulator: simulator)
+        let connection = SimulatedConnection(nic: self, localNode: node, protectionDomain: pd, simulator: simulator)
+        connections.withLock { table in
+            table[pd, default: []].removeAll { $0.connection == nil }
+            table[pd, default: []].append(WeakConnection(connection: connection))
+        }
+        return connection
+    }
+
+    /// Moves every connection of `pd` opened so far to the error state (`IBV_QPS_ERR`):
+    /// each of their verbs from now on, posted before or after, fails with
+    /// `connectionBroken` and has no effect. A verb executing on another thread (immediate
+    /// mode) finishes before this returns. Connections of other domains, and connections
+    /// opened in `pd` later, keep working.
+    package func breakConnections(of pd: ProtectionDomain) {
+        let targets = connections.withLock { table in
+            defer { table[pd] = nil }
+            return (table[pd] ?? []).compactMap(\.connection)
+        }
+        for connection in targets { connection.breakConnection() }
     }
 
     /// Takes the memory node down: every verb from now on fails with `peerDead`, as
@@ -216,8 +242,8 @@ package final class SimulatedNIC: NICControl, @unchecked Sendable {
         let needed: RemoteAccess
         let length: Int
         switch verb {
-        case .read(_, let readLength, _): needed = .read; length = readLength
-        case .write(_, let bytes, _): needed = .write; length = bytes.count
+        case .read(_, let readLength, _, _): needed = .read; length = readLength
+        case .write(_, let bytes, _, _): needed = .write; length = bytes.count
         case .compareAndSwap, .fetchAndAdd: needed = .atomic; length = 8
         }
         guard length > 0 else { return .invalidLength }
@@ -254,7 +280,7 @@ package final class SimulatedNIC: NICControl, @unchecked Sendable {
     /// Performs an authorized verb on the pool.
     func perform(_ verb: Verb) -> VerbResult {
         switch verb {
-        case .read(let address, let length, _):
+        case .read(let address, let length, _, _):
             var bytes = [UInt8](repeating: 0, count: length)
             bytes.withUnsafeMutableBytes { out in
                 if address.rawValue % 8 == 0, length % 8 == 0 {
@@ -267,7 +293,7 @@ package final class SimulatedNIC: NICControl, @unchecked Sendable {
                 }
             }
             return .read(bytes)
-        case .write(let address, let bytes, _):
+        case .write(let address, let bytes, _, _):
             bytes.withUnsafeBytes { source in
                 if address.rawValue % 8 == 0, bytes.count % 8 == 0 {
                     for offset in stride(from: 0, to: bytes.count, by: 8) {
@@ -279,11 +305,11 @@ package final class SimulatedNIC: NICControl, @unchecked Sendable {
                 }
             }
             return .written
-        case .compareAndSwap(let address, let expected, let desired, _):
+        case .compareAndSwap(let address, let expected, let desired, _, _):
             let (exchanged, original) = atomicWord(address).compareExchange(
                 expected: expected, desired: desired, ordering: .sequentiallyConsistent)
             return .compareAndSwap(exchanged: exchanged, original: original)
-        case .fetchAndAdd(let address, let delta, _):
+        case .fetchAndAdd(let address, let delta, _, _):
             let original = atomicWord(address).loadThenWrappingIncrement(by: delta, ordering: .sequentiallyConsistent)
             return .fetchAndAdd(original: original)
         }

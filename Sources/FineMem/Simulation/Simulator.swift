@@ -1,11 +1,13 @@
 /// A deterministic discrete-event runtime: one thread, a virtual clock, a seeded random
-/// generator, and a task executor that runs every job of every task it owns in FIFO order.
+/// generator, and a task executor that runs every job of every task it owns in FIFO order
+/// (in a seeded order under schedule exploration).
 ///
 /// All simulated work must start with `spawn` (which uses `Task(executorPreference:)`);
 /// child tasks and `async let` inherit the preference. `run()` drains ready jobs, then
 /// advances the clock to the earliest timer, and so on until nothing is left. The same
-/// seed gives the same run, bit for bit: `traceHash` folds in every verb a simulated NIC
-/// executes (time, node, kind, address, answer).
+/// seed (and, within the package, the same `ScheduleExploration`) gives the same run, bit
+/// for bit: `traceHash` folds in every verb a simulated NIC executes (time, node, kind,
+/// address, answer).
 ///
 /// ```swift
 /// let simulator = Simulator(seed: 42)
@@ -23,11 +25,18 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
     package let latency: LatencyModel
     /// Faults that apply from now on (crashes, stalls, broken links).
     package let faults = FaultPlan()
+    /// How this run explores schedules (`.none`: as the latency model and seed give).
+    package let exploration: ScheduleExploration
+    /// Whether an unfenced WRITE may pass earlier READs and atomics of its connection, as
+    /// on a real QP (see `SimulatedConnection`). On by default; turn it off before the run
+    /// starts to tell whether a failing seed needs a reordered WRITE (the run changes).
+    package var reordersUnfencedWrites = true
 
     private let readyJobs = Locked(JobQueue())
     private var timers = TimerHeap()
     private var now: UInt64 = 0
     private var randomSource: SeededRandom
+    private var explorer: PriorityExplorer?
     private var atomicUnitFreeAt: [NodeID: UInt64] = [:]
     private var verbsExecuted: [NodeID: UInt64] = [:]
     public private(set) var traceHash = TraceHash()
@@ -37,9 +46,12 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
     private struct JobQueue {
         var jobs: [UnownedJob] = []
         var head = 0
+        var count: Int { jobs.count - head }
         mutating func push(_ job: UnownedJob) { jobs.append(job) }
-        mutating func pop() -> UnownedJob? {
+        /// Takes the job `offset` places behind the head (the head itself by default).
+        mutating func pop(offset: Int = 0) -> UnownedJob? {
             guard head < jobs.count else { return nil }
+            if offset > 0 { jobs.swapAt(head, head + offset) }
             defer {
                 head += 1
                 if head == jobs.count { jobs.removeAll(keepingCapacity: true); head = 0 }
@@ -53,10 +65,16 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
         self.init(seed: seed, latency: LatencyModel())
     }
 
-    package init(seed: UInt64, latency: LatencyModel) {
+    /// A simulator whose run is determined by `seed` and `exploration`, with `latency`.
+    package init(seed: UInt64, latency: LatencyModel, exploration: ScheduleExploration = .none) {
         self.seed = seed
         self.latency = latency
+        self.exploration = exploration
         self.randomSource = SeededRandom(seed: seed)
+        if case .randomPriorities(let changePoints, let horizonVerbs) = exploration {
+            explorer = PriorityExplorer(
+                seed: seed, changePoints: changePoints, horizonVerbs: horizonVerbs, spreadNanoseconds: 4 * latency.oneWayNanos)
+        }
     }
 
     // MARK: Executor
@@ -91,7 +109,7 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
     @discardableResult
     public func run(untilNanoseconds deadline: UInt64 = .max) -> Bool {
         while true {
-            while let job = readyJobs.withLock({ $0.pop() }) {
+            while let job = nextJob() {
                 job.runSynchronously(isolatedTo: asUnownedSerialExecutor(), taskExecutor: asUnownedTaskExecutor())
             }
             guard let next = timers.peek() else { return true }
@@ -102,9 +120,23 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
         }
     }
 
+    /// The next ready job: the first in, under exploration a seeded pick.
+    private func nextJob() -> UnownedJob? {
+        guard explorer != nil else { return readyJobs.withLock { $0.pop() } }
+        return readyJobs.withLock { jobs in jobs.pop(offset: jobs.count > 1 ? explorer!.pick(among: jobs.count) : 0) }
+    }
+
     /// Calls `action` on the simulator thread at virtual time `time` (not before now).
     package func schedule(at time: UInt64, _ action: @escaping () -> Void) {
-        timers.push(at: max(time, now), action)
+        timers.push(at: max(time, now), rank: 0, action)
+    }
+
+    /// Calls `action`, an event of `node` at a memory node's NIC, at virtual time `time`
+    /// (not before now). Under exploration, such events due at the same time run highest
+    /// priority first; otherwise this is `schedule(at:_:)`.
+    package func schedule(at time: UInt64, rankedFor node: NodeID, _ action: @escaping () -> Void) {
+        let rank = explorer?.rank(of: node) ?? 0
+        timers.push(at: max(time, now), rank: rank, action)
     }
 
     /// Draws from the run's seeded generator.
@@ -123,6 +155,12 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
         return nanos + (spread == 0 ? 0 : randomSource.next() % (spread + 1))
     }
 
+    /// The extra delay of one network crossing of `node` under exploration (zero, with
+    /// no draw, without it; see `ScheduleExploration`).
+    func explorationDelay(of node: NodeID) -> UInt64 {
+        explorer?.delay(of: node) ?? 0
+    }
+
     /// Reserves the NIC's atomic unit of memory node `node` from `earliest`; returns the
     /// start time of the atomic.
     func reserveAtomicUnit(of node: NodeID, from earliest: UInt64, for service: UInt64) -> UInt64 {
@@ -135,6 +173,7 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
     func record(_ verb: Verb, by node: NodeID, result: Result<VerbResult, FabricError>) {
         totalVerbs += 1
         verbsExecuted[node, default: 0] += 1
+        explorer?.verbExecuted(count: totalVerbs, by: node)
         traceHash.mix(now)
         traceHash.mix(UInt64(node.rawValue) << 8 | UInt64(verb.kind.rawValue))
         traceHash.mix(verb.address.rawValue)
@@ -156,15 +195,18 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
     package func verbsExecuted(by node: NodeID) -> UInt64 { verbsExecuted[node] ?? 0 }
 }
 
-/// A binary min-heap of timers ordered by (time, insertion sequence): ties run in the
-/// order they were scheduled, which keeps runs reproducible.
+/// A binary min-heap of timers ordered by (time, rank, insertion sequence): ties run by
+/// rank (always 0 without schedule exploration), then in the order they were scheduled,
+/// which keeps runs reproducible.
 struct TimerHeap {
     struct Entry {
         let time: UInt64
+        let rank: UInt64
         let sequence: UInt64
         let action: () -> Void
         func precedes(_ other: Entry) -> Bool {
-            time != other.time ? time < other.time : sequence < other.sequence
+            if time != other.time { return time < other.time }
+            return rank != other.rank ? rank < other.rank : sequence < other.sequence
         }
     }
 
@@ -174,8 +216,8 @@ struct TimerHeap {
     var isEmpty: Bool { entries.isEmpty }
     func peek() -> Entry? { entries.first }
 
-    mutating func push(at time: UInt64, _ action: @escaping () -> Void) {
-        entries.append(Entry(time: time, sequence: nextSequence, action: action))
+    mutating func push(at time: UInt64, rank: UInt64, _ action: @escaping () -> Void) {
+        entries.append(Entry(time: time, rank: rank, sequence: nextSequence, action: action))
         nextSequence += 1
         var child = entries.count - 1
         while child > 0 {

@@ -1,0 +1,157 @@
+import Testing
+@testable import FineMem
+
+/// Runs `body` as the one top-level task of a simulation with `seed` and answers what it
+/// returned, or the error it threw; nil when the run ended without an answer.
+private func simulate<Value: Sendable>(
+    seed: UInt64, _ body: @escaping @Sendable (Simulator) async throws -> Value
+) -> Result<Value, any Error>? {
+    let simulator = Simulator(seed: seed)
+    let outcome = Locked<Result<Value, any Error>?>(nil)
+    simulator.spawn {
+        do {
+            let value = try await body(simulator)
+            outcome.withLock { $0 = .success(value) }
+        } catch {
+            outcome.withLock { $0 = .failure(error) }
+        }
+    }
+    simulator.run()
+    return outcome.withLock { $0 }
+}
+
+private let application = ApplicationID(1)
+
+/// Regression tests for the defects of the protocol-soundness review, each an
+/// interleaving written out in virtual time. Each failed on the code before its fix.
+@Suite struct ProtocolSoundnessTests {
+    /// Defect 1: A frees a 128 KiB section-layer block at span 0 (its section log pending)
+    /// and stalls before the flush; C allocates 4 KiB meanwhile. Before the fix, C opened
+    /// span 0, claimed chunk 0 and wrote its record, and A's late flush overwrote it with
+    /// "A freed": C's live block vanished from the full log. Now span 0 cannot enter chunk
+    /// mode while A's log covers it (L2), and records change only by CAS (L3).
+    @Test func aStalledFlushNeverOverwritesANewerRecord() throws {
+        let seed: UInt64 = 31
+        let result = simulate(seed: seed) { simulator -> (Block, Block, [String], FullLogRecord?, FullLogRecord?) in
+            let cluster = try await EmbeddedCluster.start(.init(poolBytesPerNode: 2 << 20, computeNodes: 2), simulator: simulator)
+            let (a, c) = (cluster.computeNodes[0], cluster.computeNodes[1])
+            let big = try await a.allocate(chunkCountLog2: 5, application: application)
+            await cluster.quiesce()
+            try await a.free(big, application: application)
+            simulator.faults.stall(EmbeddedCluster.computeNodeID(0), fromNanoseconds: simulator.nowNanoseconds, forNanoseconds: 1_000_000)
+            let small = try await c.allocate(chunkCountLog2: 0, application: application)
+            await simulator.sleep(nanoseconds: 2_000_000)
+            await cluster.quiesce()
+            let inspector = PoolInspector(cluster: cluster)
+            let problems = inspector.admit(small, owner: c.owner) + inspector.checkAtRest()
+            return (big, small, problems, inspector.record(on: small.memoryNode, chunk: small.firstChunk),
+                    inspector.record(on: big.memoryNode, chunk: big.firstChunk))
+        }
+        let (big, small, problems, smallRecord, bigRecord) = try #require(result, "seed \(seed): no answer").get()
+        #expect(problems == [], "seed \(seed)")
+        #expect(smallRecord?.isAllocated == true && smallRecord?.owner == EmbeddedCluster.owner(ofComputeNode: 1), "seed \(seed): \(String(describing: smallRecord))")
+        #expect(!small.chunks.overlaps(big.chunks), "seed \(seed): the span under A's pending log was opened")
+        #expect(bigRecord?.isAllocated == false && bigRecord?.owner == EmbeddedCluster.owner(ofComputeNode: 0), "seed \(seed)")
+    }
+
+    /// Defect 2: an answer older than what the cache holds is applied last (a refresh
+    /// posted before the span opened, answered after it closed). Before the fix the cache
+    /// then said the span's entry was empty, the close skipped returning it as "already
+    /// done" and marked the span closed under a chunk-mode entry: a leak no one could
+    /// reclaim. Now the older answer is dropped (newer answers win), and a return that the
+    /// cache says is not needed is checked against a fresh READ first.
+    @Test func anOlderAnswerAppliedLastLeaksNoSpan() throws {
+        let seed: UInt64 = 32
+        let result = simulate(seed: seed) { simulator -> ([String], Bool) in
+            let cluster = try await EmbeddedCluster.start(.init(poolBytesPerNode: 2 << 20, computeNodes: 1), simulator: simulator)
+            let node = cluster.computeNodes[0]
+            let link = node.links[0]
+            var trace = OperationTrace()
+            let (before, ticket) = try await link.postTicketed([link.read(.section(0))], trace: &trace)
+            let block = try await node.allocate(chunkCountLog2: 0, application: application)
+            await cluster.quiesce()
+            try await node.free(block, application: application)
+            // The older answer arrives now, before the close runs.
+            link.store([before[0].words[0]], at: [.section(0)], ticket: ticket)
+            await cluster.quiesce()
+            let inspector = PoolInspector(cluster: cluster)
+            let problems = inspector.checkAtRest() + inspector.everyHeaderEmpty()
+            let whole = try await node.allocate(chunkCountLog2: 9, application: application)
+            try await node.free(whole, application: application)
+            return (problems, true)
+        }
+        let (problems, wholeSectionAllocated) = try #require(result, "seed \(seed): no answer").get()
+        #expect(problems == [], "seed \(seed)")
+        #expect(wholeSectionAllocated)
+    }
+
+    /// The cache keeps the newest answer of each word.
+    @Test func newerAnswersWin() throws {
+        var cache = HeaderCache(sections: [0, 0], cursor: 0)
+        cache.store(5, at: .section(1), ticket: 10)
+        cache.store(3, at: .section(1), ticket: 9)
+        #expect(cache[.section(1)] == 5)
+        cache.store(7, at: .section(1), ticket: 11)
+        #expect(cache[.section(1)] == 7)
+        cache.storeSpans(of: 1, Array(repeating: 1, count: 16), ticket: 4)
+        cache.store(2, at: .span(section: 1, span: 3), ticket: 12)
+        cache.storeAll(sections: [1, 1], spans: Array(repeating: 9, count: 32), ticket: 11)
+        #expect(cache[.section(1)] == 1 && cache[.span(section: 1, span: 3)] == 2 && cache[.span(section: 1, span: 4)] == 9)
+    }
+
+    /// Defect 3: a flush that loses its header CAS to span-state changes kept retrying only
+    /// `flushAttemptsMax` times and then dropped the job: the pending bit stayed set on a
+    /// live, idle node and blocked the section for good. Here the bound is one attempt and
+    /// another node opens a span of the same section while the flush is delayed; the flush
+    /// must still land.
+    @Test func aLiveNodeNeverAbandonsAFlush() throws {
+        let seed: UInt64 = 33
+        let result = simulate(seed: seed) { simulator -> ([String], AllocatorStatistics) in
+            var allocator = AllocatorConfiguration()
+            allocator.flushAttemptsMax = 1
+            let cluster = try await EmbeddedCluster.start(.init(poolBytesPerNode: 2 << 20, computeNodes: 2, allocator: allocator), simulator: simulator)
+            let (a, b) = (cluster.computeNodes[0], cluster.computeNodes[1])
+            let big = try await a.allocate(chunkCountLog2: 5, application: application)
+            simulator.faults.stall(EmbeddedCluster.computeNodeID(0), fromNanoseconds: simulator.nowNanoseconds, forNanoseconds: 50_000)
+            let small = try await b.allocate(chunkCountLog2: 0, application: application)
+            await simulator.sleep(nanoseconds: 100_000)
+            await cluster.quiesce()
+            let inspector = PoolInspector(cluster: cluster)
+            var problems = inspector.admit(big, owner: a.owner) + inspector.admit(small, owner: b.owner) + inspector.checkAtRest()
+            try await a.free(big, application: application)
+            try await b.free(small, application: application)
+            await cluster.quiesce()
+            problems += inspector.release(big) + inspector.release(small) + inspector.checkAtRest() + inspector.everyHeaderEmpty()
+            return (problems, cluster.statistics)
+        }
+        let (problems, statistics) = try #require(result, "seed \(seed): no answer").get()
+        #expect(problems == [], "seed \(seed)")
+        #expect(statistics.flushRounds > 0, "seed \(seed): the flush never lost its CAS, so this run did not reach the defect")
+    }
+
+    /// Defect 4: a node that crashed after flipping a span's section entry and before
+    /// opening the span header left a chunk-mode entry over a closed span that named
+    /// nobody. Now the span is first marked `opening` with its owner, and only the holder
+    /// of the mark flips the entry, so a crash at any point of an opening leaves a state
+    /// that names the node (here: right after the mark).
+    @Test func aCrashInTheMiddleOfASpanOpenLeavesItsOwnerInRemoteMemory() throws {
+        let seed: UInt64 = 34
+        let result = simulate(seed: seed) { simulator -> (SpanHeader?, SectionHeader?, OwnerID, FabricError?) in
+            let cluster = try await EmbeddedCluster.start(.init(poolBytesPerNode: 2 << 20, computeNodes: 1), simulator: simulator)
+            let node = cluster.computeNodes[0]
+            let crashing = EmbeddedCluster.computeNodeID(0)
+            // The opening's first doorbell is the mark, the second the flip: crash between.
+            simulator.faults.crash(crashing, afterVerbs: simulator.verbsExecuted(by: crashing) + 1)
+            var failure: FabricError?
+            do throws(AllocationError) { _ = try await node.allocate(chunkCountLog2: 0, application: application) } catch {
+                if case .fabric(let error) = error { failure = error }
+            }
+            let inspector = PoolInspector(cluster: cluster)
+            return (inspector.span(on: NodeID(0), section: 0, span: 0), inspector.section(on: NodeID(0), 0), node.owner, failure)
+        }
+        let (span, section, owner, failure) = try #require(result, "seed \(seed): no answer").get()
+        #expect(failure == .localCrash(executedVerbs: 0), "seed \(seed): \(String(describing: failure))")
+        #expect(span?.mode == .opening && span?.log.owner == owner, "seed \(seed): the half-opened span names nobody: \(String(describing: span))")
+        #expect(section?.state(ofSpan: 0) != .whole, "seed \(seed)")
+    }
+}
