@@ -12,8 +12,17 @@ struct Soak: ParsableCommand {
             exploration: random node priorities that reorder and delay nodes against \
             each other, with `--change-points` priority drops per run. Build in release \
             for speed: swift run -c release finemem soak --seeds 500
+
+            `--workload exhaustion` runs pools to exhaustion and back instead (mostly \
+            2 MiB blocks, two memory nodes by default): every answer must be a block or \
+            an `outOfMemory` that the full pool confirms; it prints CAS retries, \
+            refreshes and latency.
             """
     )
+
+    enum Workload: String, ExpressibleByArgument, CaseIterable {
+        case mixed, exhaustion
+    }
 
     @Option(help: "How many seeds to run.") var seeds = 20
     @Option(help: "The first seed.") var startSeed: UInt64 = 1
@@ -25,6 +34,8 @@ struct Soak: ParsableCommand {
     @Option(help: "Largest block.") var maxBlock = ByteCount(bytes: 8 << 20)
     @Flag(help: "Explore schedules with random node priorities (PCT-style).") var explore = false
     @Option(help: "Priority change points per run with --explore.") var changePoints = 3
+    @Option(help: "mixed (allocate and free at random) or exhaustion (fill every pool, then free).") var workload = Workload.mixed
+    @Option(help: "Rounds of fill and free per seed, with --workload exhaustion.") var rounds = 2
 
     func validate() throws {
         guard seeds >= 1, computeNodes >= 1, tasks >= 1, operations >= 1, memoryNodes >= 0, changePoints >= 0 else {
@@ -34,6 +45,10 @@ struct Soak: ParsableCommand {
     }
 
     func run() throws {
+        if workload == .exhaustion {
+            try runExhaustion()
+            return
+        }
         var configuration = SimulatedWorkload.Configuration()
         configuration.poolBytesPerNode = poolSize.bytes
         configuration.computeNodes = computeNodes
@@ -68,6 +83,54 @@ struct Soak: ParsableCommand {
         }
     }
 
+    /// The exhaustion workload for every seed, with its figures.
+    private func runExhaustion() throws {
+        var configuration = ExhaustionWorkload.Configuration()
+        configuration.memoryNodes = memoryNodes > 0 ? memoryNodes : 2
+        configuration.poolBytesPerNode = poolSize.bytes
+        configuration.computeNodes = computeNodes
+        configuration.tasksPerComputeNode = tasks
+        configuration.rounds = rounds
+        configuration.exploration = explore ? .randomPriorities(changePoints: changePoints) : .none
+        print("exhaustion workload: \(configuration.memoryNodes) x \(Format.bytes(poolSize.bytes)), \(computeNodes) x \(tasks) tasks, \(rounds) rounds, schedule exploration: \(configuration.exploration)")
+        let clock = SystemRuntime.shared
+        let start = clock.nowNanoseconds
+        var failed: [UInt64] = []
+        var statistics = AllocatorStatistics()
+        var latencies: [UInt64] = []
+        var outOfMemory = 0
+        var wrongAnswers = 0
+        for seed in startSeed..<startSeed + UInt64(seeds) {
+            let report = ExhaustionWorkload(configuration).run(seed: seed)
+            wrongAnswers += report.wrongAnswers.count
+            statistics = statistics + report.statistics
+            latencies += report.allocationLatencies
+            outOfMemory += report.outOfMemory
+            if !report.wrongAnswers.isEmpty || !report.violations.isEmpty {
+                failed.append(seed)
+                print("FAILED \(report)")
+                for problem in (report.wrongAnswers + report.violations).prefix(10) { print("  \(problem)") }
+                print("  replay: \(replayCommand(seed: seed))")
+            }
+        }
+        latencies.sort()
+        let average = latencies.isEmpty ? 0 : Double(latencies.reduce(0, +)) / Double(latencies.count)
+        let p99 = latencies.isEmpty ? 0 : latencies[min(latencies.count - 1, latencies.count * 99 / 100)]
+        print(Format.table([
+            ("seeds", "\(seeds), \(failed.count) failed, \(Format.fixed(Double(clock.nowNanoseconds - start) / 1e9, 1)) s wall"),
+            ("allocations", "\(statistics.allocations) (\(outOfMemory) answered out of memory)"),
+            ("retry-limit and other wrong answers", "\(wrongAnswers)"),
+            ("CAS retries avg/max", "\(Format.fixed(statistics.casRetriesAverage, 3)) / \(statistics.casRetriesMax)"),
+            ("full refreshes / shared", "\(statistics.refreshes) / \(statistics.refreshesShared)"),
+            ("round trips per allocation", Format.fixed(statistics.roundTripsPerAllocation, 3)),
+            ("modelled latency avg/p99", "\(Format.fixed(average / 1_000, 2)) / \(Format.fixed(Double(p99) / 1_000, 2)) us"),
+        ]))
+        if !failed.isEmpty {
+            print("failing seeds: \(failed.map(String.init).joined(separator: " "))")
+            throw ExitCode.failure
+        }
+    }
+
     /// The command that reruns exactly `seed`: every flag that shapes the run.
     private func replayCommand(seed: UInt64) -> String {
         var flags = [
@@ -75,6 +138,7 @@ struct Soak: ParsableCommand {
             "--compute-nodes \(computeNodes)", "--tasks \(tasks)", "--operations \(operations)", "--max-block \(maxBlock.bytes)",
         ]
         if explore { flags += ["--explore", "--change-points \(changePoints)"] }
+        if workload == .exhaustion { flags += ["--workload exhaustion", "--rounds \(rounds)"] }
         return "swift run -c release finemem soak " + flags.joined(separator: " ")
     }
 }

@@ -16,6 +16,7 @@ package struct ExhaustionWorkload: Sendable {
         package var smallPercent = 20
         package var allocator = AllocatorConfiguration()
         package var latency = LatencyModel()
+        package var exploration = ScheduleExploration.none
 
         package init() {}
     }
@@ -45,7 +46,7 @@ package struct ExhaustionWorkload: Sendable {
 
     /// Runs the workload with `seed`. Same seed, same report.
     package func run(seed: UInt64) -> Report {
-        let simulator = Simulator(seed: seed, latency: configuration.latency)
+        let simulator = Simulator(seed: seed, latency: configuration.latency, exploration: configuration.exploration)
         let report = Locked(Report(seed: seed))
         let configuration = configuration
         simulator.spawn { await Self.drive(configuration, simulator: simulator, report: report) }
