@@ -4,6 +4,22 @@ import FineMem
 /// that decodes must encode to itself, and every transition must give a word that decodes
 /// to the same value. Traps on a violation (a finding).
 package func fuzzLayout(_ bytes: [UInt8]) {
+    if let finding = layoutFindings(bytes).first { fatalError("layout fuzz finding: \(finding)") }
+}
+
+/// The findings of `fuzzLayout` on `bytes`, and how many words decoded as some type
+/// (the replay test checks that inputs exercise the decoders).
+package func layoutFindings(_ bytes: [UInt8]) -> [String] {
+    layoutRun(bytes).findings
+}
+
+/// Runs the layout checks on `bytes`: the findings, and the count of words that decoded.
+package func layoutRun(_ bytes: [UInt8]) -> (findings: [String], decodedWords: Int) {
+    var findings: [String] = []
+    var decodedWords = 0
+    func check(_ condition: Bool, _ message: @autoclosure () -> String) {
+        if !condition { findings.append(message()) }
+    }
     var input = FuzzInput(bytes)
     repeat {
         let word = input.word()
@@ -11,6 +27,7 @@ package func fuzzLayout(_ bytes: [UInt8]) {
         let offset = Int(input.byte() % 32)
         let size = Int(input.byte() % 5)
         if let span = SpanHeader(rawValue: word) {
+            decodedWords += 1
             check(span.rawValue == word, "span header \(word) re-encodes differently")
             let next = [
                 span.claiming(HeaderRun(offset: offset, countLog2: size), owner: owner), span.opening(HeaderRun(offset: offset, countLog2: size), owner: owner),
@@ -22,6 +39,7 @@ package func fuzzLayout(_ bytes: [UInt8]) {
             }
         }
         if let section = SectionHeader(rawValue: word) {
+            decodedWords += 1
             check(section.rawValue == word, "section header \(word) re-encodes differently")
             let span = offset % 16
             let next = [
@@ -53,8 +71,5 @@ package func fuzzLayout(_ bytes: [UInt8]) {
             check(swapped.swapped() == capability, "capability \(word) does not swap back")
         }
     } while !input.isAtEnd
-}
-
-private func check(_ condition: Bool, _ message: @autoclosure () -> String) {
-    if !condition { fatalError("layout fuzz finding: \(message())") }
+    return (findings, decodedWords)
 }

@@ -81,7 +81,7 @@ private func cluster(memoryNodes: Int = 1, poolMiB: UInt64 = 64, computeNodes: I
         let block = try mine.block(for: buffer)
         await c.quiesce()
         let inspector = PoolInspector(cluster: c)
-        _ = inspector.admit(block, owner: c.computeNodes[0].owner)
+        #expect(inspector.admit(block, owner: c.computeNodes[0].owner) == [])
         await #expect(throws: AllocationError.notOwner(buffer.pointer)) { try await sibling.free(buffer) }
         await #expect(throws: AllocationError.notOwner(buffer.pointer)) { try await stranger.free(buffer) }
         let inside = RemoteBuffer(memoryNode: buffer.memoryNode, address: buffer.address + 4096, length: 4096, rkey: buffer.rkey)
@@ -97,7 +97,7 @@ private func cluster(memoryNodes: Int = 1, poolMiB: UInt64 = 64, computeNodes: I
         try await mine.free(buffer)
         await #expect(throws: AllocationError.doubleFree(buffer.pointer)) { try await mine.free(buffer) }
         await c.quiesce()
-        _ = inspector.release(block)
+        #expect(inspector.release(block) == [])
         #expect(inspector.checkAtRest() == [])
         #expect(inspector.everyHeaderEmpty() == [])
         #expect(c.statistics.failedFrees == 5, "sibling, stranger, inside, wrong length and the double free reach the allocator")
@@ -135,7 +135,7 @@ private func cluster(memoryNodes: Int = 1, poolMiB: UInt64 = 64, computeNodes: I
         await c.quiesce()
         #expect(inspector.checkAtRest() == [])
         for buffer in buffers {
-            _ = inspector.release(try allocator.block(for: buffer))
+            #expect(inspector.release(try allocator.block(for: buffer)) == [])
             try await allocator.free(buffer)
         }
         await c.quiesce()

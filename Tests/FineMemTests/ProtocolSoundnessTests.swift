@@ -85,6 +85,41 @@ private let application = ApplicationID(1)
         #expect(wholeSectionAllocated)
     }
 
+    /// A commit that folds this node's queued log on its header and loses its CAS (here
+    /// another party changed the header's contention mark meanwhile) hands the log back:
+    /// it is folded into the next attempt, or flushed. Dropping it would leave the pending
+    /// bit set with nobody to clear it, and the next claim on the header would wait for
+    /// good.
+    @Test func aFoldWhoseCommitLosesHandsItsLogBack() throws {
+        let seed: UInt64 = 35
+        let result = simulate(seed: seed) { simulator -> ([String], AllocatorStatistics) in
+            var allocator = AllocatorConfiguration()
+            allocator.upkeepDelayNanos = 1_000_000
+            let cluster = try await EmbeddedCluster.start(.init(poolBytesPerNode: 2 << 20, computeNodes: 1, allocator: allocator), simulator: simulator)
+            let node = cluster.computeNodes[0]
+            let first = try await node.allocate(chunkCountLog2: 5, application: application)
+            // The log of that claim is queued; before anything runs, the header changes.
+            let nic = cluster.nics[0]
+            let address = node.links[0].grant.address(of: .section(0))
+            let word = nic.peekWord(address)
+            let toggled = try #require(SectionHeader(rawValue: word)).with(contended: true)
+            #expect(nic.perform(.compareAndSwap(address, expected: word, desired: toggled.rawValue, rkey: node.links[0].metadataKey)).compareAndSwap.exchanged)
+            let second = try await node.allocate(chunkCountLog2: 5, application: application)
+            await cluster.quiesce()
+            let inspector = PoolInspector(cluster: cluster)
+            var problems = inspector.admit(first, owner: node.owner) + inspector.admit(second, owner: node.owner) + inspector.checkAtRest()
+            for block in [first, second] {
+                try await node.free(block, application: application)
+                problems += inspector.release(block)
+            }
+            await cluster.quiesce()
+            return (problems + inspector.checkAtRest() + inspector.everyHeaderEmpty(), cluster.statistics)
+        }
+        let (problems, statistics) = try #require(result, "seed \(seed): no answer").get()
+        #expect(problems == [], "seed \(seed)")
+        #expect(statistics.casRetries >= 1, "seed \(seed): the folding commit did not lose, so this run did not reach the path")
+    }
+
     /// The cache keeps the newest answer of each word.
     @Test func newerAnswersWin() throws {
         var cache = HeaderCache(sections: [0, 0], cursor: 0)

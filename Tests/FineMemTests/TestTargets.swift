@@ -1,3 +1,4 @@
+import Testing
 @testable import FineMem
 
 /// A simulated NIC with a 1 MiB pool and one region at its start: the target most NIC and
@@ -7,4 +8,11 @@ func makeTarget(node: UInt16 = 0, regionBytes: UInt64 = 4096, access: RemoteAcce
     let pd = nic.allocateProtectionDomain()
     let region = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: regionBytes, access: access)
     return (nic, pd, region)
+}
+
+/// Runs `body` and records an error it throws as an issue of the current test, instead of
+/// crashing the whole test process as `try!` would (a failure inside a simulated task must
+/// fail one test, with its context).
+func recordingErrors(_ context: @autoclosure () -> String, _ body: () async throws -> Void) async {
+    do { try await body() } catch { Issue.record("\(context()): \(error)") }
 }

@@ -31,6 +31,10 @@ public struct AllocatorConfiguration: Sendable, Hashable {
     /// Waits (with backoff) for someone else's progress: a pending log, a busy header or
     /// intent slot, an own flush in flight.
     public var waitCountMax = 10_000
+    /// How long the background flush of a log waits before it takes its job, in
+    /// nanoseconds: an operation on the same header within that time folds the flush into
+    /// its own commit's doorbell instead. 0 starts the flush at once.
+    public var upkeepDelayNanos: UInt64 = 0
     /// The first and the longest backoff between waits, in nanoseconds.
     public var backoffNanosMin: UInt64 = 500
     public var backoffNanosMax: UInt64 = 128_000

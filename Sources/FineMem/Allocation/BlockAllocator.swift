@@ -322,6 +322,7 @@ package final class BlockAllocator: Sendable {
     func startUpkeep(of slot: HeaderSlot, on link: MemoryNodeLink) {
         startUpkeep { [self] in
             var trace = OperationTrace()
+            if configuration.upkeepDelayNanos > 0 { await runtime.sleep(nanoseconds: configuration.upkeepDelayNanos) }
             switch slot {
             case .span(let section, let span): await spanUpkeep(section: section, span: span, on: link, trace: &trace)
             case .section: _ = await flush(SectionHeader.self, slot, on: link, trace: &trace)

@@ -40,8 +40,9 @@ public enum FabricError: Error, Sendable, Hashable, CustomStringConvertible {
     case connectionBroken(NodeID)
     /// The remote node is gone.
     case peerDead(NodeID)
-    /// The local node crashed while the batch was outstanding (simulation only): the verbs
-    /// before `executedVerbs` took effect, the rest did not.
+    /// The local node crashed while the batch was outstanding (simulation only):
+    /// `executedVerbs` verbs of the batch had taken effect; the rest, already posted to the
+    /// NIC, may still execute later unless the node is fenced.
     case localCrash(executedVerbs: Int)
 
     public var description: String {

@@ -29,8 +29,19 @@
 /// run in about half of the seeds, whatever their start times within the span above.
 /// The same seed and the same mode give the same run, bit for bit.
 ///
+/// `.scripted` takes the order away from time altogether, for exhaustive exploration of
+/// tiny programs (see `ScriptedScheduler` for the exact rules): the simulator runs every
+/// runnable task until each one waits (for a batch it posted or for a sleep); then the
+/// verbs the NICs may execute next (the head of each connection's send queue, and the
+/// first WRITE behind it when that WRITE may pass it) are the options, in a stable order,
+/// and the next number of the script picks one (beyond the script's end: the first). A
+/// step with one option is not a choice point. Sleepers wake only when no verb is left to
+/// execute. The run records every choice point and how many options it had, so a driver
+/// can enumerate every script (`ExhaustiveExploration` in the harness).
+///
 /// ```swift
 /// let simulator = Simulator(seed: 7, latency: LatencyModel(), exploration: .randomPriorities(changePoints: 3))
+/// let replayed = Simulator(seed: 1, latency: LatencyModel(), exploration: .scripted([1, 0, 1]))
 /// ```
 package enum ScheduleExploration: Sendable, Hashable, CustomStringConvertible {
     /// No exploration: the schedule the latency model and the seed give.
@@ -38,12 +49,17 @@ package enum ScheduleExploration: Sendable, Hashable, CustomStringConvertible {
     /// PCT-style random node priorities with `changePoints` priority drops within the
     /// first `horizonVerbs` verbs of the run.
     case randomPriorities(changePoints: Int, horizonVerbs: UInt64 = 10_000)
+    /// The order in which the NICs execute verbs of different connections comes from a
+    /// choice sequence, not from time: at each choice point the next number of the script
+    /// is the index of the option taken; past the script's end, option 0.
+    case scripted([Int])
 
     package var description: String {
         switch self {
         case .none: "none"
         case .randomPriorities(let changePoints, let horizonVerbs):
             "random priorities, \(changePoints) change points in the first \(horizonVerbs) verbs"
+        case .scripted(let script): "scripted, choices [\(script.map(String.init).joined(separator: ","))]"
         }
     }
 }

@@ -27,6 +27,15 @@
 /// finished before those of an earlier batch (a WRITE passed that batch's atomic) is not
 /// completed before it, as a QP's completions come in posting order.
 ///
+/// **Scripted** (a `Simulator` with `ScheduleExploration.scripted`): the same send queue
+/// and ordering rules, without times. A posted verb is ready at once; the simulator picks
+/// which connection's verb executes next (the script decides among several, see
+/// `ScriptedScheduler`), and a WRITE that may pass the verbs before it is one more option
+/// instead of a coin flip. A batch is answered as soon as its last verb has executed (in
+/// posting order, as above), with no crossing back. Crashes after a number of verbs and
+/// late verbs work as below (the number of late verbs is still a seeded draw, not a
+/// choice); stalls do not delay anything.
+///
 /// Faults apply in virtual time. When the local node has crashed, the next verb of the
 /// connection to execute finds out: every batch still outstanding on the connection is
 /// answered `localCrash` at once (its `executedVerbs` counts the verbs of that batch that
@@ -176,6 +185,8 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
         var pumpScheduled = false
         /// After the local node crashed: how many more of its posted verbs execute.
         var lateVerbsLeft: Int?
+        /// Whether the simulator of a scripted run knows this connection.
+        var scriptedRegistered = false
     }
 
     private func startVirtualBatch(
@@ -197,6 +208,16 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
         }
         if verbs.isEmpty {
             continuation.resume(returning: .success([]))
+            return
+        }
+        if simulator.isScripted {
+            let batch = VirtualBatch(verbs: verbs, arrival: now, continuation: continuation)
+            queue.batches.append(batch)
+            queue.verbs += verbs.indices.map { QueuedVerb(batch: batch, index: $0) }
+            if !queue.scriptedRegistered {
+                queue.scriptedRegistered = true
+                simulator.registerScripted(self)
+            }
             return
         }
         let issue = simulator.faults.unstalled(localNode, at: now)
@@ -258,6 +279,37 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
         return simulator.random(in: 0...1 as ClosedRange<UInt8>) == 0 ? 0 : write
     }
 
+    /// The positions in the send queue of the verbs a scripted run may execute next: the
+    /// head, and with `reordering` the first WRITE when it may pass the READs and atomics
+    /// before it (the rule of `nextPosition`, with every verb arrived); after a crash, the
+    /// verb that was picked when the crash came to light. Empty when nothing is queued.
+    func scriptedPositions(reordering: Bool) -> [Int] {
+        if let reserved = queue.reserved {
+            guard let position = queue.verbs.firstIndex(where: { $0.isSame(as: reserved) }) else {
+                preconditionFailure("the reserved verb left the send queue")
+            }
+            return [position]
+        }
+        guard let head = queue.verbs.first else { return [] }
+        guard reordering, head.verb.kind != .write, let write = queue.verbs.firstIndex(where: { $0.verb.kind == .write }),
+              !queue.verbs[write].verb.isFenced
+        else { return [0] }
+        return [0, write]
+    }
+
+    /// Executes the verb at `position` of the send queue now, in a scripted run (one of
+    /// `scriptedPositions`); answers its service time, by which the simulator moves its
+    /// clock on.
+    func executeScripted(at position: Int, simulator: Simulator) -> UInt64 {
+        let picked = queue.verbs[position]
+        if let reserved = queue.reserved {
+            precondition(reserved.isSame(as: picked), "a scripted run must execute the reserved verb first")
+            queue.reserved = nil
+        }
+        execute(picked, simulator: simulator)
+        return simulator.latency.serviceNanos(picked.verb)
+    }
+
     /// Executes `picked` now (its NIC time is reserved), unless the local node crashed.
     private func execute(_ picked: QueuedVerb, simulator: Simulator) {
         let now = simulator.nowNanoseconds
@@ -291,6 +343,10 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
             queue.lateVerbsLeft = late - 1
             if late == 1 || (try? result.get()) == nil { queue.verbs.removeAll() }
         }
+        if simulator.isScripted {
+            deliverFinishedBatchesAtOnce(simulator: simulator)
+            return
+        }
         if let next = queue.verbs.first {
             schedulePump(at: batch.finished == nil ? now + service : max(now, next.batch.arrival), simulator: simulator)
         }
@@ -305,14 +361,30 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
         let outstanding = queue.batches
         queue.batches.removeAll()
         if late == 0 { queue.verbs.removeAll() } else {
-            // After the node's tasks have seen the crash, at the time reserved for `picked`.
+            // After the node's tasks have seen the crash, at the time reserved for `picked`
+            // (in a scripted run: as the next verb of this connection).
             queue.reserved = picked
-            schedulePump(at: simulator.nowNanoseconds, simulator: simulator)
+            if !simulator.isScripted { schedulePump(at: simulator.nowNanoseconds, simulator: simulator) }
         }
         for batch in outstanding {
             let continuation = batch.continuation
             batch.continuation = nil
             continuation?.resume(returning: .failure(.localCrash(executedVerbs: batch.executedCount)))
+        }
+    }
+
+    /// Answers the finished batches at the head of the queue at once, in posting order (a
+    /// scripted run: no crossing back, so the tasks run before the next verb executes).
+    private func deliverFinishedBatchesAtOnce(simulator: Simulator) {
+        while let batch = queue.batches.first, let (outcome, _) = batch.finished {
+            queue.batches.removeFirst()
+            guard let continuation = batch.continuation else { continue }
+            batch.continuation = nil
+            if simulator.faults.isCrashed(localNode, now: simulator.nowNanoseconds) {
+                continuation.resume(returning: .failure(.localCrash(executedVerbs: batch.executedCount)))
+            } else {
+                continuation.resume(returning: outcome)
+            }
         }
     }
 

@@ -1,6 +1,8 @@
 /// A deterministic discrete-event runtime: one thread, a virtual clock, a seeded random
 /// generator, and a task executor that runs every job of every task it owns in FIFO order
-/// (in a seeded order under schedule exploration).
+/// (in a seeded order under schedule exploration). Under `ScheduleExploration.scripted`
+/// the order in which NICs execute verbs of different connections comes from a choice
+/// sequence instead of the clock (see `ScriptedScheduler`).
 ///
 /// All simulated work must start with `spawn` (which uses `Task(executorPreference:)`);
 /// child tasks and `async let` inherit the preference. `run()` drains ready jobs, then
@@ -30,13 +32,21 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
     /// Whether an unfenced WRITE may pass earlier READs and atomics of its connection, as
     /// on a real QP (see `SimulatedConnection`). On by default; turn it off before the run
     /// starts to tell whether a failing seed needs a reordered WRITE (the run changes).
+    /// In a scripted run, a WRITE that may pass is one more option of a choice point.
     package var reordersUnfencedWrites = true
+    /// In a scripted run, the most verbs `run()` executes: at this count it stops and
+    /// answers false (a run that does not end, such as a livelock, stays bounded). No
+    /// bound by default; ignored without `.scripted`.
+    package var scriptedVerbsMax: UInt64 = .max
 
     private let readyJobs = Locked(JobQueue())
     private var timers = TimerHeap()
     private var now: UInt64 = 0
     private var randomSource: SeededRandom
     private var explorer: PriorityExplorer?
+    private var scripted: ScriptedScheduler?
+    nonisolated(unsafe) static var debugTraceVerbsFlag = false
+    var debugTraceVerbs: Bool { Self.debugTraceVerbsFlag }
     private var atomicUnitFreeAt: [NodeID: UInt64] = [:]
     private var verbsExecuted: [NodeID: UInt64] = [:]
     public private(set) var traceHash = TraceHash()
@@ -71,9 +81,13 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
         self.latency = latency
         self.exploration = exploration
         self.randomSource = SeededRandom(seed: seed)
-        if case .randomPriorities(let changePoints, let horizonVerbs) = exploration {
+        switch exploration {
+        case .none: break
+        case .randomPriorities(let changePoints, let horizonVerbs):
             explorer = PriorityExplorer(
                 seed: seed, changePoints: changePoints, horizonVerbs: horizonVerbs, spreadNanoseconds: 4 * latency.oneWayNanos)
+        case .scripted(let script):
+            scripted = ScriptedScheduler(script: script)
         }
     }
 
@@ -105,18 +119,46 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
     // MARK: Driving
 
     /// Runs until no job and no timer is left, or until the clock would pass `deadline`.
-    /// Returns whether the simulation ran out of work (as opposed to reaching the deadline).
+    /// Returns whether the simulation ran out of work (as opposed to reaching the deadline,
+    /// or, in a scripted run, `scriptedVerbsMax`).
     @discardableResult
     public func run(untilNanoseconds deadline: UInt64 = .max) -> Bool {
+        if let scripted { return runScripted(scripted, untilNanoseconds: deadline) }
         while true {
-            while let job = nextJob() {
-                job.runSynchronously(isolatedTo: asUnownedSerialExecutor(), taskExecutor: asUnownedTaskExecutor())
-            }
+            runReadyJobs()
             guard let next = timers.peek() else { return true }
             if next.time > deadline { now = deadline; return false }
             _ = timers.pop()
             now = next.time
             next.action()
+        }
+    }
+
+    /// Runs every ready job, and every job they make ready, until none is left.
+    private func runReadyJobs() {
+        while let job = nextJob() {
+            job.runSynchronously(isolatedTo: asUnownedSerialExecutor(), taskExecutor: asUnownedTaskExecutor())
+        }
+    }
+
+    /// `run(untilNanoseconds:)` of a scripted run (see `ScriptedScheduler`): tasks until
+    /// every one waits, then one verb (the script picks among several), and only when no
+    /// verb is left, the timers due first, all together.
+    private func runScripted(_ scripted: ScriptedScheduler, untilNanoseconds deadline: UInt64) -> Bool {
+        while true {
+            runReadyJobs()
+            if totalVerbs >= scriptedVerbsMax { return false }
+            if let (connection, position) = scripted.nextVerb(reordering: reordersUnfencedWrites) {
+                now += connection.executeScripted(at: position, simulator: self)
+                continue
+            }
+            guard let next = timers.peek() else { return true }
+            if next.time > deadline { now = max(now, deadline); return false }
+            now = max(now, next.time)
+            while let due = timers.peek(), due.time <= next.time {
+                _ = timers.pop()
+                due.action()
+            }
         }
     }
 
@@ -138,6 +180,22 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
         let rank = explorer?.rank(of: node) ?? 0
         timers.push(at: max(time, now), rank: rank, action)
     }
+
+    /// Whether this run is scripted (`ScheduleExploration.scripted`).
+    var isScripted: Bool { scripted != nil }
+
+    /// In a scripted run, adds `connection` to the connections whose verbs are options
+    /// (called once, when it first posts).
+    func registerScripted(_ connection: SimulatedConnection) {
+        scripted?.register(connection)
+    }
+
+    /// The choice points of a scripted run so far, in order (empty in other runs).
+    package var choicePoints: [ChoicePoint] { scripted?.choicePoints ?? [] }
+
+    /// The first number of the script that a scripted run could not follow (nil when it
+    /// followed all of them, and in other runs).
+    package var scriptMismatch: ScriptMismatch? { scripted?.mismatch }
 
     /// Draws from the run's seeded generator.
     package func random<T: FixedWidthInteger>(in range: ClosedRange<T>) -> T {
@@ -172,6 +230,7 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
     /// Records an executed verb in the trace and the node's verb count.
     func record(_ verb: Verb, by node: NodeID, result: Result<VerbResult, FabricError>) {
         totalVerbs += 1
+        if debugTraceVerbs { print("DEBUGVERB \(totalVerbs) t=\(now) node \(node) \(verb.kind) \(verb.address.rawValue - (1 << 40)) \(result)") }
         verbsExecuted[node, default: 0] += 1
         explorer?.verbExecuted(count: totalVerbs, by: node)
         traceHash.mix(now)
