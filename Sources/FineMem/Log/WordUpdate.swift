@@ -34,23 +34,7 @@ struct UpdatePolicy: Sendable {
     var rereadOnRefusal = false
 }
 
-/// One header word of a multi-word update: where it is, its transition, and how to see
-/// its pending log, on raw words (so that one doorbell can change words of several types).
-struct WordChange {
-    let slot: HeaderSlot
-    /// The transition; nil when it does not apply.
-    let transition: (UInt64) -> UInt64?
-    /// The word with its pending log flushed; nil when no log is pending.
-    let flushed: (UInt64) -> UInt64?
-
-    init<Header: LoggedHeader>(_ slot: HeaderSlot, _ type: Header.Type, _ transition: @escaping (Header) -> Header?) {
-        self.slot = slot
-        self.transition = { word in Header(rawValue: word).flatMap(transition)?.rawValue }
-        self.flushed = { word in Header(rawValue: word)?.flushed()?.rawValue }
-    }
-}
-
-/// A metadata word of no particular type: the outcomes of a multi-word update.
+/// A metadata word of no particular type: what the update loop works on.
 struct RawWord: MetadataWord {
     let rawValue: UInt64
     init(rawValue: UInt64) { self.rawValue = rawValue }
@@ -68,6 +52,16 @@ enum UpdateOutcome<Word: MetadataWord>: Sendable {
     case refused(current: UInt64)
     /// Every attempt's CAS lost; this is the word the last one found.
     case lost(current: UInt64)
+
+    /// The same answer with its word decoded as `type` (which the transition produced).
+    func map<Other: MetadataWord>(_ type: Other.Type) -> UpdateOutcome<Other> {
+        switch self {
+        case .updated(let word): .updated(Other(rawValue: word.rawValue)!)
+        case .committed(let word, let recordBefore): .committed(Other(rawValue: word.rawValue)!, recordBefore: recordBefore)
+        case .refused(let current): .refused(current: current)
+        case .lost(let current): .lost(current: current)
+        }
+    }
 
     /// The word a CAS of this update committed, whichever kind.
     var committedWord: Word? {
@@ -91,134 +85,78 @@ extension MemoryNodeLink {
         _ home: WordHome, _ policy: UpdatePolicy, before: [Verb] = [], alsoRead: [HeaderSlot] = [],
         trace: inout OperationTrace, _ transition: (Word) -> Word?
     ) async throws(FabricError) -> UpdateOutcome<Word> {
-        precondition(policy.attemptsMax >= 1, "an update needs at least one attempt")
-        let address: RemoteAddress
-        var known: UInt64
-        switch home {
-        case .header(let slot, let word):
-            address = grant.address(of: slot)
-            known = word ?? cache.withLock { $0[slot] }
-        case .word(let wordAddress, let word):
-            address = wordAddress
-            known = word
-        }
-        var riders = before
-        var flushLog: PendingLog?
-        if case .flush(let log) = policy.log {
-            riders.append(recordUpdate(log))
-            flushLog = log
-        }
-        var readsAfter = alsoRead
-        var rereadLeft = policy.rereadOnRefusal
-        var lostCount = 0
-        while true {
-            let prepared = prepare(Word.self, home, known, policy.log)
-            guard let base = Word(rawValue: prepared.base), let desired = transition(base) else {
-                settle(prepared, committed: false)
-                guard rereadLeft else { return .refused(current: known) }
-                rereadLeft = false
-                let (results, ticket) = try await postTicketed(riders + [.readWords(address, count: 1, rkey: metadataKey)], trace: &trace)
-                checkRecordUpdate(flushLog, results.first)
-                riders = []
-                flushLog = nil
-                known = results.last!.words[0]
-                store(known, at: home, ticket: ticket)
-                continue
-            }
-            var verbs = riders
-            if let folded = prepared.foldedLog { verbs.append(recordUpdate(folded.log)) }
-            let casIndex = verbs.count
-            verbs.append(.compareAndSwap(address, expected: prepared.expected, desired: desired.rawValue, rkey: metadataKey))
-            verbs += readsAfter.map(read)
-            if case .commit(let record) = policy.log { verbs.append(.readWords(record, count: 1, rkey: metadataKey)) }
-            let (results, ticket): ([VerbResult], UInt64)
-            do { (results, ticket) = try await postTicketed(verbs, trace: &trace) } catch {
-                settle(prepared, committed: false)
-                throw error
-            }
-            checkRecordUpdate(flushLog, results.first)
-            if let folded = prepared.foldedLog { checkRecordUpdate(folded.log, results[casIndex - 1]) }
-            let answer = results[casIndex].compareAndSwap
-            known = answer.exchanged ? desired.rawValue : answer.original
-            store(known, at: home, ticket: ticket)
-            store(results[casIndex + 1..<casIndex + 1 + readsAfter.count].map { $0.words[0] }, at: readsAfter, ticket: ticket)
-            riders = []
-            flushLog = nil
-            readsAfter = []
-            settle(prepared, committed: answer.exchanged)
-            if answer.exchanged {
-                if case .commit = policy.log { return .committed(desired, recordBefore: results.last!.words[0]) }
-                return .updated(desired)
-            }
-            trace.retries += 1
-            lostCount += 1
-            if lostCount >= policy.attemptsMax { return .lost(current: known) }
-        }
+        let outcomes = try await updateWords(
+            [home], policy, before: before, alsoRead: alsoRead, trace: &trace,
+            transition: { _, word in Word(rawValue: word).flatMap(transition)?.rawValue },
+            flushed: { _, word in (Word(rawValue: word) as? any LoggedHeader)?.flushed()?.rawValue })
+        return outcomes[0].map(Word.self)
     }
 
     /// `update` for several headers of one type at once (see `updateWords`).
     func updateEach<Header: LoggedHeader>(
         _ slots: [HeaderSlot], _ policy: UpdatePolicy, requireAll: Bool = false, known: [UInt64]? = nil,
-        before: [Verb] = [], after: [Verb] = [], trace: inout OperationTrace, _ transition: @escaping (HeaderSlot, Header) -> Header?
+        before: [Verb] = [], after: [Verb] = [], trace: inout OperationTrace, _ transition: (HeaderSlot, Header) -> Header?
     ) async throws(FabricError) -> [UpdateOutcome<Header>] {
-        let changes = slots.map { slot in WordChange(slot, Header.self) { transition(slot, $0) } }
-        let outcomes = try await updateWords(changes, policy, requireAll: requireAll, known: known, before: before, after: after, trace: &trace)
-        return outcomes.map { outcome in
-            switch outcome {
-            case .updated(let word): .updated(Header(rawValue: word.rawValue)!)
-            case .committed(let word, let recordBefore): .committed(Header(rawValue: word.rawValue)!, recordBefore: recordBefore)
-            case .refused(let current): .refused(current: current)
-            case .lost(let current): .lost(current: current)
-            }
-        }
+        let homes = zip(slots, known.map { $0.map(Optional.some) } ?? Array(repeating: nil, count: slots.count)).map { WordHome.header($0, known: $1) }
+        let outcomes = try await updateWords(
+            homes, policy, requireAll: requireAll, before: before, after: after, trace: &trace,
+            transition: { index, word in Header(rawValue: word).flatMap { transition(slots[index], $0) }?.rawValue },
+            flushed: { _, word in Header(rawValue: word)?.flushed()?.rawValue })
+        return outcomes.map { $0.map(Header.self) }
     }
 
-    /// `update` for several header words at once, one CAS each in the same doorbell, in
-    /// the order of `changes` (after `before` and whatever the log handling adds, followed
-    /// by `after`; both ride the first doorbell only). A word whose CAS lost is tried again
-    /// in the next doorbell, up to `policy.attemptsMax` doorbells. With `requireAll`, a
-    /// transition refused on any word sends nothing at all: every word answers `refused`.
-    /// `known` (in the order of `changes`) replaces the cached words in the first round.
-    /// Outcomes come in the order of `changes`.
-    func updateWords(
-        _ changes: [WordChange], _ policy: UpdatePolicy, requireAll: Bool = false, known firstKnown: [UInt64]? = nil,
-        before: [Verb] = [], after: [Verb] = [], trace: inout OperationTrace
+    /// The update loop for one or more words, one CAS each in the same doorbell, in the
+    /// order of `homes` (after `before` and whatever the log handling adds, followed by
+    /// `after` and READs of `alsoRead`, all of which ride the first doorbell only). A word
+    /// whose CAS lost is tried again in the next doorbell, from the answer, up to
+    /// `policy.attemptsMax` doorbells. With `requireAll`, a transition refused on any word
+    /// sends nothing at all: every word answers `refused`. `transition` and `flushed` (the
+    /// word with its pending log flushed; nil when none is pending) take the index of the
+    /// word in `homes`. Outcomes come in the order of `homes`.
+    private func updateWords(
+        _ homes: [WordHome], _ policy: UpdatePolicy, requireAll: Bool = false, before: [Verb] = [], after: [Verb] = [],
+        alsoRead: [HeaderSlot] = [], trace: inout OperationTrace,
+        transition: (Int, UInt64) -> UInt64?, flushed: (Int, UInt64) -> UInt64?
     ) async throws(FabricError) -> [UpdateOutcome<RawWord>] {
         precondition(policy.attemptsMax >= 1, "an update needs at least one attempt")
-        precondition(Set(changes.map(\.slot)).count == changes.count, "each header once")
-        precondition(firstKnown.map { $0.count == changes.count } ?? true, "one known word per header")
-        var firstKnown = firstKnown
-        var outcomes: [UpdateOutcome<RawWord>?] = Array(repeating: nil, count: changes.count)
+        var known = homes.map { home -> UInt64 in
+            switch home {
+            case .header(let slot, let word): word ?? cache.withLock { $0[slot] }
+            case .word(_, let word): word
+            }
+        }
+        var outcomes: [UpdateOutcome<RawWord>?] = Array(repeating: nil, count: homes.count)
         var riders = before
         var flushLog: PendingLog?
         if case .flush(let log) = policy.log {
             riders.append(recordUpdate(log))
             flushLog = log
         }
-        var trailers = after
+        var trailers = after + alsoRead.map(read)
+        var trailingReads = alsoRead
         var rereadLeft = policy.rereadOnRefusal
         var round = 0
         while round < policy.attemptsMax {
-            let open = changes.indices.filter { outcomes[$0] == nil }
+            let open = homes.indices.filter { outcomes[$0] == nil }
             if open.isEmpty { break }
-            let known = firstKnown.map { words in open.map { words[$0] } } ?? cache.withLock { cache in open.map { cache[changes[$0].slot] } }
-            firstKnown = nil
-            let prepared = zip(open, known).map { index, word in prepare(changes[index], word, policy.log) }
-            let desired = zip(open, prepared).map { index, prepared in changes[index].transition(prepared.base) }
-            let refused = desired.contains { $0 == nil }
-            if refused, rereadLeft || requireAll {
+            let prepared = open.map { index in prepare(homes[index], known[index], flushed: flushed(index, known[index]), policy.log) }
+            let desired = zip(open, prepared).map { index, prepared in transition(index, prepared.base) }
+            if desired.contains(where: { $0 == nil }), rereadLeft || requireAll {
                 for item in prepared { settle(item, committed: false) }
                 guard rereadLeft else {
-                    for (index, word) in zip(open, known) { outcomes[index] = .refused(current: word) }
+                    for index in open { outcomes[index] = .refused(current: known[index]) }
                     break
                 }
                 rereadLeft = false
-                let stale = zip(open, desired).filter { $0.1 == nil }.map { changes[$0.0].slot }
-                let (results, ticket) = try await postTicketed(riders + stale.map(read), trace: &trace)
+                let stale = zip(open, desired).filter { $0.1 == nil }.map(\.0)
+                let (results, ticket) = try await postTicketed(riders + stale.map { .readWords(address(of: homes[$0]), count: 1, rkey: metadataKey) }, trace: &trace)
                 checkRecordUpdate(flushLog, results.first)
                 riders = []
                 flushLog = nil
-                store(results.suffix(stale.count).map { $0.words[0] }, at: stale, ticket: ticket)
+                for (index, result) in zip(stale, results.suffix(stale.count)) {
+                    known[index] = result.words[0]
+                    store(known[index], at: homes[index], ticket: ticket)
+                }
                 continue
             }
             var verbs = riders
@@ -226,7 +164,7 @@ extension MemoryNodeLink {
             for (position, index) in open.enumerated() {
                 guard let target = desired[position] else {
                     settle(prepared[position], committed: false)
-                    outcomes[index] = .refused(current: known[position])
+                    outcomes[index] = .refused(current: known[index])
                     continue
                 }
                 var foldIndex: Int?
@@ -239,7 +177,7 @@ extension MemoryNodeLink {
             if sent.isEmpty { break }
             let firstCAS = verbs.count
             for item in sent {
-                verbs.append(.compareAndSwap(grant.address(of: changes[item.index].slot), expected: item.prepared.expected, desired: item.desired, rkey: metadataKey))
+                verbs.append(.compareAndSwap(address(of: homes[item.index]), expected: item.prepared.expected, desired: item.desired, rkey: metadataKey))
             }
             verbs += trailers
             if case .commit(let record) = policy.log { verbs.append(.readWords(record, count: 1, rkey: metadataKey)) }
@@ -249,15 +187,18 @@ extension MemoryNodeLink {
                 throw error
             }
             checkRecordUpdate(flushLog, results.first)
+            let readsStart = firstCAS + sent.count + trailers.count - trailingReads.count
+            store(results[readsStart..<readsStart + trailingReads.count].map { $0.words[0] }, at: trailingReads, ticket: ticket)
             riders = []
             flushLog = nil
             trailers = []
+            trailingReads = []
             round += 1
             for (offset, item) in sent.enumerated() {
                 if let foldIndex = item.foldIndex, let folded = item.prepared.foldedLog { checkRecordUpdate(folded.log, results[foldIndex]) }
                 let answer = results[firstCAS + offset].compareAndSwap
-                let word = answer.exchanged ? item.desired : answer.original
-                store(word, at: .header(changes[item.index].slot), ticket: ticket)
+                known[item.index] = answer.exchanged ? item.desired : answer.original
+                store(known[item.index], at: homes[item.index], ticket: ticket)
                 settle(item.prepared, committed: answer.exchanged)
                 if answer.exchanged {
                     if case .commit = policy.log {
@@ -267,17 +208,24 @@ extension MemoryNodeLink {
                     }
                 } else {
                     trace.retries += 1
-                    if round >= policy.attemptsMax { outcomes[item.index] = .lost(current: word) }
+                    if round >= policy.attemptsMax { outcomes[item.index] = .lost(current: known[item.index]) }
                 }
             }
         }
-        return outcomes.enumerated().map { index, outcome in outcome ?? .refused(current: cache.withLock { $0[changes[index].slot] }) }
+        return homes.indices.map { outcomes[$0] ?? .refused(current: known[$0]) }
     }
 
     // MARK: Parts
 
     private func store(_ word: UInt64, at home: WordHome, ticket: UInt64) {
         if case .header(let slot, _) = home { cache.withLock { $0.store(word, at: slot, ticket: ticket) } }
+    }
+
+    private func address(of home: WordHome) -> RemoteAddress {
+        switch home {
+        case .header(let slot, _): grant.address(of: slot)
+        case .word(let address, _): address
+        }
     }
 
     /// The CAS that puts a pending log's record in the full log: from the value the record
@@ -297,22 +245,11 @@ extension MemoryNodeLink {
                      "the record at \(log.recordAddress) changed under a pending log of \(owner): expected \(log.recordBefore), found \(answer.original)")
     }
 
-    /// Decides the expected word and the transition's base (see `LogHandling`).
-    private func prepare<Word: MetadataWord>(_ type: Word.Type, _ home: WordHome, _ word: UInt64, _ handling: LogHandling) -> PreparedWord {
+    /// Decides the expected word and the transition's base of a word whose flushed self
+    /// is `flushed` (see `LogHandling`).
+    private func prepare(_ home: WordHome, _ word: UInt64, flushed: UInt64?, _ handling: LogHandling) -> PreparedWord {
         guard case .commit = handling else { return .plain(word) }
         guard case .header(let slot, _) = home else { preconditionFailure("block operations commit on headers") }
-        let flushed = (Word(rawValue: word) as? any LoggedHeader)?.flushed()?.rawValue
-        return prepareCommit(slot, word, flushed: flushed)
-    }
-
-    private func prepare(_ change: WordChange, _ word: UInt64, _ handling: LogHandling) -> PreparedWord {
-        guard case .commit = handling else { return .plain(word) }
-        return prepareCommit(change.slot, word, flushed: change.flushed(word))
-    }
-
-    /// A block operation on a header whose word is `word` (`flushed`: the same with its
-    /// pending log flushed; nil when none is pending).
-    private func prepareCommit(_ slot: HeaderSlot, _ word: UInt64, flushed: UInt64?) -> PreparedWord {
         guard let flushed else { return .plain(word) }
         if let own = pending.withLock({ $0.take(slot) }) {
             return PreparedWord(expected: word, base: flushed, foldedLog: (slot, own))
