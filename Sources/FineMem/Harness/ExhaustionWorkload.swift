@@ -21,7 +21,7 @@ package struct ExhaustionWorkload: Sendable {
         package init() {}
     }
 
-    package struct Report: Sendable, CustomStringConvertible {
+    package struct Report: WorkloadReport, CustomStringConvertible {
         package var seed: UInt64
         package var allocations = 0
         package var outOfMemory = 0
@@ -33,6 +33,9 @@ package struct ExhaustionWorkload: Sendable {
         package var statistics = AllocatorStatistics()
         package var allocationLatencies: [UInt64] = []
         package var virtualNanoseconds: UInt64 = 0
+        package var traceHash = TraceHash()
+
+        package init(seed: UInt64) { self.seed = seed }
 
         package var description: String {
             "seed \(seed): \(allocations) allocations, \(outOfMemory) out of memory, \(wrongAnswers.count) wrong answers, "
@@ -46,14 +49,9 @@ package struct ExhaustionWorkload: Sendable {
 
     /// Runs the workload with `seed`. Same seed, same report.
     package func run(seed: UInt64) -> Report {
-        let simulator = Simulator(seed: seed, latency: configuration.latency, exploration: configuration.exploration)
-        let report = Locked(Report(seed: seed))
         let configuration = configuration
-        simulator.spawn { await Self.drive(configuration, simulator: simulator, report: report) }
-        simulator.run()
-        return report.withLock { report in
-            report.virtualNanoseconds = simulator.nowNanoseconds
-            return report
+        return Report.simulate(seed: seed, latency: configuration.latency, exploration: configuration.exploration) { simulator, report in
+            await Self.drive(configuration, simulator: simulator, report: report)
         }
     }
 
@@ -73,16 +71,11 @@ package struct ExhaustionWorkload: Sendable {
     }
 
     private static func drive(_ configuration: Configuration, simulator: Simulator, report: Locked<Report>) async {
-        let cluster: EmbeddedCluster
-        do {
-            cluster = try await EmbeddedCluster.start(
-                .init(memoryNodes: configuration.memoryNodes, poolBytesPerNode: configuration.poolBytesPerNode,
-                      computeNodes: configuration.computeNodes, allocator: configuration.allocator),
-                simulator: simulator)
-        } catch {
-            report.withLock { $0.violations.append("cluster did not start: \(error)") }
-            return
-        }
+        guard let cluster = await startCluster(
+            .init(memoryNodes: configuration.memoryNodes, poolBytesPerNode: configuration.poolBytesPerNode,
+                  computeNodes: configuration.computeNodes, allocator: configuration.allocator),
+            simulator: simulator, report: report)
+        else { return }
         let inspector = Locked(PoolInspector(cluster: cluster))
         let taskCount = configuration.computeNodes * configuration.tasksPerComputeNode
         let seeds = (0..<taskCount).map { _ in simulator.forkSeed() }

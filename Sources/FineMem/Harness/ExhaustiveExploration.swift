@@ -230,7 +230,7 @@ package struct ExhaustiveExploration: Sendable {
     private struct ProgramState: Sendable {
         /// Each compute node's blocks by handle (nil: that allocation failed).
         var handles: [[Block?]]
-        /// Each compute node's answers, in a few words.
+        /// Each compute node's answers in the concurrent part, in a few words.
         var answers: [[String]]
         var violations: [String] = []
         /// Sizes (log2 of chunks) answered `outOfMemory` in the concurrent part.
@@ -294,9 +294,10 @@ package struct ExhaustiveExploration: Sendable {
                     state.withLock { $0.violations.append("node \(node): the final free of \(block) failed: \(error)") }
                 }
                 state.withLock { $0.violations += released }
+                // One free and its upkeep at a time: the final frees add no choice point.
+                await cluster.quiesce()
             }
         }
-        await cluster.quiesce()
         let problems = inspector.checkAtRest() + inspector.everyHeaderEmpty()
         state.withLock { state in
             state.violations += problems.map { "after the final frees: \($0)" }
@@ -317,7 +318,7 @@ package struct ExhaustiveExploration: Sendable {
         let blocks = cluster.computeNodes[node]
         func note(_ answer: String, _ problems: [String]) {
             state.withLock { state in
-                state.answers[node].append(answer)
+                if concurrent { state.answers[node].append(answer) }
                 state.violations += problems.map { "node \(node) \(operation): \($0)" }
             }
         }

@@ -95,11 +95,27 @@ package struct ExhaustiveProgram: Sendable, Hashable, CustomStringConvertible {
 
     // MARK: The named programs
 
-    /// Two 4 KiB allocations and frees on one span: node 0 opens span 0 in the setup (and
-    /// keeps a block there); both nodes then allocate 4 KiB from that span (one CAS race
-    /// on its header), and free it again, with the log flushes and span upkeep of both.
+    /// Two 4 KiB allocations on one span: node 0 opens span 0 in the setup (and keeps a
+    /// block there), node 1 reads the headers; both then allocate 4 KiB from that span (a
+    /// CAS race on its header, each commit with its record's READ, each flush after it).
+    /// The smallest program: the tests explore it in full.
     package static let smallPairOneSpan = ExhaustiveProgram(
-        name: "small-pair-one-span", summary: "two 4 KiB allocations and frees on one span", poolBytes: 2 << 20,
+        name: "small-pair-one-span", summary: "two 4 KiB allocations on one span", poolBytes: 2 << 20,
+        setup: [SetupStep(0, .allocate(chunkCountLog2: 0)), SetupStep(1, .refreshCache)],
+        concurrent: [[.allocate(chunkCountLog2: 0)], [.allocate(chunkCountLog2: 0)]])
+
+    /// Two 128 KiB allocations in one section: both nodes claim a span-sized block with
+    /// one CAS on the only section header (from warm caches), then flush their logs.
+    package static let sectionPair = ExhaustiveProgram(
+        name: "section-pair", summary: "two 128 KiB allocations in one section", poolBytes: 2 << 20,
+        setup: [SetupStep(0, .refreshCache), SetupStep(1, .refreshCache)],
+        concurrent: [[.allocate(chunkCountLog2: 5)], [.allocate(chunkCountLog2: 5)]])
+
+    /// Two 4 KiB allocations and frees on one span: as `smallPairOneSpan`, and each node
+    /// frees its block again (a span that empties is closed by the flush of the free that
+    /// emptied it, unless node 0's setup block keeps it open).
+    package static let smallPairAllocateFree = ExhaustiveProgram(
+        name: "small-pair-allocate-free", summary: "two 4 KiB allocations and frees on one span", poolBytes: 2 << 20,
         setup: [SetupStep(0, .allocate(chunkCountLog2: 0)), SetupStep(1, .refreshCache)],
         concurrent: [[.allocate(chunkCountLog2: 0), .free(handle: 1)], [.allocate(chunkCountLog2: 0), .free(handle: 0)]])
 
@@ -137,7 +153,7 @@ package struct ExhaustiveProgram: Sendable, Hashable, CustomStringConvertible {
 
     /// Every named program, smallest first.
     package static let catalog: [ExhaustiveProgram] = [
-        smallPairOneSpan, sectionFreeVersusSmall, spanOpeningPair, multiSectionPair, threeOperationPair,
+        sectionPair, smallPairOneSpan, sectionFreeVersusSmall, spanOpeningPair, multiSectionPair, smallPairAllocateFree, threeOperationPair,
     ]
 
     /// The named program called `name`, if any.

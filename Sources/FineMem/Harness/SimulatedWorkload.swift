@@ -23,7 +23,7 @@ package struct SimulatedWorkload: Sendable {
         package init() {}
     }
 
-    package struct Report: Sendable, CustomStringConvertible {
+    package struct Report: WorkloadReport, CustomStringConvertible {
         package var seed: UInt64
         package var allocations = 0
         package var frees = 0
@@ -33,6 +33,8 @@ package struct SimulatedWorkload: Sendable {
         package var statistics = AllocatorStatistics()
         package var violations: [String] = []
         package var allocationLatencies: [UInt64] = []
+
+        package init(seed: UInt64) { self.seed = seed }
 
         package var description: String {
             "seed \(seed): \(allocations) allocations, \(frees) frees, \(outOfMemory) out of memory, "
@@ -46,17 +48,9 @@ package struct SimulatedWorkload: Sendable {
 
     /// Runs the workload with `seed` and answers what happened. Same seed, same report.
     package func run(seed: UInt64) -> Report {
-        let simulator = Simulator(seed: seed, latency: configuration.latency, exploration: configuration.exploration)
-        let report = Locked(Report(seed: seed))
         let configuration = configuration
-        simulator.spawn {
+        return Report.simulate(seed: seed, latency: configuration.latency, exploration: configuration.exploration) { simulator, report in
             await Self.drive(configuration, simulator: simulator, report: report)
-        }
-        simulator.run()
-        return report.withLock { report in
-            report.virtualNanoseconds = simulator.nowNanoseconds
-            report.traceHash = simulator.traceHash
-            return report
         }
     }
 
@@ -73,16 +67,11 @@ package struct SimulatedWorkload: Sendable {
     }
 
     private static func drive(_ configuration: Configuration, simulator: Simulator, report: Locked<Report>) async {
-        let cluster: EmbeddedCluster
-        do {
-            cluster = try await EmbeddedCluster.start(
-                .init(memoryNodes: configuration.memoryNodes, poolBytesPerNode: configuration.poolBytesPerNode,
-                      computeNodes: configuration.computeNodes, allocator: configuration.allocator),
-                simulator: simulator)
-        } catch {
-            report.withLock { $0.violations.append("cluster did not start: \(error)") }
-            return
-        }
+        guard let cluster = await startCluster(
+            .init(memoryNodes: configuration.memoryNodes, poolBytesPerNode: configuration.poolBytesPerNode,
+                  computeNodes: configuration.computeNodes, allocator: configuration.allocator),
+            simulator: simulator, report: report)
+        else { return }
         let inspector = PoolInspector(cluster: cluster)
         let check = configuration.checkInvariants
         func note(_ problems: [String]) {

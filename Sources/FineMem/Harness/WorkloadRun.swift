@@ -1,0 +1,40 @@
+/// What the seeded workloads share: a report that the simulation fills, the cluster they
+/// start, and the run itself.
+protocol WorkloadReport: Sendable {
+    init(seed: UInt64)
+    var violations: [String] { get set }
+    var virtualNanoseconds: UInt64 { get set }
+    var traceHash: TraceHash { get set }
+}
+
+extension WorkloadReport {
+    /// Runs `drive` as the only top-level task of a simulation with `seed` and answers the
+    /// report it filled, with the run's virtual time and trace hash. Same seed, same report.
+    static func simulate(
+        seed: UInt64, latency: LatencyModel, exploration: ScheduleExploration,
+        _ drive: @escaping @Sendable (Simulator, Locked<Self>) async -> Void
+    ) -> Self {
+        let simulator = Simulator(seed: seed, latency: latency, exploration: exploration)
+        let report = Locked(Self(seed: seed))
+        simulator.spawn { await drive(simulator, report) }
+        simulator.run()
+        return report.withLock { report in
+            report.virtualNanoseconds = simulator.nowNanoseconds
+            report.traceHash = simulator.traceHash
+            return report
+        }
+    }
+}
+
+/// Starts the embedded cluster of a workload in `simulator`'s virtual time, or records in
+/// `report` why it did not start.
+func startCluster<Report: WorkloadReport>(
+    _ configuration: EmbeddedCluster.Configuration, simulator: Simulator, report: Locked<Report>
+) async -> EmbeddedCluster? {
+    do {
+        return try await EmbeddedCluster.start(configuration, simulator: simulator)
+    } catch {
+        report.withLock { $0.violations.append("cluster did not start: \(error)") }
+        return nil
+    }
+}
