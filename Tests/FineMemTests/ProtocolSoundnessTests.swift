@@ -120,6 +120,30 @@ private let application = ApplicationID(1)
         #expect(statistics.casRetries >= 1, "seed \(seed): the folding commit did not lose, so this run did not reach the path")
     }
 
+    /// The same with the older answer carrying the newer ticket (with real threads two
+    /// posts racing may draw their tickets in the other order): only the fresh READ before
+    /// concluding "already returned" keeps the span from leaking.
+    @Test func aStaleAnswerWithANewerTicketLeaksNoSpan() throws {
+        let seed: UInt64 = 36
+        let result = simulate(seed: seed) { simulator -> [String] in
+            let cluster = try await EmbeddedCluster.start(.init(poolBytesPerNode: 2 << 20, computeNodes: 1), simulator: simulator)
+            let node = cluster.computeNodes[0]
+            let link = node.links[0]
+            var trace = OperationTrace()
+            let before = try await link.post([link.read(.section(0))], trace: &trace)
+            let block = try await node.allocate(chunkCountLog2: 0, application: application)
+            await cluster.quiesce()
+            try await node.free(block, application: application)
+            let (_, newerTicket) = try await link.postTicketed([link.read(.span(section: 0, span: 1))], trace: &trace)
+            link.store([before[0].words[0]], at: [.section(0)], ticket: newerTicket + 1_000)
+            await cluster.quiesce()
+            let inspector = PoolInspector(cluster: cluster)
+            return inspector.checkAtRest() + inspector.everyHeaderEmpty()
+        }
+        let problems = try #require(result, "seed \(seed): no answer").get()
+        #expect(problems == [], "seed \(seed)")
+    }
+
     /// The cache keeps the newest answer of each word.
     @Test func newerAnswersWin() throws {
         var cache = HeaderCache(sections: [0, 0], cursor: 0)

@@ -298,16 +298,14 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
     }
 
     /// Executes the verb at `position` of the send queue now, in a scripted run (one of
-    /// `scriptedPositions`); answers its service time, by which the simulator moves its
-    /// clock on.
-    func executeScripted(at position: Int, simulator: Simulator) -> UInt64 {
+    /// `scriptedPositions`).
+    func executeScripted(at position: Int, simulator: Simulator) {
         let picked = queue.verbs[position]
         if let reserved = queue.reserved {
             precondition(reserved.isSame(as: picked), "a scripted run must execute the reserved verb first")
             queue.reserved = nil
         }
         execute(picked, simulator: simulator)
-        return simulator.latency.serviceNanos(picked.verb)
     }
 
     /// Executes `picked` now (its NIC time is reserved), unless the local node crashed.

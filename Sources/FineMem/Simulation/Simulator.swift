@@ -45,8 +45,6 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
     private var randomSource: SeededRandom
     private var explorer: PriorityExplorer?
     private var scripted: ScriptedScheduler?
-    nonisolated(unsafe) static var debugTraceVerbsFlag = false
-    var debugTraceVerbs: Bool { Self.debugTraceVerbsFlag }
     private var atomicUnitFreeAt: [NodeID: UInt64] = [:]
     private var verbsExecuted: [NodeID: UInt64] = [:]
     public private(set) var traceHash = TraceHash()
@@ -149,7 +147,7 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
             runReadyJobs()
             if totalVerbs >= scriptedVerbsMax { return false }
             if let (connection, position) = scripted.nextVerb(reordering: reordersUnfencedWrites) {
-                now += connection.executeScripted(at: position, simulator: self)
+                connection.executeScripted(at: position, simulator: self)
                 continue
             }
             guard let next = timers.peek() else { return true }
@@ -230,7 +228,6 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
     /// Records an executed verb in the trace and the node's verb count.
     func record(_ verb: Verb, by node: NodeID, result: Result<VerbResult, FabricError>) {
         totalVerbs += 1
-        if debugTraceVerbs { print("DEBUGVERB \(totalVerbs) t=\(now) node \(node) \(verb.kind) \(verb.address.rawValue - (1 << 40)) \(result)") }
         verbsExecuted[node, default: 0] += 1
         explorer?.verbExecuted(count: totalVerbs, by: node)
         traceHash.mix(now)
