@@ -12,14 +12,20 @@
 /// span and section upkeep run after the answer. The code knows the fabric only through
 /// `FabricConnection`: the same code runs on the simulated NIC and on real verbs.
 ///
-/// Invariants this code keeps (the inspector checks them from outside):
+/// Invariants this code keeps (the inspector checks them from outside; the write-ahead
+/// log's rules L1-L6 are stated in `LogWriter.swift`):
 /// 1. No two live blocks overlap: a block is handed out only after the CAS that marks it
 ///    in its header committed, and that CAS expected the run clear.
 /// 2. A span has chunks in use only while it is `open` and its section entry is in chunk
 ///    mode; a section entry is `whole` only while a section-layer or multi-section block
-///    holds it.
+///    holds it; a span is `opening` or `closing` only in the middle of an open or close by
+///    the node its log names, and no chunk-mode entry is over a `closed` span.
 /// 3. A header's pending log names the node that committed it; only that node (or, after
-///    fencing it, recovery) clears the bit, after writing the record.
+///    fencing it, recovery) clears the bit, after updating the record by CAS.
+/// 4. Every decision that changes remote state rests on a CAS whose expected value is the
+///    word it was made on; a decision not to change it rests on a fresh READ.
+/// 5. Contention never ends an allocation while room may exist (only `waitCountMax`
+///    pauses do); no room is answered after a fresh read of the headers.
 ///
 /// ```swift
 /// let allocator = try await BlockAllocator.start(
