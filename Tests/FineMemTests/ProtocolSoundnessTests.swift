@@ -144,6 +144,43 @@ private let application = ApplicationID(1)
         #expect(problems == [], "seed \(seed)")
     }
 
+    /// RDMA ordering: a WRITE may execute before an earlier atomic of its queue pair unless
+    /// fenced. A multi-section claim that lost a race rolls its claimed sections back and
+    /// clears its intent in one doorbell; unfenced, the intent clear could land first, and
+    /// a crash right then would leave a claimed section that no intent names (L5). Node 1
+    /// takes section 0 whole; node 0, whose cache still shows both sections empty, claims
+    /// both, wins section 1 only and rolls it back; node 0 crashes after each possible verb.
+    @Test func aRolledBackClaimClearsItsIntentOnlyAfterTheRollback() throws {
+        var problems: [String] = []
+        var lostRaces = 0
+        for seed in 1...16 as ClosedRange<UInt64> {
+            for crashAfter in [nil] + (1...6).map(Optional.some) as [UInt64?] {
+                let result = simulate(seed: seed) { simulator -> ([String], Bool) in
+                    let cluster = try await EmbeddedCluster.start(.init(poolBytesPerNode: 4 << 20, computeNodes: 2), simulator: simulator)
+                    let (racer, taker) = (cluster.computeNodes[0], cluster.computeNodes[1])
+                    let taken = try await taker.allocate(chunkCountLog2: 9, application: application)
+                    let crashing = EmbeddedCluster.computeNodeID(0)
+                    if let crashAfter { simulator.faults.crash(crashing, afterVerbs: simulator.verbsExecuted(by: crashing) + crashAfter) }
+                    var lost = false
+                    do throws(AllocationError) { _ = try await racer.allocate(chunkCountLog2: 10, application: application) } catch {
+                        if case .outOfMemory = error { lost = taken.section == 0 }
+                    }
+                    await simulator.sleep(nanoseconds: 100_000)
+                    let found = PoolInspector(cluster: cluster).checkIntents()
+                    return (found.map { "seed \(seed), crash after \(crashAfter.map { "\($0)" } ?? "none") verbs: \($0)" }, lost)
+                }
+                guard case .success(let (found, lost))? = result else {
+                    problems.append("seed \(seed), crash after \(String(describing: crashAfter)): no answer")
+                    continue
+                }
+                problems += found
+                if lost { lostRaces += 1 }
+            }
+        }
+        #expect(problems == [], "\(problems.prefix(3))")
+        #expect(lostRaces > 0, "no run lost the claim race, so none reached a rollback")
+    }
+
     /// The cache keeps the newest answer of each word.
     @Test func newerAnswersWin() throws {
         var cache = HeaderCache(sections: [0, 0], cursor: 0)

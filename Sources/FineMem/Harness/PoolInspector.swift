@@ -173,6 +173,32 @@ package final class PoolInspector: @unchecked Sendable {
         return problems
     }
 
+    /// Invariant L5 at any instant: every section whose pending log is a multi-section
+    /// operation of node X is covered by an intent record of X (a claim or release in the
+    /// middle names its node; the intent is cleared only after the logs are flushed, or
+    /// after the rollback of a lost claim).
+    package func checkIntents() -> [String] {
+        var problems: [String] = []
+        for pool in pools {
+            let geometry = pool.geometry
+            var covered: [OwnerID: [Range<Int>]] = [:]
+            for owner in 0..<geometry.computeNodeSlots {
+                for slot in 0..<geometry.intentSlotsPerNode {
+                    let word = word(pool, geometry.intentOffset(owner: OwnerID(UInt16(owner)), slot: slot))
+                    guard let intent = IntentRecord(rawValue: word), intent.isValid else { continue }
+                    covered[intent.owner, default: []].append(intent.sections)
+                }
+            }
+            for sectionIndex in 0..<geometry.sectionCount {
+                guard let header = section(pool, sectionIndex), header.logPending, header.log.sizeCode == SectionHeader.multiSectionSizeCode else { continue }
+                if !(covered[header.log.owner] ?? []).contains(where: { $0.contains(sectionIndex) }) {
+                    problems.append("L5: \(pool.id) section \(sectionIndex) has a pending multi-section log of \(header.log.owner) that no intent of it covers")
+                }
+            }
+        }
+        return problems
+    }
+
     /// Whether any memory node has room for a block of `2^chunkCountLog2` chunks, as its
     /// settled headers show it (pending logs counted as flushed): a free aligned run in an
     /// open span or an empty span (chunk layer), in a section (section layer), or an

@@ -48,12 +48,13 @@ package struct ScriptMismatch: Sendable, Hashable, CustomStringConvertible {
 ///   next number is the index of the option to execute (beyond the script's end: 0), and
 ///   the step is recorded with its number of options. With one option the verb executes
 ///   and nothing is recorded.
-/// - **Time.** An executed verb moves the clock on by its service time
-///   (`LatencyModel.serviceNanos`). Sleeping tasks wake only when no verb is left to
-///   execute: then the clock moves to the earliest timer and every timer due then fires
-///   together, before the next step. So between connections the order of NIC executions
-///   comes only from the script; sleeps (backoff, waits for upkeep) still end, later than
-///   any verb that could execute instead.
+/// - **Time.** Executing a verb takes no virtual time. Sleeping tasks wake only when no
+///   verb is left to execute: then the clock moves to the earliest timer and every timer
+///   due then fires together, before the next step. So between connections the order of
+///   NIC executions comes only from the script; sleeps (backoff, waits for upkeep) still
+///   end, after every verb that could execute instead, and sleeps of equal length begun
+///   in the same phase end together, so the verbs of two nodes backing off in step race
+///   again. The latency model plays no part, and the seed only in a crash's late verbs.
 final class ScriptedScheduler {
     /// A connection that has posted, held weakly (it belongs to its compute node, which the
     /// run may drop), with its place in the stable order.

@@ -145,8 +145,8 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
     private func runScripted(_ scripted: ScriptedScheduler, untilNanoseconds deadline: UInt64) -> Bool {
         while true {
             runReadyJobs()
-            if totalVerbs >= scriptedVerbsMax { return false }
             if let (connection, position) = scripted.nextVerb(reordering: reordersUnfencedWrites) {
+                guard totalVerbs < scriptedVerbsMax else { return false }
                 connection.executeScripted(at: position, simulator: self)
                 continue
             }
