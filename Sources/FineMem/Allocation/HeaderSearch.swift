@@ -116,21 +116,43 @@ func chooseSection(spanCountLog2: Int, cache: inout HeaderCache, link: MemoryNod
     return chosen
 }
 
+/// Where the search for a run of whole sections decided to go next.
+enum RunChoice: Sendable {
+    /// Claim these sections (marked busy).
+    case claim(Range<Int>)
+    /// Every free run has a section with a CAS of this node in flight: try again shortly.
+    case wait
+    /// The only runs that may be free are held by multi-section claims still pending,
+    /// which may yet roll back: wait a moment and read these sections again.
+    case recheck([HeaderSlot])
+}
+
 /// Picks an aligned run of `count` wholly empty sections, searching from the end of the
 /// pool (small blocks fill from each node's cursor, large ones from the top), and marks
-/// them busy. Answers `.some(nil)` when every run found has a section busy.
-func chooseRun(count: Int, cache: inout HeaderCache) -> Range<Int>?? {
+/// them busy; nil when there is none, even counting pending claims as rolled back.
+func chooseRun(count: Int, cache: inout HeaderCache) -> RunChoice? {
     let groupCount = cache.sectionCount / count
     var skippedBusy = false
+    var pendingRun: [HeaderSlot]?
     for group in stride(from: groupCount - 1, through: 0, by: -1) {
         let sections = group * count..<(group + 1) * count
-        guard sections.allSatisfy({ cache.settled(SectionHeader.self, .section($0))?.isAllEmpty ?? false }) else { continue }
+        let headers = sections.map { SectionHeader(rawValue: cache[.section($0)]) }
+        guard headers.allSatisfy({ $0?.settled.isAllEmpty ?? false }) else {
+            // A run held only by claims still pending may be free once they roll back.
+            let mayFree = headers.allSatisfy { header in
+                guard let header else { return false }
+                return header.settled.isAllEmpty || (header.logPending && header.log.sizeCode == SectionHeader.multiSectionSizeCode && header.isAllWhole)
+            }
+            if mayFree, pendingRun == nil { pendingRun = sections.map(HeaderSlot.section) }
+            continue
+        }
         if sections.contains(where: { cache.busy.contains(.section($0)) }) {
             skippedBusy = true
             continue
         }
         for section in sections { cache.busy.insert(.section(section)) }
-        return .some(sections)
+        return .claim(sections)
     }
-    return skippedBusy ? .some(nil) : nil
+    if skippedBusy { return .wait }
+    return pendingRun.map { .recheck($0) }
 }

@@ -32,13 +32,21 @@ extension BlockAllocator {
         var search = Search(configuration)
         while true {
             try await beginRound(&search, on: link, trace: &trace)
-            guard let choice = link.cache.withLock({ chooseRun(count: sectionCount, cache: &$0) }) else {
+            let sections: Range<Int>
+            switch link.cache.withLock({ chooseRun(count: sectionCount, cache: &$0) }) {
+            case nil:
                 if try await noRoomInCache(&search, on: link, trace: &trace) { return nil }
                 continue
-            }
-            guard let sections = choice else {
+            case .wait:
                 try await search.backoff.pause(runtime)
                 continue
+            case .recheck(let slots):
+                trace.attempts += 1
+                try await search.backoff.pause(runtime)
+                do { try await link.readHeaders(slots, trace: &trace) } catch { throw .fabric(error) }
+                continue
+            case .claim(let chosen):
+                sections = chosen
             }
             let slots = sections.map(HeaderSlot.section)
             defer { for slot in slots { link.releaseBusy(slot) } }
