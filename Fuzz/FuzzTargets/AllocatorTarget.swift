@@ -9,7 +9,7 @@ package func fuzzAllocator(_ bytes: [UInt8]) {
 }
 
 /// Runs the allocator on a program and answers the invariant violations it found. The
-/// first 8 bytes seed the simulation; then each step takes 2 bytes, an operation and its
+/// first 8 bytes seed the simulation (and choose its schedule exploration); then each step takes 2 bytes, an operation and its
 /// argument:
 ///
 /// - allocate (2^(argument % 12) chunks: 4 KiB-8 MiB) on compute node `op % 3`;
@@ -22,7 +22,12 @@ package func fuzzAllocator(_ bytes: [UInt8]) {
 /// After at most 96 steps every block is freed and every invariant checked at rest.
 package func allocatorFindings(_ bytes: [UInt8]) -> [String] {
     var header = FuzzInput(bytes)
-    let simulator = Simulator(seed: header.word())
+    let seed = header.word()
+    // The seed's top byte chooses the schedule: as timed (a quarter of the inputs), or
+    // PCT-style random node priorities with 1-3 change points.
+    let changePoints = Int(seed >> 56) % 4
+    let simulator = Simulator(
+        seed: seed, latency: LatencyModel(), exploration: changePoints == 0 ? .none : .randomPriorities(changePoints: changePoints))
     let program = Array(bytes.dropFirst(8))
     let failures = Failures()
     simulator.spawn {
