@@ -71,11 +71,16 @@ enum Format {
 struct Devices: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "List RDMA devices (none here means: use the simulated NIC).")
 
+    @Option(help: "Fail unless a device of this name is listed (for CI on Soft-RoCE).") var expect: String?
+
     func run() throws {
         let devices = try VerbsDevices.list()
         if devices.isEmpty {
             print("no RDMA device (the kernel reports none): FineMem runs on its simulated NIC")
         }
         for device in devices { print(device.name, "guid 0x" + String(device.guid, radix: 16)) }
+        if let expect, !devices.contains(where: { $0.name == expect }) {
+            throw ValidationError("no RDMA device named \(expect)")
+        }
     }
 }

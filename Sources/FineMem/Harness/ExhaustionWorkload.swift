@@ -59,7 +59,6 @@ package struct ExhaustionWorkload: Sendable {
     /// answered `outOfMemory`.
     private struct RoundState {
         var stopped = 0
-        var freed = 0
         var outOfMemorySizes: Set<Int> = []
     }
 
@@ -120,7 +119,6 @@ package struct ExhaustionWorkload: Sendable {
                             }
                             report.withLock { $0.violations += released }
                         }
-                        state.withLock { $0.freed += 1 }
                     }
                 }
                 // The coordinator: once every task has stopped, check every "no room" answer.

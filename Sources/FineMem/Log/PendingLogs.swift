@@ -26,9 +26,6 @@ struct PendingLog: Sendable {
 struct PendingLogTable: Sendable {
     private var logs: [HeaderSlot: PendingLog] = [:]
 
-    var isEmpty: Bool { logs.isEmpty }
-    var count: Int { logs.count }
-
     /// Records a log this node just committed. An entry left for an older log on the same
     /// header is finished (the new commit expected its pending bit clear) and is replaced.
     mutating func add(_ slot: HeaderSlot, recordAddress: RemoteAddress, record: FullLogRecord, recordBefore: UInt64, sequence: LogSequence, taken: Bool) {
