@@ -390,12 +390,12 @@ private func landedCount(_ memory: [UInt64]) -> Int? {
         try await oldConnection.write(data, bytes: [1, 2, 3, 4, 5, 6, 7, 8], rkey: old.dataKey)
         _ = try await oldConnection.readWords(old.baseAddress, count: 1, rkey: old.metadataKey)
 
-        try memoryNode.fence(computeNode: owner)
+        try await memoryNode.fence(computeNode: owner)
         await #expect(throws: FabricError.connectionBroken(NodeID(0))) {
             try await oldConnection.write(data, bytes: [9, 9, 9, 9, 9, 9, 9, 9], rkey: old.dataKey)
         }
         #expect(nic.peekWord(data) == 0x0807_0605_0403_0201, "a fenced node's WRITE landed")
-        try memoryNode.fence(computeNode: owner)  // fencing twice does nothing
+        try await memoryNode.fence(computeNode: owner)  // fencing twice does nothing
 
         let (new, newConnection) = try memoryNode.attach(computeNode: owner, from: NodeID(1001))
         #expect(new.metadataKey != old.metadataKey && new.dataKey != old.dataKey)

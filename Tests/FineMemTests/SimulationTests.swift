@@ -225,7 +225,7 @@ private func randomVerbRun(seed: UInt64, taskCount: Int) throws -> (hash: TraceH
                 let first = try await cluster.computeNodes[0].allocate(chunkCountLog2: 0, application: ApplicationID(1))
                 simulator.faults.stall(EmbeddedCluster.computeNodeID(0), fromNanoseconds: simulator.nowNanoseconds, forNanoseconds: 1_000_000)
                 let second = try await cluster.computeNodes[1].allocate(chunkCountLog2: 0, application: ApplicationID(1))
-                if fence { try cluster.fence(computeNode: 0) }
+                if fence { try await cluster.fence(computeNode: 0) }
                 await simulator.sleep(nanoseconds: 2_000_000)
                 await cluster.quiesce()
                 outcome.withLock { $0 = .success((PoolInspector(cluster: cluster), first, second)) }

@@ -41,6 +41,9 @@ public enum AllocationError: Error, Sendable, Hashable, CustomStringConvertible 
     case fabric(FabricError)
     /// A metadata word is not what the protocol allows (a bug or foreign writes).
     case corruptMetadata(String)
+    /// This compute node was fenced by a memory node (its lease expired): it must start
+    /// anew, as a new incarnation, once recovery has freed its slot.
+    case fenced(memoryNode: NodeID)
 
     public var description: String {
         switch self {
@@ -48,6 +51,7 @@ public enum AllocationError: Error, Sendable, Hashable, CustomStringConvertible 
         case .sizeTooLarge(let requested, let maximum): "\(requested) bytes requested, at most \(maximum) fit one memory node"
         case .outOfMemory(let requested): "no memory node has a free block of \(requested) bytes"
         case .retryLimitExceeded(let attempts): "no commit after \(attempts) attempts"
+        case .fenced(let node): "this compute node was fenced by memory node \(node) (its lease expired); start it anew"
         case .intentSlotsBusy: "all intent slots of this compute node are busy"
         case .notABlockStart(let pointer): "\(pointer) is not the start of a block of that length"
         case .notOwner(let pointer): "the block at \(pointer) belongs to someone else"

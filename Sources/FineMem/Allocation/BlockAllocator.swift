@@ -45,6 +45,10 @@ package final class BlockAllocator: Sendable {
     let sequence = Locked<UInt64>(0)
     let freeIntentSlots: Locked<[Int]>
     let upkeepInFlight = Locked<Int>(0)
+    /// Memory nodes on which a lease renewal found this node fenced.
+    let fencedOn = Locked<Set<NodeID>>([])
+    /// Whether the lease renewal loop runs.
+    let leaseRenewal = Locked(false)
 
     /// Where a block starts: the key of `ownedBlocks`.
     struct BlockStart: Hashable, Sendable {
@@ -121,6 +125,7 @@ package final class BlockAllocator: Sendable {
     /// memory node in the placement policy's order that has room.
     package func allocate(chunkCountLog2: Int, application: ApplicationID) async throws(AllocationError) -> Block {
         guard chunkCountLog2 >= 0 else { throw .zeroSize }
+        try checkNotFenced()
         let chunkBytes = PoolGeometry.chunkBytes
         guard chunkCountLog2 <= chunkCountLog2Max else {
             statisticsStore.withLock { $0.recordFailedAllocation(OperationTrace()) }
@@ -160,6 +165,7 @@ package final class BlockAllocator: Sendable {
     /// application, one already freed, or a block that does not start there with that
     /// size is refused with a typed error, and nothing changes.
     package func free(_ block: Block, application: ApplicationID) async throws(AllocationError) {
+        try checkNotFenced()
         let link = try link(to: block.memoryNode)
         let wanted = Holding(chunkCountLog2: block.chunkCountLog2, application: application)
         let holding = ownedBlocks.withLock { owned -> Holding? in

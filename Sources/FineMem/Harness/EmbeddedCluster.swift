@@ -39,6 +39,14 @@ public final class EmbeddedCluster: Sendable {
         public var computeNodes = 1
         /// Tunables of every compute node's allocator.
         public var allocator = AllocatorConfiguration()
+        /// How often each compute node renews its lease on each memory node.
+        public var leaseIntervalNanos: UInt64 = 1_000_000_000
+        /// Renewals a compute node may miss before its memory nodes fence and recover it.
+        public var missedRenewalsMax = 3
+        /// Whether leases and the memory nodes' monitors run from the start. In virtual
+        /// time they never start by themselves (a simulation runs until no work is left,
+        /// and they never stop): call `startFailureDetection()`.
+        public var failureDetection = true
 
         public init(memoryNodes: Int = 1, poolBytesPerNode: UInt64 = 1 << 30, computeNodes: Int = 1, allocator: AllocatorConfiguration = AllocatorConfiguration()) {
             self.memoryNodes = memoryNodes
@@ -52,14 +60,24 @@ public final class EmbeddedCluster: Sendable {
     package let memoryNodes: [MemoryNode]
     /// The simulated NIC of each memory node, in the order of `memoryNodes`.
     package let nics: [SimulatedNIC]
-    /// One block allocator per compute node (owner ids 1, 2, ...).
-    package let computeNodes: [BlockAllocator]
+    private let computeNodeStore: Locked<[BlockAllocator]>
+    /// The failure detector of each memory node, in the order of `memoryNodes`.
+    package let monitors: [LeaseMonitor]
+    package let runtime: any Runtime
 
-    private init(configuration: Configuration, memoryNodes: [MemoryNode], nics: [SimulatedNIC], computeNodes: [BlockAllocator]) {
+    /// One block allocator per compute node (owner ids 1, 2, ...): the current
+    /// incarnation of each.
+    package var computeNodes: [BlockAllocator] { computeNodeStore.withLock { $0 } }
+
+    private init(configuration: Configuration, memoryNodes: [MemoryNode], nics: [SimulatedNIC], computeNodes: [BlockAllocator], runtime: any Runtime) {
         self.configuration = configuration
         self.memoryNodes = memoryNodes
         self.nics = nics
-        self.computeNodes = computeNodes
+        self.computeNodeStore = Locked(computeNodes)
+        self.runtime = runtime
+        monitors = memoryNodes.map {
+            LeaseMonitor(memoryNode: $0, intervalNanos: configuration.leaseIntervalNanos, missedRenewalsMax: configuration.missedRenewalsMax, runtime: runtime)
+        }
     }
 
     /// The fabric node id of compute node `index` (0-based); memory nodes are 0, 1, ...
@@ -73,6 +91,9 @@ public final class EmbeddedCluster: Sendable {
     public static func start(_ configuration: Configuration = Configuration(), simulator: Simulator? = nil) async throws(ClusterError) -> EmbeddedCluster {
         guard configuration.memoryNodes >= 1, configuration.memoryNodes <= 1_000 else {
             throw .invalidConfiguration("memory nodes must be 1...1000, not \(configuration.memoryNodes)")
+        }
+        guard configuration.leaseIntervalNanos > 0, configuration.missedRenewalsMax >= 1 else {
+            throw .invalidConfiguration("a lease needs a positive interval and at least one renewal to miss")
         }
         guard configuration.computeNodes >= 1, configuration.computeNodes < Int(OwnerID.maxRawValue) else {
             throw .invalidConfiguration("compute nodes must be 1...\(OwnerID.maxRawValue - 1), not \(configuration.computeNodes)")
@@ -95,23 +116,33 @@ public final class EmbeddedCluster: Sendable {
                 throw .memoryNodeFailed(id, reason: "\(error)")
             }
         }
-        var computeNodes: [BlockAllocator] = []
         let runtime: any Runtime = simulator ?? SystemRuntime.shared
+        var computeNodes: [BlockAllocator] = []
         for index in 0..<configuration.computeNodes {
-            let owner = owner(ofComputeNode: index)
-            var links: [(MemoryNodeGrant, any FabricConnection)] = []
-            for memoryNode in memoryNodes {
-                do { links.append(try memoryNode.attach(computeNode: owner, from: computeNodeID(index))) } catch {
-                    throw .memoryNodeFailed(memoryNode.id, reason: "\(error)")
-                }
-            }
-            do {
-                computeNodes.append(try await BlockAllocator.start(owner: owner, memoryNodes: links, runtime: runtime, configuration: configuration.allocator))
-            } catch {
-                throw .allocation(error)
+            computeNodes.append(try await startComputeNode(index, memoryNodes: memoryNodes, configuration: configuration, runtime: runtime))
+        }
+        let cluster = EmbeddedCluster(configuration: configuration, memoryNodes: memoryNodes, nics: nics, computeNodes: computeNodes, runtime: runtime)
+        if configuration.failureDetection, simulator == nil { cluster.startFailureDetection() }
+        return cluster
+    }
+
+    /// Attaches compute node `index` to every memory node (a new protection domain, keys
+    /// and connection on each) and starts its allocator (which takes its slots).
+    private static func startComputeNode(
+        _ index: Int, memoryNodes: [MemoryNode], configuration: Configuration, runtime: any Runtime
+    ) async throws(ClusterError) -> BlockAllocator {
+        let owner = owner(ofComputeNode: index)
+        var links: [(MemoryNodeGrant, any FabricConnection)] = []
+        for memoryNode in memoryNodes {
+            do { links.append(try memoryNode.attach(computeNode: owner, from: computeNodeID(index))) } catch {
+                throw .memoryNodeFailed(memoryNode.id, reason: "\(error)")
             }
         }
-        return EmbeddedCluster(configuration: configuration, memoryNodes: memoryNodes, nics: nics, computeNodes: computeNodes)
+        do {
+            return try await BlockAllocator.start(owner: owner, memoryNodes: links, runtime: runtime, configuration: configuration.allocator)
+        } catch {
+            throw .allocation(error)
+        }
     }
 
     /// An allocator for `application` on compute node `computeNode` (0-based).
@@ -132,9 +163,47 @@ public final class EmbeddedCluster: Sendable {
     }
 
     /// Fences compute node `index` on every memory node: its connections enter the error
-    /// state (verbs it posted and that are still in flight included), then its regions are
-    /// deregistered. Nothing it posted or posts reaches a pool after this returns.
-    package func fence(computeNode index: Int) throws(MemoryNodeError) {
-        for memoryNode in memoryNodes { try memoryNode.fence(computeNode: Self.owner(ofComputeNode: index)) }
+    /// state (verbs it posted and that are still in flight included), its regions are
+    /// deregistered, its slots are declared dead. Nothing it posted or posts reaches a
+    /// pool after this returns.
+    package func fence(computeNode index: Int) async throws(MemoryNodeError) {
+        for memoryNode in memoryNodes { try await memoryNode.fence(computeNode: Self.owner(ofComputeNode: index)) }
+    }
+
+    /// Recovers fenced compute node `index` on every memory node, through each memory
+    /// node's loopback (`PoolRecovery`).
+    package func recover(computeNode index: Int) async throws(MemoryNodeError) -> [RecoveryReport] {
+        var reports: [RecoveryReport] = []
+        for memoryNode in memoryNodes { reports.append(try await memoryNode.recover(computeNode: Self.owner(ofComputeNode: index), runtime: runtime)) }
+        return reports
+    }
+
+    /// Starts compute node `index` anew, after it was fenced and recovered: a new
+    /// incarnation with new keys and connections. The old allocator keeps failing.
+    package func restart(computeNode index: Int) async throws(ClusterError) -> BlockAllocator {
+        guard computeNodes.indices.contains(index) else { throw .noSuchComputeNode(index, computeNodes: computeNodes.count) }
+        computeNodes[index].stopLeaseRenewal()
+        let node = try await Self.startComputeNode(index, memoryNodes: memoryNodes, configuration: configuration, runtime: runtime)
+        if failureDetectionRunning.withLock({ $0 }) { node.startLeaseRenewal(intervalNanos: configuration.leaseIntervalNanos) }
+        computeNodeStore.withLock { $0[index] = node }
+        return node
+    }
+
+    private let failureDetectionRunning = Locked(false)
+
+    /// Starts the compute nodes' lease renewals and the memory nodes' monitors (both on
+    /// the cluster's runtime: virtual time under a simulator). A real-time cluster starts
+    /// them itself unless its configuration says not to.
+    public func startFailureDetection() {
+        failureDetectionRunning.withLock { $0 = true }
+        for node in computeNodes { node.startLeaseRenewal(intervalNanos: configuration.leaseIntervalNanos) }
+        for monitor in monitors { monitor.start() }
+    }
+
+    /// Stops lease renewals and monitors (each loop ends at its next wake-up).
+    public func stopFailureDetection() {
+        failureDetectionRunning.withLock { $0 = false }
+        for node in computeNodes { node.stopLeaseRenewal() }
+        for monitor in monitors { monitor.stop() }
     }
 }

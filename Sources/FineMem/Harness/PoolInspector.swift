@@ -47,6 +47,11 @@ package final class PoolInspector: @unchecked Sendable {
     package func section(on node: NodeID, _ index: Int) -> SectionHeader? { section(pool(node), index) }
     /// The span header `span` of section `section` of memory node `node`.
     package func span(on node: NodeID, section: Int, span index: Int) -> SpanHeader? { span(pool(node), section, index) }
+    /// The node-table slot of `owner` on memory node `node`.
+    package func nodeSlot(on node: NodeID, owner: OwnerID) -> NodeSlot? {
+        let pool = pool(node)
+        return NodeSlot(rawValue: word(pool, pool.geometry.nodeSlotOffset(owner)))
+    }
     /// The full-log record of `chunk` of memory node `node`.
     package func record(on node: NodeID, chunk: Int) -> FullLogRecord? { record(pool(node), chunk: chunk) }
 

@@ -20,6 +20,8 @@ final class MemoryNodeLink: Sendable {
     let incarnation: UInt16
     let cache: Locked<HeaderCache>
     let pending = Locked(PendingLogTable())
+    /// This node's node-table slot as its last lease renewal (or the attach) left it.
+    let leaseWord: Locked<UInt64>
     /// Called with a log of this node that an operation took to fold into its commit and
     /// gave back when the commit did not happen: it must still be flushed. Set once, by
     /// the owner of the link, before the link is used.
@@ -39,6 +41,7 @@ final class MemoryNodeLink: Sendable {
         self.owner = owner
         self.incarnation = incarnation
         cache = Locked(HeaderCache(sections: sections, cursor: Int(owner.rawValue) &* 7_919))
+        leaseWord = Locked(NodeSlot(heartbeat: 0, state: .alive, incarnation: incarnation).rawValue)
     }
 
     /// Attaches `owner` to a memory node: reads its superblock, the owner's node-table
@@ -78,6 +81,15 @@ final class MemoryNodeLink: Sendable {
         } catch { throw .fabric(error) }
         guard case .updated(let slot) = outcome, slot == registered else { throw .slotTaken }
         return link
+    }
+
+    /// A link that acts in the name of compute node `owner`, which is fenced, for its
+    /// recovery: no attach (the slot is the dead node's), an empty cache that recovery's
+    /// reads fill, no pending logs of its own.
+    static func acting(for owner: OwnerID, incarnation: UInt16, grant: MemoryNodeGrant, connection: any FabricConnection) -> MemoryNodeLink {
+        MemoryNodeLink(
+            index: 0, grant: grant, connection: connection, owner: owner, incarnation: incarnation,
+            sections: Array(repeating: SectionHeader.empty.rawValue, count: grant.geometry.sectionCount))
     }
 
     var geometry: PoolGeometry { grant.geometry }

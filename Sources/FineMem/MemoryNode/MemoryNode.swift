@@ -4,6 +4,7 @@ package enum MemoryNodeError: Error, Sendable, Hashable, CustomStringConvertible
     case fabric(FabricError)
     case poolTooSmall(poolBytes: UInt64, needed: UInt64)
     case computeNodeSlotOutOfRange(OwnerID)
+    case recovery(RecoveryError)
 
     package var description: String {
         switch self {
@@ -11,6 +12,7 @@ package enum MemoryNodeError: Error, Sendable, Hashable, CustomStringConvertible
         case .fabric(let error): "fabric: \(error)"
         case .poolTooSmall(let pool, let needed): "the NIC serves \(pool) bytes, the geometry needs \(needed)"
         case .computeNodeSlotOutOfRange(let owner): "\(owner) is outside the node table"
+        case .recovery(let error): "recovery: \(error)"
         }
     }
 }
@@ -83,20 +85,86 @@ package final class MemoryNode: Sendable {
         return (grant, nic.openConnection(from: node, protectionDomain: pd))
     }
 
+    /// The grant of the memory node's own loopback access (metadata only).
+    package var loopbackGrant: MemoryNodeGrant {
+        MemoryNodeGrant(memoryNode: id, geometry: geometry, baseAddress: nic.baseAddress, metadataKey: loopbackRegion.rkey, dataKey: loopbackRegion.rkey)
+    }
+
+    /// A connection from fabric node `node` with the memory node's own metadata access:
+    /// for a recoverer that runs elsewhere than on the memory node (a test's crashing
+    /// recoverer). Fencing `node` does not reach it; breaking it does.
+    package func recoveryAccess(from node: NodeID) -> (MemoryNodeGrant, any FabricConnection) {
+        (loopbackGrant, nic.openConnection(from: node, protectionDomain: loopbackRegion.protectionDomain))
+    }
+
     /// Fences compute node `owner`: first moves its connections to the error state, so
     /// that no verb it posted, even one still in flight from before a crash, executes from
-    /// now on; then deregisters its regions, so that its keys are unknown. When this
-    /// returns, nothing the node posted or posts reaches the pool. A later `attach` of the
-    /// same compute node is a new incarnation: new protection domain, new keys, new
-    /// connection. Fencing a node that is not attached does nothing.
-    package func fence(computeNode owner: OwnerID) throws(MemoryNodeError) {
-        guard let regions = attachments.withLock({ $0.removeValue(forKey: owner) }) else { return }
-        do {
-            try nic.breakConnections(of: regions.metadata.protectionDomain)
-            try nic.deregister(regions.metadata)
-            try nic.deregister(regions.data)
-        } catch {
-            throw .nic(error)
+    /// now on; then deregisters its regions, so that its keys are unknown; then declares
+    /// its node-table slot dead (by CAS through the loopback), which is what recovery
+    /// requires. When this returns, nothing the node posted or posts reaches the pool,
+    /// whatever its clocks say: a node that resumes after a stall gets errors, and comes
+    /// back only by attaching anew (new protection domain, keys and connection, and the
+    /// next incarnation once recovery has freed its slot). Fencing a node that is not
+    /// attached only makes sure its slot is not alive.
+    package func fence(computeNode owner: OwnerID) async throws(MemoryNodeError) {
+        guard Int(owner.rawValue) < geometry.computeNodeSlots else { throw .computeNodeSlotOutOfRange(owner) }
+        if let regions = attachments.withLock({ $0.removeValue(forKey: owner) }) {
+            do {
+                try nic.breakConnections(of: regions.metadata.protectionDomain)
+                try nic.deregister(regions.metadata)
+                try nic.deregister(regions.data)
+            } catch {
+                throw .nic(error)
+            }
         }
+        let address = loopbackGrant.nodeSlotAddress(owner)
+        let link = MemoryNodeLink.acting(for: owner, incarnation: 0, grant: loopbackGrant, connection: loopback)
+        var trace = OperationTrace()
+        let outcome: UpdateOutcome<NodeSlot>
+        do {
+            let known = try await loopback.post([.readWords(address, count: 1, rkey: loopbackRegion.rkey)])[0].words[0]
+            outcome = try await link.update(
+                .word(address, known: known), UpdatePolicy(attemptsMax: Self.slotAttemptsMax, rereadOnRefusal: true), trace: &trace
+            ) { $0.fencing() }
+        } catch {
+            throw .fabric(error)
+        }
+        if case .lost(let current) = outcome {
+            throw .recovery(.corruptMetadata("the slot of \(owner) kept changing while it was fenced: \(current)"))
+        }
+    }
+
+    /// Every slot of the node table, read through the loopback.
+    package func readNodeTable() async throws(FabricError) -> [UInt64] {
+        try await loopback.readWords(loopbackGrant.nodeSlotAddress(OwnerID(0)), count: geometry.computeNodeSlots, rkey: loopbackRegion.rkey)
+    }
+
+    /// Marks an alive node suspected (it missed a renewal), if its slot is still `known`.
+    package func markSuspected(_ owner: OwnerID, known: UInt64) async throws(FabricError) -> Bool {
+        let link = MemoryNodeLink.acting(for: owner, incarnation: 0, grant: loopbackGrant, connection: loopback)
+        var trace = OperationTrace()
+        let outcome: UpdateOutcome<NodeSlot> = try await link.update(.word(loopbackGrant.nodeSlotAddress(owner), known: known), UpdatePolicy(attemptsMax: 1), trace: &trace) { $0.suspecting() }
+        if case .updated = outcome { return true }
+        return false
+    }
+
+    /// CAS attempts on a node slot that keeps changing (a fenced node cannot change it;
+    /// only a racing monitor could).
+    private static let slotAttemptsMax = 16
+
+    /// Recovers fenced compute node `owner` through the loopback connection
+    /// (`PoolRecovery`): settles its logs, frees its blocks, frees its slot.
+    package func recover(computeNode owner: OwnerID, runtime: any Runtime) async throws(MemoryNodeError) -> RecoveryReport {
+        do {
+            return try await PoolRecovery(owner: owner, grant: loopbackGrant, connection: loopback, runtime: runtime).run()
+        } catch {
+            throw .recovery(error)
+        }
+    }
+
+    /// Fences, then recovers, compute node `owner`.
+    package func fenceAndRecover(computeNode owner: OwnerID, runtime: any Runtime) async throws(MemoryNodeError) -> RecoveryReport {
+        try await fence(computeNode: owner)
+        return try await recover(computeNode: owner, runtime: runtime)
     }
 }

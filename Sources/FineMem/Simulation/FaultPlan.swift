@@ -8,7 +8,19 @@
 /// `SimulatedConnection`); fencing the node (breaking its connections) stops them. A
 /// crashed memory node answers every verb with `peerDead`.
 package final class FaultPlan: @unchecked Sendable {
+    /// How many of a crashed node's posted, unexecuted verbs still execute, on each of its
+    /// connections.
+    package enum LateVerbs: Sendable, Hashable, CaseIterable {
+        /// A seeded number of them, the first ones (the default).
+        case seeded
+        /// None: they are dropped.
+        case none
+        /// All of them, at the NIC's pace after the crash (until the node is fenced).
+        case all
+    }
+
     private var crashAfterVerbs: [NodeID: UInt64] = [:]
+    private var lateVerbs: [NodeID: LateVerbs] = [:]
     private var crashAt: [NodeID: UInt64] = [:]
     private var crashedNodes: Set<NodeID> = []
     private var crashTimes: [NodeID: UInt64] = [:]
@@ -16,7 +28,13 @@ package final class FaultPlan: @unchecked Sendable {
 
     /// Crashes `node` once it has had `count` verbs executed in total: a crash between two
     /// verbs, possibly in the middle of a batch.
-    package func crash(_ node: NodeID, afterVerbs count: UInt64) { crashAfterVerbs[node] = count }
+    package func crash(_ node: NodeID, afterVerbs count: UInt64, late: LateVerbs = .seeded) {
+        crashAfterVerbs[node] = count
+        lateVerbs[node] = late
+    }
+
+    /// How `node`'s unexecuted verbs fare once it crashed.
+    package func lateVerbs(of node: NodeID) -> LateVerbs { lateVerbs[node] ?? .seeded }
 
     /// Crashes `node` at virtual time `time`. Its verbs that would execute later do so
     /// only as late verbs (see the type's summary): nobody awaits them, and fencing the
@@ -27,6 +45,15 @@ package final class FaultPlan: @unchecked Sendable {
     /// no completion until the stall ends. Verbs already on the wire still execute.
     package func stall(_ node: NodeID, fromNanoseconds start: UInt64, forNanoseconds duration: UInt64) {
         stalls[node, default: []].append((start, start + duration))
+    }
+
+    /// Brings a crashed `node` back (a restarted host, with new connections): its planned
+    /// crashes are forgotten. Connections it had stay as the crash left them.
+    package func revive(_ node: NodeID) {
+        crashedNodes.remove(node)
+        crashAfterVerbs[node] = nil
+        crashAt[node] = nil
+        lateVerbs[node] = nil
     }
 
     /// Whether `node` has been found crashed (by a verb, post or completion of its own).

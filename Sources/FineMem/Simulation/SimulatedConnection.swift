@@ -354,7 +354,11 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
     /// The local node crashed before `picked` could execute: answers every outstanding
     /// batch and decides how many posted verbs still execute, `picked` first.
     private func localNodeCrashed(before picked: QueuedVerb, simulator: Simulator) {
-        let late = simulator.random(in: 0...queue.verbs.count)
+        let late = switch simulator.faults.lateVerbs(of: localNode) {
+        case .seeded: simulator.random(in: 0...queue.verbs.count)
+        case .none: 0
+        case .all: queue.verbs.count
+        }
         queue.lateVerbsLeft = late
         let outstanding = queue.batches
         queue.batches.removeAll()

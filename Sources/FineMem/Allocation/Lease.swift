@@ -1,0 +1,75 @@
+/// Leases: a compute node proves it is alive by advancing the heartbeat of its slot in
+/// every memory node's node table, one CAS per memory node per interval. A memory node's
+/// monitor that sees no advance for a number of intervals fences the node and recovers
+/// it. The renewal that finds its slot no longer alive (or of another incarnation) learns
+/// it was fenced: from then on every operation of this allocator fails with `fenced`,
+/// whatever its clocks say; the node comes back only by starting anew.
+extension BlockAllocator {
+    /// Renews the lease on every memory node (one doorbell each). Answers the memory
+    /// nodes on which the slot is no longer this incarnation's alive one (fenced), which
+    /// also marks the allocator fenced there. A fabric error counts as fenced: a fenced
+    /// node's connection is in the error state.
+    @discardableResult
+    package func renewLeases() async -> [NodeID] {
+        var lost: [NodeID] = []
+        for link in links {
+            var trace = OperationTrace()
+            let address = link.grant.nodeSlotAddress(owner)
+            let incarnation = link.incarnation
+            let outcome: UpdateOutcome<NodeSlot>
+            do {
+                outcome = try await link.update(
+                    .word(address, known: link.leaseWord.withLock { $0 }),
+                    UpdatePolicy(attemptsMax: 2, rereadOnRefusal: true), trace: &trace
+                ) { slot in slot.incarnation == incarnation ? slot.beating() : nil }
+            } catch {
+                lost.append(link.memoryNode)
+                continue
+            }
+            switch outcome {
+            case .updated(let slot), .committed(let slot, _):
+                link.leaseWord.withLock { $0 = slot.rawValue }
+            case .refused:
+                lost.append(link.memoryNode)
+            case .lost(let current):
+                // Two monitors' marks in a row; the next renewal starts from this word.
+                link.leaseWord.withLock { $0 = current }
+            }
+        }
+        if !lost.isEmpty { fencedOn.withLock { $0.formUnion(lost) } }
+        return lost
+    }
+
+    /// Renews the lease every `intervalNanos` of the runtime's clock until
+    /// `stopLeaseRenewal()` (or until it finds the node fenced everywhere).
+    package func startLeaseRenewal(intervalNanos: UInt64) {
+        let started = leaseRenewal.withLock { running -> Bool in
+            defer { running = true }
+            return !running
+        }
+        guard started else { return }
+        let runtime = runtime
+        runtime.spawn { [weak self] in
+            while true {
+                await runtime.sleep(nanoseconds: intervalNanos)
+                guard let self, leaseRenewal.withLock({ $0 }) else { return }
+                let lost = await renewLeases()
+                if lost.count == links.count {
+                    leaseRenewal.withLock { $0 = false }
+                    return
+                }
+            }
+        }
+    }
+
+    /// Stops renewing (the loop ends at its next wake-up, or when the allocator is released).
+    package func stopLeaseRenewal() { leaseRenewal.withLock { $0 = false } }
+
+    /// Whether a renewal found this node fenced on some memory node.
+    package var isFenced: Bool { !fencedOn.withLock { $0.isEmpty } }
+
+    /// Fails when a renewal found this node fenced: a fenced node changes nothing.
+    func checkNotFenced() throws(AllocationError) {
+        if let node = fencedOn.withLock({ $0.min() }) { throw .fenced(memoryNode: node) }
+    }
+}

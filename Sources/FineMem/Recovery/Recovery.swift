@@ -1,0 +1,276 @@
+/// Errors of recovering a compute node.
+package enum RecoveryError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// The node's slot says it is alive or suspected: it must be fenced first.
+    case notFenced(OwnerID, NodeSlot.State)
+    /// The fabric failed (the recoverer's connection broke): run recovery again.
+    case fabric(FabricError)
+    /// A metadata word is not one the protocol allows.
+    case corruptMetadata(String)
+    /// Passes ran out while headers stayed pending under other nodes' logs.
+    case notSettled(passes: Int)
+
+    package var description: String {
+        switch self {
+        case .notFenced(let owner, let state): "\(owner) is \(state), not fenced: fence it before recovering it"
+        case .fabric(let error): "fabric: \(error)"
+        case .corruptMetadata(let what): "corrupt metadata: \(what)"
+        case .notSettled(let passes): "recovery did not settle after \(passes) passes"
+        }
+    }
+}
+
+/// What one recovery run did on one memory node.
+package struct RecoveryReport: Sendable, Hashable {
+    /// Blocks of the dead node freed (each block once, whichever run freed it).
+    package var blocksReclaimed = 0
+    /// Blocks reclaimed, by layer (`FullLogRecord.Layer.rawValue` indexes it).
+    package var blocksByLayer = [0, 0, 0]
+    /// Full-log records set to freed.
+    package var recordsFreed = 0
+    /// Pending logs of the dead node (and of recovery in its name) cleared.
+    package var logsSettled = 0
+    /// Spans the dead node left opening or closing, or open and empty, that were closed.
+    package var spansClosed = 0
+    /// Intent records cleared.
+    package var intentsCleared = 0
+    /// Passes over the pool (the first reads everything; later ones only what changed).
+    package var passes = 0
+    /// Batches (doorbells) and verbs posted.
+    package var batches: UInt64 = 0
+    package var verbs: UInt64 = 0
+    /// CASes that lost to another node and were retried.
+    package var retries: UInt64 = 0
+    /// Whether the run found the slot already free (an earlier run finished the job).
+    package var alreadyRecovered = false
+}
+
+/// Recovery of one fenced compute node on one memory node: settles every pending log it
+/// left, frees every block it owned (every layer, multi-section blocks, half-done claims
+/// and releases), finishes or undoes its span opens and closes, clears its intents, and
+/// frees its node-table slot. Everything goes through one connection with metadata access
+/// (the memory node's loopback, or any live compute node's) as one-sided verbs: the same
+/// code either way, never a CPU store.
+///
+/// Recovery acts in the dead node's name, by its rules: a header that held the node's
+/// blocks is committed by one CAS that frees them all and leaves a pending log naming the
+/// node (`SpanHeader.reclaiming`), then the blocks' records are set to freed by CAS, then
+/// the bit is cleared. Every step is a CAS decided from words read in the same run, so a
+/// run that stops anywhere (the recoverer crashed, its connection broke) leaves states a
+/// later run finishes: recovery is idempotent, and rerunning it after it finished does
+/// nothing. Live nodes go on allocating: they wait only on the headers recovery holds
+/// pending, for the two doorbells between its commit and its clear.
+///
+/// Preconditions: the node is fenced (slot `dead`, or `recovering` from an earlier run):
+/// nothing it posted can execute any more. One recoverer at a time per node and memory
+/// node (the memory node's monitor serializes its own runs).
+///
+/// ```swift
+/// try memoryNode.fence(computeNode: OwnerID(3))
+/// let report = try await PoolRecovery(owner: OwnerID(3), grant: grant, connection: connection, runtime: runtime).run()
+/// ```
+package final class PoolRecovery: Sendable {
+    package let owner: OwnerID
+    private let grant: MemoryNodeGrant
+    private let connection: any FabricConnection
+    private let runtime: any Runtime
+    /// Passes before giving up while other nodes' pending logs keep headers busy.
+    private let passesMax: Int
+    /// Sections read in one READ of records (1 MiB of records).
+    private static let sectionsPerRead = 256
+    /// The pause between passes that lost a CAS or waited on another node's pending log.
+    private static let pauseNanos: ClosedRange<UInt64> = 1_000...1_000_000
+
+    package init(owner: OwnerID, grant: MemoryNodeGrant, connection: any FabricConnection, runtime: any Runtime, passesMax: Int = 10_000) {
+        self.owner = owner
+        self.grant = grant
+        self.connection = connection
+        self.runtime = runtime
+        self.passesMax = passesMax
+    }
+
+    private var geometry: PoolGeometry { grant.geometry }
+
+    /// Runs recovery to its end.
+    package func run() async throws(RecoveryError) -> RecoveryReport {
+        var report = RecoveryReport()
+        var trace = OperationTrace()
+        defer {
+            report.batches = trace.batches
+            report.verbs = trace.verbs
+            report.retries = trace.retries
+        }
+        let slotAddress = grant.nodeSlotAddress(owner)
+        let slotWord: UInt64
+        do { slotWord = try await probe(slotAddress, trace: &trace) } catch { throw .fabric(error) }
+        guard let slot = NodeSlot(rawValue: slotWord) else { throw .corruptMetadata("node slot of \(owner): \(slotWord)") }
+        switch slot.state {
+        case .free:
+            report.alreadyRecovered = true
+            return report
+        case .alive, .suspected:
+            throw .notFenced(owner, slot.state)
+        case .dead, .recovering:
+            break
+        }
+        let link = MemoryNodeLink.acting(for: owner, incarnation: slot.incarnation, grant: grant, connection: connection)
+        if slot.state == .dead {
+            let outcome: UpdateOutcome<NodeSlot>
+            do {
+                outcome = try await link.update(.word(slotAddress, known: slotWord), UpdatePolicy(attemptsMax: 4), trace: &trace) { $0.recovering() }
+            } catch { throw .fabric(error) }
+            guard case .updated = outcome else { throw .notFenced(owner, NodeSlot(rawValue: outcomeWord(outcome))?.state ?? .free) }
+        }
+        var pool = PoolImage(geometry: geometry)
+        var dirty = Array(0..<geometry.sectionCount)
+        var delay = Self.pauseNanos.lowerBound
+        while true {
+            report.passes += 1
+            guard report.passes <= passesMax else { throw .notSettled(passes: passesMax) }
+            do {
+                try await read(dirty, into: &pool, trace: &trace)
+            } catch { throw .fabric(error) }
+            pool.indexMultiSectionBlocks(of: owner, in: dirty)
+            var pass = RecoveryPass(owner: owner, pool: pool, sections: dirty)
+            guard pass.hasWork else {
+                let outcome: UpdateOutcome<NodeSlot>
+                do {
+                    let current = try await probe(slotAddress, trace: &trace)
+                    outcome = try await link.update(.word(slotAddress, known: current), UpdatePolicy(attemptsMax: 4), trace: &trace) { $0.recovered() }
+                } catch { throw .fabric(error) }
+                guard case .updated = outcome else {
+                    throw .corruptMetadata("the slot of \(owner) changed during its recovery: \(outcomeWord(outcome))")
+                }
+                return report
+            }
+            let retriesBefore = trace.retries
+            do {
+                try await pass.reclaim(on: link, report: &report, trace: &trace)
+                try await pass.settle(on: link, report: &report, trace: &trace)
+                try await pass.closeSpans(on: link, report: &report, trace: &trace)
+                try await pass.clearIntents(on: link, report: &report, trace: &trace)
+            } catch { throw .fabric(error) }
+            pool = pass.pool
+            dirty = pass.touched
+            if trace.retries > retriesBefore || pass.waited {
+                await runtime.sleep(nanoseconds: delay)
+                delay = min(delay * 2, Self.pauseNanos.upperBound)
+            } else {
+                delay = Self.pauseNanos.lowerBound
+            }
+        }
+    }
+
+    private func outcomeWord<Word: MetadataWord>(_ outcome: UpdateOutcome<Word>) -> UInt64 {
+        switch outcome {
+        case .updated(let word), .committed(let word, _): word.rawValue
+        case .refused(let current), .lost(let current): current
+        }
+    }
+
+    private func probe(_ address: RemoteAddress, trace: inout OperationTrace) async throws(FabricError) -> UInt64 {
+        trace.batches += 1
+        trace.verbs += 1
+        return try await connection.post([.readWords(address, count: 1, rkey: grant.metadataKey)])[0].words[0]
+    }
+
+    /// Reads the headers and records of `sections`, and the dead node's intents, in as few
+    /// doorbells as the READ size allows (one per `sectionsPerRead` sections, 64 READs a
+    /// doorbell).
+    private func read(_ sections: [Int], into pool: inout PoolImage, trace: inout OperationTrace) async throws(FabricError) {
+        var ranges: [Range<Int>] = []
+        for section in sections {
+            if let last = ranges.last, last.upperBound == section, last.count < Self.sectionsPerRead {
+                ranges[ranges.count - 1] = last.lowerBound..<section + 1
+            } else {
+                ranges.append(section..<section + 1)
+            }
+        }
+        let key = grant.metadataKey
+        var verbs: [Verb] = [.readWords(grant.intentAddress(owner: owner, slot: 0), count: geometry.intentSlotsPerNode, rkey: key)]
+        var pieces: [Range<Int>] = []
+        func flush() async throws(FabricError) {
+            trace.batches += 1
+            trace.verbs += UInt64(verbs.count)
+            let results = try await connection.post(verbs)
+            var index = 0
+            if case .read = verbs[0], verbs[0].address == grant.intentAddress(owner: owner, slot: 0) {
+                pool.intents = results[0].words
+                index = 1
+            }
+            for range in pieces {
+                pool.store(sections: range, headers: results[index].words, spans: results[index + 1].words, records: results[index + 2].words)
+                index += 3
+            }
+            verbs = []
+            pieces = []
+        }
+        for range in ranges {
+            verbs.append(.readWords(grant.address(of: .section(range.lowerBound)), count: range.count, rkey: key))
+            verbs.append(.readWords(grant.address(of: .span(section: range.lowerBound, span: 0)), count: range.count * PoolGeometry.spansPerSection, rkey: key))
+            verbs.append(.readWords(grant.recordAddress(chunk: range.lowerBound * PoolGeometry.chunksPerSection),
+                                    count: range.count * PoolGeometry.chunksPerSection, rkey: key))
+            pieces.append(range)
+            if verbs.count >= 64 { try await flush() }
+        }
+        if !verbs.isEmpty { try await flush() }
+    }
+}
+
+/// Recovery's image of one pool: every header and record word as last read or as its own
+/// CASes answered, and the dead node's multi-section blocks by section.
+struct PoolImage: Sendable {
+    var sections: [UInt64]
+    var spans: [UInt64]
+    var records: [UInt64]
+    var intents: [UInt64] = []
+    /// For each section inside a multi-section block of the dead node: the block's first
+    /// section and section count.
+    var multiSectionBlock: [Int: Range<Int>] = [:]
+
+    init(geometry: PoolGeometry) {
+        sections = Array(repeating: 0, count: geometry.sectionCount)
+        spans = Array(repeating: 0, count: geometry.spanCount)
+        records = Array(repeating: 0, count: geometry.chunkCount)
+    }
+
+    mutating func store(sections range: Range<Int>, headers: [UInt64], spans spanWords: [UInt64], records recordWords: [UInt64]) {
+        sections.replaceSubrange(range, with: headers)
+        let spansPerSection = PoolGeometry.spansPerSection
+        spans.replaceSubrange(range.lowerBound * spansPerSection..<range.upperBound * spansPerSection, with: spanWords)
+        let chunksPerSection = PoolGeometry.chunksPerSection
+        records.replaceSubrange(range.lowerBound * chunksPerSection..<range.upperBound * chunksPerSection, with: recordWords)
+    }
+
+    subscript(slot: HeaderSlot) -> UInt64 {
+        get {
+            switch slot {
+            case .section(let section): sections[section]
+            case .span(let section, let span): spans[section * PoolGeometry.spansPerSection + span]
+            }
+        }
+        set {
+            switch slot {
+            case .section(let section): sections[section] = newValue
+            case .span(let section, let span): spans[section * PoolGeometry.spansPerSection + span] = newValue
+            }
+        }
+    }
+
+    /// The record at `chunk` if it is an allocation by `owner` in `layer`.
+    func allocation(at chunk: Int, by owner: OwnerID, layer: FullLogRecord.Layer) -> FullLogRecord? {
+        let word = records[chunk]
+        guard word != 0, let record = FullLogRecord(rawValue: word), record.isAllocated, record.owner == owner, record.layer == layer else { return nil }
+        return record
+    }
+
+    /// Indexes the multi-section blocks of `owner` whose records are in `sections`.
+    mutating func indexMultiSectionBlocks(of owner: OwnerID, in sections: [Int]) {
+        for section in sections {
+            let chunk = section * PoolGeometry.chunksPerSection
+            guard let record = allocation(at: chunk, by: owner, layer: .multiSection) else { continue }
+            let count = 1 << (record.chunkCountLog2 - Block.sectionLayerCountLog2Max)
+            let range = section..<min(section + count, self.sections.count)
+            for member in range { multiSectionBlock[member] = range }
+        }
+    }
+}

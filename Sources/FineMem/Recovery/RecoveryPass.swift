@@ -1,0 +1,356 @@
+/// One pass of recovery over the sections it read: four steps, each one doorbell (or two)
+/// of CASes decided from the pool image and answered back into it.
+///
+/// 1. Reclaim: every header holding blocks of the dead node commits their free in one CAS
+///    (one section-layer block a CAS), pending under a log naming the node.
+/// 2. Settle: for every header pending under the node's log whose blocks are all free,
+///    the records of those blocks are set to freed by CAS (one doorbell), then the bit is
+///    cleared (the next). A multi-section block's record is written once every section of
+///    it is free and its first section is pending; its sections are cleared after it.
+/// 3. Close spans: an open span the node emptied and did not close goes to `closing`; the
+///    section entry of a span the node left `opening` or `closing` goes back to empty;
+///    then such a span, its entry no longer in chunk mode, goes to `closed` (L6 order).
+/// 4. Intents: an intent of the node is cleared once no section of its run is pending
+///    under the node's multi-section log.
+///
+/// A step whose CAS loses leaves the header for the next pass (`touched`), which reads it
+/// again: nothing is decided from a word that changed.
+struct RecoveryPass {
+    let owner: OwnerID
+    private(set) var pool: PoolImage
+    let sections: [Int]
+    /// Sections to read again in the next pass: those with work found in this one.
+    private var touchedSet: Set<Int> = []
+    /// Whether a header of the dead node's was held by another node's pending log.
+    private(set) var waited = false
+
+    init(owner: OwnerID, pool: PoolImage, sections: [Int]) {
+        self.owner = owner
+        self.pool = pool
+        self.sections = sections
+        for section in sections where hasWork(in: section) { touch(section) }
+        for intent in liveIntents { for section in intent.sections where section < pool.sections.count { touchedSet.insert(section) } }
+    }
+
+    var hasWork: Bool { !touchedSet.isEmpty || !liveIntents.isEmpty }
+    var touched: [Int] { touchedSet.sorted() }
+
+    private mutating func touch(_ section: Int) {
+        touchedSet.insert(section)
+        if let range = pool.multiSectionBlock[section] { touchedSet.formUnion(range) }
+    }
+
+    // MARK: What the dead node holds
+
+    private var liveIntents: [IntentRecord] {
+        pool.intents.compactMap { IntentRecord(rawValue: $0) }.filter { $0.isValid && $0.owner == owner }
+    }
+
+    private func span(_ section: Int, _ span: Int) -> SpanHeader { SpanHeader(rawValue: pool[.span(section: section, span: span)]) ?? .empty }
+    private func section(_ section: Int) -> SectionHeader { SectionHeader(rawValue: pool[.section(section)]) ?? .empty }
+
+    private func isPendingByOwner<Header: LoggedHeader>(_ header: Header) -> Bool { header.logPending && header.log.owner == owner }
+    private func isPendingByOther<Header: LoggedHeader>(_ header: Header) -> Bool { header.logPending && header.log.owner != owner }
+
+    /// The dead node's chunk-layer blocks in span `span` of `section`, as runs, by their records.
+    private func chunkRuns(_ section: Int, _ span: Int) -> [HeaderRun] {
+        let first = HeaderSlot.span(section: section, span: span).firstChunk
+        var runs: [HeaderRun] = []
+        for chunk in 0..<PoolGeometry.chunksPerSpan {
+            guard let record = pool.allocation(at: first + chunk, by: owner, layer: .chunk) else { continue }
+            let run = HeaderRun(offset: chunk, countLog2: record.chunkCountLog2)
+            if SpanHeader.holds(run) { runs.append(run) }
+        }
+        return runs
+    }
+
+    /// The dead node's section-layer blocks in `section`, as runs of spans.
+    private func sectionRuns(_ section: Int) -> [HeaderRun] {
+        (0..<PoolGeometry.spansPerSection).compactMap { span in
+            let chunk = HeaderSlot.span(section: section, span: span).firstChunk
+            guard let record = pool.allocation(at: chunk, by: owner, layer: .section) else { return nil }
+            let run = HeaderRun(offset: span, countLog2: record.chunkCountLog2 - SectionHeader.unitChunkCountLog2)
+            return SectionHeader.holds(run) ? run : nil
+        }
+    }
+
+    private func hasWork(in sectionIndex: Int) -> Bool {
+        let header = section(sectionIndex)
+        if isPendingByOwner(header) { return true }
+        if sectionRuns(sectionIndex).contains(where: header.marksAllocated) { return true }
+        if pool.multiSectionBlock[sectionIndex] != nil, header.isAllWhole { return true }
+        for spanIndex in 0..<PoolGeometry.spansPerSection {
+            let spanHeader = span(sectionIndex, spanIndex)
+            if isPendingByOwner(spanHeader) { return true }
+            if spanHeader.mode == .open, chunkRuns(sectionIndex, spanIndex).contains(where: spanHeader.marksAllocated) { return true }
+            if spanHeader.log.owner == owner, spanHeader.mode == .opening || spanHeader.mode == .closing { return true }
+            if emptiedByOwner(spanHeader, entry: header.state(ofSpan: spanIndex)) { return true }
+        }
+        return false
+    }
+
+    /// An open, empty span whose last block operation was the dead node's (or recovery's
+    /// in its name): the node would have closed it; recovery does.
+    private func emptiedByOwner(_ header: SpanHeader, entry: SectionHeader.SpanState) -> Bool {
+        header.mode == .open && header.bitmap == 0 && !header.logPending && header.log.owner == owner && entry.isChunkMode
+    }
+
+    // MARK: Step 1: reclaim
+
+    mutating func reclaim(on link: MemoryNodeLink, report: inout RecoveryReport, trace: inout OperationTrace) async throws(FabricError) {
+        var spanSlots: [HeaderSlot] = []
+        var runsBySlot: [HeaderSlot: [HeaderRun]] = [:]
+        var sectionSlots: [HeaderSlot] = []
+        var sectionRunBySlot: [HeaderSlot: HeaderRun] = [:]
+        var multi: Set<HeaderSlot> = []
+        for sectionIndex in touched {
+            let header = section(sectionIndex)
+            let slot = HeaderSlot.section(sectionIndex)
+            let run = sectionRuns(sectionIndex).first(where: header.marksAllocated)
+            let inMulti = pool.multiSectionBlock[sectionIndex] != nil
+            if header.reclaiming(run, inMultiSectionBlock: inMulti, of: owner) != nil {
+                sectionSlots.append(slot)
+                sectionRunBySlot[slot] = run
+                if inMulti { multi.insert(slot) }
+            } else if isPendingByOther(header), run != nil || inMulti {
+                waited = true
+            }
+            for spanIndex in 0..<PoolGeometry.spansPerSection {
+                let spanHeader = span(sectionIndex, spanIndex)
+                let runs = chunkRuns(sectionIndex, spanIndex)
+                let slot = HeaderSlot.span(section: sectionIndex, span: spanIndex)
+                if spanHeader.reclaiming(runs, of: owner) != nil {
+                    spanSlots.append(slot)
+                    runsBySlot[slot] = runs
+                } else if isPendingByOther(spanHeader), runs.contains(where: spanHeader.marksAllocated) {
+                    waited = true
+                }
+            }
+        }
+        let owner = owner
+        if !spanSlots.isEmpty {
+            let before = spanSlots.map { span($0.section, spanIndex($0)) }
+            let outcomes: [UpdateOutcome<SpanHeader>] = try await link.updateEach(
+                spanSlots, UpdatePolicy(attemptsMax: 2), known: spanSlots.map { pool[$0] }, trace: &trace
+            ) { slot, header in header.reclaiming(runsBySlot[slot] ?? [], of: owner) }
+            for (index, (slot, outcome)) in zip(spanSlots, outcomes).enumerated() {
+                store(outcome, at: slot)
+                if let after = outcome.committedWord {
+                    let freed = freedRuns(runsBySlot[slot] ?? [], before[index], after)
+                    report.blocksReclaimed += freed
+                    report.blocksByLayer[Int(FullLogRecord.Layer.chunk.rawValue)] += freed
+                }
+            }
+        }
+        if !sectionSlots.isEmpty {
+            let outcomes: [UpdateOutcome<SectionHeader>] = try await link.updateEach(
+                sectionSlots, UpdatePolicy(attemptsMax: 2), known: sectionSlots.map { pool[$0] }, trace: &trace
+            ) { slot, header in header.reclaiming(sectionRunBySlot[slot], inMultiSectionBlock: multi.contains(slot), of: owner) }
+            for (slot, outcome) in zip(sectionSlots, outcomes) {
+                store(outcome, at: slot)
+                guard outcome.committedWord != nil else { continue }
+                if multi.contains(slot) {
+                    if pool.multiSectionBlock[slot.section]?.lowerBound == slot.section {
+                        report.blocksReclaimed += 1
+                        report.blocksByLayer[Int(FullLogRecord.Layer.multiSection.rawValue)] += 1
+                    }
+                } else {
+                    report.blocksReclaimed += 1
+                    report.blocksByLayer[Int(FullLogRecord.Layer.section.rawValue)] += 1
+                }
+            }
+        }
+    }
+
+    private func spanIndex(_ slot: HeaderSlot) -> Int {
+        guard case .span(_, let span) = slot else { preconditionFailure("\(slot) is not a span") }
+        return span
+    }
+
+    /// Blocks a reclaiming CAS freed: the dead node's runs in use before and free after,
+    /// and the run of its pending allocation if no record names it yet.
+    private func freedRuns(_ runs: [HeaderRun], _ before: SpanHeader, _ after: SpanHeader) -> Int {
+        var freed = runs.filter { before.marksAllocated($0) && after.marksFree($0) }.count
+        if isPendingByOwner(before), before.logDescribesAllocation, after.marksFree(before.log.run), !runs.contains(before.log.run) { freed += 1 }
+        return freed
+    }
+
+    private mutating func store<Header: LoggedHeader>(_ outcome: UpdateOutcome<Header>, at slot: HeaderSlot) {
+        switch outcome {
+        case .updated(let word), .committed(let word, _): pool[slot] = word.rawValue
+        case .refused(let current), .lost(let current): pool[slot] = current
+        }
+    }
+
+    // MARK: Step 2: settle
+
+    mutating func settle(on link: MemoryNodeLink, report: inout RecoveryReport, trace: inout OperationTrace) async throws(FabricError) {
+        let owner = owner
+        var recordWrites: [(chunk: Int, expected: UInt64, desired: UInt64, layer: FullLogRecord.Layer)] = []
+        var spanClears: [HeaderSlot] = []
+        var sectionClears: [HeaderSlot] = []
+        var clearAfterRecord: [Int: [HeaderSlot]] = [:]
+        var multiDone: Set<Int> = []
+        func freedRecord(_ chunk: Int, layer: FullLogRecord.Layer, sequence: LogSequence) {
+            let word = pool.records[chunk]
+            guard let record = pool.allocation(at: chunk, by: owner, layer: layer), let freed = record.freed(sequence: sequence) else { return }
+            recordWrites.append((chunk, word, freed.rawValue, layer))
+        }
+        for sectionIndex in touched {
+            for spanIndex in 0..<PoolGeometry.spansPerSection {
+                let header = span(sectionIndex, spanIndex)
+                guard isPendingByOwner(header), !header.logDescribesAllocation else { continue }
+                let runs = chunkRuns(sectionIndex, spanIndex)
+                guard !runs.contains(where: header.marksAllocated) else { continue }
+                let first = HeaderSlot.span(section: sectionIndex, span: spanIndex).firstChunk
+                for run in runs where header.marksFree(run) { freedRecord(first + run.offset, layer: .chunk, sequence: header.log.sequence) }
+                spanClears.append(.span(section: sectionIndex, span: spanIndex))
+            }
+            let header = section(sectionIndex)
+            guard isPendingByOwner(header) else { continue }
+            if let range = pool.multiSectionBlock[sectionIndex] {
+                // Written once for the block, from its first section, after every section is free.
+                guard range.lowerBound == sectionIndex, !multiDone.contains(sectionIndex) else { continue }
+                let sectionsOfBlock = range.map { self.section($0) }
+                guard !sectionsOfBlock.contains(where: \.isAllWhole),
+                      !sectionsOfBlock.contains(where: isPendingByOther) else { continue }
+                multiDone.insert(sectionIndex)
+                freedRecord(HeaderSlot.section(sectionIndex).firstChunk, layer: .multiSection, sequence: header.log.sequence)
+                clearAfterRecord[sectionIndex] = range.filter { isPendingByOwner(self.section($0)) }.map(HeaderSlot.section)
+                continue
+            }
+            if header.log.sizeCode == SectionHeader.multiSectionSizeCode {
+                // Part of a claim whose record was never written (or a rolled-back one).
+                if !header.isAllWhole { sectionClears.append(.section(sectionIndex)) }
+                continue
+            }
+            guard !header.logDescribesAllocation else { continue }
+            if let run = sectionRuns(sectionIndex).first(where: { $0 == header.log.run }), header.marksFree(run) {
+                freedRecord(HeaderSlot.span(section: sectionIndex, span: run.offset).firstChunk, layer: .section, sequence: header.log.sequence)
+            }
+            sectionClears.append(.section(sectionIndex))
+        }
+        for (_, slots) in clearAfterRecord { sectionClears += slots }
+        guard !spanClears.isEmpty || !sectionClears.isEmpty else { return }
+        var failedRecords: Set<Int> = []
+        if !recordWrites.isEmpty {
+            let verbs = recordWrites.map { Verb.compareAndSwap(link.grant.recordAddress(chunk: $0.chunk), expected: $0.expected, desired: $0.desired, rkey: link.metadataKey) }
+            let results = try await link.post(verbs, trace: &trace)
+            for (write, result) in zip(recordWrites, results) {
+                let answer = result.compareAndSwap
+                pool.records[write.chunk] = answer.exchanged ? write.desired : answer.original
+                if answer.exchanged { report.recordsFreed += 1 } else { failedRecords.insert(write.chunk) }
+            }
+        }
+        // A record that did not take keeps its header pending: the next pass reads both again.
+        let blocked = Set(failedRecords.map { $0 / PoolGeometry.chunksPerSection })
+        spanClears.removeAll { blocked.contains($0.section) }
+        sectionClears.removeAll { blocked.contains($0.section) }
+        let sequences = Dictionary(uniqueKeysWithValues: (spanClears + sectionClears).map { ($0, logSequence(of: $0)) })
+        if !spanClears.isEmpty {
+            let outcomes: [UpdateOutcome<SpanHeader>] = try await link.updateEach(
+                spanClears, UpdatePolicy(attemptsMax: 4), known: spanClears.map { pool[$0] }, trace: &trace
+            ) { slot, header in header.isPending(by: owner, sequence: sequences[slot]!) ? header.flushed() : nil }
+            for (slot, outcome) in zip(spanClears, outcomes) {
+                store(outcome, at: slot)
+                if outcome.committedWord != nil { report.logsSettled += 1 }
+            }
+        }
+        if !sectionClears.isEmpty {
+            let outcomes: [UpdateOutcome<SectionHeader>] = try await link.updateEach(
+                sectionClears, UpdatePolicy(attemptsMax: 4), known: sectionClears.map { pool[$0] }, trace: &trace
+            ) { slot, header in header.isPending(by: owner, sequence: sequences[slot]!) ? header.flushed() : nil }
+            for (slot, outcome) in zip(sectionClears, outcomes) {
+                store(outcome, at: slot)
+                if outcome.committedWord != nil { report.logsSettled += 1 }
+            }
+        }
+    }
+
+    private func logSequence(of slot: HeaderSlot) -> LogSequence {
+        switch slot {
+        case .section(let index): section(index).log.sequence
+        case .span(let index, let spanIndex): span(index, spanIndex).log.sequence
+        }
+    }
+
+    // MARK: Step 3: spans
+
+    mutating func closeSpans(on link: MemoryNodeLink, report: inout RecoveryReport, trace: inout OperationTrace) async throws(FabricError) {
+        let owner = owner
+        // Open spans the node emptied: to closing (they then take the path below).
+        let emptied = touched.flatMap { sectionIndex in
+            (0..<PoolGeometry.spansPerSection).filter { emptiedByOwner(span(sectionIndex, $0), entry: section(sectionIndex).state(ofSpan: $0)) }
+                .map { HeaderSlot.span(section: sectionIndex, span: $0) }
+        }
+        if !emptied.isEmpty {
+            let outcomes: [UpdateOutcome<SpanHeader>] = try await link.updateEach(
+                emptied, UpdatePolicy(attemptsMax: 1), known: emptied.map { pool[$0] }, trace: &trace
+            ) { _, header in header.log.owner == owner ? header.closing() : nil }
+            for (slot, outcome) in zip(emptied, outcomes) { store(outcome, at: slot) }
+        }
+        // Section entries in chunk mode over spans the node left opening or closing: to empty.
+        var entries: [HeaderSlot: [Int]] = [:]
+        for sectionIndex in touched {
+            let header = section(sectionIndex)
+            for spanIndex in 0..<PoolGeometry.spansPerSection where isIntermediate(span(sectionIndex, spanIndex)) && header.state(ofSpan: spanIndex).isChunkMode {
+                entries[.section(sectionIndex), default: []].append(spanIndex)
+            }
+        }
+        if !entries.isEmpty {
+            let slots = entries.keys.sorted { $0.section < $1.section }
+            let outcomes: [UpdateOutcome<SectionHeader>] = try await link.updateEach(
+                slots, UpdatePolicy(attemptsMax: 4), known: slots.map { pool[$0] }, trace: &trace
+            ) { slot, header in
+                var changed = header
+                for spanIndex in entries[slot]! { changed = changed.closingSpan(spanIndex) ?? changed }
+                return changed == header ? nil : changed
+            }
+            for (slot, outcome) in zip(slots, outcomes) { store(outcome, at: slot) }
+        }
+        // Spans opening or closing whose entry is no longer in chunk mode: to closed.
+        let closable = touched.flatMap { sectionIndex in
+            (0..<PoolGeometry.spansPerSection).filter { isIntermediate(span(sectionIndex, $0)) && !section(sectionIndex).state(ofSpan: $0).isChunkMode }
+                .map { HeaderSlot.span(section: sectionIndex, span: $0) }
+        }
+        if !closable.isEmpty {
+            let outcomes: [UpdateOutcome<SpanHeader>] = try await link.updateEach(
+                closable, UpdatePolicy(attemptsMax: 4), known: closable.map { pool[$0] }, trace: &trace
+            ) { _, header in
+                switch header.mode {
+                case .opening: header.abandoningOpening(owner: owner)
+                case .closing: header.log.owner == owner ? header.closed() : nil
+                case .open, .closed: nil
+                }
+            }
+            for (slot, outcome) in zip(closable, outcomes) {
+                store(outcome, at: slot)
+                if outcome.committedWord != nil { report.spansClosed += 1 }
+            }
+        }
+    }
+
+    private func isIntermediate(_ header: SpanHeader) -> Bool {
+        header.log.owner == owner && (header.mode == .opening || header.mode == .closing)
+    }
+
+    // MARK: Step 4: intents
+
+    mutating func clearIntents(on link: MemoryNodeLink, report: inout RecoveryReport, trace: inout OperationTrace) async throws(FabricError) {
+        for slot in 0..<pool.intents.count {
+            guard let intent = IntentRecord(rawValue: pool.intents[slot]), intent.isValid, intent.owner == owner else { continue }
+            let busy = intent.sections.contains { index in
+                index < pool.sections.count && isPendingByOwner(section(index)) && section(index).log.sizeCode == SectionHeader.multiSectionSizeCode
+            }
+            guard !busy else { continue }
+            let address = link.grant.intentAddress(owner: owner, slot: slot)
+            let outcome: UpdateOutcome<RawWord> = try await link.update(
+                .word(address, known: intent.rawValue), UpdatePolicy(attemptsMax: 1), trace: &trace
+            ) { _ in RawWord(IntentRecord.none.rawValue) }
+            if case .updated = outcome {
+                pool.intents[slot] = IntentRecord.none.rawValue
+                report.intentsCleared += 1
+            }
+        }
+    }
+}
