@@ -133,12 +133,13 @@ package struct CrashPointEnumeration: Sendable {
             let base = simulator.verbsExecuted(by: victimID)
             let spansOpenedBefore = victim.statistics.spansOpened
             if operation == .recovery {
-                // The victim dies right after the commit of a free: its log stays pending.
-                simulator.faults.crash(victimID, afterVerbs: base + 1, late: .none)
+                // The victim dies in the middle of freeing its 4 MiB block: its intent is
+                // written and one of the two sections released, the other still held.
+                simulator.faults.crash(victimID, afterVerbs: base + 2, late: .none)
             } else if let crashAfter {
                 simulator.faults.crash(victimID, afterVerbs: base + crashAfter, late: late)
             }
-            let freed = held[0]
+            let freed = operation == .recovery ? held.last! : held[0]
             await withTaskGroup(of: Void.self) { group in
                 group.addTask {
                     // The victim's operation (its background upkeep follows by itself).
