@@ -9,6 +9,8 @@ let package = Package(
         .executable(name: "finemem", targets: ["finemem"]),
         .executable(name: "fuzz-allocator", targets: ["AllocatorFuzzer"]),
         .executable(name: "fuzz-layout", targets: ["LayoutFuzzer"]),
+        .executable(name: "fuzz-recovery", targets: ["RecoveryFuzzer"]),
+        .executable(name: "fuzz-flush", targets: ["FlushFuzzer"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-atomics.git", from: "1.3.0"),
@@ -51,6 +53,8 @@ let package = Package(
         .target(name: "FuzzTargets", dependencies: ["FineMem", "CFuzzerDriver"], path: "Fuzz/FuzzTargets"),
         .executableTarget(name: "AllocatorFuzzer", dependencies: ["FuzzTargets"], path: "Fuzz/AllocatorFuzzer"),
         .executableTarget(name: "LayoutFuzzer", dependencies: ["FuzzTargets"], path: "Fuzz/LayoutFuzzer"),
+        .executableTarget(name: "RecoveryFuzzer", dependencies: ["FuzzTargets"], path: "Fuzz/RecoveryFuzzer"),
+        .executableTarget(name: "FlushFuzzer", dependencies: ["FuzzTargets"], path: "Fuzz/FlushFuzzer"),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -16,6 +16,16 @@ import Testing
         #expect(findings.isEmpty, "input seed \(seed): \(findings.prefix(3))")
     }
 
+    @Test(arguments: 1...16 as ClosedRange<UInt64>) func recoveryPrograms(seed: UInt64) {
+        let findings = recoveryFindings(Self.input(seed: seed, length: 8 + 2 * 64))
+        #expect(findings.isEmpty, "input seed \(seed): \(findings.prefix(3))")
+    }
+
+    @Test(arguments: 1...16 as ClosedRange<UInt64>) func flushPrograms(seed: UInt64) {
+        let findings = flushFindings(Self.input(seed: seed, length: 8 + 2 * 80))
+        #expect(findings.isEmpty, "input seed \(seed): \(findings.prefix(3))")
+    }
+
     @Test func emptyAndTinyProgramsAreValid() {
         #expect(allocatorFindings([]).isEmpty)
         #expect(allocatorFindings([1, 2, 3]).isEmpty)

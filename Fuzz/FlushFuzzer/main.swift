@@ -1,0 +1,4 @@
+// The log-flush fuzz target (see FuzzTargets.flushFindings for the input format).
+import FuzzTargets
+
+runFuzzer(name: "fuzz-flush", fuzzFlush)

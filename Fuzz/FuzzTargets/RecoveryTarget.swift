@@ -1,0 +1,193 @@
+import FineMem
+
+/// Runs crashes, stalls, fences and recoveries at points a fuzzer chose, and traps on any
+/// broken invariant. See `recoveryFindings` for the program's form.
+package func fuzzRecovery(_ bytes: [UInt8]) {
+    if let finding = recoveryFindings(bytes).first {
+        fatalError("recovery fuzz finding: \(finding)")
+    }
+}
+
+/// Runs a crash-and-recovery program and answers the invariant violations it found. The
+/// first 8 bytes seed the simulation (its top byte picks the schedule exploration, as in
+/// `allocatorFindings`); then each step takes 2 bytes, an operation and its argument, on
+/// compute node `op % 3` of two memory nodes:
+///
+/// - allocate 2^(argument % 12) chunks;
+/// - free a held block;
+/// - crash the node after `argument % 24` more of its verbs (its unexecuted verbs dropped,
+///   run late, or a seeded mix, by `argument / 24 % 3`), then give it an operation to run;
+/// - fence and recover the node (crashed or not): through the memory nodes' loopback, or a
+///   live node's connection, or first through a recoverer that crashes after
+///   `argument / 4 % 48` of its verbs and then again through the loopback;
+/// - restart a recovered node as a new incarnation;
+/// - stall the node for `argument` microseconds;
+/// - a burst of small allocations from every live node.
+///
+/// The structural invariants and intents are checked after every step. At the end every
+/// node not yet recovered is fenced and recovered, everyone frees, and the pool must be at
+/// rest and empty.
+package func recoveryFindings(_ bytes: [UInt8]) -> [String] {
+    var header = FuzzInput(bytes)
+    let seed = header.word()
+    let changePoints = Int(seed >> 56) % 4
+    let simulator = Simulator(
+        seed: seed, latency: LatencyModel(), exploration: changePoints == 0 ? .none : .randomPriorities(changePoints: changePoints))
+    let program = Array(bytes.dropFirst(8))
+    let failures = Failures()
+    simulator.spawn {
+        var input = FuzzInput(program)
+        await runRecoveryProgram(&input, simulator: simulator, failures: failures)
+    }
+    simulator.run()
+    return failures.all.map { "seed \(simulator.seed): \($0)" }
+}
+
+/// The state of one compute node in a recovery program.
+private enum NodeState { case live, doomed, recovered }
+
+private final class Nodes: @unchecked Sendable {
+    var state: [NodeState] = [.live, .live, .live]
+    var recoverers: UInt16 = 0
+}
+
+private func runRecoveryProgram(_ input: inout FuzzInput, simulator: Simulator, failures: Failures) async {
+    let cluster: EmbeddedCluster
+    do {
+        cluster = try await EmbeddedCluster.start(.init(memoryNodes: 2, poolBytesPerNode: 16 << 20, computeNodes: 3), simulator: simulator)
+    } catch {
+        failures.add(["cluster did not start: \(error)"])
+        return
+    }
+    let inspector = PoolInspector(cluster: cluster)
+    let application = ApplicationID(1)
+    let holdings = Holdings()
+    let nodes = Nodes()
+
+    @Sendable func allocate(node: Int, chunkCountLog2: Int) async {
+        let blocks = cluster.computeNodes[node]
+        do throws(AllocationError) {
+            let block = try await blocks.allocate(chunkCountLog2: chunkCountLog2, application: application)
+            failures.add(inspector.admit(block, owner: blocks.owner))
+            holdings.blocks.append((block, node))
+        } catch {
+            if case .outOfMemory = error { return }
+            if case .retryLimitExceeded = error, nodes.state.contains(.doomed) { return }  // waited on a dead node's log
+            if nodes.state[node] == .live { failures.add(["allocate 2^\(chunkCountLog2) chunks on live node \(node): \(error)"]) }
+        }
+    }
+
+    func recover(_ node: Int, how: Int) async {
+        // From the fence on, its blocks are recovery's: others may get them at once.
+        for (block, holder) in holdings.blocks where holder == node { failures.add(inspector.release(block)) }
+        holdings.blocks.removeAll { $0.node == node }
+        do {
+            try await cluster.fence(computeNode: node)
+        } catch {
+            failures.add(["fence of node \(node): \(error)"])
+            return
+        }
+        let owner = EmbeddedCluster.owner(ofComputeNode: node)
+        if how % 4 >= 2 {
+            // A recoverer that crashes part-way; the next recovery finishes its job.
+            nodes.recoverers += 1
+            let recoverer = NodeID(900 + nodes.recoverers)
+            simulator.faults.crash(recoverer, afterVerbs: UInt64(how / 4 % 48), late: .all)
+            var connections: [any FabricConnection] = []
+            for memoryNode in cluster.memoryNodes {
+                let (grant, connection) = memoryNode.recoveryAccess(from: recoverer)
+                connections.append(connection)
+                _ = try? await PoolRecovery(owner: owner, grant: grant, connection: connection, runtime: simulator).run()
+            }
+            await simulator.sleep(nanoseconds: 20_000)
+            for connection in connections { (connection as? SimulatedConnection)?.breakConnection() }
+        }
+        let helper = (0..<3).first { $0 != node && nodes.state[$0] == .live && !cluster.computeNodes[$0].isFenced }
+        do {
+            if how % 2 == 1, let helper {
+                for (grant, connection) in cluster.computeNodes[helper].metadataAccess {
+                    _ = try await PoolRecovery(owner: owner, grant: grant, connection: connection, runtime: simulator).run()
+                }
+            }
+            _ = try await cluster.recover(computeNode: node)
+        } catch {
+            failures.add(["recovery of node \(node): \(error)"])
+            return
+        }
+        nodes.state[node] = .recovered
+        await cluster.quiesce()
+        // At rest only when no dead node is left unrecovered (its logs stay pending).
+        if !nodes.state.contains(.doomed) { failures.add(inspector.checkAtRest()) }
+    }
+
+    var steps = 0
+    while !input.isAtEnd, steps < 64 {
+        steps += 1
+        let op = input.byte()
+        let argument = Int(input.byte())
+        let node = Int(op % 3)
+        let live = nodes.state[node] == .live
+        switch op / 3 % 8 {
+        case 0, 1:
+            if live { await allocate(node: node, chunkCountLog2: argument % 12) }
+        case 2:
+            let candidates = holdings.blocks.indices.filter { nodes.state[holdings.blocks[$0].node] == .live }
+            if !candidates.isEmpty {
+                let (block, holder) = holdings.blocks.remove(at: candidates[argument % candidates.count])
+                failures.add(inspector.release(block))
+                do throws(AllocationError) { try await cluster.computeNodes[holder].free(block, application: application) } catch {
+                    if case .retryLimitExceeded = error, nodes.state.contains(.doomed) {
+                        // It waited on a dead node's pending log and changed nothing: still held.
+                        failures.add(inspector.admit(block, owner: cluster.computeNodes[holder].owner))
+                        holdings.blocks.append((block, holder))
+                    } else {
+                        failures.add(["free \(block): \(error)"])
+                    }
+                }
+            }
+        case 3:
+            guard live else { continue }
+            let late: FaultPlan.LateVerbs = [.none, .all, .seeded][argument / 24 % 3]
+            let id = EmbeddedCluster.computeNodeID(node)
+            simulator.faults.crash(id, afterVerbs: simulator.verbsExecuted(by: id) + UInt64(argument % 24), late: late)
+            nodes.state[node] = .doomed
+            // The doomed node's operation runs until the crash cuts it.
+            // (Its blocks stay in the ledger until it is recovered, whatever the free did.)
+            if let index = holdings.blocks.firstIndex(where: { $0.node == node }), argument % 2 == 0 {
+                let block = holdings.blocks[index].block
+                try? await cluster.computeNodes[node].free(block, application: application)
+            } else if let block = try? await cluster.computeNodes[node].allocate(chunkCountLog2: argument % 11, application: application) {
+                failures.add(inspector.admit(block, owner: cluster.computeNodes[node].owner))
+                holdings.blocks.append((block, node))
+            }
+        case 4:
+            if nodes.state[node] != .recovered { await recover(node, how: argument) }
+        case 5:
+            guard nodes.state[node] == .recovered else { continue }
+            simulator.faults.revive(EmbeddedCluster.computeNodeID(node))
+            do { _ = try await cluster.restart(computeNode: node) } catch {
+                failures.add(["restart of node \(node): \(error)"])
+                continue
+            }
+            nodes.state[node] = .live
+        case 6:
+            simulator.faults.stall(EmbeddedCluster.computeNodeID(node), fromNanoseconds: simulator.nowNanoseconds, forNanoseconds: UInt64(argument) * 1_000)
+        default:
+            await withTaskGroup(of: Void.self) { group in
+                for i in 0..<(argument % 6 + 2) where nodes.state[(node + i) % 3] == .live {
+                    group.addTask { await allocate(node: (node + i) % 3, chunkCountLog2: (argument + i) % 5) }
+                }
+            }
+        }
+        failures.add(inspector.checkStructure() + inspector.checkIntents())
+    }
+    for node in 0..<3 where nodes.state[node] == .doomed { await recover(node, how: 0) }
+    for (block, holder) in holdings.blocks {
+        failures.add(inspector.release(block))
+        do throws(AllocationError) { try await cluster.computeNodes[holder].free(block, application: application) } catch {
+            failures.add(["final free \(block): \(error)"])
+        }
+    }
+    await cluster.quiesce()
+    failures.add(inspector.checkAtRest() + inspector.everyHeaderEmpty())
+}
