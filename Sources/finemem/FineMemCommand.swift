@@ -10,7 +10,7 @@ struct FineMemCommand: AsyncParsableCommand {
             Without RDMA hardware everything runs on an embedded, simulated memory node: \
             `demo` on real threads, `soak` and `bench` in deterministic virtual time.
             """,
-        subcommands: [Demo.self, Soak.self, Bench.self, Explore.self, CrashPoints.self, Devices.self],
+        subcommands: [Demo.self, Soak.self, Bench.self, RecoveryBench.self, Explore.self, CrashPoints.self, Devices.self],
         defaultSubcommand: Demo.self
     )
 }

@@ -1,3 +1,4 @@
+import Foundation
 import FineMem
 import FuzzTargets
 import Testing
@@ -24,6 +25,26 @@ import Testing
     @Test(arguments: 1...16 as ClosedRange<UInt64>) func flushPrograms(seed: UInt64) {
         let findings = flushFindings(Self.input(seed: seed, length: 8 + 2 * 80))
         #expect(findings.isEmpty, "input seed \(seed): \(findings.prefix(3))")
+    }
+
+    /// The committed corpus of each target (`Fuzz/corpus/TARGET`, grown by `Fuzz/run`),
+    /// replayed without libFuzzer.
+    @Test(arguments: ["allocator", "layout", "recovery", "flush"])
+    func committedCorpus(target: String) throws {
+        let directory = URL(filePath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .appending(path: "Fuzz/corpus/\(target)")
+        let files = try FileManager.default.contentsOfDirectory(at: directory, includingPropertiesForKeys: nil)
+        #expect(!files.isEmpty, "no corpus in \(directory.path)")
+        for file in files.sorted(by: { $0.path < $1.path }) {
+            let bytes = [UInt8](try Data(contentsOf: file))
+            let findings: [String] = switch target {
+            case "allocator": allocatorFindings(bytes)
+            case "layout": layoutFindings(bytes)
+            case "recovery": recoveryFindings(bytes)
+            default: flushFindings(bytes)
+            }
+            #expect(findings.isEmpty, "\(file.lastPathComponent): \(findings.prefix(3))")
+        }
     }
 
     @Test func emptyAndTinyProgramsAreValid() {

@@ -6,15 +6,16 @@ package enum RecoveryError: Error, Sendable, Hashable, CustomStringConvertible {
     case fabric(FabricError)
     /// A metadata word is not one the protocol allows.
     case corruptMetadata(String)
-    /// Passes ran out while headers stayed pending under other nodes' logs.
-    case notSettled(passes: Int)
+    /// Passes ran out while headers stayed pending under other nodes' logs; `remaining`
+    /// describes what was left.
+    case notSettled(passes: Int, remaining: String)
 
     package var description: String {
         switch self {
         case .notFenced(let owner, let state): "\(owner) is \(state), not fenced: fence it before recovering it"
         case .fabric(let error): "fabric: \(error)"
         case .corruptMetadata(let what): "corrupt metadata: \(what)"
-        case .notSettled(let passes): "recovery did not settle after \(passes) passes"
+        case .notSettled(let passes, let remaining): "recovery did not settle after \(passes) passes; left: \(remaining)"
         }
     }
 }
@@ -25,6 +26,8 @@ package struct RecoveryReport: Sendable, Hashable {
     package var blocksReclaimed = 0
     /// Blocks reclaimed, by layer (`FullLogRecord.Layer.rawValue` indexes it).
     package var blocksByLayer = [0, 0, 0]
+    /// Headers whose blocks of the dead node were freed by one CAS.
+    package var headersReclaimed = 0
     /// Full-log records set to freed.
     package var recordsFreed = 0
     /// Pending logs of the dead node (and of recovery in its name) cleared.
@@ -42,6 +45,9 @@ package struct RecoveryReport: Sendable, Hashable {
     package var retries: UInt64 = 0
     /// Whether the run found the slot already free (an earlier run finished the job).
     package var alreadyRecovered = false
+
+    /// Changes made so far (a pass that adds none made no progress).
+    var progress: Int { headersReclaimed + recordsFreed + logsSettled + spansClosed + intentsCleared }
 }
 
 /// Recovery of one fenced compute node on one memory node: settles every pending log it
@@ -73,19 +79,22 @@ package final class PoolRecovery: Sendable {
     private let grant: MemoryNodeGrant
     private let connection: any FabricConnection
     private let runtime: any Runtime
-    /// Passes before giving up while other nodes' pending logs keep headers busy.
-    private let passesMax: Int
+    /// Passes in a row without progress (every CAS lost, or headers held under other
+    /// nodes' pending logs: a stalled live node, or another dead node not recovered yet)
+    /// before recovery gives up with `notSettled`, having done what it could; the caller
+    /// runs it again later (the monitor does at its next check).
+    private let idlePassesMax: Int
     /// Sections read in one READ of records (1 MiB of records).
     private static let sectionsPerRead = 256
     /// The pause between passes that lost a CAS or waited on another node's pending log.
     private static let pauseNanos: ClosedRange<UInt64> = 1_000...1_000_000
 
-    package init(owner: OwnerID, grant: MemoryNodeGrant, connection: any FabricConnection, runtime: any Runtime, passesMax: Int = 10_000) {
+    package init(owner: OwnerID, grant: MemoryNodeGrant, connection: any FabricConnection, runtime: any Runtime, idlePassesMax: Int = 64) {
         self.owner = owner
         self.grant = grant
         self.connection = connection
         self.runtime = runtime
-        self.passesMax = passesMax
+        self.idlePassesMax = idlePassesMax
     }
 
     private var geometry: PoolGeometry { grant.geometry }
@@ -123,14 +132,15 @@ package final class PoolRecovery: Sendable {
         var pool = PoolImage(geometry: geometry)
         var dirty = Array(0..<geometry.sectionCount)
         var delay = Self.pauseNanos.lowerBound
+        var idlePasses = 0
         while true {
             report.passes += 1
-            guard report.passes <= passesMax else { throw .notSettled(passes: passesMax) }
             do {
                 try await read(dirty, into: &pool, trace: &trace)
             } catch { throw .fabric(error) }
             pool.indexMultiSectionBlocks(of: owner, in: dirty)
             var pass = RecoveryPass(owner: owner, pool: pool, sections: dirty)
+            guard idlePasses <= idlePassesMax else { throw .notSettled(passes: report.passes, remaining: pass.remainingWork) }
             guard pass.hasWork else {
                 let outcome: UpdateOutcome<NodeSlot>
                 do {
@@ -143,6 +153,7 @@ package final class PoolRecovery: Sendable {
                 return report
             }
             let retriesBefore = trace.retries
+            let progressBefore = report.progress
             do {
                 try await pass.reclaim(on: link, report: &report, trace: &trace)
                 try await pass.settle(on: link, report: &report, trace: &trace)
@@ -151,6 +162,7 @@ package final class PoolRecovery: Sendable {
             } catch { throw .fabric(error) }
             pool = pass.pool
             dirty = pass.touched
+            idlePasses = report.progress == progressBefore ? idlePasses + 1 : 0
             if trace.retries > retriesBefore || pass.waited {
                 await runtime.sleep(nanoseconds: delay)
                 delay = min(delay * 2, Self.pauseNanos.upperBound)

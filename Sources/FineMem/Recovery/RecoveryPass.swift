@@ -33,6 +33,18 @@ struct RecoveryPass {
     }
 
     var hasWork: Bool { !touchedSet.isEmpty || !liveIntents.isEmpty }
+
+    /// What is left, for an error message: the first sections with work, their headers.
+    var remainingWork: String {
+        let sections = touched.prefix(4).map { index in
+            let spans = (0..<PoolGeometry.spansPerSection).map { span(index, $0) }.enumerated()
+                .filter { $0.element.rawValue != SpanHeader.empty.rawValue }
+                .map { "\($0.offset): \($0.element.mode) bitmap \(String($0.element.bitmap, radix: 16)) pending \($0.element.logPending) by \($0.element.log.owner)" }
+            let header = section(index)
+            return "section \(index) \(header.spanStates) pending \(header.logPending) by \(header.log.owner) code \(header.log.sizeCode); spans [\(spans.joined(separator: "; "))]"
+        }
+        return sections.joined(separator: " | ") + " intents \(liveIntents)"
+    }
     var touched: [Int] { touchedSet.sorted() }
 
     private mutating func touch(_ section: Int) {
@@ -136,6 +148,7 @@ struct RecoveryPass {
             for (index, (slot, outcome)) in zip(spanSlots, outcomes).enumerated() {
                 store(outcome, at: slot)
                 if let after = outcome.committedWord {
+                    report.headersReclaimed += 1
                     let freed = freedRuns(runsBySlot[slot] ?? [], before[index], after)
                     report.blocksReclaimed += freed
                     report.blocksByLayer[Int(FullLogRecord.Layer.chunk.rawValue)] += freed
@@ -149,6 +162,7 @@ struct RecoveryPass {
             for (slot, outcome) in zip(sectionSlots, outcomes) {
                 store(outcome, at: slot)
                 guard outcome.committedWord != nil else { continue }
+                report.headersReclaimed += 1
                 if multi.contains(slot) {
                     if pool.multiSectionBlock[slot.section]?.lowerBound == slot.section {
                         report.blocksReclaimed += 1
@@ -230,7 +244,7 @@ struct RecoveryPass {
             }
             sectionClears.append(.section(sectionIndex))
         }
-        for (_, slots) in clearAfterRecord { sectionClears += slots }
+        for first in clearAfterRecord.keys.sorted() { sectionClears += clearAfterRecord[first]! }
         guard !spanClears.isEmpty || !sectionClears.isEmpty else { return }
         var failedRecords: Set<Int> = []
         if !recordWrites.isEmpty {
