@@ -1,11 +1,11 @@
 /// The header transitions of recovery: reclaiming the blocks of a fenced compute node.
 ///
-/// Recovery acts in the dead node's name. Its commit on a header frees every block of the
-/// dead node there at once and leaves the header pending with a log naming the dead node
-/// (its own log if one was pending, else a new one describing the first block freed), so
-/// that nobody else commits on the header until the records are written and the bit is
-/// cleared: the same rules (L1-L4) as a free of the node itself, for several blocks in one
-/// CAS. A pending log of the dead node whose run is all set is an allocation it committed
+/// Recovery acts in the dead node's name. Its commit on a span header frees every block of
+/// the dead node there at once (on a section header, one block, see below) and leaves the
+/// header pending with a log naming the dead node (its own log if one was pending, else a
+/// new one describing the first block freed), so that nobody else commits on the header
+/// until the records are written and the bit is cleared: the same rules (L1-L4) as a free
+/// of the node itself. A pending log of the dead node whose run is all set is an allocation it committed
 /// and never handed out (or did): it is freed with the rest.
 extension SpanHeader {
     /// Frees the chunks of `runs` that are in use and, when a log of `owner` is pending

@@ -35,6 +35,10 @@ package final class MemoryNode: Sendable {
     package let nic: any NICControl
     private let loopbackRegion: MemoryRegion
     private let loopback: any FabricConnection
+    /// The queue pair recovery runs on: the memory node's own, through its NIC like any
+    /// other (in virtual time, with the latency model's crossings), so that recovery
+    /// interleaves with the live nodes' verbs as it does on hardware.
+    private let recoveryConnection: any FabricConnection
     private let attachments = Locked<[OwnerID: (metadata: MemoryRegion, data: MemoryRegion)]>([:])
 
     package var id: NodeID { nic.node }
@@ -47,6 +51,7 @@ package final class MemoryNode: Sendable {
             let pd = try nic.allocateProtectionDomain()
             loopbackRegion = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: geometry.metadataBytes, access: .all)
             loopback = nic.openLoopback(protectionDomain: pd)
+            recoveryConnection = nic.openConnection(from: nic.node, protectionDomain: pd)
         } catch {
             throw .nic(error)
         }
@@ -152,11 +157,11 @@ package final class MemoryNode: Sendable {
     /// only a racing monitor could).
     private static let slotAttemptsMax = 16
 
-    /// Recovers fenced compute node `owner` through the loopback connection
+    /// Recovers fenced compute node `owner` through the memory node's own queue pair
     /// (`PoolRecovery`): settles its logs, frees its blocks, frees its slot.
     package func recover(computeNode owner: OwnerID, runtime: any Runtime) async throws(MemoryNodeError) -> RecoveryReport {
         do {
-            return try await PoolRecovery(owner: owner, grant: loopbackGrant, connection: loopback, runtime: runtime).run()
+            return try await PoolRecovery(owner: owner, grant: loopbackGrant, connection: recoveryConnection, runtime: runtime).run()
         } catch {
             throw .recovery(error)
         }

@@ -103,10 +103,11 @@ package final class PoolRecovery: Sendable {
     package func run() async throws(RecoveryError) -> RecoveryReport {
         var report = RecoveryReport()
         var trace = OperationTrace()
-        defer {
+        func finished() -> RecoveryReport {
             report.batches = trace.batches
             report.verbs = trace.verbs
             report.retries = trace.retries
+            return report
         }
         let slotAddress = grant.nodeSlotAddress(owner)
         let slotWord: UInt64
@@ -115,7 +116,7 @@ package final class PoolRecovery: Sendable {
         switch slot.state {
         case .free:
             report.alreadyRecovered = true
-            return report
+            return finished()
         case .alive, .suspected:
             throw .notFenced(owner, slot.state)
         case .dead, .recovering:
@@ -150,7 +151,7 @@ package final class PoolRecovery: Sendable {
                 guard case .updated = outcome else {
                     throw .corruptMetadata("the slot of \(owner) changed during its recovery: \(outcomeWord(outcome))")
                 }
-                return report
+                return finished()
             }
             let retriesBefore = trace.retries
             let progressBefore = report.progress

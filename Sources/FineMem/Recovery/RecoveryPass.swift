@@ -16,6 +16,9 @@
 /// A step whose CAS loses leaves the header for the next pass (`touched`), which reads it
 /// again: nothing is decided from a word that changed.
 struct RecoveryPass {
+    /// The most verbs recovery puts in one doorbell (a send queue's depth, not the pool's).
+    static let verbsPerDoorbellMax = 1_024
+
     let owner: OwnerID
     private(set) var pool: PoolImage
     let sections: [Int]
@@ -142,7 +145,7 @@ struct RecoveryPass {
         let owner = owner
         if !spanSlots.isEmpty {
             let before = spanSlots.map { span($0.section, spanIndex($0)) }
-            let outcomes: [UpdateOutcome<SpanHeader>] = try await link.updateEach(
+            let outcomes: [UpdateOutcome<SpanHeader>] = try await link.updateEachInDoorbells(
                 spanSlots, UpdatePolicy(attemptsMax: 2), known: spanSlots.map { pool[$0] }, trace: &trace
             ) { slot, header in header.reclaiming(runsBySlot[slot] ?? [], of: owner) }
             for (index, (slot, outcome)) in zip(spanSlots, outcomes).enumerated() {
@@ -156,7 +159,7 @@ struct RecoveryPass {
             }
         }
         if !sectionSlots.isEmpty {
-            let outcomes: [UpdateOutcome<SectionHeader>] = try await link.updateEach(
+            let outcomes: [UpdateOutcome<SectionHeader>] = try await link.updateEachInDoorbells(
                 sectionSlots, UpdatePolicy(attemptsMax: 2), known: sectionSlots.map { pool[$0] }, trace: &trace
             ) { slot, header in header.reclaiming(sectionRunBySlot[slot], inMultiSectionBlock: multi.contains(slot), of: owner) }
             for (slot, outcome) in zip(sectionSlots, outcomes) {
@@ -249,7 +252,10 @@ struct RecoveryPass {
         var failedRecords: Set<Int> = []
         if !recordWrites.isEmpty {
             let verbs = recordWrites.map { Verb.compareAndSwap(link.grant.recordAddress(chunk: $0.chunk), expected: $0.expected, desired: $0.desired, rkey: link.metadataKey) }
-            let results = try await link.post(verbs, trace: &trace)
+            var results: [VerbResult] = []
+            for start in stride(from: 0, to: verbs.count, by: Self.verbsPerDoorbellMax) {
+                results += try await link.post(Array(verbs[start..<min(start + Self.verbsPerDoorbellMax, verbs.count)]), trace: &trace)
+            }
             for (write, result) in zip(recordWrites, results) {
                 let answer = result.compareAndSwap
                 pool.records[write.chunk] = answer.exchanged ? write.desired : answer.original
@@ -262,7 +268,7 @@ struct RecoveryPass {
         sectionClears.removeAll { blocked.contains($0.section) }
         let sequences = Dictionary(uniqueKeysWithValues: (spanClears + sectionClears).map { ($0, logSequence(of: $0)) })
         if !spanClears.isEmpty {
-            let outcomes: [UpdateOutcome<SpanHeader>] = try await link.updateEach(
+            let outcomes: [UpdateOutcome<SpanHeader>] = try await link.updateEachInDoorbells(
                 spanClears, UpdatePolicy(attemptsMax: 4), known: spanClears.map { pool[$0] }, trace: &trace
             ) { slot, header in header.isPending(by: owner, sequence: sequences[slot]!) ? header.flushed() : nil }
             for (slot, outcome) in zip(spanClears, outcomes) {
@@ -271,7 +277,7 @@ struct RecoveryPass {
             }
         }
         if !sectionClears.isEmpty {
-            let outcomes: [UpdateOutcome<SectionHeader>] = try await link.updateEach(
+            let outcomes: [UpdateOutcome<SectionHeader>] = try await link.updateEachInDoorbells(
                 sectionClears, UpdatePolicy(attemptsMax: 4), known: sectionClears.map { pool[$0] }, trace: &trace
             ) { slot, header in header.isPending(by: owner, sequence: sequences[slot]!) ? header.flushed() : nil }
             for (slot, outcome) in zip(sectionClears, outcomes) {
@@ -298,7 +304,7 @@ struct RecoveryPass {
                 .map { HeaderSlot.span(section: sectionIndex, span: $0) }
         }
         if !emptied.isEmpty {
-            let outcomes: [UpdateOutcome<SpanHeader>] = try await link.updateEach(
+            let outcomes: [UpdateOutcome<SpanHeader>] = try await link.updateEachInDoorbells(
                 emptied, UpdatePolicy(attemptsMax: 1), known: emptied.map { pool[$0] }, trace: &trace
             ) { _, header in header.log.owner == owner ? header.closing() : nil }
             for (slot, outcome) in zip(emptied, outcomes) { store(outcome, at: slot) }
@@ -313,7 +319,7 @@ struct RecoveryPass {
         }
         if !entries.isEmpty {
             let slots = entries.keys.sorted { $0.section < $1.section }
-            let outcomes: [UpdateOutcome<SectionHeader>] = try await link.updateEach(
+            let outcomes: [UpdateOutcome<SectionHeader>] = try await link.updateEachInDoorbells(
                 slots, UpdatePolicy(attemptsMax: 4), known: slots.map { pool[$0] }, trace: &trace
             ) { slot, header in
                 var changed = header
@@ -328,7 +334,7 @@ struct RecoveryPass {
                 .map { HeaderSlot.span(section: sectionIndex, span: $0) }
         }
         if !closable.isEmpty {
-            let outcomes: [UpdateOutcome<SpanHeader>] = try await link.updateEach(
+            let outcomes: [UpdateOutcome<SpanHeader>] = try await link.updateEachInDoorbells(
                 closable, UpdatePolicy(attemptsMax: 4), known: closable.map { pool[$0] }, trace: &trace
             ) { _, header in
                 switch header.mode {
@@ -366,5 +372,21 @@ struct RecoveryPass {
                 report.intentsCleared += 1
             }
         }
+    }
+}
+
+extension MemoryNodeLink {
+    /// `updateEach` in doorbells of at most `RecoveryPass.verbsPerDoorbellMax` CASes, one
+    /// after the other; the outcomes in the order of `slots`.
+    func updateEachInDoorbells<Header: LoggedHeader>(
+        _ slots: [HeaderSlot], _ policy: UpdatePolicy, known: [UInt64], trace: inout OperationTrace, _ transition: (HeaderSlot, Header) -> Header?
+    ) async throws(FabricError) -> [UpdateOutcome<Header>] {
+        var outcomes: [UpdateOutcome<Header>] = []
+        let step = RecoveryPass.verbsPerDoorbellMax
+        for start in stride(from: 0, to: slots.count, by: step) {
+            let end = min(start + step, slots.count)
+            outcomes += try await updateEach(Array(slots[start..<end]), policy, known: Array(known[start..<end]), trace: &trace, transition)
+        }
+        return outcomes
     }
 }
