@@ -172,10 +172,15 @@ private func runRecoveryProgram(_ input: inout FuzzInput, simulator: Simulator, 
             simulator.faults.crash(id, afterVerbs: simulator.verbsExecuted(by: id) + UInt64(argument % 24), late: late)
             nodes.state[node] = .doomed
             // The doomed node's operation runs until the crash cuts it.
-            // (Its blocks stay in the ledger until it is recovered, whatever the free did.)
+            // A free that answers took effect (its log may still be pending: the header is
+            // then held until recovery); one cut by the crash leaves the block in the
+            // ledger until recovery takes it back.
             if let index = holdings.blocks.firstIndex(where: { $0.node == node }), argument % 2 == 0 {
                 let block = holdings.blocks[index].block
-                try? await cluster.computeNodes[node].free(block, application: application)
+                if (try? await cluster.computeNodes[node].free(block, application: application)) != nil {
+                    holdings.blocks.removeAll { $0.block == block }
+                    failures.add(inspector.release(block))
+                }
             } else if let block = try? await cluster.computeNodes[node].allocate(chunkCountLog2: argument % 11, application: application) {
                 failures.add(inspector.admit(block, owner: cluster.computeNodes[node].owner))
                 holdings.blocks.append((block, node))

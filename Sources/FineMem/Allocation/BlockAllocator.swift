@@ -210,25 +210,29 @@ package final class BlockAllocator: Sendable {
     }
 
     /// Says why this node may not free `block`: someone else holds it, it is not
-    /// allocated, or it is not a block start. Reads the full-log record at its first chunk
-    /// and the header that commits it, in one doorbell: a block allocated a moment ago shows
-    /// in its header's pending log before its record is written.
+    /// allocated, or it is not a block start. Reads the header that commits it, then the
+    /// full-log record at its first chunk, in one doorbell: a block allocated a moment ago
+    /// shows in its header's pending log before its record is written, and the flush writes
+    /// the record before it clears the log, so whichever way another node's flush falls
+    /// between the two READs (other connections' verbs may run between them), one of them
+    /// shows the allocation. (Record first, a flush landing between would hide it in both.)
     private func classifyForeign(_ block: Block, application: ApplicationID, on link: MemoryNodeLink, trace: inout OperationTrace) async throws(AllocationError) -> AllocationError {
         let pointer = pointer(to: block, on: link)
         guard block.fits(link.geometry) else { return .notABlockStart(pointer) }
-        let words: [VerbResult]
+        let results: [VerbResult]
         do {
-            words = try await link.post([
-                .readWords(link.grant.recordAddress(chunk: block.firstChunk), count: 1, rkey: link.metadataKey),
+            results = try await link.post([
                 link.read(HeaderSlot(committing: block)),
+                .readWords(link.grant.recordAddress(chunk: block.firstChunk), count: 1, rkey: link.metadataKey),
             ], trace: &trace)
         } catch { throw .fabric(error) }
-        if let record = FullLogRecord(rawValue: words[0].words[0]), record != .never, record.chunkCountLog2 == block.chunkCountLog2 {
+        let (headerWord, recordWord) = (results[0].words[0], results[1].words[0])
+        if let record = FullLogRecord(rawValue: recordWord), record != .never, record.chunkCountLog2 == block.chunkCountLog2 {
             // A record still saying "ours" belongs to a free of ours whose flush is in flight.
             let ours = record.owner == owner && record.application == application && record.incarnation == link.incarnation
             return record.isAllocated && !ours ? .notOwner(pointer) : .doubleFree(pointer)
         }
-        if justAllocatedByAnother(block, header: words[1].words[0]) { return .notOwner(pointer) }
+        if justAllocatedByAnother(block, header: headerWord) { return .notOwner(pointer) }
         return .notABlockStart(pointer)
     }
 
