@@ -44,7 +44,7 @@ package final class MemoryNode: Sendable {
         do {
             let pd = try nic.allocateProtectionDomain()
             loopbackRegion = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: geometry.metadataBytes, access: .all)
-            loopback = nic.openLoopback(protectionDomain: pd)
+            loopback = try nic.openLoopback(protectionDomain: pd)
         } catch {
             throw .nic(error)
         }
@@ -78,9 +78,15 @@ package final class MemoryNode: Sendable {
         } catch {
             throw .nic(error)
         }
+        let connection: any FabricConnection
+        do { connection = try nic.openConnection(from: node, protectionDomain: pd) } catch {
+            try? nic.deregister(metadata)
+            try? nic.deregister(data)
+            throw .nic(error)
+        }
         attachments.withLock { $0[owner] = (metadata, data) }
         let grant = MemoryNodeGrant(memoryNode: id, geometry: geometry, baseAddress: nic.baseAddress, metadataKey: metadata.rkey, dataKey: data.rkey)
-        return (grant, nic.openConnection(from: node, protectionDomain: pd))
+        return (grant, connection)
     }
 
     /// Fences compute node `owner`: first moves its connections to the error state, so
