@@ -236,7 +236,8 @@ extension VerbsConnection {
     /// payload (the grant), and connects (RESET -> INIT -> RTR -> RTS). The GID follows the
     /// bootstrap socket's address family.
     package static func bootstrap(
-        context: VerbsContext, channel: VerbsBootstrapChannel, remoteNode: NodeID, timeoutSeconds: Double = 10
+        context: VerbsContext, channel: VerbsBootstrapChannel, remoteNode: NodeID, timeoutSeconds: Double = 10,
+        completionTimeoutSeconds: Double = 60
     ) throws(VerbsBootstrapError) -> (VerbsConnection, payload: [UInt8]) {
         let path: VerbsPath
         let qp: VerbsQueuePair
@@ -255,7 +256,8 @@ extension VerbsConnection {
         }
         do {
             try qp.connect(to: answer.endpoint, path: path, localPSN: psn)
-            return (try VerbsConnection(remoteNode: remoteNode, queuePair: qp, peer: nil), answer.payload)
+            let connection = try VerbsConnection(remoteNode: remoteNode, queuePair: qp, peer: nil, completionTimeoutSeconds: completionTimeoutSeconds)
+            return (connection, answer.payload)
         } catch { throw VerbsBootstrapError(step: "connect the queue pair (RESET->INIT->RTR->RTS)", reason: "\(error)") }
     }
 }

@@ -39,11 +39,15 @@ package final class VerbsConnection: FabricConnection, @unchecked Sendable {
     private let countersValue = Locked(FabricCounters())
 
     /// Longest wait for a completion before the connection is declared broken (the QP's
-    /// own retry timer normally answers long before).
-    package static let completionTimeoutNanoseconds: UInt64 = 60_000_000_000
+    /// own retry timer normally answers long before: 8 tries of about 67 ms).
+    private let completionTimeoutNanoseconds: UInt64
 
-    package init(remoteNode: NodeID, queuePair: VerbsQueuePair, peer: VerbsQueuePair?, slabBytes: Int = 64 << 10) throws(VerbsError) {
+    package init(
+        remoteNode: NodeID, queuePair: VerbsQueuePair, peer: VerbsQueuePair?, slabBytes: Int = 64 << 10,
+        completionTimeoutSeconds: Double = 60
+    ) throws(VerbsError) {
         self.remoteNode = remoteNode
+        completionTimeoutNanoseconds = UInt64(completionTimeoutSeconds * 1e9)
         self.queuePair = queuePair
         self.peer = peer
         localDomain = queuePair.protectionDomain
@@ -102,9 +106,11 @@ package final class VerbsConnection: FabricConnection, @unchecked Sendable {
         countersValue.withLock { $0.batches += 1 }
         var results: [VerbResult] = []
         results.reserveCapacity(verbs.count)
-        // A verb of no length is refused as the simulated NIC refuses it: the verbs before
-        // it execute, then the connection breaks.
-        let valid = verbs.firstIndex { $0.payloadBytes <= 0 } ?? verbs.count
+        // A verb of no length, or an atomic on an address that is not 8-byte aligned, is
+        // refused as the simulated NIC refuses it: the verbs before it execute, then the
+        // connection breaks. (Providers differ: rxe refuses a misaligned atomic in
+        // ibv_post_send with EINVAL, others complete it with IBV_WC_REM_INV_REQ_ERR.)
+        let valid = verbs.firstIndex(where: Self.isMalformed) ?? verbs.count
         var start = 0
         while start < valid {
             var end = start
@@ -122,9 +128,13 @@ package final class VerbsConnection: FabricConnection, @unchecked Sendable {
         if valid < verbs.count {
             breakConnection()
             let verb = verbs[valid]
-            throw .remoteAccess(.invalidLength, address: verb.address, rkey: verb.rkey, verbIndex: valid)
+            throw .remoteAccess(verb.payloadBytes <= 0 ? .invalidLength : .misalignedAtomic, address: verb.address, rkey: verb.rkey, verbIndex: valid)
         }
         return results
+    }
+
+    private static func isMalformed(_ verb: Verb) -> Bool {
+        verb.payloadBytes <= 0 || (verb.kind.isAtomic && verb.address.rawValue % 8 != 0)
     }
 
     private func growSlab(to bytes: Int) throws(FabricError) {
@@ -205,9 +215,9 @@ package final class VerbsConnection: FabricConnection, @unchecked Sendable {
             if idle < 200 { continue }
             if idle < 2_000 { sched_yield(); continue }
             if started == 0 { started = SystemRuntime.shared.nowNanoseconds }
-            if SystemRuntime.shared.nowNanoseconds - started > Self.completionTimeoutNanoseconds {
+            if SystemRuntime.shared.nowNanoseconds - started > completionTimeoutNanoseconds {
                 breakConnection()
-                throw .localNIC(status: "no completion within \(Self.completionTimeoutNanoseconds / 1_000_000_000) s", verbIndex: verbs.startIndex)
+                throw .localNIC(status: "no completion within \(completionTimeoutNanoseconds / 1_000_000_000) s", verbIndex: verbs.startIndex)
             }
             usleep(20)
         }

@@ -6,7 +6,8 @@ import Glibc
 /// The NIC of a memory node on a real RDMA device: the `NICControl` protocol over
 /// libibverbs, serving a pool mapped in this process.
 ///
-/// - The pool is `mmap`'ed with 2 MiB huge pages when the system has them, else with
+/// - The pool is `mmap`'ed with 2 MiB huge pages when enough are reserved (no
+///   `MAP_NORESERVE`: a huge-page mapping without a reservation cannot be pinned), else with
 ///   ordinary pages (and a line on standard error saying so). NIC addresses are the pool's
 ///   virtual addresses (regions are registered with `iova` = address).
 /// - A protection domain per `allocateProtectionDomain()` (the memory node takes one per
@@ -88,7 +89,7 @@ package final class VerbsNIC: NICControl, @unchecked Sendable {
 
         let huge = 2 << 20
         var length = Int((poolBytes + UInt64(huge) - 1) / UInt64(huge)) * huge
-        var mapped = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_HUGETLB, -1, 0)
+        var mapped = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0)
         if let mapped, mapped != MAP_FAILED {
             hugePages = true
         } else {

@@ -477,7 +477,9 @@ package final class VerbsQueuePair: @unchecked Sendable {
         attr.qp_state = IBV_QPS_RTS
         attr.timeout = timeout
         attr.retry_cnt = retries
-        attr.rnr_retry = 7
+        // Finite: FineMem posts no receives, so a receiver-not-ready NAK means the peer is
+        // not serving (7 would retry it forever).
+        attr.rnr_retry = 6
         attr.sq_psn = packetSequenceNumber
         attr.max_rd_atomic = UInt8(readAtomicDepth)
         try modify(
