@@ -8,9 +8,10 @@ import Glibc
 ///
 /// A batch is posted as one chain of work requests (one doorbell, `ibv_post_send` once per
 /// batch, or once per `sendQueueDepth` verbs for a longer one), the last one signalled,
-/// `IBV_SEND_FENCE` on the verbs that ask for it. The caller's thread then polls the
-/// completion queue (a short busy poll, then yielding, then sleeping briefly so that a
-/// software provider's kernel work is not starved). Batches of one connection are
+/// `IBV_SEND_FENCE` on the verbs that ask for it. The posting task then polls the
+/// completion queue: a short busy poll, then suspending between polls so that other tasks
+/// of its thread run while the NIC works (and sleeping 20 us each time, so that a software
+/// provider's kernel work gets the CPU). Batches of one connection are
 /// serialised: their work requests never interleave.
 ///
 /// WRITE sources, READ destinations and atomic replies live in one registered slab per
@@ -30,8 +31,10 @@ package final class VerbsConnection: FabricConnection, @unchecked Sendable {
     package let peer: VerbsQueuePair?
     /// The protection domain of the slab (the requester's).
     private let localDomain: VerbsProtectionDomain
-    /// Serialises batches (and window binds posted on this QP).
-    private let lock = Lock()
+    /// Held by the batch (or window bind) using the QP: batches are serialised so that
+    /// their work requests never interleave. Waiting for it suspends (`post`) or yields the
+    /// thread (set-up calls), never blocks a thread of the cooperative pool.
+    private let owner = ManagedAtomic<Bool>(false)
     private var slab: VerbsSlab
     private let chain: VerbsWorkRequestChain
     private let completions: UnsafeMutableBufferPointer<ibv_wc>
@@ -93,44 +96,116 @@ package final class VerbsConnection: FabricConnection, @unchecked Sendable {
     }
 
     package func post(_ verbs: [Verb]) async throws(FabricError) -> [VerbResult] {
-        try postSynchronously(verbs)
+        while !owner.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged { await Task.yield() }
+        defer { owner.store(false, ordering: .releasing) }
+        var run = try start(verbs)
+        var idle = 0
+        while true {
+            if let results = try step(&run) {
+                // A software provider looping back may complete the whole batch inside
+                // ibv_post_send: suspend once anyway, so that a task posting batch after
+                // batch never holds its thread (and starves the other tasks) for good.
+                if idle <= 200 { await Task.yield() }
+                return results
+            }
+            idle += 1
+            // A short busy poll (yielding the CPU to the kernel, where a software provider
+            // does its work); then let the other tasks of this thread run between polls,
+            // and sleep briefly each time so the provider is never starved.
+            if idle <= 200 {
+                sched_yield()
+            } else {
+                await Task.yield()
+                usleep(20)
+            }
+        }
     }
 
-    /// `post` on the caller's thread (it never suspends: it polls).
+    /// `post` on the caller's thread, polling without suspending (set-up code).
     package func postSynchronously(_ verbs: [Verb]) throws(FabricError) -> [VerbResult] {
-        try lock.withLock { () throws(FabricError) -> [VerbResult] in try execute(verbs) }
+        acquireSynchronously()
+        defer { owner.store(false, ordering: .releasing) }
+        var run = try start(verbs)
+        var idle = 0
+        while true {
+            if let results = try step(&run) { return results }
+            idle += 1
+            if idle > 2_000 { usleep(20) } else if idle > 200 { sched_yield() }
+        }
     }
 
-    private func execute(_ verbs: [Verb]) throws(FabricError) -> [VerbResult] {
+    private func acquireSynchronously() {
+        while !owner.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged { sched_yield() }
+    }
+
+    /// A batch being executed: posted chunk by chunk (at most a send queue, at most a slab
+    /// each), each chunk polled until its last verb completes.
+    private struct BatchRun {
+        let verbs: [Verb]
+        /// Verbs before this index are well-formed; the one at it (if any) is refused.
+        let valid: Int
+        var results: [VerbResult] = []
+        /// The chunk posted and not yet completed.
+        var inFlight: Range<Int>?
+        var layout = VerbsSlabLayout([][...])
+        var next = 0
+        var waitingSince: UInt64 = 0
+    }
+
+    private func start(_ verbs: [Verb]) throws(FabricError) -> BatchRun {
         guard !isBroken else { throw .connectionBroken(remoteNode) }
         countersValue.withLock { $0.batches += 1 }
-        var results: [VerbResult] = []
-        results.reserveCapacity(verbs.count)
         // A verb of no length, or an atomic on an address that is not 8-byte aligned, is
         // refused as the simulated NIC refuses it: the verbs before it execute, then the
         // connection breaks. (Providers differ: rxe refuses a misaligned atomic in
         // ibv_post_send with EINVAL, others complete it with IBV_WC_REM_INV_REQ_ERR.)
-        let valid = verbs.firstIndex(where: Self.isMalformed) ?? verbs.count
-        var start = 0
-        while start < valid {
-            var end = start
-            var bytes = 0
-            while end < valid, end - start < chain.capacity {
-                let need = (verbs[end].payloadBytes + 7) / 8 * 8
-                if end > start, bytes + need > slab.length { break }
-                bytes += need
-                end += 1
+        var run = BatchRun(verbs: verbs, valid: verbs.firstIndex(where: Self.isMalformed) ?? verbs.count)
+        run.results.reserveCapacity(verbs.count)
+        return run
+    }
+
+    /// Advances `run`: posts the next chunk, or polls the one in flight. Answers the
+    /// results when the batch is done, nil while it waits for the NIC.
+    private func step(_ run: inout BatchRun) throws(FabricError) -> [VerbResult]? {
+        while true {
+            if let chunk = run.inFlight {
+                guard try pollCompletion(of: run.verbs[chunk]) else {
+                    if run.waitingSince == 0 { run.waitingSince = SystemRuntime.shared.nowNanoseconds }
+                    if SystemRuntime.shared.nowNanoseconds - run.waitingSince > completionTimeoutNanoseconds {
+                        breakConnection()
+                        throw .localNIC(status: "no completion within \(completionTimeoutNanoseconds / 1_000_000_000) s", verbIndex: chunk.lowerBound)
+                    }
+                    return nil
+                }
+                collect(run.verbs[chunk], layout: run.layout, into: &run.results)
+                run.inFlight = nil
+                run.next = chunk.upperBound
+                continue
             }
-            if bytes > slab.length { try growSlab(to: bytes) }
-            try executeChunk(verbs[start..<end], into: &results)
-            start = end
+            if run.next < run.valid {
+                var end = run.next
+                var bytes = 0
+                while end < run.valid, end - run.next < chain.capacity {
+                    let need = (run.verbs[end].payloadBytes + 7) / 8 * 8
+                    if end > run.next, bytes + need > slab.length { break }
+                    bytes += need
+                    end += 1
+                }
+                if bytes > slab.length { try growSlab(to: bytes) }
+                let chunk = run.next..<end
+                run.layout = VerbsSlabLayout(run.verbs[chunk])
+                try postChunk(run.verbs[chunk], layout: run.layout)
+                run.inFlight = chunk
+                run.waitingSince = 0
+                continue
+            }
+            if run.valid < run.verbs.count {
+                breakConnection()
+                let verb = run.verbs[run.valid]
+                throw .remoteAccess(verb.payloadBytes <= 0 ? .invalidLength : .misalignedAtomic, address: verb.address, rkey: verb.rkey, verbIndex: run.valid)
+            }
+            return run.results
         }
-        if valid < verbs.count {
-            breakConnection()
-            let verb = verbs[valid]
-            throw .remoteAccess(verb.payloadBytes <= 0 ? .invalidLength : .misalignedAtomic, address: verb.address, rkey: verb.rkey, verbIndex: valid)
-        }
-        return results
     }
 
     private static func isMalformed(_ verb: Verb) -> Bool {
@@ -147,8 +222,8 @@ package final class VerbsConnection: FabricConnection, @unchecked Sendable {
         }
     }
 
-    private func executeChunk(_ verbs: ArraySlice<Verb>, into results: inout [VerbResult]) throws(FabricError) {
-        let layout = VerbsSlabLayout(verbs)
+    /// Copies the WRITE payloads into the slab and posts the chunk's chain (one doorbell).
+    private func postChunk(_ verbs: ArraySlice<Verb>, layout: VerbsSlabLayout) throws(FabricError) {
         for (position, verb) in verbs.enumerated() {
             if case .write(_, let bytes, _, _) = verb {
                 bytes.withUnsafeBytes { (slab.bytes + layout.offsets[position]).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
@@ -158,10 +233,14 @@ package final class VerbsConnection: FabricConnection, @unchecked Sendable {
         do {
             try queuePair.post(chain.head)
         } catch {
+            let wasBroken = isBroken
             breakConnection()
-            throw .localNIC(status: "\(error)", verbIndex: verbs.startIndex)
+            throw wasBroken ? .connectionBroken(remoteNode) : .localNIC(status: "\(error)", verbIndex: verbs.startIndex)
         }
-        try waitForCompletion(of: verbs)
+    }
+
+    /// Reads the chunk's answers out of the slab.
+    private func collect(_ verbs: ArraySlice<Verb>, layout: VerbsSlabLayout, into results: inout [VerbResult]) {
         var counters = FabricCounters()
         for (position, verb) in verbs.enumerated() {
             let local = slab.bytes + layout.offsets[position]
@@ -187,17 +266,17 @@ package final class VerbsConnection: FabricConnection, @unchecked Sendable {
         }
     }
 
-    /// Polls until the last verb of `verbs` completes, or one fails.
-    private func waitForCompletion(of verbs: ArraySlice<Verb>) throws(FabricError) {
+    /// Polls the completion queue once: true when the chunk's last verb has completed;
+    /// throws the mapped error of the first failed completion.
+    private func pollCompletion(of verbs: ArraySlice<Verb>) throws(FabricError) -> Bool {
         let last = UInt64(verbs.endIndex - 1)
-        var idle = 0
-        var started: UInt64 = 0
         while true {
             let n: Int
             do { n = try queuePair.completionQueue.poll(into: completions) } catch {
                 breakConnection()
                 throw .localNIC(status: "\(error)", verbIndex: verbs.startIndex)
             }
+            if n == 0 { return false }
             for i in 0..<n {
                 let wc = completions[i]
                 if wc.status != IBV_WC_SUCCESS {
@@ -208,18 +287,8 @@ package final class VerbsConnection: FabricConnection, @unchecked Sendable {
                     let verb = verbs.indices.contains(index) ? verbs[index] : verbs[verbs.startIndex]
                     throw verbsFabricError(status: wc.status, verb: verb, index: index, remote: remoteNode)
                 }
-                if wc.wr_id == last { return }
+                if wc.wr_id == last { return true }
             }
-            if n > 0 { continue }
-            idle += 1
-            if idle < 200 { continue }
-            if idle < 2_000 { sched_yield(); continue }
-            if started == 0 { started = SystemRuntime.shared.nowNanoseconds }
-            if SystemRuntime.shared.nowNanoseconds - started > completionTimeoutNanoseconds {
-                breakConnection()
-                throw .localNIC(status: "no completion within \(completionTimeoutNanoseconds / 1_000_000_000) s", verbIndex: verbs.startIndex)
-            }
-            usleep(20)
         }
     }
 
@@ -231,7 +300,9 @@ package final class VerbsConnection: FabricConnection, @unchecked Sendable {
     package func bindType1(
         _ window: VerbsMemoryWindow, region: VerbsMemoryRegion, address: UInt64, length: UInt64, accessFlags: UInt32
     ) throws(VerbsError) -> UInt32 {
-        try lock.withLock { () throws(VerbsError) -> UInt32 in
+        acquireSynchronously()
+        defer { owner.store(false, ordering: .releasing) }
+        do {
             guard !isBroken else { throw VerbsError(call: "ibv_bind_mw on a broken connection", errno: ENOTCONN) }
             var bind = ibv_mw_bind()
             bind.wr_id = UInt64.max
@@ -253,7 +324,9 @@ package final class VerbsConnection: FabricConnection, @unchecked Sendable {
     package func bindType2(
         _ window: VerbsMemoryWindow, region: VerbsMemoryRegion, address: UInt64, length: UInt64, accessFlags: UInt32
     ) throws(VerbsError) -> UInt32 {
-        try lock.withLock { () throws(VerbsError) -> UInt32 in
+        acquireSynchronously()
+        defer { owner.store(false, ordering: .releasing) }
+        do {
             guard !isBroken else { throw VerbsError(call: "IBV_WR_BIND_MW on a broken connection", errno: ENOTCONN) }
             let newKey = ibv_inc_rkey(window.rkey)
             var wr = ibv_send_wr()
@@ -275,7 +348,9 @@ package final class VerbsConnection: FabricConnection, @unchecked Sendable {
 
     /// Invalidates the current key of a type-2 window (`IBV_WR_LOCAL_INV` on this QP).
     package func invalidateType2(_ window: VerbsMemoryWindow) throws(VerbsError) {
-        try lock.withLock { () throws(VerbsError) in
+        acquireSynchronously()
+        defer { owner.store(false, ordering: .releasing) }
+        do {
             var wr = ibv_send_wr()
             wr.wr_id = UInt64.max
             wr.opcode = IBV_WR_LOCAL_INV
