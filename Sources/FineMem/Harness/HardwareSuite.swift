@@ -1,4 +1,7 @@
 import CVerbs
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The outcome of one check of the hardware suite.
 package enum HardwareCheckOutcome: Sendable, Hashable {
@@ -435,18 +438,20 @@ package struct HardwareSuite: Sendable {
         var grant: [UInt8] = region.address.rawValue.littleEndianBytes + region.length.littleEndianBytes
         grant += UInt64(region.rkey.rawValue).littleEndianBytes
         let payload = grant
-        let server = Task.detached { () -> String? in
+        // The memory node's side on a thread of its own: both sides block on their sockets.
+        let serverFailure = Locked<String?>(nil)
+        let server = HardwareSuiteThread {
             do {
                 let channel = try listener.accept(timeoutSeconds: 20)
                 try nic.serveBootstrap(channel, protectionDomain: pd, payload: payload, timeoutSeconds: 20)
-                return nil
-            } catch { return "\(error)" }
+            } catch { serverFailure.withLock { $0 = "\(error)" } }
         }
         let computeContext = try VerbsContext(device: device)
         let channel = try verbsBootstrapConnect(host: "127.0.0.1", port: listener.port)
         let (connection, received) = try VerbsConnection.bootstrap(
             context: computeContext, channel: channel, remoteNode: NodeID(0), timeoutSeconds: 20, completionTimeoutSeconds: 15)
-        if let failure = await server.value { throw CheckFailure("memory node side: \(failure)") }
+        server.join()
+        if let failure = serverFailure.withLock({ $0 }) { throw CheckFailure("memory node side: \(failure)") }
         try expect(received == payload, "the grant arrived as \(received)")
         let words = [UInt64](littleEndianWords: received)
         let address = RemoteAddress(words[0])
@@ -615,4 +620,23 @@ package struct HardwareSuite: Sendable {
         let scaled = (value * 1000).rounded() / 1000
         return "\(scaled)"
     }
+}
+
+/// A POSIX thread running one closure, joined by `join()`.
+private final class HardwareSuiteThread: @unchecked Sendable {
+    private var thread = pthread_t()
+    private let body: @Sendable () -> Void
+
+    init(_ body: @escaping @Sendable () -> Void) {
+        self.body = body
+        let context = Unmanaged.passRetained(self).toOpaque()
+        let status = pthread_create(&thread, nil, { raw in
+            let me = Unmanaged<HardwareSuiteThread>.fromOpaque(raw!).takeRetainedValue()
+            me.body()
+            return nil
+        }, context)
+        precondition(status == 0, "pthread_create failed: \(status)")
+    }
+
+    func join() { pthread_join(thread, nil) }
 }
