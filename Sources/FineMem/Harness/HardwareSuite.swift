@@ -65,6 +65,7 @@ package struct HardwareSuite: Sendable {
     private var checks: [(String, () async throws -> String)] {
         [
             ("device limits and capabilities", deviceLimits),
+            ("a pool the device cannot host is refused with the reason", unhostablePool),
             ("queue pair state machine RESET->INIT->RTR->RTS->ERR->RESET->RTS", stateMachine),
             ("every verb: WRITE, READ, CAS (match, mismatch), FAA (wrapping)", everyVerb),
             ("atomics on little-endian words (byte order)", byteOrder),
@@ -151,6 +152,26 @@ package struct HardwareSuite: Sendable {
         try expect(port.active, "port \(path.port) is \(port.state)")
         let gid = port.gids.first { $0.index == path.gidIndex }
         return "atomics \(limits.atomics == .hca ? "HCA" : "GLOB"), max_mw \(limits.maxMemoryWindows), max_qp \(limits.maxQueuePairs), max_mr \(limits.maxMemoryRegions), max_qp_rd_atom \(limits.maxResponderReadAtomic), type 2A/2B \(limits.windowType2A)/\(limits.windowType2B), \(port.linkLayer), \(gid.map(\.description) ?? "LID \(port.lid)")"
+    }
+
+    private func unhostablePool() async throws -> String {
+        let maxWindows = try VerbsContext(device: device).limits.maxMemoryWindows
+        do {
+            _ = try VerbsNIC(device: device, node: NodeID(0), poolBytes: 1 << 20, windows: maxWindows + 1, regions: 4, log: { _ in })
+            throw CheckFailure("a NIC needing \(maxWindows + 1) windows opened")
+        } catch let error as NICControlError {
+            guard case .device(let why) = error, why.contains("max_mw = \(maxWindows)") else { throw CheckFailure("refused with: \(error)") }
+        }
+        // The capability table of a pool has a main and a backup key per 4 KiB chunk.
+        let chunks = (maxWindows / 2 + 1)
+        let poolBytes = UInt64((chunks + 511) / 512 * 512) * PoolGeometry.chunkBytes
+        do {
+            _ = try await EmbeddedCluster.start(.init(memoryNodes: 1, poolBytesPerNode: poolBytes, computeNodes: 1, fabric: .verbs(device: device)))
+            throw CheckFailure("a cluster of \(poolBytes >> 20) MiB started")
+        } catch let error as ClusterError {
+            guard case .memoryNodeFailed(_, let reason) = error, reason.contains("max_mw") else { throw CheckFailure("refused with: \(error)") }
+            return "\(poolBytes >> 20) MiB pool refused: \(reason)"
+        }
     }
 
     private func stateMachine() async throws -> String {

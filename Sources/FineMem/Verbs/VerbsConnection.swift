@@ -302,19 +302,17 @@ package final class VerbsConnection: FabricConnection, @unchecked Sendable {
     ) throws(VerbsError) -> UInt32 {
         acquireSynchronously()
         defer { owner.store(false, ordering: .releasing) }
-        do {
-            guard !isBroken else { throw VerbsError(call: "ibv_bind_mw on a broken connection", errno: ENOTCONN) }
-            var bind = ibv_mw_bind()
-            bind.wr_id = UInt64.max
-            bind.send_flags = IBV_SEND_SIGNALED.rawValue
-            bind.bind_info.mr = region.raw
-            bind.bind_info.addr = length == 0 ? UInt64(UInt(bitPattern: region.address)) : address
-            bind.bind_info.length = length
-            bind.bind_info.mw_access_flags = accessFlags
-            try verbsCheck(ibv_bind_mw(queuePair.raw, window.raw, &bind), "ibv_bind_mw")
-            try waitForControl("ibv_bind_mw")
-            return window.rkey
-        }
+        guard !isBroken else { throw VerbsError(call: "ibv_bind_mw on a broken connection", errno: ENOTCONN) }
+        var bind = ibv_mw_bind()
+        bind.wr_id = UInt64.max
+        bind.send_flags = IBV_SEND_SIGNALED.rawValue
+        bind.bind_info.mr = region.raw
+        bind.bind_info.addr = length == 0 ? UInt64(UInt(bitPattern: region.address)) : address
+        bind.bind_info.length = length
+        bind.bind_info.mw_access_flags = accessFlags
+        try verbsCheck(ibv_bind_mw(queuePair.raw, window.raw, &bind), "ibv_bind_mw")
+        try waitForControl("ibv_bind_mw")
+        return window.rkey
     }
 
     /// Binds a type-2 window with `IBV_WR_BIND_MW` posted on this QP, to key `rkey` (the
@@ -326,43 +324,40 @@ package final class VerbsConnection: FabricConnection, @unchecked Sendable {
     ) throws(VerbsError) -> UInt32 {
         acquireSynchronously()
         defer { owner.store(false, ordering: .releasing) }
-        do {
-            guard !isBroken else { throw VerbsError(call: "IBV_WR_BIND_MW on a broken connection", errno: ENOTCONN) }
-            let newKey = ibv_inc_rkey(window.rkey)
-            var wr = ibv_send_wr()
-            wr.wr_id = UInt64.max
-            wr.opcode = IBV_WR_BIND_MW
-            wr.send_flags = IBV_SEND_SIGNALED.rawValue
-            wr.bind_mw.mw = window.raw
-            wr.bind_mw.rkey = newKey
-            wr.bind_mw.bind_info.mr = region.raw
-            wr.bind_mw.bind_info.addr = address
-            wr.bind_mw.bind_info.length = length
-            wr.bind_mw.bind_info.mw_access_flags = accessFlags
-            try queuePair.post(&wr)
-            try waitForControl("IBV_WR_BIND_MW")
-            window.rkey = newKey
-            return newKey
-        }
+        guard !isBroken else { throw VerbsError(call: "IBV_WR_BIND_MW on a broken connection", errno: ENOTCONN) }
+        let newKey = ibv_inc_rkey(window.rkey)
+        var wr = ibv_send_wr()
+        wr.wr_id = UInt64.max
+        wr.opcode = IBV_WR_BIND_MW
+        wr.send_flags = IBV_SEND_SIGNALED.rawValue
+        wr.bind_mw.mw = window.raw
+        wr.bind_mw.rkey = newKey
+        wr.bind_mw.bind_info.mr = region.raw
+        wr.bind_mw.bind_info.addr = address
+        wr.bind_mw.bind_info.length = length
+        wr.bind_mw.bind_info.mw_access_flags = accessFlags
+        try queuePair.post(&wr)
+        try waitForControl("IBV_WR_BIND_MW")
+        window.rkey = newKey
+        return newKey
     }
 
     /// Invalidates the current key of a type-2 window (`IBV_WR_LOCAL_INV` on this QP).
     package func invalidateType2(_ window: VerbsMemoryWindow) throws(VerbsError) {
         acquireSynchronously()
         defer { owner.store(false, ordering: .releasing) }
-        do {
-            var wr = ibv_send_wr()
-            wr.wr_id = UInt64.max
-            wr.opcode = IBV_WR_LOCAL_INV
-            wr.send_flags = IBV_SEND_SIGNALED.rawValue
-            wr.invalidate_rkey = window.rkey
-            try queuePair.post(&wr)
-            try waitForControl("IBV_WR_LOCAL_INV")
-        }
+        var wr = ibv_send_wr()
+        wr.wr_id = UInt64.max
+        wr.opcode = IBV_WR_LOCAL_INV
+        wr.send_flags = IBV_SEND_SIGNALED.rawValue
+        wr.invalidate_rkey = window.rkey
+        try queuePair.post(&wr)
+        try waitForControl("IBV_WR_LOCAL_INV")
     }
 
     private func waitForControl(_ call: String) throws(VerbsError) {
         var idle = 0
+        var started: UInt64 = 0
         while true {
             let n = try queuePair.completionQueue.poll(into: completions)
             for i in 0..<n where completions[i].wr_id == UInt64.max {
@@ -375,7 +370,16 @@ package final class VerbsConnection: FabricConnection, @unchecked Sendable {
             }
             if n > 0 { continue }
             idle += 1
-            if idle > 2_000 { usleep(20) } else if idle > 200 { sched_yield() }
+            if idle == 2_000 { started = SystemRuntime.shared.nowNanoseconds }
+            if idle > 2_000 {
+                if SystemRuntime.shared.nowNanoseconds - started > completionTimeoutNanoseconds {
+                    breakConnection()
+                    throw VerbsError(call: "\(call): no completion within \(completionTimeoutNanoseconds / 1_000_000_000) s", errno: ETIMEDOUT)
+                }
+                usleep(20)
+            } else if idle > 200 {
+                sched_yield()
+            }
         }
     }
 }
