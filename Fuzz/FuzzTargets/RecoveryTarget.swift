@@ -111,14 +111,20 @@ private func runRecoveryProgram(_ input: inout FuzzInput, simulator: Simulator, 
             nodes.recoverers += 1
             let recoverer = NodeID(900 + nodes.recoverers)
             simulator.faults.crash(recoverer, afterVerbs: UInt64(how / 4 % 48), late: .all)
-            var connections: [any FabricConnection] = []
+            var accesses: [(MemoryNode, RecoveryAccess)] = []
             for memoryNode in cluster.memoryNodes {
-                let (grant, connection) = memoryNode.recoveryAccess(from: recoverer)
-                connections.append(connection)
-                _ = try? await PoolRecovery(owner: owner, grant: grant, connection: connection, runtime: simulator).run()
+                guard let access = try? memoryNode.recoveryAccess(from: recoverer) else {
+                    failures.add(["no recovery access on \(memoryNode.id)"])
+                    return
+                }
+                accesses.append((memoryNode, access))
+                _ = try? await PoolRecovery(owner: owner, grant: access.grant, connection: access.connection, runtime: simulator).run()
             }
             await simulator.sleep(nanoseconds: 20_000)
-            for connection in connections { (connection as? SimulatedConnection)?.breakConnection() }
+            // The crashed recoverer is fenced: its late verbs stop here.
+            for (memoryNode, access) in accesses {
+                do { try memoryNode.revoke(access) } catch { failures.add(["revoking the recoverer on \(memoryNode.id): \(error)"]) }
+            }
         }
         let helper = (0..<3).first { $0 != node && nodes.state[$0] == .live && !cluster.computeNodes[$0].isFenced }
         do {

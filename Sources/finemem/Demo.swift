@@ -6,7 +6,8 @@ struct Demo: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run an allocate/free workload on an embedded cluster and print what it cost.",
         discussion: """
-            Starts memory nodes on simulated NICs and compute nodes in this process, then \
+            Starts memory nodes on simulated NICs (or, with --fabric verbs, on a real RDMA \
+            device over real queue pairs) and compute nodes in this process, then \
             runs tasks on real threads: each fills the pool to --fill percent with blocks \
             of mixed sizes (4 KiB up to --max-block, small ones more often), then frees \
             random blocks and allocates new ones. Every buffer gets a tag written into it \
@@ -15,7 +16,20 @@ struct Demo: AsyncParsableCommand {
     )
 
     @Option(help: "Memory nodes in the cluster.") var memoryNodes = 1
-    @Option(help: "Pool size of each memory node (e.g. 512MiB, 1GiB).") var poolSize = ByteCount(bytes: 1 << 30)
+    @Option(help: "Pool size of each memory node (e.g. 512MiB, 1GiB; default 1GiB, 64MiB on verbs).") var poolSize: ByteCount?
+    @Option(help: "The memory nodes' NIC: simulated, or verbs (a real RDMA device, see --device).") var fabric = FabricChoice.simulated
+    @Option(help: "The RDMA device for --fabric verbs (e.g. rxe0, mlx5_0).") var device: String?
+
+    enum FabricChoice: String, ExpressibleByArgument { case simulated, verbs }
+
+    var pool: UInt64 { poolSize?.bytes ?? (fabric == .verbs ? 64 << 20 : 1 << 30) }
+
+    var clusterFabric: Fabric {
+        switch fabric {
+        case .simulated: .simulated
+        case .verbs: .verbs(device: device ?? "")
+        }
+    }
     @Option(help: "Compute nodes (each runs its own allocator).") var computeNodes = 4
     @Option(help: "Tasks per compute node.") var tasks = 8
     @Option(help: "Seconds to run.") var duration = 3.0
@@ -27,16 +41,18 @@ struct Demo: AsyncParsableCommand {
         guard memoryNodes >= 1, computeNodes >= 1, tasks >= 1 else { throw ValidationError("node and task counts must be at least 1") }
         guard duration > 0, duration <= 3_600 else { throw ValidationError("--duration must be in (0, 3600] seconds") }
         guard (1...95).contains(fill) else { throw ValidationError("--fill must be 1...95") }
-        guard maxBlock.bytes >= 4096, maxBlock.bytes.nonzeroBitCount == 1, maxBlock.bytes <= poolSize.bytes else {
+        if fabric == .verbs, device?.isEmpty ?? true { throw ValidationError("--fabric verbs needs --device (see `finemem devices`)") }
+        if fabric == .simulated, device != nil { throw ValidationError("--device applies to --fabric verbs only") }
+        guard maxBlock.bytes >= 4096, maxBlock.bytes.nonzeroBitCount == 1, maxBlock.bytes <= pool else {
             throw ValidationError("--max-block must be a power of two from 4KiB up to the pool size")
         }
     }
 
     func run() async throws {
-        let cluster = try await EmbeddedCluster.start(.init(memoryNodes: memoryNodes, poolBytesPerNode: poolSize.bytes, computeNodes: computeNodes))
+        let cluster = try await EmbeddedCluster.start(.init(memoryNodes: memoryNodes, poolBytesPerNode: pool, computeNodes: computeNodes, fabric: clusterFabric))
         let geometry = cluster.memoryNodes[0].geometry
         let poolBytes = geometry.dataBytes * UInt64(memoryNodes)
-        print("FineMem demo: \(memoryNodes) memory node(s) x \(Format.bytes(geometry.dataBytes)), \(computeNodes) compute nodes x \(tasks) tasks, blocks 4 KiB-\(maxBlock), \(Format.fixed(duration, 1)) s")
+        print("FineMem demo on the \(clusterFabric): \(memoryNodes) memory node(s) x \(Format.bytes(geometry.dataBytes)), \(computeNodes) compute nodes x \(tasks) tasks, blocks 4 KiB-\(maxBlock), \(Format.fixed(duration, 1)) s")
         let meter = DemoMeter(poolBytes: poolBytes, fillPercent: fill)
         let chunkCountLog2Max = Block.chunkCountLog2(forBytes: maxBlock.bytes)
         let clock = SystemRuntime.shared

@@ -10,7 +10,7 @@ struct FineMemCommand: AsyncParsableCommand {
             Without RDMA hardware everything runs on an embedded, simulated memory node: \
             `demo` on real threads, `soak` and `bench` in deterministic virtual time.
             """,
-        subcommands: [Demo.self, Soak.self, Bench.self, RecoveryBench.self, Explore.self, CrashPoints.self, Devices.self],
+        subcommands: [Demo.self, Soak.self, Bench.self, RecoveryBench.self, Explore.self, CrashPoints.self, Devices.self, HardwareSuiteCommand.self],
         defaultSubcommand: Demo.self
     )
 }
@@ -69,16 +69,24 @@ enum Format {
 }
 
 struct Devices: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "List RDMA devices (none here means: use the simulated NIC).")
+    static let configuration = CommandConfiguration(
+        abstract: "List RDMA devices with their ports, GIDs, atomic and window capabilities (none here means: use the simulated NIC)."
+    )
 
     @Option(help: "Fail unless a device of this name is listed (for CI on Soft-RoCE).") var expect: String?
 
     func run() throws {
         let devices = try VerbsDevices.list()
         if devices.isEmpty {
-            print("no RDMA device (the kernel reports none): FineMem runs on its simulated NIC")
+            print("no RDMA devices (the kernel reports none): FineMem runs on its simulated NIC")
         }
-        for device in devices { print(device.name, "guid 0x" + String(device.guid, radix: 16)) }
+        for device in devices {
+            do {
+                for line in try VerbsDeviceReport(device).lines { print(line) }
+            } catch {
+                print("\(device.name)  guid 0x\(String(device.guid, radix: 16))  (cannot be queried: \(error))")
+            }
+        }
         if let expect, !devices.contains(where: { $0.name == expect }) {
             throw ValidationError("no RDMA device named \(expect)")
         }

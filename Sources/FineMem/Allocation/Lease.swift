@@ -6,9 +6,13 @@
 /// whatever its clocks say; the node comes back only by starting anew.
 extension BlockAllocator {
     /// Renews the lease on every memory node (one doorbell each). Answers the memory
-    /// nodes on which the slot is no longer this incarnation's alive one (fenced), which
-    /// also marks the allocator fenced there. A fabric error counts as fenced: a fenced
-    /// node's connection is in the error state.
+    /// nodes on which the node found itself fenced: its slot no longer this incarnation's
+    /// alive one, or its connection broken or its key unknown (what fencing does to it). A
+    /// memory node that does not answer (dead, or unreachable) is not a fence: the lease
+    /// there simply is not renewed. Fenced anywhere, the node is fenced everywhere: every
+    /// operation fails from then on, and the renewal loop stops, so that every memory node
+    /// fences and recovers it in turn (fail-stop: a node half fenced would keep blocks on
+    /// the memory nodes that still see it alive, with nobody to free them).
     @discardableResult
     package func renewLeases() async -> [NodeID] {
         var lost: [NodeID] = []
@@ -23,7 +27,10 @@ extension BlockAllocator {
                     UpdatePolicy(attemptsMax: 2, rereadOnRefusal: true), trace: &trace
                 ) { slot in slot.incarnation == incarnation ? slot.beating() : nil }
             } catch {
-                lost.append(link.memoryNode)
+                switch error {
+                case .connectionBroken, .remoteAccess(.unknownKey, _, _, _), .remoteAccess(.staleKey, _, _, _): lost.append(link.memoryNode)
+                case .remoteAccess, .peerDead, .localCrash, .localNIC: break
+                }
                 continue
             }
             switch outcome {
@@ -36,13 +43,17 @@ extension BlockAllocator {
                 link.leaseWord.withLock { $0 = current }
             }
         }
-        if !lost.isEmpty { fencedOn.withLock { $0.formUnion(lost) } }
+        if !lost.isEmpty {
+            fencedOn.withLock { $0.formUnion(lost) }
+            stopLeaseRenewal()
+        }
         return lost
     }
 
     /// Renews the lease every `intervalNanos` of the runtime's clock until
-    /// `stopLeaseRenewal()` (or until it finds the node fenced everywhere).
+    /// `stopLeaseRenewal()`, or until a renewal finds the node fenced.
     package func startLeaseRenewal(intervalNanos: UInt64) {
+        guard !isFenced else { return }
         let started = leaseRenewal.withLock { running -> Bool in
             defer { running = true }
             return !running
@@ -53,11 +64,7 @@ extension BlockAllocator {
             while true {
                 await runtime.sleep(nanoseconds: intervalNanos)
                 guard let self, leaseRenewal.withLock({ $0 }) else { return }
-                let lost = await renewLeases()
-                if lost.count == links.count {
-                    leaseRenewal.withLock { $0 = false }
-                    return
-                }
+                await renewLeases()
             }
         }
     }

@@ -16,6 +16,15 @@ public enum RemoteAccessViolation: Error, Sendable, Hashable, CustomStringConver
     case misalignedAtomic
     /// A verb whose length is zero or negative.
     case invalidLength
+    /// A real NIC refused the access (`IBV_WC_REM_ACCESS_ERR`) without saying which rule
+    /// was broken: an unknown, stale or invalidated key, a key of another protection
+    /// domain, an access outside the region or window, or one it does not grant.
+    case accessRefused
+    /// A real NIC found the request invalid (`IBV_WC_REM_INV_REQ_ERR`): an operation the
+    /// QP or region does not allow, or a length it cannot serve.
+    case invalidRequest
+    /// A real NIC could not complete the operation at the responder (`IBV_WC_REM_OP_ERR`).
+    case remoteOperationFailed
 
     public var description: String {
         switch self {
@@ -26,6 +35,9 @@ public enum RemoteAccessViolation: Error, Sendable, Hashable, CustomStringConver
         case .permissionDenied(let needed): "permission denied (needs \(needed.rawValue))"
         case .misalignedAtomic: "misaligned atomic"
         case .invalidLength: "invalid length"
+        case .accessRefused: "remote access refused by the NIC (IBV_WC_REM_ACCESS_ERR)"
+        case .invalidRequest: "invalid request (IBV_WC_REM_INV_REQ_ERR)"
+        case .remoteOperationFailed: "remote operation error (IBV_WC_REM_OP_ERR)"
         }
     }
 }
@@ -44,6 +56,10 @@ public enum FabricError: Error, Sendable, Hashable, CustomStringConvertible {
     /// `executedVerbs` verbs of the batch had taken effect; the rest, already posted to the
     /// NIC, may still execute later unless the node is fenced.
     case localCrash(executedVerbs: Int)
+    /// The local NIC failed verb `verbIndex` of the batch (a local protection, length or
+    /// operation error, a bad response, a fatal device error: the work completion's status
+    /// is in `status`). The connection is broken from then on.
+    case localNIC(status: String, verbIndex: Int)
 
     public var description: String {
         switch self {
@@ -52,6 +68,7 @@ public enum FabricError: Error, Sendable, Hashable, CustomStringConvertible {
         case .connectionBroken(let node): "connection to \(node) is broken"
         case .peerDead(let node): "\(node) is dead"
         case .localCrash(let executed): "local node crashed after \(executed) verbs of the batch"
+        case .localNIC(let status, let index): "the local NIC failed verb \(index): \(status)"
         }
     }
 }

@@ -33,6 +33,10 @@ package enum NICControlError: Error, Sendable, Hashable, CustomStringConvertible
     case bindExceedsRegionAccess
     case protectionDomainMismatch
     case keySpaceExhausted
+    /// The device cannot serve (a missing capability, a limit too low, a failed call).
+    case device(String)
+    /// A queue pair could not be created or connected.
+    case connectionFailed(String)
 
     package var description: String {
         switch self {
@@ -45,6 +49,8 @@ package enum NICControlError: Error, Sendable, Hashable, CustomStringConvertible
         case .bindExceedsRegionAccess: "a window cannot grant more access than its region"
         case .protectionDomainMismatch: "window and region are in different protection domains"
         case .keySpaceExhausted: "no 24-bit key index is left"
+        case .device(let why): why
+        case .connectionFailed(let why): "connection failed: \(why)"
         }
     }
 }
@@ -52,13 +58,13 @@ package enum NICControlError: Error, Sendable, Hashable, CustomStringConvertible
 /// The control path of a memory node's NIC: what the memory node does locally to serve
 /// its pool (the verbs `ibv_alloc_pd`, `ibv_reg_mr`, `ibv_dereg_mr`, `ibv_alloc_mw`,
 /// `ibv_bind_mw`, invalidation, connecting a queue pair, and moving queue pairs to the
-/// error state). The simulated NIC implements it, and the verbs NIC will; the memory node
+/// error state). The simulated NIC and the verbs NIC implement it; the memory node
 /// knows only this protocol.
 ///
 /// ```swift
 /// let pd = try nic.allocateProtectionDomain()
 /// let region = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: 4096, access: .all)
-/// let connection = nic.openConnection(from: NodeID(1001), protectionDomain: pd)
+/// let connection = try nic.openConnection(from: NodeID(1001), protectionDomain: pd)
 /// // Fencing the compute node: its QPs first, then its keys.
 /// try nic.breakConnections(of: pd)
 /// try nic.deregister(region)
@@ -84,11 +90,11 @@ package protocol NICControl: AnyObject, Sendable {
     /// Invalidates a window's binding: its key stops working at once.
     func invalidate(_ window: MemoryWindow) throws(NICControlError)
     /// Opens a reliable connection from `node`, in protection domain `pd`.
-    func openConnection(from node: NodeID, protectionDomain pd: ProtectionDomain) -> any FabricConnection
+    func openConnection(from node: NodeID, protectionDomain pd: ProtectionDomain) throws(NICControlError) -> any FabricConnection
     /// Opens the memory node's own connection to its NIC (a loopback queue pair), through
     /// which it changes metadata words: never by CPU stores, which are not atomic against
     /// the NIC's atomics.
-    func openLoopback(protectionDomain pd: ProtectionDomain) -> any FabricConnection
+    func openLoopback(protectionDomain pd: ProtectionDomain) throws(NICControlError) -> any FabricConnection
     /// Moves every connection (queue pair) of protection domain `pd` to the error state,
     /// as `ibv_modify_qp` to `IBV_QPS_ERR` does: from the moment this returns, every verb
     /// on those connections fails with `FabricError.connectionBroken` and has no effect,

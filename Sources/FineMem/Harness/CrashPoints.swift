@@ -255,10 +255,14 @@ package struct CrashPointEnumeration: Sendable {
         let owner = EmbeddedCluster.owner(ofComputeNode: Self.victim)
         let memoryNode = cluster.memoryNodes[0]
         if operation == .recovery {
-            let (grant, connection) = memoryNode.recoveryAccess(from: Self.recovererID)
+            let access: RecoveryAccess
+            do { access = try memoryNode.recoveryAccess(from: Self.recovererID) } catch {
+                note(["recovery access: \(error)"])
+                return
+            }
             if let crashAfter { simulator.faults.crash(Self.recovererID, afterVerbs: crashAfter, late: late) }
             do {
-                let report = try await PoolRecovery(owner: owner, grant: grant, connection: connection, runtime: simulator).run()
+                let report = try await PoolRecovery(owner: owner, grant: access.grant, connection: access.connection, runtime: simulator).run()
                 outcome.withLock { $0.blocksReclaimed += report.blocksReclaimed }
             } catch {
                 if crashAfter == nil { note(["recovery failed: \(error)"]) }
@@ -266,7 +270,7 @@ package struct CrashPointEnumeration: Sendable {
             outcome.withLock { $0.victimVerbs = simulator.verbsExecuted(by: Self.recovererID) }
             // The crashed recoverer is fenced too: its late verbs stop here.
             await simulator.sleep(nanoseconds: 50_000)
-            (connection as? SimulatedConnection)?.breakConnection()
+            do { try memoryNode.revoke(access) } catch { note(["revoking the recoverer: \(error)"]) }
         }
         do {
             let reports = try await cluster.recover(computeNode: Self.victim)

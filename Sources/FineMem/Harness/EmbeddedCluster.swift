@@ -19,9 +19,26 @@ public enum ClusterError: Error, Sendable, Hashable, CustomStringConvertible {
     }
 }
 
-/// Memory nodes on simulated NICs and compute nodes, all in this process: the default way
-/// to use FineMem without RDMA hardware. Real threads and atomics (immediate mode), or
-/// deterministic virtual time when a `Simulator` is given.
+/// Which NIC the memory nodes of an embedded cluster use.
+public enum Fabric: Sendable, Hashable, CustomStringConvertible {
+    /// The simulated NIC (no RDMA hardware needed).
+    case simulated
+    /// A real RDMA device (a ConnectX card, Soft-RoCE's `rxe0`, ...): every verb goes over
+    /// real RC queue pairs, looped back through the device.
+    case verbs(device: String)
+
+    public var description: String {
+        switch self {
+        case .simulated: "simulated NIC"
+        case .verbs(let device): "verbs on \(device)"
+        }
+    }
+}
+
+/// Memory nodes and compute nodes, all in this process: on simulated NICs, the default
+/// way to use FineMem without RDMA hardware (real threads and atomics in immediate mode, or
+/// deterministic virtual time when a `Simulator` is given), or on a real RDMA device
+/// (`Configuration.fabric`), over real queue pairs.
 ///
 /// ```swift
 /// let cluster = try await EmbeddedCluster.start(.init(memoryNodes: 2, poolBytesPerNode: 1 << 30, computeNodes: 4))
@@ -47,19 +64,27 @@ public final class EmbeddedCluster: Sendable {
         /// time they never start by themselves (a simulation runs until no work is left,
         /// and they never stop): call `startFailureDetection()`.
         public var failureDetection = true
+        /// The NIC of the memory nodes.
+        public var fabric = Fabric.simulated
 
-        public init(memoryNodes: Int = 1, poolBytesPerNode: UInt64 = 1 << 30, computeNodes: Int = 1, allocator: AllocatorConfiguration = AllocatorConfiguration()) {
+        public init(
+            memoryNodes: Int = 1, poolBytesPerNode: UInt64 = 1 << 30, computeNodes: Int = 1, allocator: AllocatorConfiguration = AllocatorConfiguration(),
+            fabric: Fabric = .simulated
+        ) {
             self.memoryNodes = memoryNodes
             self.poolBytesPerNode = poolBytesPerNode
             self.computeNodes = computeNodes
             self.allocator = allocator
+            self.fabric = fabric
         }
     }
 
     public let configuration: Configuration
     package let memoryNodes: [MemoryNode]
-    /// The simulated NIC of each memory node, in the order of `memoryNodes`.
+    /// The simulated NIC of each memory node, in the order of `memoryNodes` (none on verbs).
     package let nics: [SimulatedNIC]
+    /// The verbs NIC of each memory node, in the order of `memoryNodes` (none when simulated).
+    package let verbsNICs: [VerbsNIC]
     private let computeNodeStore: Locked<[BlockAllocator]>
     /// The failure detector of each memory node, in the order of `memoryNodes`.
     package let monitors: [LeaseMonitor]
@@ -69,10 +94,14 @@ public final class EmbeddedCluster: Sendable {
     /// incarnation of each.
     package var computeNodes: [BlockAllocator] { computeNodeStore.withLock { $0 } }
 
-    private init(configuration: Configuration, memoryNodes: [MemoryNode], nics: [SimulatedNIC], computeNodes: [BlockAllocator], runtime: any Runtime) {
+    private init(
+        configuration: Configuration, memoryNodes: [MemoryNode], nics: [SimulatedNIC], verbsNICs: [VerbsNIC], computeNodes: [BlockAllocator],
+        runtime: any Runtime
+    ) {
         self.configuration = configuration
         self.memoryNodes = memoryNodes
         self.nics = nics
+        self.verbsNICs = verbsNICs
         self.computeNodeStore = Locked(computeNodes)
         self.runtime = runtime
         monitors = memoryNodes.map {
@@ -87,7 +116,9 @@ public final class EmbeddedCluster: Sendable {
     package static func owner(ofComputeNode index: Int) -> OwnerID { OwnerID(UInt16(index + 1)) }
 
     /// Formats the memory nodes and starts the compute nodes. With a simulator, call this
-    /// from a task the simulator runs (`simulator.spawn`).
+    /// from a task the simulator runs (`simulator.spawn`); a simulator needs the simulated
+    /// fabric. On verbs, each memory node opens the device, checks its limits against the
+    /// pool (see `VerbsNIC`) and maps its pool.
     public static func start(_ configuration: Configuration = Configuration(), simulator: Simulator? = nil) async throws(ClusterError) -> EmbeddedCluster {
         guard configuration.memoryNodes >= 1, configuration.memoryNodes <= 1_000 else {
             throw .invalidConfiguration("memory nodes must be 1...1000, not \(configuration.memoryNodes)")
@@ -106,11 +137,28 @@ public final class EmbeddedCluster: Sendable {
         }
         var memoryNodes: [MemoryNode] = []
         var nics: [SimulatedNIC] = []
+        var verbsNICs: [VerbsNIC] = []
+        if simulator != nil, configuration.fabric != .simulated {
+            throw .invalidConfiguration("a simulator runs only on the simulated fabric, not \(configuration.fabric)")
+        }
         for index in 0..<configuration.memoryNodes {
             let id = NodeID(UInt16(index))
             do {
-                let nic = try SimulatedNIC(node: id, poolBytes: geometry.totalBytes, simulator: simulator)
-                nics.append(nic)
+                let nic: any NICControl
+                switch configuration.fabric {
+                case .simulated:
+                    let simulated = try SimulatedNIC(node: id, poolBytes: geometry.totalBytes, simulator: simulator)
+                    nics.append(simulated)
+                    nic = simulated
+                case .verbs(let device):
+                    // A main and a backup window per chunk (the capability table); a
+                    // metadata and a data region per compute node, one for the node itself.
+                    let verbs = try VerbsNIC(
+                        device: device, node: id, poolBytes: geometry.totalBytes, windows: 2 * geometry.chunkCount,
+                        regions: 2 * configuration.computeNodes + 2)
+                    verbsNICs.append(verbs)
+                    nic = verbs
+                }
                 memoryNodes.append(try await MemoryNode.format(nic: nic, geometry: geometry))
             } catch {
                 throw .memoryNodeFailed(id, reason: "\(error)")
@@ -121,7 +169,8 @@ public final class EmbeddedCluster: Sendable {
         for index in 0..<configuration.computeNodes {
             computeNodes.append(try await startComputeNode(index, memoryNodes: memoryNodes, configuration: configuration, runtime: runtime))
         }
-        let cluster = EmbeddedCluster(configuration: configuration, memoryNodes: memoryNodes, nics: nics, computeNodes: computeNodes, runtime: runtime)
+        let cluster = EmbeddedCluster(
+            configuration: configuration, memoryNodes: memoryNodes, nics: nics, verbsNICs: verbsNICs, computeNodes: computeNodes, runtime: runtime)
         if configuration.failureDetection, simulator == nil { cluster.startFailureDetection() }
         return cluster
     }

@@ -144,9 +144,9 @@ package struct RecoveryBenchmark: Sendable {
             let report: RecoveryReport
             if simulator == nil {
                 // Immediate mode: time the NIC's part apart from recovery's own.
-                let (grant, connection) = memoryNode.recoveryAccess(from: NodeID(991))
-                let timed = TimedConnection(connection)
-                report = try await PoolRecovery(owner: dead.owner, grant: grant, connection: timed, runtime: runtime).run()
+                let access = try memoryNode.recoveryAccess(from: NodeID(991))
+                let timed = TimedConnection(access.connection)
+                report = try await PoolRecovery(owner: dead.owner, grant: access.grant, connection: timed, runtime: runtime).run()
                 result.withLock { $0.fabricNanos = timed.nanoseconds }
             } else {
                 report = try await memoryNode.recover(computeNode: dead.owner, runtime: runtime)
@@ -182,8 +182,9 @@ package struct RecoveryBenchmark: Sendable {
 
     /// Writes the dead node's holdings: headers, records, through a connection to the
     /// memory node's NIC, in doorbells of whole header arrays and record runs.
-    private static func layDown(_ plan: [SectionKind], owner: OwnerID, memoryNode: MemoryNode) async throws(FabricError) {
-        let (grant, connection) = memoryNode.recoveryAccess(from: NodeID(990))
+    private static func layDown(_ plan: [SectionKind], owner: OwnerID, memoryNode: MemoryNode) async throws {
+        let access = try memoryNode.recoveryAccess(from: NodeID(990))
+        let (grant, connection) = (access.grant, access.connection)
         let log = TemporaryLog(offset: 0, sizeCode: 0, owner: owner, sequence: LogSequence(rawValue: 1))
         let fullSpan = SpanHeader(bitmap: ~0, mode: .open, contended: false, logPending: false, log: log).rawValue
         func record(_ chunkCountLog2: Int, _ layer: FullLogRecord.Layer) -> UInt64 {

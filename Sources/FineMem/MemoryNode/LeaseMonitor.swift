@@ -52,6 +52,8 @@ package final class LeaseMonitor: Sendable {
         let words: [UInt64]
         do { words = try await memoryNode.readNodeTable() } catch { return [] }
         var events: [LeaseEvent] = []
+        var expired: [OwnerID] = []
+        var unrecovered: [OwnerID] = []
         for (index, word) in words.enumerated() {
             let owner = OwnerID(UInt16(index))
             guard let slot = NodeSlot(rawValue: word) else { continue }
@@ -59,7 +61,7 @@ package final class LeaseMonitor: Sendable {
             case .free:
                 seen.withLock { $0[owner] = nil }
             case .dead, .recovering:
-                events.append(await recover(owner, fence: false))
+                unrecovered.append(owner)
             case .alive, .suspected:
                 let missed = seen.withLock { seen -> Int in
                     var entry = seen[owner] ?? Seen(word: word, missed: -1)
@@ -70,10 +72,31 @@ package final class LeaseMonitor: Sendable {
                     return entry.missed
                 }
                 if missed >= missedRenewalsMax {
-                    events.append(await recover(owner, fence: true))
+                    expired.append(owner)
                 } else if missed >= 1, slot.state == .alive {
                     if (try? await memoryNode.markSuspected(owner, known: word)) == true { events.append(.suspected(owner)) }
                 }
+            }
+        }
+        // Every expired node is fenced before any recovery starts: nodes that died together
+        // may hold each other's headers (one's recovery waits on the other's pending log).
+        for owner in expired {
+            do {
+                try await memoryNode.fence(computeNode: owner)
+                unrecovered.append(owner)
+            } catch {
+                events.append(.failed(owner, error))
+            }
+        }
+        for owner in unrecovered.sorted(by: { $0.rawValue < $1.rawValue }) {
+            do {
+                let report = try await memoryNode.recover(computeNode: owner, runtime: runtime)
+                seen.withLock { $0[owner] = nil }
+                events.append(.recovered(owner, report))
+            } catch {
+                // Blocked by a node recovered later in this check, or by a stalled one:
+                // the next check runs it again.
+                events.append(.failed(owner, error))
             }
         }
         eventLog.withLock { $0 += events }
@@ -83,18 +106,6 @@ package final class LeaseMonitor: Sendable {
     /// The heartbeat and incarnation of a slot word: what must advance (a state change
     /// to or from `suspected` alone is not a renewal).
     private static let progressMask: UInt64 = ~(UInt64(7) << 40)
-
-    private func recover(_ owner: OwnerID, fence: Bool) async -> LeaseEvent {
-        do {
-            let report = fence
-                ? try await memoryNode.fenceAndRecover(computeNode: owner, runtime: runtime)
-                : try await memoryNode.recover(computeNode: owner, runtime: runtime)
-            seen.withLock { $0[owner] = nil }
-            return .recovered(owner, report)
-        } catch {
-            return .failed(owner, error)
-        }
-    }
 
     /// Checks every interval until `stop()`.
     package func start() {

@@ -5,6 +5,7 @@ package enum MemoryNodeError: Error, Sendable, Hashable, CustomStringConvertible
     case poolTooSmall(poolBytes: UInt64, needed: UInt64)
     case computeNodeSlotOutOfRange(OwnerID)
     case recovery(RecoveryError)
+    case recoveryInProgress(OwnerID)
 
     package var description: String {
         switch self {
@@ -13,6 +14,7 @@ package enum MemoryNodeError: Error, Sendable, Hashable, CustomStringConvertible
         case .poolTooSmall(let pool, let needed): "the NIC serves \(pool) bytes, the geometry needs \(needed)"
         case .computeNodeSlotOutOfRange(let owner): "\(owner) is outside the node table"
         case .recovery(let error): "recovery: \(error)"
+        case .recoveryInProgress(let owner): "a recovery of \(owner) is already running on this memory node"
         }
     }
 }
@@ -39,6 +41,7 @@ package final class MemoryNode: Sendable {
     /// other (in virtual time, with the latency model's crossings), so that recovery
     /// interleaves with the live nodes' verbs as it does on hardware.
     private let recoveryConnection: any FabricConnection
+    private let recoveriesInFlight = Locked<Set<OwnerID>>([])
     private let attachments = Locked<[OwnerID: (metadata: MemoryRegion, data: MemoryRegion)]>([:])
 
     package var id: NodeID { nic.node }
@@ -50,8 +53,8 @@ package final class MemoryNode: Sendable {
         do {
             let pd = try nic.allocateProtectionDomain()
             loopbackRegion = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: geometry.metadataBytes, access: .all)
-            loopback = nic.openLoopback(protectionDomain: pd)
-            recoveryConnection = nic.openConnection(from: nic.node, protectionDomain: pd)
+            loopback = try nic.openLoopback(protectionDomain: pd)
+            recoveryConnection = try nic.openConnection(from: nic.node, protectionDomain: pd)
         } catch {
             throw .nic(error)
         }
@@ -85,9 +88,15 @@ package final class MemoryNode: Sendable {
         } catch {
             throw .nic(error)
         }
+        let connection: any FabricConnection
+        do { connection = try nic.openConnection(from: node, protectionDomain: pd) } catch {
+            try? nic.deregister(metadata)
+            try? nic.deregister(data)
+            throw .nic(error)
+        }
         attachments.withLock { $0[owner] = (metadata, data) }
         let grant = MemoryNodeGrant(memoryNode: id, geometry: geometry, baseAddress: nic.baseAddress, metadataKey: metadata.rkey, dataKey: data.rkey)
-        return (grant, nic.openConnection(from: node, protectionDomain: pd))
+        return (grant, connection)
     }
 
     /// The grant of the memory node's own loopback access (metadata only).
@@ -95,11 +104,30 @@ package final class MemoryNode: Sendable {
         MemoryNodeGrant(memoryNode: id, geometry: geometry, baseAddress: nic.baseAddress, metadataKey: loopbackRegion.rkey, dataKey: loopbackRegion.rkey)
     }
 
-    /// A connection from fabric node `node` with the memory node's own metadata access:
-    /// for a recoverer that runs elsewhere than on the memory node (a test's crashing
-    /// recoverer). Fencing `node` does not reach it; breaking it does.
-    package func recoveryAccess(from node: NodeID) -> (MemoryNodeGrant, any FabricConnection) {
-        (loopbackGrant, nic.openConnection(from: node, protectionDomain: loopbackRegion.protectionDomain))
+    /// Metadata access for a recoverer that runs elsewhere than on the memory node (a live
+    /// compute node lending its CPU, or a test's crashing recoverer): a protection domain,
+    /// metadata region and connection of its own, so that `revoke` stops that recoverer
+    /// (its queue pairs to the error state, its key deregistered) and nothing else.
+    package func recoveryAccess(from node: NodeID) throws(MemoryNodeError) -> RecoveryAccess {
+        do {
+            let pd = try nic.allocateProtectionDomain()
+            let region = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: geometry.metadataBytes, access: .all)
+            let connection = try nic.openConnection(from: node, protectionDomain: pd)
+            let grant = MemoryNodeGrant(memoryNode: id, geometry: geometry, baseAddress: nic.baseAddress, metadataKey: region.rkey, dataKey: region.rkey)
+            return RecoveryAccess(grant: grant, connection: connection, region: region)
+        } catch {
+            throw .nic(error)
+        }
+    }
+
+    /// Fences a recoverer: nothing it posted or posts reaches the pool after this returns.
+    package func revoke(_ access: RecoveryAccess) throws(MemoryNodeError) {
+        do {
+            try nic.breakConnections(of: access.region.protectionDomain)
+            try nic.deregister(access.region)
+        } catch {
+            throw .nic(error)
+        }
     }
 
     /// Fences compute node `owner`: first moves its connections to the error state, so
@@ -160,6 +188,9 @@ package final class MemoryNode: Sendable {
     /// Recovers fenced compute node `owner` through the memory node's own queue pair
     /// (`PoolRecovery`): settles its logs, frees its blocks, frees its slot.
     package func recover(computeNode owner: OwnerID, runtime: any Runtime) async throws(MemoryNodeError) -> RecoveryReport {
+        // One recovery of a node at a time here: two would decide from each other's words.
+        guard recoveriesInFlight.withLock({ $0.insert(owner).inserted }) else { throw .recoveryInProgress(owner) }
+        defer { recoveriesInFlight.withLock { _ = $0.remove(owner) } }
         do {
             return try await PoolRecovery(owner: owner, grant: loopbackGrant, connection: recoveryConnection, runtime: runtime).run()
         } catch {
@@ -172,4 +203,11 @@ package final class MemoryNode: Sendable {
         try await fence(computeNode: owner)
         return try await recover(computeNode: owner, runtime: runtime)
     }
+}
+
+/// A recoverer's access to a memory node's metadata (`MemoryNode.recoveryAccess`).
+package struct RecoveryAccess: Sendable {
+    package let grant: MemoryNodeGrant
+    package let connection: any FabricConnection
+    let region: MemoryRegion
 }

@@ -139,7 +139,7 @@ package final class PoolRecovery: Sendable {
             do {
                 try await read(dirty, into: &pool, trace: &trace)
             } catch { throw .fabric(error) }
-            pool.indexMultiSectionBlocks(of: owner, in: dirty)
+            pool.indexMultiSectionBlocks(of: owner)
             var pass = RecoveryPass(owner: owner, pool: pool, sections: dirty)
             guard idlePasses <= idlePassesMax else { throw .notSettled(passes: report.passes, remaining: pass.remainingWork) }
             guard pass.hasWork else {
@@ -276,13 +276,18 @@ struct PoolImage: Sendable {
         return record
     }
 
-    /// Indexes the multi-section blocks of `owner` whose records are in `sections`.
-    mutating func indexMultiSectionBlocks(of owner: OwnerID, in sections: [Int]) {
-        for section in sections {
+    /// Indexes the multi-section blocks of `owner`, afresh, from the records as last read
+    /// or as recovery's own record CASes left them. Only recovery changes a record of the
+    /// dead node, so a record the image shows allocated to it still is; one it freed is
+    /// dropped here, and its sections, which others may claim from then on, are never
+    /// again taken for the dead node's.
+    mutating func indexMultiSectionBlocks(of owner: OwnerID) {
+        multiSectionBlock.removeAll(keepingCapacity: true)
+        for section in 0..<sections.count {
             let chunk = section * PoolGeometry.chunksPerSection
             guard let record = allocation(at: chunk, by: owner, layer: .multiSection) else { continue }
             let count = 1 << (record.chunkCountLog2 - Block.sectionLayerCountLog2Max)
-            let range = section..<min(section + count, self.sections.count)
+            let range = section..<min(section + count, sections.count)
             for member in range { multiSectionBlock[member] = range }
         }
     }
