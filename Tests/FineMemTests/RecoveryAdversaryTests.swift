@@ -1,4 +1,7 @@
 import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
 @testable import FineMem
 
 // Adversarial tests of the crash-recovery protocol (PoolRecovery, RecoveryPass, fencing,
@@ -135,5 +138,304 @@ private let application = ApplicationID(1)
         #expect(problems == [], "seed \(seed): recovery of X changed Y's live block; report \(report)")
         #expect(report.blocksReclaimed == 1, "seed \(seed): X had one block, recovery reclaimed \(report.blocksReclaimed)")
         #expect(freeError == nil, "seed \(seed): Y could not free its own block: \(freeError ?? "")")
+    }
+}
+
+// MARK: Randomized exploration
+
+/// A live node's seeded allocate/free loop, with the ledger kept.
+private func adversaryLoad(
+    _ node: BlockAllocator, operations: Int, sizes: [Int], seed: UInt64, simulator: Simulator, inspector: PoolInspector,
+    note: @escaping @Sendable ([String]) -> Void
+) async {
+    var random = SeededRandom(seed: seed)
+    var held: [Block] = []
+    for _ in 0..<operations {
+        await simulator.sleep(nanoseconds: random.next() % 40_000)
+        do throws(AllocationError) {
+            if !held.isEmpty, random.next() % 2 == 0 {
+                let block = held.remove(at: Int(random.next() % UInt64(held.count)))
+                note(inspector.release(block))
+                try await node.free(block, application: ApplicationID(2))
+            } else {
+                let block = try await node.allocate(chunkCountLog2: sizes[Int(random.next() % UInt64(sizes.count))], application: ApplicationID(2))
+                note(inspector.admit(block, owner: node.owner))
+                held.append(block)
+            }
+        } catch {
+            if case .outOfMemory = error { continue }
+            note(["live node \(node.owner): \(error)"])
+        }
+    }
+    for block in held {
+        note(inspector.release(block))
+        do throws(AllocationError) { try await node.free(block, application: ApplicationID(2)) } catch { note(["live node \(node.owner) final free: \(error)"]) }
+    }
+}
+
+/// One randomized run: X holds blocks of every layer and dies in the middle of a random
+/// operation (late verbs by a seeded policy); Y and Z allocate and free every size
+/// (2 MiB and 4 MiB included) throughout; X is fenced and recovered by a recoverer that
+/// pauses at random between its doorbells and, with `crashRecoverer`, crashes after a
+/// random number of verbs (then its connection is broken and recovery runs again on the
+/// memory node's loopback). Answers every invariant violation found.
+private func exploreRecovery(seed: UInt64, crashRecoverer: Bool, pauses: Bool, poolBytes: UInt64 = 16 << 20, stalls: Bool = false, xOperations: Int = 1) -> [String] {
+    let simulator = Simulator(seed: seed)
+    let problems = Locked<[String]>([])
+    let note: @Sendable ([String]) -> Void = { found in if !found.isEmpty { problems.withLock { $0 += found } } }
+    simulator.spawn {
+        var random = SeededRandom(seed: seed &* 0x9E37_79B9_7F4A_7C15 &+ 1)
+        let cluster: EmbeddedCluster
+        do { cluster = try await EmbeddedCluster.start(.init(poolBytesPerNode: poolBytes, computeNodes: 3), simulator: simulator) } catch {
+            note(["cluster: \(error)"])
+            return
+        }
+        let inspector = PoolInspector(cluster: cluster)
+        let x = cluster.computeNodes[0]
+        let xID = EmbeddedCluster.computeNodeID(0)
+        let sizes = [0, 0, 1, 2, 4, 5, 6, 9, 10]
+        var held: [Block] = []
+        for _ in 0..<10 {
+            if let block = try? await x.allocate(chunkCountLog2: sizes[Int(random.next() % UInt64(sizes.count))], application: application) { held.append(block) }
+        }
+        for _ in 0..<3 where !held.isEmpty {
+            let block = held.remove(at: Int(random.next() % UInt64(held.count)))
+            try? await x.free(block, application: application)
+        }
+        await cluster.quiesce()
+        let base = simulator.verbsExecuted(by: xID)
+        let lates: [FaultPlan.LateVerbs] = [.none, .all, .seeded]
+        simulator.faults.crash(xID, afterVerbs: base + random.next() % 12, late: lates[Int(random.next() % 3)])
+        let lastIsFree = !held.isEmpty && random.next() % 2 == 0
+        let lastSize = sizes[Int(random.next() % UInt64(sizes.count))]
+        let victimBlock = lastIsFree ? held[Int(random.next() % UInt64(held.count))] : nil
+        let fenceDelay = random.next() % 120_000
+        let crashAt = random.next() % 60
+        let crashLate = lates[Int(random.next() % 3)]
+        let pauseSeed = random.next()
+        let loadSeeds = [random.next(), random.next()]
+        if stalls {
+            for index in 1...2 {
+                for _ in 0..<3 {
+                    let start = simulator.nowNanoseconds + random.next() % 300_000
+                    simulator.faults.stall(EmbeddedCluster.computeNodeID(index), fromNanoseconds: start, forNanoseconds: random.next() % 200_000)
+                }
+            }
+        }
+        let extraSizes = (0..<max(0, xOperations - 1)).map { _ in sizes[Int(random.next() % UInt64(sizes.count))] }
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask {
+                do throws(AllocationError) {
+                    if let victimBlock { try await x.free(victimBlock, application: application) } else { _ = try await x.allocate(chunkCountLog2: lastSize, application: application) }
+                } catch {}
+            }
+            for size in extraSizes {
+                group.addTask { _ = try? await x.allocate(chunkCountLog2: size, application: application) }
+            }
+            for (index, node) in cluster.computeNodes[1...].enumerated() {
+                group.addTask {
+                    await adversaryLoad(node, operations: 16, sizes: [0, 0, 1, 3, 5, 6, 9, 10], seed: loadSeeds[index], simulator: simulator, inspector: inspector, note: note)
+                }
+            }
+            group.addTask {
+                await simulator.sleep(nanoseconds: fenceDelay)
+                do { try await cluster.fence(computeNode: 0) } catch {
+                    note(["fence: \(error)"])
+                    return
+                }
+                let memoryNode = cluster.memoryNodes[0]
+                let recovererID = NodeID(900)
+                let (grant, raw) = memoryNode.recoveryAccess(from: recovererID)
+                let pauseRandom = Locked(SeededRandom(seed: pauseSeed))
+                let connection = PausingConnection(raw) { _, _ in
+                    guard pauses else { return }
+                    let pause = pauseRandom.withLock { random -> UInt64 in random.next() % 3 == 0 ? random.next() % 60_000 : 0 }
+                    if pause > 0 { await simulator.sleep(nanoseconds: pause) }
+                }
+                if crashRecoverer { simulator.faults.crash(recovererID, afterVerbs: crashAt, late: crashLate) }
+                let owner = EmbeddedCluster.owner(ofComputeNode: 0)
+                do {
+                    _ = try await PoolRecovery(owner: owner, grant: grant, connection: connection, runtime: simulator).run()
+                } catch {
+                    if !crashRecoverer { note(["recovery: \(error)"]) }
+                }
+                if crashRecoverer {
+                    await simulator.sleep(nanoseconds: 50_000)
+                    (raw as? SimulatedConnection)?.breakConnection()
+                    do { _ = try await memoryNode.recover(computeNode: owner, runtime: simulator) } catch { note(["recovery rerun: \(error)"]) }
+                }
+            }
+        }
+        await cluster.quiesce()
+        note(inspector.checkAtRest().map { "at rest: \($0)" })
+        note(inspector.checkIntents())
+        let slot = inspector.nodeSlot(on: NodeID(0), owner: EmbeddedCluster.owner(ofComputeNode: 0))
+        if slot?.state != .free { note(["X's slot is \(String(describing: slot)) after recovery"]) }
+        simulator.faults.revive(xID)
+        do {
+            let reborn = try await cluster.restart(computeNode: 0)
+            let block = try await reborn.allocate(chunkCountLog2: 0, application: application)
+            try await reborn.free(block, application: application)
+        } catch { note(["restart: \(error)"]) }
+        for (block, owner) in inspector.liveBlocks {
+            note(inspector.release(block))
+            do throws(AllocationError) { try await cluster.computeNodes.first { $0.owner == owner }!.free(block, application: application) } catch {
+                note(["final free of \(block): \(error)"])
+            }
+        }
+        await cluster.quiesce()
+        note(inspector.everyHeaderEmpty().map { "end: \($0)" })
+    }
+    simulator.run()
+    if getenv("ADVERSARY_VERBOSE") != nil { print("seed \(seed): \(simulator.totalVerbs) verbs, t=\(simulator.nowNanoseconds) ns, problems: \(problems.withLock { $0 }.count)") }
+    return problems.withLock { $0 }
+}
+
+@Suite struct RecoveryExplorationTests {
+    /// Randomized runs (seeds printed): a dead node's blocks of every layer, live nodes
+    /// allocating and freeing every size, a slow recoverer, optionally crashing.
+    @Test(arguments: [false, true])
+    func randomizedRecoveryRuns(crashRecoverer: Bool) {
+        let seeds: ClosedRange<UInt64> = 1...UInt64(adversarySeedCount)
+        var failing: [UInt64: [String]] = [:]
+        for seed in seeds {
+            let problems = exploreRecovery(seed: seed, crashRecoverer: crashRecoverer, pauses: true)
+            if !problems.isEmpty { failing[seed] = problems }
+        }
+        for seed in failing.keys.sorted() {
+            Issue.record("seed \(seed) (crash recoverer: \(crashRecoverer)): \(failing[seed]!.prefix(6))")
+        }
+    }
+
+    /// The same with a pool of four sections (more contention), live nodes that stall,
+    /// and X dying with three operations in flight.
+    @Test(arguments: [false, true])
+    func randomizedRecoveryRunsUnderPressure(crashRecoverer: Bool) {
+        let seeds: ClosedRange<UInt64> = 1...UInt64(adversarySeedCount)
+        var failing: [UInt64: [String]] = [:]
+        for seed in seeds {
+            let problems = exploreRecovery(seed: seed, crashRecoverer: crashRecoverer, pauses: true, poolBytes: 8 << 20, stalls: true, xOperations: 3)
+            if !problems.isEmpty { failing[seed] = problems }
+        }
+        for seed in failing.keys.sorted() {
+            Issue.record("seed \(seed) (crash recoverer: \(crashRecoverer)): \(failing[seed]!.prefix(6))")
+        }
+    }
+}
+
+private let adversarySeedCount: Int = {
+    if let text = getenv("ADVERSARY_SEEDS"), let count = Int(String(cString: text)) { return count }
+    return 40
+}()
+
+// MARK: Leases over several memory nodes
+
+@Suite struct LeaseAdversaryTests {
+    /// BREAK (claim 6, invariant 2): fencing is per memory node, but a compute node that
+    /// learns it was fenced on one memory node refuses every operation on all of them
+    /// (`checkNotFenced`) while its renewal loop goes on renewing the others
+    /// (`startLeaseRenewal` stops only when every memory node is lost).
+    ///
+    /// Interleaving (two memory nodes, monitors with the usual 3 missed renewals):
+    /// 1. X holds a 4 KiB block on each memory node, all flushed. Both monitors see X.
+    /// 2. X stalls: it renews nowhere for three check rounds. MN0's third check fences X
+    ///    and recovers it (its MN0 block is freed: correct).
+    /// 3. X resumes before MN1's check of that round (monitors on different memory nodes
+    ///    have independent phases; here MN1 checks a moment later): its renewal finds MN0
+    ///    lost and renews MN1 (suspected -> alive, heartbeat advanced), so MN1 resets its
+    ///    count. From now on X renews MN1 every interval.
+    /// 4. X refuses every operation (`fenced(memoryNode: 0)`), including the free of its
+    ///    MN1 block; MN1 never fences X, since X keeps its lease there.
+    ///
+    /// X's memory on MN1 stays allocated for as long as X's process lives, owned by a node
+    /// that will never use or free it: a leak that no recovery ever reclaims.
+    ///
+    /// Suggested fix: make "fenced" fail-stop: once a renewal finds the node fenced on
+    /// any memory node, stop renewing on every memory node (so that each fences and
+    /// recovers it within a lease), or scope `checkNotFenced` to the memory node of the
+    /// operation (free on MN1 still works) -- the first is simpler and matches "comes back
+    /// only by starting anew".
+    @Test func aNodeFencedOnOneMemoryNodeKeepsItsLeaseAndLeaksItsBlocksOnTheOther() throws {
+        let seed: UInt64 = 61
+        let result = simulateAdversary(seed: seed) { simulator -> (freeError: String?, slot: NodeSlot?, marked: [String], events: [LeaseEvent]) in
+            let cluster = try await EmbeddedCluster.start(.init(memoryNodes: 2, poolBytesPerNode: 4 << 20, computeNodes: 1), simulator: simulator)
+            let x = cluster.computeNodes[0]
+            let inspector = PoolInspector(cluster: cluster)
+            var blocks: [NodeID: Block] = [:]
+            while blocks.count < 2 {
+                let block = try await x.allocate(chunkCountLog2: 0, application: application)
+                if blocks[block.memoryNode] == nil { blocks[block.memoryNode] = block }
+            }
+            await cluster.quiesce()
+            let (mn0, mn1) = (cluster.monitors[0], cluster.monitors[1])
+            // Round 0: both monitors see X's slot. Rounds 1-2: X renews nowhere (stalled).
+            for _ in 0..<3 {
+                await mn0.check()
+                await mn1.check()
+                await simulator.sleep(nanoseconds: 1_000_000)
+            }
+            // Round 3: MN0 fences and recovers X; X resumes before MN1's check.
+            await mn0.check()
+            _ = await x.renewLeases()
+            await mn1.check()
+            // X is back: it renews every interval from now on (MN0 is lost, MN1 is not).
+            for _ in 0..<6 {
+                await simulator.sleep(nanoseconds: 1_000_000)
+                _ = await x.renewLeases()
+                await mn0.check()
+                await mn1.check()
+            }
+            await cluster.quiesce()
+            let stranded = blocks[NodeID(1)]!
+            var freeError: String?
+            do { try await x.free(stranded, application: application) } catch { freeError = "\(error)" }
+            return (freeError, inspector.nodeSlot(on: NodeID(1), owner: x.owner), inspector.marked(stranded), mn0.events + mn1.events)
+        }
+        let (freeError, slot, marked, events) = try #require(result, "seed \(seed): no answer").get()
+        // Either X can still free its MN1 block, or MN1 has fenced X and reclaimed it.
+        let reclaimed = slot?.state != .alive && !marked.isEmpty
+        #expect(freeError == nil || reclaimed,
+                "seed \(seed): X's block on MN1 is stranded: X refuses to free it (\(freeError ?? "")) and keeps its MN1 lease (\(String(describing: slot))); monitor events \(events)")
+    }
+
+    /// BREAK (claim 6): a renewal that fails with a fabric error counts as "fenced" on
+    /// that memory node, and `checkNotFenced` then refuses every operation on every memory
+    /// node. A memory node that dies (powered off: every verb answers `peerDead`) thus
+    /// turns a healthy, never-stalled compute node into one that can neither allocate nor
+    /// free anywhere, while it keeps its lease (and its blocks) on the healthy memory
+    /// nodes, which therefore never recover them.
+    ///
+    /// Interleaving: Y holds a block on MN0; MN1 powers off; Y's next renewal fails on
+    /// MN1; Y's free of its MN0 block fails with `fenced(memoryNode: 1)`, Y's slot on MN0
+    /// stays alive.
+    ///
+    /// Suggested fix: only a renewal CAS that finds the slot not alive (or of another
+    /// incarnation) means fenced; a fabric error means "unknown" (retry next interval,
+    /// stop using that memory node); and scope the refusal to the memory node concerned.
+    @Test func aDeadMemoryNodeMakesAHealthyComputeNodeRefuseEverything() throws {
+        let seed: UInt64 = 62
+        let result = simulateAdversary(seed: seed) { simulator -> (lost: [NodeID], freeError: String?, allocateError: String?, slot: NodeSlot?) in
+            let cluster = try await EmbeddedCluster.start(.init(memoryNodes: 2, poolBytesPerNode: 4 << 20, computeNodes: 1), simulator: simulator)
+            let y = cluster.computeNodes[0]
+            let inspector = PoolInspector(cluster: cluster)
+            var onMN0: Block?
+            while onMN0 == nil {
+                let block = try await y.allocate(chunkCountLog2: 0, application: application)
+                if block.memoryNode == NodeID(0) { onMN0 = block }
+            }
+            await cluster.quiesce()
+            cluster.nics[1].powerOff()
+            let lost = await y.renewLeases()
+            var freeError: String?
+            do { try await y.free(onMN0!, application: application) } catch { freeError = "\(error)" }
+            var allocateError: String?
+            do { _ = try await y.allocate(chunkCountLog2: 0, application: application) } catch { allocateError = "\(error)" }
+            return (lost, freeError, allocateError, inspector.nodeSlot(on: NodeID(0), owner: y.owner))
+        }
+        let (lost, freeError, allocateError, slot) = try #require(result, "seed \(seed): no answer").get()
+        #expect(lost == [NodeID(1)], "seed \(seed)")
+        #expect(slot?.state == .alive, "seed \(seed): Y is alive on MN0: \(String(describing: slot))")
+        #expect(freeError == nil, "seed \(seed): Y, alive on MN0, cannot free its MN0 block: \(freeError ?? "")")
+        #expect(allocateError == nil, "seed \(seed): Y, alive on MN0, cannot allocate: \(allocateError ?? "")")
     }
 }
