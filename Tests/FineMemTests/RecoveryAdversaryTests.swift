@@ -388,7 +388,12 @@ private func exploreRecovery(seed: UInt64, crashRecoverer: Bool, pauses: Bool, p
                 if crashRecoverer {
                     await simulator.sleep(nanoseconds: 50_000)
                     (raw as? SimulatedConnection)?.breakConnection()
-                    do { _ = try await memoryNode.recover(computeNode: owner, runtime: simulator) } catch { note(["recovery rerun: \(error)"]) }
+                    do {
+                        // The rerun goes over the fabric too (a fresh connection), so that its
+                        // doorbells leave windows to the live nodes like the first run's.
+                        let (grant, rerun) = memoryNode.recoveryAccess(from: NodeID(901))
+                        _ = try await PoolRecovery(owner: owner, grant: grant, connection: rerun, runtime: simulator).run()
+                    } catch { note(["recovery rerun: \(error)"]) }
                 }
             }
         }
@@ -499,6 +504,122 @@ private let adversarySeeds: ClosedRange<UInt64> = {
     let first = number("ADVERSARY_FIRST_SEED", 1)
     return first...first + max(1, number("ADVERSARY_SEEDS", 40)) - 1
 }()
+
+// MARK: Leases, monitors and stalls, all running
+
+/// One randomized run with failure detection running (renewals every 1 s, monitors every
+/// 1 s, 3 missed renewals): X, Y and Z allocate and free with pauses of up to 300 ms; X's
+/// CPU stalls for `stallNanos` at a random moment. A stall longer than the lease must get
+/// X fenced and recovered, after which X changes nothing; a shorter one must leave X
+/// working. Answers the violations found and whether X was fenced.
+private func exploreLease(seed: UInt64, stallNanos: UInt64, memoryNodes: Int) -> (problems: [String], fenced: Bool) {
+    let simulator = Simulator(seed: seed)
+    let problems = Locked<[String]>([])
+    let fenced = Locked(false)
+    let note: @Sendable ([String]) -> Void = { found in if !found.isEmpty { problems.withLock { $0 += found } } }
+    simulator.spawn {
+        var random = SeededRandom(seed: seed &+ 77)
+        var configuration = EmbeddedCluster.Configuration(memoryNodes: memoryNodes, poolBytesPerNode: 8 << 20, computeNodes: 3)
+        configuration.failureDetection = false
+        let cluster: EmbeddedCluster
+        do { cluster = try await EmbeddedCluster.start(configuration, simulator: simulator) } catch {
+            note(["cluster: \(error)"])
+            return
+        }
+        let inspector = PoolInspector(cluster: cluster)
+        cluster.startFailureDetection()
+        let stallStart = 200_000_000 + random.next() % 1_000_000_000
+        simulator.faults.stall(EmbeddedCluster.computeNodeID(0), fromNanoseconds: stallStart, forNanoseconds: stallNanos)
+        let seeds = (0..<3).map { _ in random.next() }
+        let xHeld = Locked<[Block]>([])
+        await withTaskGroup(of: Void.self) { group in
+            for index in 0..<3 {
+                group.addTask {
+                    let node = cluster.computeNodes[index]
+                    var random = SeededRandom(seed: seeds[index])
+                    var held: [Block] = []
+                    for _ in 0..<14 {
+                        await simulator.sleep(nanoseconds: random.next() % 300_000_000)
+                        do throws(AllocationError) {
+                            if !held.isEmpty, random.next() % 2 == 0 {
+                                let block = held.remove(at: Int(random.next() % UInt64(held.count)))
+                                do throws(AllocationError) { try await node.free(block, application: application) } catch {
+                                    held.append(block)
+                                    throw error
+                                }
+                                note(inspector.release(block))
+                            } else {
+                                let sizes = [0, 0, 1, 3, 5, 6, 9, 10]
+                                let block = try await node.allocate(chunkCountLog2: sizes[Int(random.next() % UInt64(sizes.count))], application: application)
+                                note(inspector.admit(block, owner: node.owner))
+                                held.append(block)
+                            }
+                        } catch {
+                            if case .outOfMemory = error { continue }
+                            if index == 0 { continue }  // X after its fence: every operation fails
+                            note(["live node \(node.owner): \(error)"])
+                        }
+                    }
+                    if index == 0 {
+                        xHeld.withLock { $0 = held }
+                        return
+                    }
+                    for block in held {
+                        do throws(AllocationError) {
+                            try await node.free(block, application: application)
+                            note(inspector.release(block))
+                        } catch { note(["live node \(node.owner) final free: \(error)"]) }
+                    }
+                }
+            }
+        }
+        // Let the monitors finish whatever the stall started.
+        await simulator.sleep(nanoseconds: 6_000_000_000)
+        cluster.stopFailureDetection()
+        await simulator.sleep(nanoseconds: 2_000_000_000)
+        let x = cluster.computeNodes[0]
+        fenced.withLock { $0 = x.isFenced }
+        if x.isFenced {
+            // X was recovered: what it held is no longer anybody's.
+            for block in xHeld.withLock({ $0 }) { _ = inspector.release(block) }
+        } else {
+            for block in xHeld.withLock({ $0 }) {
+                do throws(AllocationError) {
+                    try await x.free(block, application: application)
+                    note(inspector.release(block))
+                } catch { note(["X (never fenced) could not free \(block): \(error)"]) }
+            }
+        }
+        await cluster.quiesce()
+        note(inspector.checkAtRest().map { "at rest: \($0)" })
+        note(inspector.checkIntents())
+        for block in inspector.liveBlocks.keys { note(["still held at the end: \(block)"]) }
+    }
+    simulator.run()
+    return (problems.withLock { $0 }, fenced.withLock { $0 })
+}
+
+@Suite struct LeaseExplorationTests {
+    /// Claim 6 with everything running: a stall of 5 s (longer than the 3 s lease) gets X
+    /// fenced and recovered and X changes nothing afterwards; a stall of 2.9 s (shorter than
+    /// three intervals) leaves X working. One and two memory nodes. Holds (10 seeds by
+    /// default; 200 tried).
+    @Test(arguments: [(UInt64(5_000_000_000), 1), (UInt64(2_900_000_000), 1), (UInt64(5_000_000_000), 2), (UInt64(2_900_000_000), 2)])
+    func stalledNodeUnderLeases(stallNanos: UInt64, memoryNodes: Int) {
+        var failing: [UInt64: [String]] = [:]
+        var fencedCount = 0
+        for seed in adversarySeeds.lowerBound...adversarySeeds.lowerBound + min(UInt64(getenv("ADVERSARY_SCAN") != nil ? 10_000 : 9), adversarySeeds.upperBound - adversarySeeds.lowerBound) {
+            let (problems, fenced) = exploreLease(seed: seed, stallNanos: stallNanos, memoryNodes: memoryNodes)
+            if fenced { fencedCount += 1 }
+            if stallNanos > 4_000_000_000, !fenced { failing[seed, default: []].append("a 5 s stall did not get X fenced") }
+            if stallNanos < 3_000_000_000, fenced { failing[seed, default: []].append("a stall shorter than the 3 s lease got X fenced") }
+            if !problems.isEmpty { failing[seed, default: []] += problems }
+        }
+        for seed in failing.keys.sorted() {
+            Issue.record("seed \(seed) (stall \(stallNanos) ns, \(memoryNodes) memory nodes): \(failing[seed]!.prefix(6))")
+        }
+    }
+}
 
 // MARK: Leases over several memory nodes
 
