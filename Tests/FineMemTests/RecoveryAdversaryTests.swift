@@ -267,6 +267,60 @@ private func naturalStaleIndexRun(seed: UInt64, liveSize: Int) -> [String] {
     }
 }
 
+@Suite struct RecovererFencingAdversaryTests {
+    /// BREAK (claim 2, as deployed): "recovery can crash at any verb (its own late verbs
+    /// included, until its connection is broken) and be rerun" needs a way to break the
+    /// crashed recoverer's connection. The crash-point harness uses the simulator-only
+    /// `SimulatedConnection.breakConnection()`. The memory node's control path can only
+    /// move all QPs of a protection domain to the error state (`NICControl.
+    /// breakConnections(of:)`), and `MemoryNode.recoveryAccess` opens recoverers in the
+    /// protection domain of the memory node's own loopback. So fencing a crashed remote
+    /// recoverer also breaks the loopback, which `MemoryNode` never reopens: from then on
+    /// the memory node can fence nobody and recover nobody (the lease monitor's every
+    /// check fails), and the dead node's headers that the crashed run left pending in its
+    /// name stay pending for good.
+    ///
+    /// Interleaving: X is fenced; a recoverer on node 900 (over `recoveryAccess`) crashes
+    /// after its reclaim CAS; the memory node stops its late verbs the only way its NIC
+    /// offers (break the recoverer's protection domain); the rerun on the memory node
+    /// (`MemoryNode.recover`, the monitor's path) fails, and so does fencing Y.
+    ///
+    /// Suggested fix: give each recoverer its own protection domain and metadata region
+    /// (as `attach` does for compute nodes), and a `MemoryNode.fence(recoverer:)` that
+    /// breaks that domain and deregisters its region; or reopen the loopback in a fresh
+    /// domain after breaking one.
+    @Test func fencingACrashedRemoteRecovererDisablesTheMemoryNode() throws {
+        let seed: UInt64 = 105
+        let result = simulateAdversary(seed: seed) { simulator -> (rerun: String?, fenceOther: String?, pending: Bool) in
+            let cluster = try await EmbeddedCluster.start(.init(poolBytesPerNode: 4 << 20, computeNodes: 2), simulator: simulator)
+            let x = cluster.computeNodes[0]
+            let block = try await x.allocate(chunkCountLog2: 0, application: application)
+            _ = try await cluster.computeNodes[1].allocate(chunkCountLog2: 0, application: application)
+            await cluster.quiesce()
+            try await cluster.fence(computeNode: 0)
+            let memoryNode = cluster.memoryNodes[0]
+            let recoverer = NodeID(900)
+            let (grant, raw) = memoryNode.recoveryAccess(from: recoverer)
+            // Verbs: slot READ, slot CAS, the pass's READ (intents, sections, spans,
+            // records), the reclaim CAS on X's span; then it crashes.
+            simulator.faults.crash(recoverer, afterVerbs: 7, late: .all)
+            _ = try? await PoolRecovery(owner: x.owner, grant: grant, connection: raw, runtime: simulator).run()
+            let pendingAfterCrash = PoolInspector(cluster: cluster).span(on: NodeID(0), section: block.section, span: block.spanInSection)?.logPending ?? false
+            // Fence the crashed recoverer with the NIC's control path.
+            cluster.nics[0].breakConnections(of: try #require(raw as? SimulatedConnection).protectionDomain)
+            var rerun: String?
+            do { _ = try await cluster.recover(computeNode: 0) } catch { rerun = "\(error)" }
+            var fenceOther: String?
+            do { try await cluster.fence(computeNode: 1) } catch { fenceOther = "\(error)" }
+            return (rerun, fenceOther, pendingAfterCrash)
+        }
+        let (rerun, fenceOther, pending) = try #require(result, "seed \(seed): no answer").get()
+        #expect(pending, "seed \(seed): set-up: the crashed recoverer did not leave X's span pending")
+        #expect(rerun == nil, "seed \(seed): after fencing the crashed recoverer, the memory node cannot rerun recovery: \(rerun ?? "")")
+        #expect(fenceOther == nil, "seed \(seed): after fencing the crashed recoverer, the memory node cannot fence anyone: \(fenceOther ?? "")")
+    }
+}
+
 // MARK: Randomized exploration
 
 /// A live node's seeded allocate/free loop, with the ledger kept.
