@@ -675,6 +675,63 @@ private func exploreLease(seed: UInt64, stallNanos: UInt64, memoryNodes: Int) ->
     }
 }
 
+@Suite struct MonitorAdversaryTests {
+    /// BREAK (claim 6, liveness; "live CNs never block on recovery"): the monitor runs its
+    /// checks one slot at a time and awaits each recovery, and a recovery whose work sits
+    /// under another node's pending log spins up to `passesMax` (10,000) passes, sleeping
+    /// up to 1 ms between them: about 10 s of nothing else. When that other node is dead
+    /// too, only the monitor can unblock it, and the monitor is busy.
+    ///
+    /// Interleaving (leases of 1 s x 3): X (slot 1) and Y (slot 2) hold 4 KiB blocks in the
+    /// same span; Y commits the free of its block and dies before the flush (the span is
+    /// pending under Y's log); X dies at the same moment. At the check that finds both
+    /// expired, the monitor fences X and recovers it first: X's block sits under Y's
+    /// pending log, so X's recovery waits on Y, for 10,000 passes, and fails
+    /// (`notSettled`). Only then does the same check fence and recover Y; the next check
+    /// finishes X. Meanwhile no other slot is checked, and live nodes wait on both
+    /// nodes' headers (their frees there give up after about 1.3 s of backoff).
+    ///
+    /// Suggested fix: a recovery that finds work blocked by another node's pending log
+    /// should return early (slot left `recovering`, retried at the next check) after a
+    /// few passes, or the monitor should fence every expired node before recovering
+    /// any, and run recoveries concurrently per node.
+    @Test func twoNodesDyingTogetherAreRecoveredWithinALeaseOrTwo() throws {
+        let seed: UInt64 = 106
+        let result = simulateAdversary(seed: seed) { simulator -> (crash: UInt64, xFree: UInt64?, yFree: UInt64?, events: [LeaseEvent]) in
+            var configuration = EmbeddedCluster.Configuration(poolBytesPerNode: 4 << 20, computeNodes: 3)
+            configuration.failureDetection = false
+            let cluster = try await EmbeddedCluster.start(configuration, simulator: simulator)
+            let (x, y) = (cluster.computeNodes[0], cluster.computeNodes[1])
+            let inspector = PoolInspector(cluster: cluster)
+            let a = try await x.allocate(chunkCountLog2: 0, application: application)
+            var b = try await y.allocate(chunkCountLog2: 0, application: application)
+            while b.section != a.section || b.spanInSection != a.spanInSection { b = try await y.allocate(chunkCountLog2: 0, application: application) }
+            await cluster.quiesce()
+            cluster.startFailureDetection()
+            await simulator.sleep(nanoseconds: 1_500_000_000)
+            let yID = EmbeddedCluster.computeNodeID(1)
+            // Y's free commits (its first verb) and Y dies before anything else.
+            simulator.faults.crash(yID, afterVerbs: simulator.verbsExecuted(by: yID) + 1, late: .none)
+            try? await y.free(b, application: application)
+            let crash = simulator.nowNanoseconds
+            simulator.faults.crash(EmbeddedCluster.computeNodeID(0), atNanoseconds: crash)
+            var xFree: UInt64?
+            var yFree: UInt64?
+            while simulator.nowNanoseconds < crash + 60_000_000_000, xFree == nil || yFree == nil {
+                await simulator.sleep(nanoseconds: 100_000_000)
+                if xFree == nil, inspector.nodeSlot(on: NodeID(0), owner: x.owner)?.state == .free { xFree = simulator.nowNanoseconds - crash }
+                if yFree == nil, inspector.nodeSlot(on: NodeID(0), owner: y.owner)?.state == .free { yFree = simulator.nowNanoseconds - crash }
+            }
+            cluster.stopFailureDetection()
+            return (crash, xFree, yFree, cluster.monitors[0].events)
+        }
+        let (_, xFree, yFree, events) = try #require(result, "seed \(seed): no answer").get()
+        let bound: UInt64 = 8_000_000_000  // two leases of 3 intervals, plus a check
+        #expect((xFree ?? .max) <= bound && (yFree ?? .max) <= bound,
+                "seed \(seed): recovered X after \(xFree.map { "\($0 / 1_000_000) ms" } ?? "never"), Y after \(yFree.map { "\($0 / 1_000_000) ms" } ?? "never") (bound \(bound / 1_000_000) ms); events \(events.map { event -> String in switch event { case .suspected(let o): "suspected \(o)"; case .recovered(let o, let r): "recovered \(o) in \(r.passes) passes"; case .failed(let o, let e): "failed \(o): \(e)" } })")
+    }
+}
+
 // MARK: Leases over several memory nodes
 
 @Suite struct LeaseAdversaryTests {
