@@ -56,7 +56,7 @@ private final class PausingConnection: FabricConnection, @unchecked Sendable {
 private let application = ApplicationID(1)
 
 @Suite struct RecoveryAdversaryTests {
-    /// BREAK (claim 1, claim 5): recovery keeps its index of the dead node's multi-section
+    /// Regression test, failed before the fix (claim 1, claim 5): recovery keeps its index of the dead node's multi-section
     /// blocks (`PoolImage.multiSectionBlock`) across passes and never drops an entry. After
     /// pass 1 has freed X's 4 MiB block (sections 0-1: reclaim, record set to freed, bits
     /// cleared) the two sections are still "in X's multi-section block" for every later
@@ -96,7 +96,8 @@ private let application = ApplicationID(1)
             await cluster.quiesce()
             try await cluster.fence(computeNode: 0)
             let memoryNode = cluster.memoryNodes[0]
-            let (grant, raw) = memoryNode.recoveryAccess(from: NodeID(900))
+            let access = try memoryNode.recoveryAccess(from: NodeID(900))
+            let (grant, raw) = (access.grant, access.connection)
             let intentsRead = grant.intentAddress(owner: x.owner, slot: 0)
             let reads = Locked(0)
             let yBlock = Locked<Block?>(nil)
@@ -176,7 +177,8 @@ private func naturalStaleIndexRun(seed: UInt64, liveSize: Int) -> [String] {
                     // compute node's" connection): a real round trip per doorbell. (The
                     // simulated loopback runs a batch in zero virtual time, which hides
                     // every window between two of recovery's doorbells.)
-                    let (grant, connection) = cluster.memoryNodes[0].recoveryAccess(from: NodeID(900))
+                    let access = try cluster.memoryNodes[0].recoveryAccess(from: NodeID(900))
+                    let (grant, connection) = (access.grant, access.connection)
                     _ = try await PoolRecovery(owner: x.owner, grant: grant, connection: connection, runtime: simulator).run()
                 } catch { found.withLock { $0.append("fence or recovery: \(error)") } }
             }
@@ -216,7 +218,7 @@ private func naturalStaleIndexRun(seed: UInt64, liveSize: Int) -> [String] {
 }
 
 @Suite struct RecoveryMinorAdversaryTests {
-    /// BREAK (minor, L5 as the inspector states it: "every section whose pending log is a
+    /// Regression test, failed before the fix (minor, L5 as the inspector states it: "every section whose pending log is a
     /// multi-section operation of node X is covered by an intent record of X", at any
     /// instant). Recovery reclaims the sections of X's finished 4 MiB block with a
     /// multi-section log naming X (`SectionHeader.reclaiming`), but writes no intent: from
@@ -234,7 +236,8 @@ private func naturalStaleIndexRun(seed: UInt64, liveSize: Int) -> [String] {
             _ = try await x.allocate(chunkCountLog2: 10, application: application)
             await cluster.quiesce()
             try await cluster.fence(computeNode: 0)
-            let (grant, raw) = cluster.memoryNodes[0].recoveryAccess(from: NodeID(900))
+            let access = try cluster.memoryNodes[0].recoveryAccess(from: NodeID(900))
+            let (grant, raw) = (access.grant, access.connection)
             let seen = Locked<[String]>([])
             // Before each doorbell of the recoverer, the inspector checks L5.
             let connection = PausingConnection(raw) { number, _ in
@@ -248,7 +251,7 @@ private func naturalStaleIndexRun(seed: UInt64, liveSize: Int) -> [String] {
         #expect(problems == [], "seed \(seed)")
     }
 
-    /// BREAK (minor): `PoolRecovery.run()` fills `batches`, `verbs` and `retries` of its
+    /// Regression test, failed before the fix (minor): `PoolRecovery.run()` fills `batches`, `verbs` and `retries` of its
     /// report in a `defer`, which runs after the return value was taken: every report says
     /// 0 (see the monitor's events in the lease tests: "passes: 2, batches: 0, verbs: 0").
     /// Fix: assign them before each `return` (or return from a wrapper).
@@ -268,7 +271,7 @@ private func naturalStaleIndexRun(seed: UInt64, liveSize: Int) -> [String] {
 }
 
 @Suite struct RecovererFencingAdversaryTests {
-    /// BREAK (claim 2, as deployed): "recovery can crash at any verb (its own late verbs
+    /// Regression test, failed before the fix (claim 2, as deployed): "recovery can crash at any verb (its own late verbs
     /// included, until its connection is broken) and be rerun" needs a way to break the
     /// crashed recoverer's connection. The crash-point harness uses the simulator-only
     /// `SimulatedConnection.breakConnection()`. The memory node's control path can only
@@ -300,14 +303,15 @@ private func naturalStaleIndexRun(seed: UInt64, liveSize: Int) -> [String] {
             try await cluster.fence(computeNode: 0)
             let memoryNode = cluster.memoryNodes[0]
             let recoverer = NodeID(900)
-            let (grant, raw) = memoryNode.recoveryAccess(from: recoverer)
+            let access = try memoryNode.recoveryAccess(from: recoverer)
+            let (grant, raw) = (access.grant, access.connection)
             // Verbs: slot READ, slot CAS, the pass's READ (intents, sections, spans,
             // records), the reclaim CAS on X's span; then it crashes.
             simulator.faults.crash(recoverer, afterVerbs: 7, late: .all)
             _ = try? await PoolRecovery(owner: x.owner, grant: grant, connection: raw, runtime: simulator).run()
             let pendingAfterCrash = PoolInspector(cluster: cluster).span(on: NodeID(0), section: block.section, span: block.spanInSection)?.logPending ?? false
             // Fence the crashed recoverer with the NIC's control path.
-            cluster.nics[0].breakConnections(of: try #require(raw as? SimulatedConnection).protectionDomain)
+            try memoryNode.revoke(access)
             var rerun: String?
             do { _ = try await cluster.recover(computeNode: 0) } catch { rerun = "\(error)" }
             var fenceOther: String?
@@ -425,7 +429,11 @@ private func exploreRecovery(seed: UInt64, crashRecoverer: Bool, pauses: Bool, p
                 }
                 let memoryNode = cluster.memoryNodes[0]
                 let recovererID = NodeID(900)
-                let (grant, raw) = memoryNode.recoveryAccess(from: recovererID)
+                guard let access = try? memoryNode.recoveryAccess(from: recovererID) else {
+                    note(["no recovery access"])
+                    return
+                }
+                let (grant, raw) = (access.grant, access.connection)
                 let pauseRandom = Locked(SeededRandom(seed: pauseSeed))
                 let connection = PausingConnection(raw) { _, _ in
                     guard pauses else { return }
@@ -441,11 +449,12 @@ private func exploreRecovery(seed: UInt64, crashRecoverer: Bool, pauses: Bool, p
                 }
                 if crashRecoverer {
                     await simulator.sleep(nanoseconds: 50_000)
-                    (raw as? SimulatedConnection)?.breakConnection()
+                    do { try memoryNode.revoke(access) } catch { note(["revoke: \(error)"]) }
                     do {
                         // The rerun goes over the fabric too (a fresh connection), so that its
                         // doorbells leave windows to the live nodes like the first run's.
-                        let (grant, rerun) = memoryNode.recoveryAccess(from: NodeID(901))
+                        let rerunAccess = try memoryNode.recoveryAccess(from: NodeID(901))
+                        let (grant, rerun) = (rerunAccess.grant, rerunAccess.connection)
                         _ = try await PoolRecovery(owner: owner, grant: grant, connection: rerun, runtime: simulator).run()
                     } catch { note(["recovery rerun: \(error)"]) }
                 }
@@ -492,7 +501,7 @@ private func exploreRecovery(seed: UInt64, crashRecoverer: Bool, pauses: Bool, p
         }
     }
 
-    /// BREAK (claim 1): the same race as
+    /// Regression test, failed before the fix (claim 1): the same race as
     /// `RecoveryAdversaryTests.recoveryFreesALiveMultiSectionBlockThroughItsStaleIndex`
     /// with no artificial pause: recovery over a fabric connection takes about 35 us
     /// between its multi-section clear (pass 1) and its next READ (pass 2), because pass 1
@@ -676,7 +685,7 @@ private func exploreLease(seed: UInt64, stallNanos: UInt64, memoryNodes: Int) ->
 }
 
 @Suite struct MonitorAdversaryTests {
-    /// BREAK (claim 6, liveness; "live CNs never block on recovery"): the monitor runs its
+    /// Regression test, failed before the fix (claim 6, liveness; "live CNs never block on recovery"): the monitor runs its
     /// checks one slot at a time and awaits each recovery, and a recovery whose work sits
     /// under another node's pending log spins up to `passesMax` (10,000) passes, sleeping
     /// up to 1 ms between them: about 10 s of nothing else. When that other node is dead
@@ -735,7 +744,7 @@ private func exploreLease(seed: UInt64, stallNanos: UInt64, memoryNodes: Int) ->
 // MARK: Leases over several memory nodes
 
 @Suite struct LeaseAdversaryTests {
-    /// BREAK (claim 6, invariant 2): fencing is per memory node, but a compute node that
+    /// Regression test, failed before the fix (claim 6, invariant 2): fencing is per memory node, but a compute node that
     /// learns it was fenced on one memory node refuses every operation on all of them
     /// (`checkNotFenced`) while its renewal loop goes on renewing the others
     /// (`startLeaseRenewal` stops only when every memory node is lost).
@@ -802,7 +811,7 @@ private func exploreLease(seed: UInt64, stallNanos: UInt64, memoryNodes: Int) ->
                 "seed \(seed): X's block on MN1 is stranded: X refuses to free it (\(freeError ?? "")) and keeps its MN1 lease (\(String(describing: slot))); monitor events \(events)")
     }
 
-    /// BREAK (claim 6): a renewal that fails with a fabric error counts as "fenced" on
+    /// Regression test, failed before the fix (claim 6): a renewal that fails with a fabric error counts as "fenced" on
     /// that memory node, and `checkNotFenced` then refuses every operation on every memory
     /// node. A memory node that dies (powered off: every verb answers `peerDead`) thus
     /// turns a healthy, never-stalled compute node into one that can neither allocate nor

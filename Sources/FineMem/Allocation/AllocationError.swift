@@ -41,8 +41,9 @@ public enum AllocationError: Error, Sendable, Hashable, CustomStringConvertible 
     case fabric(FabricError)
     /// A metadata word is not what the protocol allows (a bug or foreign writes).
     case corruptMetadata(String)
-    /// This compute node was fenced by a memory node (its lease expired): it must start
-    /// anew, as a new incarnation, once recovery has freed its slot.
+    /// The memory node is out of reach for this compute node: it fenced the node (its lease
+    /// expired; recovery takes back what the node held there, and the node comes back only
+    /// as a new incarnation), or it failed (the connection broke).
     case fenced(memoryNode: NodeID)
 
     public var description: String {
@@ -51,7 +52,7 @@ public enum AllocationError: Error, Sendable, Hashable, CustomStringConvertible 
         case .sizeTooLarge(let requested, let maximum): "\(requested) bytes requested, at most \(maximum) fit one memory node"
         case .outOfMemory(let requested): "no memory node has a free block of \(requested) bytes"
         case .retryLimitExceeded(let attempts): "no commit after \(attempts) attempts"
-        case .fenced(let node): "this compute node was fenced by memory node \(node) (its lease expired); start it anew"
+        case .fenced(let node): "memory node \(node) is out of reach for this compute node: it fenced the node (lease expired; start it anew) or it failed"
         case .intentSlotsBusy: "all intent slots of this compute node are busy"
         case .notABlockStart(let pointer): "\(pointer) is not the start of a block of that length"
         case .notOwner(let pointer): "the block at \(pointer) belongs to someone else"

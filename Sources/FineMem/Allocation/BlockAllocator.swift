@@ -125,7 +125,7 @@ package final class BlockAllocator: Sendable {
     /// memory node in the placement policy's order that has room.
     package func allocate(chunkCountLog2: Int, application: ApplicationID) async throws(AllocationError) -> Block {
         guard chunkCountLog2 >= 0 else { throw .zeroSize }
-        try checkNotFenced()
+        try checkSomeMemoryNodeUsable()
         let chunkBytes = PoolGeometry.chunkBytes
         guard chunkCountLog2 <= chunkCountLog2Max else {
             statisticsStore.withLock { $0.recordFailedAllocation(OperationTrace()) }
@@ -134,13 +134,25 @@ package final class BlockAllocator: Sendable {
         }
         let turn = sequence.withLock { value -> UInt64 in defer { value &+= 1 }; return value }
         var trace = OperationTrace()
+        var unreachable: FabricError?
         do throws(AllocationError) {
             for index in placement.order(memoryNodeCount: links.count, chunkCountLog2: chunkCountLog2, sequence: turn) {
                 let link = links[index]
-                let block: Block? = switch Block.layer(chunkCountLog2: chunkCountLog2) {
-                case .chunk: try await allocate(in: SpanHeader.self, chunkCountLog2: chunkCountLog2, application: application, on: link, trace: &trace)
-                case .section: try await allocate(in: SectionHeader.self, chunkCountLog2: chunkCountLog2, application: application, on: link, trace: &trace)
-                case .multiSection: try await allocateSections(chunkCountLog2: chunkCountLog2, application: application, on: link, trace: &trace)
+                guard isUsable(link) else { continue }
+                let block: Block?
+                do throws(AllocationError) {
+                    block = switch Block.layer(chunkCountLog2: chunkCountLog2) {
+                    case .chunk: try await allocate(in: SpanHeader.self, chunkCountLog2: chunkCountLog2, application: application, on: link, trace: &trace)
+                    case .section: try await allocate(in: SectionHeader.self, chunkCountLog2: chunkCountLog2, application: application, on: link, trace: &trace)
+                    case .multiSection: try await allocateSections(chunkCountLog2: chunkCountLog2, application: application, on: link, trace: &trace)
+                    }
+                } catch {
+                    // A broken connection stays broken: that memory node is out of reach
+                    // (fenced, or dead) for this incarnation; the others may have room.
+                    guard case .fabric(let fabricError) = error else { throw error }
+                    markUnusable(link)
+                    unreachable = unreachable ?? fabricError
+                    continue
                 }
                 link.checkInvariants()
                 if let block {
@@ -156,6 +168,7 @@ package final class BlockAllocator: Sendable {
             throw error
         }
         statisticsStore.withLock { $0.recordFailedAllocation(trace) }
+        if let unreachable { throw .fabric(unreachable) }
         throw .outOfMemory(requestedBytes: chunkBytes << UInt64(chunkCountLog2))
     }
 
@@ -165,8 +178,8 @@ package final class BlockAllocator: Sendable {
     /// application, one already freed, or a block that does not start there with that
     /// size is refused with a typed error, and nothing changes.
     package func free(_ block: Block, application: ApplicationID) async throws(AllocationError) {
-        try checkNotFenced()
         let link = try link(to: block.memoryNode)
+        guard isUsable(link) else { throw .fenced(memoryNode: link.memoryNode) }
         let wanted = Holding(chunkCountLog2: block.chunkCountLog2, application: application)
         let holding = ownedBlocks.withLock { owned -> Holding? in
             let holding = owned[BlockStart(block)]

@@ -1,22 +1,21 @@
 /// Leases: a compute node proves it is alive by advancing the heartbeat of its slot in
 /// every memory node's node table, one CAS per memory node per interval. A memory node's
 /// monitor that sees no advance for a number of intervals fences the node and recovers
-/// it. The renewal that finds its slot no longer alive (or of another incarnation) learns
-/// it was fenced: from then on every operation of this allocator fails with `fenced`,
-/// whatever its clocks say; the node comes back only by starting anew.
+/// it. A renewal that finds its slot no longer alive (or of another incarnation), or its
+/// connection broken, learns that the memory node is out of reach for this incarnation
+/// (fenced, or dead): from then on its operations there fail with `fenced`, whatever its
+/// clocks say, and allocations go to the other memory nodes, where the node is still
+/// alive (and can still free what it holds there). Recovery on the memory node that
+/// fenced it reclaims its blocks there; the node comes back there only by starting anew.
 extension BlockAllocator {
-    /// Renews the lease on every memory node (one doorbell each). Answers the memory
-    /// nodes on which the node found itself fenced: its slot no longer this incarnation's
-    /// alive one, or its connection broken or its key unknown (what fencing does to it). A
-    /// memory node that does not answer (dead, or unreachable) is not a fence: the lease
-    /// there simply is not renewed. Fenced anywhere, the node is fenced everywhere: every
-    /// operation fails from then on, and the renewal loop stops, so that every memory node
-    /// fences and recovers it in turn (fail-stop: a node half fenced would keep blocks on
-    /// the memory nodes that still see it alive, with nobody to free them).
+    /// Renews the lease on every memory node still in reach (one doorbell each). Answers
+    /// the memory nodes this renewal found out of reach: the slot no longer this
+    /// incarnation's alive one (fenced), or the connection failed (fenced, or the memory
+    /// node is dead: the queue pair is in the error state either way).
     @discardableResult
     package func renewLeases() async -> [NodeID] {
         var lost: [NodeID] = []
-        for link in links {
+        for link in links where isUsable(link) {
             var trace = OperationTrace()
             let address = link.grant.nodeSlotAddress(owner)
             let incarnation = link.incarnation
@@ -27,10 +26,7 @@ extension BlockAllocator {
                     UpdatePolicy(attemptsMax: 2, rereadOnRefusal: true), trace: &trace
                 ) { slot in slot.incarnation == incarnation ? slot.beating() : nil }
             } catch {
-                switch error {
-                case .connectionBroken, .remoteAccess(.unknownKey, _, _, _), .remoteAccess(.staleKey, _, _, _): lost.append(link.memoryNode)
-                case .remoteAccess, .peerDead, .localCrash, .localNIC: break
-                }
+                lost.append(link.memoryNode)
                 continue
             }
             switch outcome {
@@ -43,17 +39,14 @@ extension BlockAllocator {
                 link.leaseWord.withLock { $0 = current }
             }
         }
-        if !lost.isEmpty {
-            fencedOn.withLock { $0.formUnion(lost) }
-            stopLeaseRenewal()
-        }
+        for link in links where lost.contains(link.memoryNode) { markUnusable(link) }
         return lost
     }
 
     /// Renews the lease every `intervalNanos` of the runtime's clock until
     /// `stopLeaseRenewal()`, or until a renewal finds the node fenced.
     package func startLeaseRenewal(intervalNanos: UInt64) {
-        guard !isFenced else { return }
+        guard links.contains(where: isUsable) else { return }
         let started = leaseRenewal.withLock { running -> Bool in
             defer { running = true }
             return !running
@@ -65,6 +58,10 @@ extension BlockAllocator {
                 await runtime.sleep(nanoseconds: intervalNanos)
                 guard let self, leaseRenewal.withLock({ $0 }) else { return }
                 await renewLeases()
+                guard links.contains(where: isUsable) else {
+                    leaseRenewal.withLock { $0 = false }
+                    return
+                }
             }
         }
     }
@@ -76,11 +73,17 @@ extension BlockAllocator {
     /// lends to recovery (`PoolRecovery` runs through any connection with it).
     package var metadataAccess: [(grant: MemoryNodeGrant, connection: any FabricConnection)] { links.map { ($0.grant, $0.connection) } }
 
-    /// Whether a renewal found this node fenced on some memory node.
+    /// Whether this node found itself fenced (or cut off) on some memory node.
     package var isFenced: Bool { !fencedOn.withLock { $0.isEmpty } }
 
-    /// Fails when a renewal found this node fenced: a fenced node changes nothing.
-    func checkNotFenced() throws(AllocationError) {
-        if let node = fencedOn.withLock({ $0.min() }) { throw .fenced(memoryNode: node) }
+    /// Whether `link`'s memory node is still in reach for this incarnation.
+    func isUsable(_ link: MemoryNodeLink) -> Bool { !fencedOn.withLock { $0.contains(link.memoryNode) } }
+
+    func markUnusable(_ link: MemoryNodeLink) { fencedOn.withLock { _ = $0.insert(link.memoryNode) } }
+
+    /// Fails when no memory node is in reach any more.
+    func checkSomeMemoryNodeUsable() throws(AllocationError) {
+        guard !links.contains(where: isUsable) else { return }
+        throw .fenced(memoryNode: fencedOn.withLock { $0.min() } ?? links[0].memoryNode)
     }
 }
