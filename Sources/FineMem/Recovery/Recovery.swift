@@ -269,12 +269,26 @@ struct PoolImage: Sendable {
         }
     }
 
-    /// The record at `chunk` if it is an allocation by `owner` in `layer`.
-    func allocation(at chunk: Int, by owner: OwnerID, layer: FullLogRecord.Layer) -> FullLogRecord? {
+    /// The size (log2 of chunks) of the block whose record at `chunk` is an allocation by
+    /// `owner` in `layer`, if it is one: a mask and a compare on the raw word, as recovery
+    /// asks this of every record of the pool.
+    func allocation(at chunk: Int, by owner: OwnerID, layer: FullLogRecord.Layer) -> Int? {
         let word = records[chunk]
-        guard word != 0, let record = FullLogRecord(rawValue: word), record.isAllocated, record.owner == owner, record.layer == layer else { return nil }
-        return record
+        var expected: UInt64 = 0
+        FullLogRecord.ownerField.set(&expected, UInt64(owner.rawValue))
+        FullLogRecord.allocatedField.set(&expected, 1)
+        FullLogRecord.layerField.set(&expected, layer.rawValue)
+        guard word & Self.recordMatchMask == expected else { return nil }
+        return Int(FullLogRecord.sizeField.get(word))
     }
+
+    /// The record fields `allocation(at:by:layer:)` compares: owner, allocated, layer, and
+    /// the reserved bits (which must be zero).
+    private static let recordMatchMask = FullLogRecord.ownerField.mask | FullLogRecord.allocatedField.mask
+        | FullLogRecord.layerField.mask | FullLogRecord.reservedField.mask
+
+    /// The record at `chunk`, decoded.
+    func record(at chunk: Int) -> FullLogRecord? { FullLogRecord(rawValue: records[chunk]) }
 
     /// Indexes the multi-section blocks of `owner`, afresh, from the records as last read
     /// or as recovery's own record CASes left them. Only recovery changes a record of the
@@ -285,8 +299,8 @@ struct PoolImage: Sendable {
         multiSectionBlock.removeAll(keepingCapacity: true)
         for section in 0..<sections.count {
             let chunk = section * PoolGeometry.chunksPerSection
-            guard let record = allocation(at: chunk, by: owner, layer: .multiSection) else { continue }
-            let count = 1 << (record.chunkCountLog2 - Block.sectionLayerCountLog2Max)
+            guard let chunkCountLog2 = allocation(at: chunk, by: owner, layer: .multiSection) else { continue }
+            let count = 1 << (chunkCountLog2 - Block.sectionLayerCountLog2Max)
             let range = section..<min(section + count, sections.count)
             for member in range { multiSectionBlock[member] = range }
         }

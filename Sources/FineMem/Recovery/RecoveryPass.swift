@@ -72,8 +72,8 @@ struct RecoveryPass {
         let first = HeaderSlot.span(section: section, span: span).firstChunk
         var runs: [HeaderRun] = []
         for chunk in 0..<PoolGeometry.chunksPerSpan {
-            guard let record = pool.allocation(at: first + chunk, by: owner, layer: .chunk) else { continue }
-            let run = HeaderRun(offset: chunk, countLog2: record.chunkCountLog2)
+            guard let chunkCountLog2 = pool.allocation(at: first + chunk, by: owner, layer: .chunk) else { continue }
+            let run = HeaderRun(offset: chunk, countLog2: chunkCountLog2)
             if SpanHeader.holds(run) { runs.append(run) }
         }
         return runs
@@ -83,8 +83,8 @@ struct RecoveryPass {
     private func sectionRuns(_ section: Int) -> [HeaderRun] {
         (0..<PoolGeometry.spansPerSection).compactMap { span in
             let chunk = HeaderSlot.span(section: section, span: span).firstChunk
-            guard let record = pool.allocation(at: chunk, by: owner, layer: .section) else { return nil }
-            let run = HeaderRun(offset: span, countLog2: record.chunkCountLog2 - SectionHeader.unitChunkCountLog2)
+            guard let chunkCountLog2 = pool.allocation(at: chunk, by: owner, layer: .section) else { return nil }
+            let run = HeaderRun(offset: span, countLog2: chunkCountLog2 - SectionHeader.unitChunkCountLog2)
             return SectionHeader.holds(run) ? run : nil
         }
     }
@@ -210,7 +210,7 @@ struct RecoveryPass {
         var multiDone: Set<Int> = []
         func freedRecord(_ chunk: Int, layer: FullLogRecord.Layer, sequence: LogSequence) {
             let word = pool.records[chunk]
-            guard let record = pool.allocation(at: chunk, by: owner, layer: layer), let freed = record.freed(sequence: sequence) else { return }
+            guard pool.allocation(at: chunk, by: owner, layer: layer) != nil, let freed = pool.record(at: chunk)?.freed(sequence: sequence) else { return }
             recordWrites.append((chunk, word, freed.rawValue, layer))
         }
         for sectionIndex in touched {
