@@ -21,21 +21,7 @@ package func fuzzAllocator(_ bytes: [UInt8]) {
 ///
 /// After at most 96 steps every block is freed and every invariant checked at rest.
 package func allocatorFindings(_ bytes: [UInt8]) -> [String] {
-    var header = FuzzInput(bytes)
-    let seed = header.word()
-    // The seed's top byte chooses the schedule: as timed (a quarter of the inputs), or
-    // PCT-style random node priorities with 1-3 change points.
-    let changePoints = Int(seed >> 56) % 4
-    let simulator = Simulator(
-        seed: seed, latency: LatencyModel(), exploration: changePoints == 0 ? .none : .randomPriorities(changePoints: changePoints))
-    let program = Array(bytes.dropFirst(8))
-    let failures = Failures()
-    simulator.spawn {
-        var input = FuzzInput(program)
-        await runProgram(&input, simulator: simulator, failures: failures)
-    }
-    simulator.run()
-    return failures.all.map { "seed \(simulator.seed): \($0)" }
+    simulateProgram(bytes) { input, simulator, failures in await runProgram(&input, simulator: simulator, failures: failures) }
 }
 
 /// Violations found by one run (the simulation is single-threaded).

@@ -26,19 +26,7 @@ package func fuzzFlush(_ bytes: [UInt8]) {
 /// After every step the structure and intents are checked; at the end everything is freed
 /// and the pool must be at rest and empty, every record agreeing with the bitmaps.
 package func flushFindings(_ bytes: [UInt8]) -> [String] {
-    var header = FuzzInput(bytes)
-    let seed = header.word()
-    let changePoints = Int(seed >> 56) % 4
-    let simulator = Simulator(
-        seed: seed, latency: LatencyModel(), exploration: changePoints == 0 ? .none : .randomPriorities(changePoints: changePoints))
-    let program = Array(bytes.dropFirst(8))
-    let failures = Failures()
-    simulator.spawn {
-        var input = FuzzInput(program)
-        await runFlushProgram(&input, simulator: simulator, failures: failures)
-    }
-    simulator.run()
-    return failures.all.map { "seed \(simulator.seed): \($0)" }
+    simulateProgram(bytes) { input, simulator, failures in await runFlushProgram(&input, simulator: simulator, failures: failures) }
 }
 
 /// Nodes fenced in a flush program, and each node's incarnation (the simulation is

@@ -28,19 +28,7 @@ package func fuzzRecovery(_ bytes: [UInt8]) {
 /// node not yet recovered is fenced and recovered, everyone frees, and the pool must be at
 /// rest and empty.
 package func recoveryFindings(_ bytes: [UInt8]) -> [String] {
-    var header = FuzzInput(bytes)
-    let seed = header.word()
-    let changePoints = Int(seed >> 56) % 4
-    let simulator = Simulator(
-        seed: seed, latency: LatencyModel(), exploration: changePoints == 0 ? .none : .randomPriorities(changePoints: changePoints))
-    let program = Array(bytes.dropFirst(8))
-    let failures = Failures()
-    simulator.spawn {
-        var input = FuzzInput(program)
-        await runRecoveryProgram(&input, simulator: simulator, failures: failures)
-    }
-    simulator.run()
-    return failures.all.map { "seed \(simulator.seed): \($0)" }
+    simulateProgram(bytes) { input, simulator, failures in await runRecoveryProgram(&input, simulator: simulator, failures: failures) }
 }
 
 /// The state of one compute node in a recovery program.

@@ -1,24 +1,6 @@
 import Testing
 @testable import FineMem
 
-/// Runs `body` as the one top-level task of a simulation with `seed` and answers what it
-/// returned, or the error it threw; nil when the run ended without an answer.
-private func simulate<Value: Sendable>(
-    seed: UInt64, _ body: @escaping @Sendable (Simulator) async throws -> Value
-) -> Result<Value, any Error>? {
-    let simulator = Simulator(seed: seed)
-    let outcome = Locked<Result<Value, any Error>?>(nil)
-    simulator.spawn {
-        do {
-            let value = try await body(simulator)
-            outcome.withLock { $0 = .success(value) }
-        } catch {
-            outcome.withLock { $0 = .failure(error) }
-        }
-    }
-    simulator.run()
-    return outcome.withLock { $0 }
-}
 
 private let application = ApplicationID(1)
 

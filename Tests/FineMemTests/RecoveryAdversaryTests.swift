@@ -6,27 +6,9 @@ import Glibc
 
 // Adversarial tests of the crash-recovery protocol (PoolRecovery, RecoveryPass, fencing,
 // leases). Each test is one interleaving written out in virtual time with a fixed seed
-// (printed in every expectation). Tests marked "BREAK" fail on the code they were written
-// against: they are findings, not regressions.
+// (printed in every expectation). Tests marked "Regression test" failed on the code they
+// were written against (the review's findings) and pass since the fixes.
 
-/// Runs `body` as the one top-level task of a simulation with `seed` and answers what it
-/// returned, or the error it threw; nil when the run ended without an answer.
-private func simulateAdversary<Value: Sendable>(
-    seed: UInt64, _ body: @escaping @Sendable (Simulator) async throws -> Value
-) -> Result<Value, any Error>? {
-    let simulator = Simulator(seed: seed)
-    let outcome = Locked<Result<Value, any Error>?>(nil)
-    simulator.spawn {
-        do {
-            let value = try await body(simulator)
-            outcome.withLock { $0 = .success(value) }
-        } catch {
-            outcome.withLock { $0 = .failure(error) }
-        }
-    }
-    simulator.run()
-    return outcome.withLock { $0 }
-}
 
 /// A recoverer's connection that runs `hook` before each of its batches (with the batch's
 /// number, from 1, and its verbs): the recoverer's CPU being slow between two doorbells,
@@ -88,7 +70,7 @@ private let application = ApplicationID(1)
     @Test(arguments: [10, 9])
     func recoveryFreesALiveMultiSectionBlockThroughItsStaleIndex(liveSize: Int) throws {
         let seed: UInt64 = 101
-        let result = simulateAdversary(seed: seed) { simulator -> (problems: [String], report: RecoveryReport, freeError: String?) in
+        let result = simulate(seed: seed) { simulator -> (problems: [String], report: RecoveryReport, freeError: String?) in
             let cluster = try await EmbeddedCluster.start(.init(poolBytesPerNode: 4 << 20, computeNodes: 2), simulator: simulator)
             let (x, y) = (cluster.computeNodes[0], cluster.computeNodes[1])
             let inspector = PoolInspector(cluster: cluster)
@@ -148,7 +130,7 @@ private let application = ApplicationID(1)
 /// as the protocol does. Answers the problems found: Y's block not marked in the headers,
 /// or the pool not at rest.
 private func naturalStaleIndexRun(seed: UInt64, liveSize: Int) -> [String] {
-    let result = simulateAdversary(seed: seed) { simulator -> [String] in
+    let result = simulate(seed: seed) { simulator -> [String] in
         // Four sections. X: a 4 MiB block (the top two sections) and small blocks in
         // section 0, so that recovery's first pass has several doorbells after its settle
         // (closing the spans X emptied). Z: a 4 KiB block in section 1, so that X's run is
@@ -229,7 +211,7 @@ private func naturalStaleIndexRun(seed: UInt64, liveSize: Int) -> [String] {
     /// (same doorbell, first), or L5 and `checkIntents` exempt logs of a fenced node.
     @Test func recoveryLeavesMultiSectionLogsWithoutAnIntent() throws {
         let seed: UInt64 = 103
-        let result = simulateAdversary(seed: seed) { simulator -> [String] in
+        let result = simulate(seed: seed) { simulator -> [String] in
             let cluster = try await EmbeddedCluster.start(.init(poolBytesPerNode: 4 << 20, computeNodes: 1), simulator: simulator)
             let x = cluster.computeNodes[0]
             let inspector = PoolInspector(cluster: cluster)
@@ -257,7 +239,7 @@ private func naturalStaleIndexRun(seed: UInt64, liveSize: Int) -> [String] {
     /// Fix: assign them before each `return` (or return from a wrapper).
     @Test func recoveryReportCountsItsVerbs() throws {
         let seed: UInt64 = 104
-        let result = simulateAdversary(seed: seed) { simulator -> RecoveryReport in
+        let result = simulate(seed: seed) { simulator -> RecoveryReport in
             let cluster = try await EmbeddedCluster.start(.init(poolBytesPerNode: 4 << 20, computeNodes: 1), simulator: simulator)
             _ = try await cluster.computeNodes[0].allocate(chunkCountLog2: 0, application: application)
             await cluster.quiesce()
@@ -294,7 +276,7 @@ private func naturalStaleIndexRun(seed: UInt64, liveSize: Int) -> [String] {
     /// domain after breaking one.
     @Test func fencingACrashedRemoteRecovererDisablesTheMemoryNode() throws {
         let seed: UInt64 = 105
-        let result = simulateAdversary(seed: seed) { simulator -> (rerun: String?, fenceOther: String?, pending: Bool) in
+        let result = simulate(seed: seed) { simulator -> (rerun: String?, fenceOther: String?, pending: Bool) in
             let cluster = try await EmbeddedCluster.start(.init(poolBytesPerNode: 4 << 20, computeNodes: 2), simulator: simulator)
             let x = cluster.computeNodes[0]
             let block = try await x.allocate(chunkCountLog2: 0, application: application)
@@ -706,7 +688,7 @@ private func exploreLease(seed: UInt64, stallNanos: UInt64, memoryNodes: Int) ->
     /// any, and run recoveries concurrently per node.
     @Test func twoNodesDyingTogetherAreRecoveredWithinALeaseOrTwo() throws {
         let seed: UInt64 = 106
-        let result = simulateAdversary(seed: seed) { simulator -> (crash: UInt64, xFree: UInt64?, yFree: UInt64?, events: [LeaseEvent]) in
+        let result = simulate(seed: seed) { simulator -> (crash: UInt64, xFree: UInt64?, yFree: UInt64?, events: [LeaseEvent]) in
             var configuration = EmbeddedCluster.Configuration(poolBytesPerNode: 4 << 20, computeNodes: 3)
             configuration.failureDetection = false
             let cluster = try await EmbeddedCluster.start(configuration, simulator: simulator)
@@ -770,7 +752,7 @@ private func exploreLease(seed: UInt64, stallNanos: UInt64, memoryNodes: Int) ->
     /// only by starting anew".
     @Test func aNodeFencedOnOneMemoryNodeKeepsItsLeaseAndLeaksItsBlocksOnTheOther() throws {
         let seed: UInt64 = 61
-        let result = simulateAdversary(seed: seed) { simulator -> (freeError: String?, slot: NodeSlot?, marked: [String], events: [LeaseEvent]) in
+        let result = simulate(seed: seed) { simulator -> (freeError: String?, slot: NodeSlot?, marked: [String], events: [LeaseEvent]) in
             let cluster = try await EmbeddedCluster.start(.init(memoryNodes: 2, poolBytesPerNode: 4 << 20, computeNodes: 1), simulator: simulator)
             let x = cluster.computeNodes[0]
             let inspector = PoolInspector(cluster: cluster)
@@ -827,7 +809,7 @@ private func exploreLease(seed: UInt64, stallNanos: UInt64, memoryNodes: Int) ->
     /// stop using that memory node); and scope the refusal to the memory node concerned.
     @Test func aDeadMemoryNodeMakesAHealthyComputeNodeRefuseEverything() throws {
         let seed: UInt64 = 62
-        let result = simulateAdversary(seed: seed) { simulator -> (lost: [NodeID], freeError: String?, allocateError: String?, slot: NodeSlot?) in
+        let result = simulate(seed: seed) { simulator -> (lost: [NodeID], freeError: String?, allocateError: String?, slot: NodeSlot?) in
             let cluster = try await EmbeddedCluster.start(.init(memoryNodes: 2, poolBytesPerNode: 4 << 20, computeNodes: 1), simulator: simulator)
             let y = cluster.computeNodes[0]
             let inspector = PoolInspector(cluster: cluster)

@@ -1,22 +1,9 @@
 import Testing
 @testable import FineMem
 
-/// Runs `body` as the one top-level task of a simulation with `seed`; answers its result.
-private func simulate<Value: Sendable>(
-    seed: UInt64, _ body: @escaping @Sendable (Simulator) async throws -> Value
-) throws -> Value {
-    let simulator = Simulator(seed: seed)
-    let outcome = Locked<Result<Value, any Error>?>(nil)
-    simulator.spawn {
-        do {
-            let value = try await body(simulator)
-            outcome.withLock { $0 = .success(value) }
-        } catch {
-            outcome.withLock { $0 = .failure(error) }
-        }
-    }
-    simulator.run()
-    return try #require(outcome.withLock { $0 }, "seed \(seed): the run did not finish").get()
+/// Runs `body` in a simulation with `seed` (`simulate`); answers its result or throws.
+private func simulated<Value: Sendable>(seed: UInt64, _ body: @escaping @Sendable (Simulator) async throws -> Value) throws -> Value {
+    try #require(simulate(seed: seed, body), "seed \(seed): the run did not finish").get()
 }
 
 private let application = ApplicationID(1)
@@ -47,7 +34,7 @@ private func metadataSnapshot(_ cluster: EmbeddedCluster) -> [UInt64] {
     /// one metadata word), every operation of it fails, and it comes back only anew.
     @Test func aNodeStalledForTenMinutesChangesNothingWhenItResumes() throws {
         let seed: UInt64 = 41
-        try simulate(seed: seed) { simulator in
+        try simulated(seed: seed) { simulator in
             var configuration = EmbeddedCluster.Configuration(memoryNodes: 1, poolBytesPerNode: 16 << 20, computeNodes: 2)
             configuration.leaseIntervalNanos = second
             let cluster = try await EmbeddedCluster.start(configuration, simulator: simulator)
@@ -103,7 +90,7 @@ private func metadataSnapshot(_ cluster: EmbeddedCluster) -> [UInt64] {
     /// keeps its lease and finishes its operation when it resumes: nothing is fenced.
     @Test func aShortStallKeepsTheLease() throws {
         let seed: UInt64 = 42
-        try simulate(seed: seed) { simulator in
+        try simulated(seed: seed) { simulator in
             var configuration = EmbeddedCluster.Configuration(memoryNodes: 1, poolBytesPerNode: 16 << 20, computeNodes: 2)
             configuration.leaseIntervalNanos = second
             let cluster = try await EmbeddedCluster.start(configuration, simulator: simulator)
@@ -128,7 +115,7 @@ private func metadataSnapshot(_ cluster: EmbeddedCluster) -> [UInt64] {
     /// not only from the memory node's loopback, and a second run finds the slot free.
     @Test func recoveryRunsFromALiveComputeNode() throws {
         let seed: UInt64 = 43
-        try simulate(seed: seed) { simulator in
+        try simulated(seed: seed) { simulator in
             let cluster = try await EmbeddedCluster.start(.init(memoryNodes: 1, poolBytesPerNode: 64 << 20, computeNodes: 2), simulator: simulator)
             let dead = cluster.computeNodes[0]
             var sizes = [0, 1, 2, 4, 5, 7, 9, 10, 11]
@@ -150,7 +137,7 @@ private func metadataSnapshot(_ cluster: EmbeddedCluster) -> [UInt64] {
 
     /// Recovery refuses a node that is not fenced, and changes nothing.
     @Test func recoveryRefusesALiveNode() throws {
-        try simulate(seed: 44) { simulator in
+        try simulated(seed: 44) { simulator in
             let cluster = try await EmbeddedCluster.start(.init(memoryNodes: 1, poolBytesPerNode: 8 << 20, computeNodes: 1), simulator: simulator)
             let block = try await cluster.computeNodes[0].allocate(chunkCountLog2: 0, application: application)
             await cluster.quiesce()
@@ -167,7 +154,7 @@ private func metadataSnapshot(_ cluster: EmbeddedCluster) -> [UInt64] {
     /// recovered while a live node keeps allocating; its slot is free again afterwards.
     @Test func theMonitorRecoversACrashedNode() throws {
         let seed: UInt64 = 45
-        try simulate(seed: seed) { simulator in
+        try simulated(seed: seed) { simulator in
             var configuration = EmbeddedCluster.Configuration(memoryNodes: 2, poolBytesPerNode: 16 << 20, computeNodes: 2)
             configuration.leaseIntervalNanos = 1_000_000
             configuration.missedRenewalsMax = 3
