@@ -83,6 +83,7 @@ package struct HardwareSuite: Sendable {
             ("a compute node connected over TCP is fenced by breakConnections", { try await bootstrap(fence: true) }),
             ("allocator fill-and-drain on verbs, invariants checked", fillAndDrain),
             ("allocator mixed workload on verbs (2 compute nodes x 2 tasks), invariants checked", mixedWorkload),
+            ("a compute node fenced mid-free is recovered on verbs; its slot reused by a new incarnation", recovery),
             ("same seeded workload on the simulated NIC and on the device: same blocks", comparison),
         ]
     }
@@ -541,6 +542,58 @@ package struct HardwareSuite: Sendable {
         try expect(problems.isEmpty, "invariants: \(problems.prefix(5))")
         let stats = cluster.statistics
         return "\(held.count) blocks of 64 KiB filled the 16 MiB pool and were freed; \(Self.fixed(stats.roundTripsPerAllocation)) round trips per allocation"
+    }
+
+    /// Compute node X holds blocks of every layer and leaves a free half done (its commit
+    /// landed, its flush never sent: the pending log of a dead node); the memory node fences
+    /// X (its QPs to ERR, its regions deregistered, its slot dead) and recovers it through
+    /// its own queue pair, while Y holds blocks; everything X held is free again, Y's are
+    /// untouched, X restarts as a new incarnation and the pool drains to empty.
+    private func recovery() async throws -> String {
+        var configuration = EmbeddedCluster.Configuration(memoryNodes: 1, poolBytesPerNode: 32 << 20, computeNodes: 2, fabric: .verbs(device: device))
+        configuration.failureDetection = false
+        let cluster = try await EmbeddedCluster.start(configuration)
+        let inspector = PoolInspector(cluster: cluster)
+        let (x, y) = (cluster.computeNodes[0], cluster.computeNodes[1])
+        let application = ApplicationID(1)
+        var yBlocks: [Block] = []
+        for size in [0, 3, 6] {
+            let block = try await y.allocate(chunkCountLog2: size, application: application)
+            yBlocks.append(block)
+            try expect(inspector.admit(block, owner: y.owner).isEmpty, "Y's \(block) is not marked")
+        }
+        var xBlocks: [Block] = []
+        for size in [0, 1, 4, 5, 7, 10] { xBlocks.append(try await x.allocate(chunkCountLog2: size, application: application)) }
+        await cluster.quiesce()
+        // X commits a free by hand, as its dying act: the header CAS only, no flush.
+        let link = x.links[0]
+        let victim = xBlocks[0]
+        let slot = HeaderSlot(committing: victim)
+        var trace = OperationTrace()
+        let outcome: UpdateOutcome<SpanHeader> = try await link.update(.header(slot, known: inspector.span(on: victim.memoryNode, section: victim.section, span: victim.spanInSection)?.rawValue), UpdatePolicy(attemptsMax: 4), trace: &trace) {
+            $0.releasing(SpanHeader.run(of: victim), owner: x.owner)
+        }
+        try expect(outcome.committedWord?.logPending == true, "X's free did not commit: \(outcome)")
+        try await cluster.fence(computeNode: 0)
+        let reports = try await cluster.recover(computeNode: 0)
+        let report = reports[0]
+        try expect(report.blocksReclaimed == xBlocks.count - 1, "recovery reclaimed \(report.blocksReclaimed) blocks, X held \(xBlocks.count - 1) (and had freed one)")
+        try expect(report.recordsFreed == xBlocks.count, "recovery freed \(report.recordsFreed) records, not \(xBlocks.count)")
+        let again = try await cluster.recover(computeNode: 0)
+        try expect(again[0].alreadyRecovered, "a second recovery found work: \(again)")
+        var problems = inspector.checkAtRest()
+        let reborn = try await cluster.restart(computeNode: 0)
+        let block = try await reborn.allocate(chunkCountLog2: 10, application: application)
+        try await reborn.free(block, application: application)
+        for block in yBlocks {
+            problems += inspector.release(block)
+            try await y.free(block, application: application)
+        }
+        await cluster.quiesce()
+        problems += inspector.checkAtRest() + inspector.everyHeaderEmpty()
+        try expect(problems.isEmpty, "invariants: \(problems.prefix(5))")
+        let incarnation = inspector.nodeSlot(on: NodeID(0), owner: x.owner)?.incarnation ?? 0
+        return "\(report.blocksReclaimed) blocks reclaimed (every layer) and 1 pending free settled in \(report.passes) passes, \(report.verbs) verbs; Y untouched; X back as incarnation \(incarnation); pool empty"
     }
 
     private func mixedWorkload() async throws -> String {
