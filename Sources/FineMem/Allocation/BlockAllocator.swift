@@ -224,11 +224,13 @@ package final class BlockAllocator: Sendable {
 
     /// Says why this node may not free `block`: someone else holds it, it is not
     /// allocated, or it is not a block start. Reads the header that commits it, then the
-    /// full-log record at its first chunk, in one doorbell: a block allocated a moment ago
-    /// shows in its header's pending log before its record is written, and the flush writes
-    /// the record before it clears the log, so whichever way another node's flush falls
-    /// between the two READs (other connections' verbs may run between them), one of them
-    /// shows the allocation. (Record first, a flush landing between would hide it in both.)
+    /// full-log record at its first chunk, in one doorbell, and trusts the header first: a
+    /// block allocated a moment ago shows in its header's pending log before its record is
+    /// written (the record READ may still find an older block's), and the flush writes the
+    /// record before it clears the log, so whichever way another node's flush falls between
+    /// the two READs (other connections' verbs may run between them), one of them shows
+    /// the allocation. (Both found by `fuzz-allocator`: the record read first, or trusted
+    /// first, hid a fresh allocation.)
     private func classifyForeign(_ block: Block, application: ApplicationID, on link: MemoryNodeLink, trace: inout OperationTrace) async throws(AllocationError) -> AllocationError {
         let pointer = pointer(to: block, on: link)
         guard block.fits(link.geometry) else { return .notABlockStart(pointer) }
@@ -240,12 +242,13 @@ package final class BlockAllocator: Sendable {
             ], trace: &trace)
         } catch { throw .fabric(error) }
         let (headerWord, recordWord) = (results[0].words[0], results[1].words[0])
+        // The header first: its pending log is newer than the record it is yet to write.
+        if justAllocatedByAnother(block, header: headerWord) { return .notOwner(pointer) }
         if let record = FullLogRecord(rawValue: recordWord), record != .never, record.chunkCountLog2 == block.chunkCountLog2 {
             // A record still saying "ours" belongs to a free of ours whose flush is in flight.
             let ours = record.owner == owner && record.application == application && record.incarnation == link.incarnation
             return record.isAllocated && !ours ? .notOwner(pointer) : .doubleFree(pointer)
         }
-        if justAllocatedByAnother(block, header: headerWord) { return .notOwner(pointer) }
         return .notABlockStart(pointer)
     }
 
