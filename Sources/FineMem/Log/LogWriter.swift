@@ -132,7 +132,12 @@ extension MemoryNodeLink {
         while !remaining.isEmpty {
             let outcomes: [UpdateOutcome<SectionHeader>]
             do {
-                outcomes = try await updateEach(remaining, UpdatePolicy(attemptsMax: attemptsMax, log: handling), trace: &trace) { [owner] slot, header in
+                // A cached word that does not show the log is read afresh before the section
+                // is taken for done: skipping a clear on a stale cache would leave the
+                // section pending for good, and clear the intent under it.
+                outcomes = try await updateEach(
+                    remaining, UpdatePolicy(attemptsMax: attemptsMax, log: handling, rereadOnRefusal: true), trace: &trace
+                ) { [owner] slot, header in
                     header.isPending(by: owner, sequence: sequences[slot]!) ? header.flushed() : nil
                 }
             } catch {

@@ -103,9 +103,12 @@ final class MemoryNodeLink: Sendable {
 
     /// Posts `verbs` as one batch and answers its results with the batch's ticket. The
     /// ticket is drawn right before the batch is posted: batches of one connection
-    /// execute in posting order, so a later ticket carries newer answers (exactly so in
-    /// virtual time; with real threads two posts racing may draw tickets in the other
-    /// order, which leaves the cache staler, never wrong: it is only a hint).
+    /// execute in posting order, so a later ticket usually carries newer answers. Not
+    /// always: two tasks of a node may draw their tickets in one order and post in the
+    /// other (with real threads, and in virtual time too when the runtime suspends a task
+    /// between the two), which leaves the cache staler, never wrong. The cache is a hint:
+    /// a decision to change a word rests on a CAS, a decision not to on a fresh READ
+    /// (`rereadOnRefusal`; found by `fuzz-recovery`: a flush skipped on a stale word).
     func postTicketed(_ verbs: [Verb], trace: inout OperationTrace) async throws(FabricError) -> (results: [VerbResult], ticket: UInt64) {
         trace.batches += 1
         trace.verbs += UInt64(verbs.count)
