@@ -12,8 +12,9 @@ EQUIVALENT = [
      "                    guard header.logPending, let flushed = header.flushed() else { return nil }",
      "A live node holds a flush job only while its own log is pending on that header (L1: "
      "nobody else commits there meanwhile, and the table keeps one entry per header, the "
-     "newest), and newer cache answers win, so the header a flush sees pending is its own. "
-     "It stops being equivalent with recovery (#8), which settles a fenced node's logs."),
+     "newest), and a flush that finds the log not its own reads afresh, so the header a flush "
+     "changes is pending under its own log. Recovery settles logs only of fenced nodes, whose "
+     "flushes no longer execute (their queue pairs are in the error state)."),
 ]
 
 MUTATIONS = [
@@ -30,7 +31,7 @@ MUTATIONS = [
      "            table.remove(slot, sequence: log.sequence)\n        }"),
     ("a foreign free of a block allocated a moment ago is not recognised",
      "Sources/FineMem/Allocation/BlockAllocator.swift",
-     "        if justAllocatedByAnother(block, header: words[1].words[0]) { return .notOwner(pointer) }\n",
+     "        if justAllocatedByAnother(block, header: headerWord) { return .notOwner(pointer) }\n",
      ""),
     ("a chunk claim ignores a pending log",
      "Sources/FineMem/Layout/SpanHeader.swift",
@@ -76,4 +77,16 @@ MUTATIONS = [
      "Sources/FineMem/Allocation/HeaderSearch.swift",
      "                if rawSection.pendingLogCovers(span: span) {\n                    if transient == nil { transient = [.section(section)] }\n                    continue\n                }",
      "                if rawSection.pendingLogCovers(span: span) {\n                    continue\n                }"),
+    ("recovery leaves the dead node's records allocated",
+     "Sources/FineMem/Recovery/RecoveryPass.swift",
+     "                for run in runs where header.marksFree(run) { freedRecord(first + run.offset, layer: .chunk, sequence: header.log.sequence) }",
+     "                for run in runs where header.marksFree(run) && false { freedRecord(first + run.offset, layer: .chunk, sequence: header.log.sequence) }"),
+    ("recovery keeps multi-section blocks it already freed in its index (review finding F1)",
+     "Sources/FineMem/Recovery/Recovery.swift",
+     "        multiSectionBlock.removeAll(keepingCapacity: true)\n",
+     ""),
+    ("fencing does not break the node's queue pairs (its posted verbs still execute)",
+     "Sources/FineMem/MemoryNode/MemoryNode.swift",
+     "                try nic.breakConnections(of: regions.metadata.protectionDomain)\n",
+     ""),
 ]
