@@ -309,36 +309,6 @@ private func naturalStaleIndexRun(seed: UInt64, liveSize: Int) -> [String] {
 
 // MARK: Randomized exploration
 
-/// A live node's seeded allocate/free loop, with the ledger kept.
-private func adversaryLoad(
-    _ node: BlockAllocator, operations: Int, sizes: [Int], seed: UInt64, simulator: Simulator, inspector: PoolInspector,
-    note: @escaping @Sendable ([String]) -> Void
-) async {
-    var random = SeededRandom(seed: seed)
-    var held: [Block] = []
-    for _ in 0..<operations {
-        await simulator.sleep(nanoseconds: random.next() % 40_000)
-        do throws(AllocationError) {
-            if !held.isEmpty, random.next() % 2 == 0 {
-                let block = held.remove(at: Int(random.next() % UInt64(held.count)))
-                note(inspector.release(block))
-                try await node.free(block, application: ApplicationID(2))
-            } else {
-                let block = try await node.allocate(chunkCountLog2: sizes[Int(random.next() % UInt64(sizes.count))], application: ApplicationID(2))
-                note(inspector.admit(block, owner: node.owner))
-                held.append(block)
-            }
-        } catch {
-            if case .outOfMemory = error { continue }
-            note(["live node \(node.owner): \(error)"])
-        }
-    }
-    for block in held {
-        note(inspector.release(block))
-        do throws(AllocationError) { try await node.free(block, application: ApplicationID(2)) } catch { note(["live node \(node.owner) final free: \(error)"]) }
-    }
-}
-
 /// One randomized run: X holds blocks of every layer and dies in the middle of a random
 /// operation (late verbs by a seeded policy); Y and Z allocate and free every size
 /// (2 MiB and 4 MiB included) throughout; X is fenced and recovered by a recoverer that
@@ -400,7 +370,9 @@ private func exploreRecovery(seed: UInt64, crashRecoverer: Bool, pauses: Bool, p
             }
             for (index, node) in cluster.computeNodes[1...].enumerated() {
                 group.addTask {
-                    await adversaryLoad(node, operations: 16, sizes: [0, 0, 1, 3, 5, 6, 9, 10], seed: loadSeeds[index], simulator: simulator, inspector: inspector, note: note)
+                    await CrashPointEnumeration.load(
+                        node, operations: 16, sizes: [0, 0, 1, 3, 5, 6, 9, 10], pauseNanosMax: 40_000, seed: loadSeeds[index], simulator: simulator,
+                        inspector: inspector, note: note)
                 }
             }
             group.addTask {

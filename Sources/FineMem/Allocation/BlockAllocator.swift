@@ -125,7 +125,8 @@ package final class BlockAllocator: Sendable {
     /// memory node in the placement policy's order that has room.
     package func allocate(chunkCountLog2: Int, application: ApplicationID) async throws(AllocationError) -> Block {
         guard chunkCountLog2 >= 0 else { throw .zeroSize }
-        try checkSomeMemoryNodeUsable()
+        let outOfReach = fencedOn.withLock { $0 }
+        guard outOfReach.count < links.count else { throw .fenced(memoryNode: outOfReach.min()!) }
         let chunkBytes = PoolGeometry.chunkBytes
         guard chunkCountLog2 <= chunkCountLog2Max else {
             statisticsStore.withLock { $0.recordFailedAllocation(OperationTrace()) }
@@ -138,7 +139,7 @@ package final class BlockAllocator: Sendable {
         do throws(AllocationError) {
             for index in placement.order(memoryNodeCount: links.count, chunkCountLog2: chunkCountLog2, sequence: turn) {
                 let link = links[index]
-                guard isUsable(link) else { continue }
+                guard !outOfReach.contains(link.memoryNode) else { continue }
                 let block: Block?
                 do throws(AllocationError) {
                     block = switch Block.layer(chunkCountLog2: chunkCountLog2) {

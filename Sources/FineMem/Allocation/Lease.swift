@@ -80,10 +80,4 @@ extension BlockAllocator {
     func isUsable(_ link: MemoryNodeLink) -> Bool { !fencedOn.withLock { $0.contains(link.memoryNode) } }
 
     func markUnusable(_ link: MemoryNodeLink) { fencedOn.withLock { _ = $0.insert(link.memoryNode) } }
-
-    /// Fails when no memory node is in reach any more.
-    func checkSomeMemoryNodeUsable() throws(AllocationError) {
-        guard !links.contains(where: isUsable) else { return }
-        throw .fenced(memoryNode: fencedOn.withLock { $0.min() } ?? links[0].memoryNode)
-    }
 }

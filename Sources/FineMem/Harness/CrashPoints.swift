@@ -216,21 +216,23 @@ package struct CrashPointEnumeration: Sendable {
         throw .corruptMetadata("set-up: no 4 KiB block came alone in its span")
     }
 
-    /// A live node's seeded allocate/free loop, with the ledger kept.
-    private static func load(
-        _ node: BlockAllocator, operations: Int, seed: UInt64, simulator: Simulator, inspector: PoolInspector, note: @escaping @Sendable ([String]) -> Void
+    /// A live node's seeded allocate/free loop (sizes as log2 of chunks, a pause of up to
+    /// `pauseNanosMax` before each operation), with the ledger kept; it frees what it holds
+    /// at the end.
+    package static func load(
+        _ node: BlockAllocator, operations: Int, sizes: [Int] = [0, 0, 1, 3, 5, 6], pauseNanosMax: UInt64 = 60_000, seed: UInt64,
+        simulator: Simulator, inspector: PoolInspector, note: @escaping @Sendable ([String]) -> Void
     ) async {
         var random = SeededRandom(seed: seed)
         var held: [Block] = []
         for _ in 0..<operations {
-            await simulator.sleep(nanoseconds: random.next() % 60_000)
+            await simulator.sleep(nanoseconds: random.next() % pauseNanosMax)
             do throws(AllocationError) {
                 if !held.isEmpty, random.next() % 2 == 0 {
                     let block = held.remove(at: Int(random.next() % UInt64(held.count)))
                     note(inspector.release(block))
                     try await node.free(block, application: ApplicationID(2))
                 } else {
-                    let sizes = [0, 0, 1, 3, 5, 6]
                     let block = try await node.allocate(chunkCountLog2: sizes[Int(random.next() % UInt64(sizes.count))], application: ApplicationID(2))
                     note(inspector.admit(block, owner: node.owner))
                     held.append(block)
