@@ -1,7 +1,7 @@
 import ArgumentParser
 import FineMem
 
-struct Bench: ParsableCommand {
+struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Measure 4 KiB allocation in virtual time: round trips, CAS retries, latency, metadata overhead.",
         discussion: """
@@ -9,7 +9,10 @@ struct Bench: ParsableCommand {
             block 45 % of the time) in deterministic virtual time with the default latency \
             model, once with one task and once with compute nodes x tasks (16 x 32 = 512 by \
             default), and prints hardware-independent figures (round trips and verbs on the \
-            critical path, CAS retries) next to modelled latencies. Build in release.
+            critical path, CAS retries) next to modelled latencies; then the CPU cost of the \
+            fast path: 4 KiB allocate+free pairs through the public API on real threads \
+            (immediate mode), with 1 and 2 tasks, wall time per pair and tasks spawned per \
+            pair. Build in release.
             """
     )
 
@@ -19,8 +22,9 @@ struct Bench: ParsableCommand {
     @Option(help: "Pool size of the memory node.") var poolSize = ByteCount(bytes: 1 << 30)
     @Option(help: "Seed.") var seed: UInt64 = 1
     @Option(help: "Contention mark threshold (CAS failures before a span is marked contended).") var contentionHigh = AllocatorConfiguration().contentionHigh
+    @Option(help: "Allocate+free pairs per task of the immediate-mode runs (0 skips them).") var pairs = 200_000
 
-    func run() throws {
+    func run() async throws {
         var rows: [(String, String)] = []
         for (label, nodes, perNode) in [("1 task", 1, 1), ("\(computeNodes * tasks) tasks", computeNodes, tasks)] {
             var configuration = SimulatedWorkload.Configuration()
@@ -49,6 +53,15 @@ struct Bench: ParsableCommand {
                 ("\(label): spans opened / closed, refreshes", "\(statistics.spansOpened) / \(statistics.spansClosed), \(statistics.refreshes)"),
                 ("\(label): upkeep round trips per operation", "\(Format.fixed(Double(statistics.upkeepBatches) / Double(max(1, statistics.allocations + statistics.frees)), 3)) (after the answer: log flushes, span and section state)"),
             ]
+        }
+        if pairs > 0 {
+            for tasks in [1, 2] {
+                let figures = try await PairBenchmark.run(tasks: tasks, pairsPerTask: pairs)
+                rows += [
+                    ("immediate, \(tasks) task(s): allocate+free pair", "\(Format.fixed(figures.nanosecondsPerPair / 1_000, 3)) us per pair per task, \(Format.fixed(figures.pairsPerSecond / 1e6, 3)) M pairs/s"),
+                    ("immediate, \(tasks) task(s): per pair", "\(Format.fixed(figures.batchesPerPair, 3)) round trips, \(Format.fixed(figures.spawnedTasksPerPair, 5)) tasks spawned"),
+                ]
+            }
         }
         let geometry = try PoolGeometry(dataBytes: poolSize.bytes)
         rows.append(("metadata overhead", "\(Format.fixed(geometry.metadataOverheadPercent, 3)) % of \(Format.bytes(geometry.dataBytes))"))

@@ -47,18 +47,19 @@ enum Format {
         return "\(value) B"
     }
 
+    /// `value` with `digits` decimals (no exponent, however small or large).
     static func fixed(_ value: Double, _ digits: Int = 2) -> String {
-        var scale = 1.0
+        guard value.isFinite else { return "\(value)" }
+        var scale: Int64 = 1
         for _ in 0..<digits { scale *= 10 }
-        let rounded = (value * scale).rounded() / scale
-        var text = "\(rounded)"
-        if let dot = text.firstIndex(of: ".") {
-            let decimals = text.distance(from: dot, to: text.endIndex) - 1
-            if decimals < digits { text += String(repeating: "0", count: digits - decimals) }
-        } else if digits > 0 {
-            text += "." + String(repeating: "0", count: digits)
-        }
-        return text
+        let scaled = (value * Double(scale)).rounded()
+        guard abs(scaled) < 9e18 else { return "\(value)" }
+        let units = Int64(scaled)
+        let sign = units < 0 ? "-" : ""
+        let whole = abs(units) / scale
+        guard digits > 0 else { return "\(sign)\(whole)" }
+        let fraction = String(abs(units) % scale)
+        return "\(sign)\(whole)." + String(repeating: "0", count: digits - fraction.count) + fraction
     }
 
     /// A two-column table with aligned values.

@@ -35,6 +35,12 @@ public struct AllocatorConfiguration: Sendable, Hashable {
     /// nanoseconds: an operation on the same header within that time folds the flush into
     /// its own commit's doorbell instead. 0 starts the flush at once.
     public var upkeepDelayNanos: UInt64 = 0
+    /// How long an upkeep worker that found nothing to do sleeps before it looks again,
+    /// and how many such sleeps in a row it takes before it ends. A worker that lingers
+    /// drains the upkeep of many operations per wake-up, so that a steady stream of
+    /// operations spawns no task and hands nothing to another thread per operation.
+    public var upkeepIdleNanos: UInt64 = 100_000
+    public var upkeepIdleRounds = 8
     /// The first and the longest backoff between waits, in nanoseconds.
     public var backoffNanosMin: UInt64 = 500
     public var backoffNanosMax: UInt64 = 128_000

@@ -47,6 +47,8 @@ public struct AllocatorStatistics: Sendable, Hashable {
     public var casRetriesAverage: Double { allocations == 0 ? 0 : Double(casRetries) / Double(allocations) }
     public var roundTripsPerAllocation: Double { allocations == 0 ? 0 : Double(allocationBatches) / Double(allocations) }
     public var verbsPerAllocation: Double { allocations == 0 ? 0 : Double(allocationVerbs) / Double(allocations) }
+    /// Batches of successful allocations and frees, and of upkeep.
+    package var batchesTotal: UInt64 { allocationBatches + freeBatches + upkeepBatches }
     public var roundTripsPerFree: Double { frees == 0 ? 0 : Double(freeBatches) / Double(frees) }
 
     mutating func recordAllocation(_ trace: OperationTrace) {

@@ -1,3 +1,5 @@
+import Atomics
+
 /// FineMem's allocation protocol for one compute node, over one link to each memory node:
 /// a two-layer bitmap tree of section and span headers, changed only by one-sided CAS,
 /// each block operation carrying its temporary log.
@@ -44,11 +46,15 @@ package final class BlockAllocator: Sendable {
     let ownedBlocks = Locked<[BlockStart: Holding]>([:])
     let sequence = Locked<UInt64>(0)
     let freeIntentSlots: Locked<[Int]>
-    let upkeepInFlight = Locked<Int>(0)
+    /// Upkeep waiting for this node's workers, and the workers (`Upkeep.swift`).
+    let upkeep = Locked(UpkeepQueue())
     /// Memory nodes on which a lease renewal found this node fenced.
     let fencedOn = Locked<Set<NodeID>>([])
     /// Whether the lease renewal loop runs.
     let leaseRenewal = Locked(false)
+    /// Tasks this node has spawned (upkeep workers, lease renewal): the fast path spawns
+    /// none of its own, which a test checks by this count.
+    private let spawned = ManagedAtomic<UInt64>(0)
 
     /// Where a block starts: the key of `ownedBlocks`.
     struct BlockStart: Hashable, Sendable {
@@ -97,6 +103,15 @@ package final class BlockAllocator: Sendable {
             }
         }
         return BlockAllocator(owner: owner, links: links, runtime: runtime, configuration: configuration, placement: placement)
+    }
+
+    /// Tasks this node has spawned so far.
+    package var spawnedTasks: UInt64 { spawned.load(ordering: .relaxed) }
+
+    /// Starts `body` as a task of this node's runtime, counted in `spawnedTasks`.
+    func spawn(_ body: @escaping @Sendable () async -> Void) {
+        spawned.wrappingIncrement(ordering: .relaxed)
+        runtime.spawn(body)
     }
 
     /// Counters so far.
@@ -330,40 +345,6 @@ package final class BlockAllocator: Sendable {
         }
     }
 
-    /// Marks `slot` busy for this node's CAS, waiting (with backoff) while another task of
-    /// this node has a CAS in flight on it: two tasks of one node racing for one header
-    /// would only cost each other a round trip. The waits count against `backoff`, the
-    /// operation's own.
-    func acquireBusy(_ slot: HeaderSlot, on link: MemoryNodeLink, backoff: inout Backoff) async throws(AllocationError) {
-        while !link.tryAcquire(slot) { try await backoff.pause(runtime) }
-    }
-
-    // MARK: Upkeep after the answer
-
-    /// Runs `body` as background upkeep of this node; `quiesce()` waits for all of it.
-    func startUpkeep(_ body: @escaping @Sendable () async -> OperationTrace) {
-        upkeepInFlight.withLock { $0 += 1 }
-        runtime.spawn { [self] in
-            let trace = await body()
-            statisticsStore.withLock { $0.recordUpkeep(trace) }
-            upkeepInFlight.withLock { $0 -= 1 }
-        }
-    }
-
-    /// The upkeep of a header with a log of this node to flush: a span header may also be
-    /// closed or hinted (`spanUpkeep`); a section header is flushed.
-    func startUpkeep(of slot: HeaderSlot, on link: MemoryNodeLink) {
-        startUpkeep { [self] in
-            var trace = OperationTrace()
-            if configuration.upkeepDelayNanos > 0 { await runtime.sleep(nanoseconds: configuration.upkeepDelayNanos) }
-            switch slot {
-            case .span(let section, let span): await spanUpkeep(section: section, span: span, on: link, trace: &trace)
-            case .section: _ = await flush(SectionHeader.self, slot, on: link, trace: &trace)
-            }
-            return trace
-        }
-    }
-
     /// Flushes this node's log on `slot` (see `MemoryNodeLink.flush`).
     func flush<Header: LoggedHeader>(
         _ type: Header.Type, _ slot: HeaderSlot, on link: MemoryNodeLink, trace: inout OperationTrace, then transform: (Header) -> Header = { $0 }
@@ -371,16 +352,6 @@ package final class BlockAllocator: Sendable {
         await link.flush(
             type, slot, attemptsMax: configuration.flushAttemptsMax, backoffNanos: configuration.backoffNanosMin...configuration.backoffNanosMax,
             runtime: runtime, trace: &trace, then: transform)
-    }
-
-    /// Waits until every log flush and every span and section upkeep has finished (the
-    /// upkeep is bounded; this waits for it without a bound of its own).
-    package func quiesce() async {
-        var delay = configuration.backoffNanosMin
-        while upkeepInFlight.withLock({ $0 }) > 0 {
-            await runtime.sleep(nanoseconds: delay)
-            delay = min(delay * 2, configuration.backoffNanosMax)
-        }
     }
 }
 

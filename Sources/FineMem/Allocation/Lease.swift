@@ -53,7 +53,7 @@ extension BlockAllocator {
         }
         guard started else { return }
         let runtime = runtime
-        runtime.spawn { [weak self] in
+        spawn { [weak self] in
             while true {
                 await runtime.sleep(nanoseconds: intervalNanos)
                 guard let self, leaseRenewal.withLock({ $0 }) else { return }

@@ -92,8 +92,12 @@ extension BlockAllocator {
         let slot = HeaderSlot(committing: block)
         let run = Header.run(of: block)
         var backoff = Backoff(configuration)
-        try await acquireBusy(slot, on: link, backoff: &backoff)
-        defer { link.releaseBusy(slot) }
+        // Marked busy so that this node's searches look elsewhere meanwhile. When another
+        // task of the node has a CAS in flight on the header, the free goes ahead anyway:
+        // the race costs at most a lost CAS, whose answer the next attempt starts from
+        // (with the other task's log folded in), where waiting would cost a sleep.
+        let marked = link.tryAcquire(slot)
+        defer { if marked { link.releaseBusy(slot) } }
         while trace.attempts < configuration.operationAttemptsMax {
             let outcome: UpdateOutcome<Header> = try await update(
                 slot, UpdatePolicy(attemptsMax: 1, log: .commit(record: link.grant.recordAddress(chunk: block.firstChunk)), rereadOnRefusal: true),

@@ -24,9 +24,20 @@ package protocol FabricConnection: AnyObject, Sendable {
     var remoteNode: NodeID { get }
     /// Posts `verbs` as one ordered batch and waits for all completions.
     func post(_ verbs: [Verb]) async throws(FabricError) -> [VerbResult]
+    /// Posts the verbs of `batch` as one ordered batch, as `post(_:)` would, and stores
+    /// their answers in it. A backend that can do so without allocating (the simulated
+    /// NIC in immediate mode) overrides the default, which goes through `post(_:)`.
+    func post(_ batch: inout WordBatch) async throws(FabricError)
 }
 
 extension FabricConnection {
+    package func post(_ batch: inout WordBatch) async throws(FabricError) {
+        var verbs: [Verb] = []
+        verbs.reserveCapacity(batch.count)
+        for index in 0..<batch.count { verbs.append(batch.verb(at: index)) }
+        batch.store(try await post(verbs))
+    }
+
     /// RDMA READ.
     package func read(_ address: RemoteAddress, length: Int, rkey: RKey) async throws(FabricError) -> [UInt8] {
         try await post([.read(address, length: length, rkey: rkey)])[0].bytes

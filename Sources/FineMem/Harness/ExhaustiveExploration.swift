@@ -250,9 +250,15 @@ package struct ExhaustiveExploration: Sendable {
     /// The body of one run (see `ExhaustiveProgram`).
     private static func drive(_ program: ExhaustiveProgram, simulator: Simulator, state: Locked<ProgramState>) async {
         let cluster: EmbeddedCluster
+        // Upkeep workers end as soon as the queue is empty: a lingering worker sleeps, and
+        // in a scripted run sleepers wake only when no verb is left, which would put every
+        // later flush after the racing operations instead of among them.
+        var allocator = AllocatorConfiguration()
+        allocator.upkeepIdleRounds = 0
         do {
             cluster = try await EmbeddedCluster.start(
-                .init(memoryNodes: 1, poolBytesPerNode: program.poolBytes, computeNodes: program.concurrent.count), simulator: simulator)
+                .init(memoryNodes: 1, poolBytesPerNode: program.poolBytes, computeNodes: program.concurrent.count, allocator: allocator),
+                simulator: simulator)
         } catch {
             state.withLock { $0.violations.append("the cluster did not start: \(error)") }
             return

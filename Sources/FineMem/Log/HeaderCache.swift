@@ -18,7 +18,7 @@ struct HeaderCache: Sendable {
     /// Whether the span headers of a section have been read since start (a section's
     /// spans are read when a search first needs them).
     private(set) var spansKnown: [Bool]
-    var busy: Set<HeaderSlot> = []
+    var busy = BusyHeaders()
     var cursor: Int
 
     init(sections: [UInt64], cursor: Int) {
@@ -98,4 +98,28 @@ struct HeaderCache: Sendable {
             }
         }
     }
+}
+
+/// The headers with a CAS of this node in flight: a handful at most (one per task of the
+/// node), so a small array, searched without hashing.
+struct BusyHeaders: Sendable, Sequence {
+    private var slots: [HeaderSlot] = []
+
+    init() { slots.reserveCapacity(16) }
+
+    func contains(_ slot: HeaderSlot) -> Bool { !slots.isEmpty && slots.contains(slot) }
+
+    /// Marks `slot` busy; answers false when it already was.
+    @discardableResult
+    mutating func insert(_ slot: HeaderSlot) -> Bool {
+        guard !contains(slot) else { return false }
+        slots.append(slot)
+        return true
+    }
+
+    mutating func remove(_ slot: HeaderSlot) {
+        if let index = slots.firstIndex(of: slot) { slots.swapAt(index, slots.count - 1); slots.removeLast() }
+    }
+
+    func makeIterator() -> IndexingIterator<[HeaderSlot]> { slots.makeIterator() }
 }

@@ -1,3 +1,5 @@
+import Atomics
+
 /// Errors of attaching a compute node to a memory node.
 enum AttachError: Error, Sendable {
     case fabric(FabricError)
@@ -27,7 +29,7 @@ final class MemoryNodeLink: Sendable {
     /// the owner of the link, before the link is used.
     private let returnedLogHandler = Locked<(@Sendable (HeaderSlot) -> Void)?>(nil)
     /// The ticket of the next batch: answers of later batches are newer (`HeaderCache`).
-    private let nextTicket = Locked<UInt64>(1)
+    private let nextTicket = ManagedAtomic<UInt64>(0)
     /// Whether a full refresh is in flight, and how many have finished.
     private let refreshFlight = Locked<(inFlight: Bool, finished: UInt64)>((false, 0))
 
@@ -112,12 +114,12 @@ final class MemoryNodeLink: Sendable {
     func postTicketed(_ verbs: [Verb], trace: inout OperationTrace) async throws(FabricError) -> (results: [VerbResult], ticket: UInt64) {
         trace.batches += 1
         trace.verbs += UInt64(verbs.count)
-        let ticket = nextTicket.withLock { next in
-            defer { next += 1 }
-            return next
-        }
+        let ticket = drawTicket()
         return (try await connection.post(verbs), ticket)
     }
+
+    /// The ticket of a batch about to be posted (see `postTicketed`).
+    func drawTicket() -> UInt64 { nextTicket.wrappingIncrementThenLoad(ordering: .relaxed) }
 
     /// The READ of one header word.
     func read(_ slot: HeaderSlot) -> Verb { .readWords(grant.address(of: slot), count: 1, rkey: metadataKey) }
@@ -199,9 +201,9 @@ final class MemoryNodeLink: Sendable {
     }
 
     /// Marks `slot` busy for this node's CAS; false when another task of the node holds it.
-    func tryAcquire(_ slot: HeaderSlot) -> Bool { cache.withLock { $0.busy.insert(slot).inserted } }
+    func tryAcquire(_ slot: HeaderSlot) -> Bool { cache.withLock { $0.busy.insert(slot) } }
 
-    func releaseBusy(_ slot: HeaderSlot) { cache.withLock { _ = $0.busy.remove(slot) } }
+    func releaseBusy(_ slot: HeaderSlot) { cache.withLock { $0.busy.remove(slot) } }
 
     /// Whether a block operation on this cached header would wait for someone's flush: it
     /// carries a pending log that is not this node's queued one (which a commit folds in).

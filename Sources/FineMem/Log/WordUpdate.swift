@@ -92,6 +92,61 @@ extension MemoryNodeLink {
         return outcomes[0].map(Word.self)
     }
 
+    /// `update` of a header: the same, with the header type's own `flushed()` (no dynamic
+    /// cast per call), and a block operation's single-attempt commit on the fast path
+    /// (`commitFast`).
+    func update<Header: LoggedHeader>(
+        _ home: WordHome, _ policy: UpdatePolicy, alsoRead: [HeaderSlot] = [],
+        trace: inout OperationTrace, _ transition: (Header) -> Header?
+    ) async throws(FabricError) -> UpdateOutcome<Header> {
+        if case .commit(let record) = policy.log, case .header(let slot, nil) = home, policy.attemptsMax == 1, alsoRead.isEmpty,
+           let outcome = try await commitFast(slot, record: record, trace: &trace, transition) {
+            return outcome
+        }
+        let outcomes = try await updateWords(
+            [home], policy, alsoRead: alsoRead, trace: &trace,
+            transition: { _, word in Header(rawValue: word).flatMap(transition)?.rawValue },
+            flushed: { _, word in Header(rawValue: word)?.flushed()?.rawValue })
+        return outcomes[0].map(Header.self)
+    }
+
+    /// A block operation's commit on one header in one attempt, as `updateWords` does it
+    /// with `.commit(record:)` and one attempt, in one `WordBatch` (no array, no heap
+    /// allocation): this node's queued log on the header folded in (its record CAS first),
+    /// the commit CAS, the READ of the block's record. Answers nil, having sent nothing,
+    /// when the transition refuses the cached word: the general path decides what that
+    /// means (a reread, or a refusal).
+    private func commitFast<Header: LoggedHeader>(
+        _ slot: HeaderSlot, record: RemoteAddress, trace: inout OperationTrace, _ transition: (Header) -> Header?
+    ) async throws(FabricError) -> UpdateOutcome<Header>? {
+        let word = cache.withLock { $0[slot] }
+        let prepared = prepare(.header(slot), word, flushed: Header(rawValue: word)?.flushed()?.rawValue, .commit(record: record))
+        guard let target = Header(rawValue: prepared.base).flatMap(transition) else {
+            settle(prepared, committed: false)
+            return nil
+        }
+        var batch = WordBatch()
+        let fold = prepared.foldedLog.map { batch.compareAndSwap($0.log.recordAddress, expected: $0.log.recordBefore, desired: $0.log.record.rawValue, rkey: metadataKey) }
+        let commit = batch.compareAndSwap(grant.address(of: slot), expected: prepared.expected, desired: target.rawValue, rkey: metadataKey)
+        let recordRead = batch.read(record, rkey: metadataKey)
+        trace.batches += 1
+        trace.verbs += UInt64(batch.count)
+        let ticket = drawTicket()
+        do { try await connection.post(&batch) } catch {
+            settle(prepared, committed: false)
+            throw error
+        }
+        if let fold, let folded = prepared.foldedLog { checkRecordUpdate(folded.log, batch.compareAndSwapAnswer(fold)) }
+        let (exchanged, original) = batch.compareAndSwapAnswer(commit)
+        cache.withLock { $0.store(exchanged ? target.rawValue : original, at: slot, ticket: ticket) }
+        settle(prepared, committed: exchanged)
+        guard exchanged else {
+            trace.retries += 1
+            return .lost(current: original)
+        }
+        return .committed(target, recordBefore: batch.word(recordRead))
+    }
+
     /// `update` for several headers of one type at once (see `updateWords`).
     func updateEach<Header: LoggedHeader>(
         _ slots: [HeaderSlot], _ policy: UpdatePolicy, requireAll: Bool = false, known: [UInt64]? = nil,
@@ -240,7 +295,10 @@ extension MemoryNodeLink {
     /// record under this node's pending log, which the protocol excludes.
     private func checkRecordUpdate(_ log: PendingLog?, _ result: VerbResult?) {
         guard let log, let result else { return }
-        let answer = result.compareAndSwap
+        checkRecordUpdate(log, result.compareAndSwap)
+    }
+
+    private func checkRecordUpdate(_ log: PendingLog, _ answer: (exchanged: Bool, original: UInt64)) {
         precondition(answer.exchanged || answer.original == log.record.rawValue,
                      "the record at \(log.recordAddress) changed under a pending log of \(owner): expected \(log.recordBefore), found \(answer.original)")
     }

@@ -96,6 +96,38 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
         }
     }
 
+    /// In immediate mode, executes the batch on the caller's thread without allocating;
+    /// in virtual time, as the same verbs through `post(_:)`.
+    package func post(_ batch: inout WordBatch) async throws(FabricError) {
+        guard simulator == nil else {
+            var verbs: [Verb] = []
+            verbs.reserveCapacity(batch.count)
+            for index in 0..<batch.count { verbs.append(batch.verb(at: index)) }
+            batch.store(try await post(verbs))
+            return
+        }
+        try order.withLock { () throws(FabricError) in
+            try state.withLock { (s) throws(FabricError) in
+                guard !s.broken else { throw .connectionBroken(nic.node) }
+                s.counters.batches += 1
+                for index in 0..<batch.count {
+                    let entry = batch[index]
+                    if nic.isPoweredOff {
+                        s.broken = true
+                        throw .peerDead(nic.node)
+                    }
+                    if let violation = nic.authorize(entry, pd: protectionDomain) {
+                        s.broken = true
+                        throw .remoteAccess(violation, address: entry.address, rkey: entry.rkey, verbIndex: index)
+                    }
+                    batch.answer(index, nic.perform(entry))
+                    s.counters.verbs[entry.kind.verbKind.rawValue] += 1
+                    if entry.kind == .read { s.counters.bytesRead += 8 }
+                }
+            }
+        }
+    }
+
     private func executeImmediately(_ verbs: [Verb]) throws(FabricError) -> [VerbResult] {
         var results: [VerbResult] = []
         results.reserveCapacity(verbs.count)

@@ -246,9 +246,21 @@ package final class SimulatedNIC: NICControl, @unchecked Sendable {
         case .write(_, let bytes, _, _): needed = .write; length = bytes.count
         case .compareAndSwap, .fetchAndAdd: needed = .atomic; length = 8
         }
+        return authorize(needed: needed, length: length, atomic: verb.kind.isAtomic, address: verb.address, rkey: verb.rkey, pd: pd)
+    }
+
+    /// Checks an 8-byte verb of a `WordBatch` against the key table in `pd`.
+    func authorize(_ entry: WordBatch.Entry, pd: ProtectionDomain) -> RemoteAccessViolation? {
+        let atomic = entry.kind != .read
+        return authorize(needed: atomic ? .atomic : .read, length: 8, atomic: atomic, address: entry.address, rkey: entry.rkey, pd: pd)
+    }
+
+    /// Checks an access of `length` bytes at `address` with `rkey` in `pd`.
+    private func authorize(
+        needed: RemoteAccess, length: Int, atomic: Bool, address: RemoteAddress, rkey: RKey, pd: ProtectionDomain
+    ) -> RemoteAccessViolation? {
         guard length > 0 else { return .invalidLength }
-        if verb.kind.isAtomic, verb.address.rawValue % 8 != 0 { return .misalignedAtomic }
-        let rkey = verb.rkey
+        if atomic, address.rawValue % 8 != 0 { return .misalignedAtomic }
         let lookup: Result<(address: RemoteAddress, length: UInt64, access: RemoteAccess), RemoteAccessViolation> =
             keys.withLock { table in
                 switch table.entries[rkey.index] {
@@ -269,12 +281,25 @@ package final class SimulatedNIC: NICControl, @unchecked Sendable {
         case .success(let grant): granted = grant
         case .failure(let violation): return violation
         }
-        let address = verb.address
         guard address >= granted.address, UInt64(length) <= granted.length,
               address.rawValue - granted.address.rawValue <= granted.length - UInt64(length)
         else { return .outOfBounds }
         guard granted.access.contains(needed) else { return .permissionDenied(needed: needed) }
         return nil
+    }
+
+    /// Performs an authorized 8-byte verb of a `WordBatch`; answers the word read, or the
+    /// original value of an atomic.
+    func perform(_ entry: WordBatch.Entry) -> UInt64 {
+        let word = atomicWord(entry.address)
+        switch entry.kind {
+        case .read:
+            return word.load(ordering: .relaxed)
+        case .compareAndSwap:
+            return word.compareExchange(expected: entry.operand, desired: entry.desired, ordering: .sequentiallyConsistent).original
+        case .fetchAndAdd:
+            return word.loadThenWrappingIncrement(by: entry.operand, ordering: .sequentiallyConsistent)
+        }
     }
 
     /// Performs an authorized verb on the pool.

@@ -1,0 +1,148 @@
+/// Upkeep after the answer: the log flushes, span closes and hints that follow a commit,
+/// and the flush of a multi-section operation. An operation queues its upkeep and
+/// returns; the node's upkeep workers drain the queue. No task is spawned per operation:
+/// a worker that finds the queue empty lingers (`AllocatorConfiguration.upkeepIdleNanos`,
+/// `upkeepIdleRounds`) before it ends, and a new worker starts only when none is idle and
+/// the queue outgrows the busy ones, so a steady stream of operations keeps the same few
+/// workers, each draining many operations' upkeep per wake-up. A log still queued when
+/// the next operation on its header commits is folded into that commit's doorbell
+/// (`LogHandling.commit`) and costs no round trip of its own.
+///
+/// The queue is FIFO; an item is due `upkeepDelayNanos` after it was queued.
+enum UpkeepItem: Sendable {
+    /// The log of this node on a header of the link at `link` (an index into `links`):
+    /// flush it, and for a span, close or hint it.
+    case header(link: Int, HeaderSlot, due: UInt64)
+    /// Any other upkeep (a multi-section flush).
+    case job(due: UInt64, @Sendable () async -> OperationTrace)
+
+    var due: UInt64 {
+        switch self {
+        case .header(_, _, let due), .job(let due, _): due
+        }
+    }
+}
+
+/// The upkeep queue of one compute node and the state of its workers.
+struct UpkeepQueue: Sendable {
+    private var items: [UpkeepItem] = []
+    private var head = 0
+    /// Workers running, and how many of them are lingering on an empty queue.
+    private(set) var workers = 0
+    private(set) var idleWorkers = 0
+    /// Items queued or being worked on: what `quiesce()` waits for.
+    private(set) var outstanding = 0
+
+    var queued: Int { items.count - head }
+
+    /// Queues `item`; answers whether a worker should be started for it.
+    mutating func push(_ item: UpkeepItem, workersMax: Int) -> Bool {
+        items.append(item)
+        outstanding += 1
+        guard idleWorkers == 0, workers < workersMax, queued > 2 * workers else { return false }
+        workers += 1
+        return true
+    }
+
+    /// The next item due by `now`, or when the head is not due yet, its due time.
+    mutating func pop(now: UInt64) -> (item: UpkeepItem?, dueAt: UInt64?) {
+        guard head < items.count else { return (nil, nil) }
+        let item = items[head]
+        guard item.due <= now else { return (nil, item.due) }
+        head += 1
+        if head == items.count {
+            items.removeAll(keepingCapacity: true)
+            head = 0
+        }
+        return (item, nil)
+    }
+
+    mutating func finished() { outstanding -= 1 }
+    mutating func idle(_ lingering: Bool) { idleWorkers += lingering ? 1 : -1 }
+    mutating func workerEnded() { workers -= 1 }
+}
+
+extension BlockAllocator {
+    /// Most upkeep workers one node runs.
+    static let upkeepWorkersMax = 64
+
+    /// Queues `body` as upkeep of this node (`quiesce()` waits for it).
+    func startUpkeep(_ body: @escaping @Sendable () async -> OperationTrace) {
+        enqueueUpkeep(.job(due: upkeepDue(), body))
+    }
+
+    /// Queues the upkeep of a header with a log of this node to flush: a span header may
+    /// also be closed or hinted (`spanUpkeep`); a section header is flushed.
+    func startUpkeep(of slot: HeaderSlot, on link: MemoryNodeLink) {
+        enqueueUpkeep(.header(link: link.index, slot, due: upkeepDue()))
+    }
+
+    private func upkeepDue() -> UInt64 {
+        configuration.upkeepDelayNanos == 0 ? 0 : runtime.nowNanoseconds + configuration.upkeepDelayNanos
+    }
+
+    private func enqueueUpkeep(_ item: UpkeepItem) {
+        if upkeep.withLock({ $0.push(item, workersMax: Self.upkeepWorkersMax) }) {
+            spawn { [self] in await upkeepWorker() }
+        }
+    }
+
+    /// One upkeep worker: takes due items one at a time; on an empty queue it lingers
+    /// `upkeepIdleRounds` sleeps of `upkeepIdleNanos` before it ends; an item not due yet
+    /// is waited for.
+    private func upkeepWorker() async {
+        var idleRounds = 0
+        while true {
+            let now = configuration.upkeepDelayNanos == 0 ? 0 : runtime.nowNanoseconds
+            let (item, dueAt) = upkeep.withLock { queue -> (UpkeepItem?, UInt64?) in
+                let next = queue.pop(now: now)
+                if next.item == nil, next.dueAt == nil, idleRounds >= configuration.upkeepIdleRounds {
+                    queue.workerEnded()
+                } else if next.item == nil {
+                    queue.idle(true)
+                }
+                return next
+            }
+            guard let item else {
+                if let dueAt {
+                    await runtime.sleep(nanoseconds: dueAt - now)
+                } else {
+                    if idleRounds >= configuration.upkeepIdleRounds { return }
+                    idleRounds += 1
+                    await runtime.sleep(nanoseconds: configuration.upkeepIdleNanos)
+                }
+                upkeep.withLock { $0.idle(false) }
+                continue
+            }
+            idleRounds = 0
+            let trace = await perform(item)
+            statisticsStore.withLock { $0.recordUpkeep(trace) }
+            upkeep.withLock { $0.finished() }
+        }
+    }
+
+    private func perform(_ item: UpkeepItem) async -> OperationTrace {
+        switch item {
+        case .job(_, let body):
+            return await body()
+        case .header(let index, let slot, _):
+            let link = links[index]
+            var trace = OperationTrace()
+            switch slot {
+            case .span(let section, let span): await spanUpkeep(section: section, span: span, on: link, trace: &trace)
+            case .section: _ = await flush(SectionHeader.self, slot, on: link, trace: &trace)
+            }
+            return trace
+        }
+    }
+
+    /// Waits until every log flush and every span and section upkeep queued so far has
+    /// finished (the upkeep is bounded; this waits for it without a bound of its own).
+    package func quiesce() async {
+        var delay = configuration.backoffNanosMin
+        while upkeep.withLock({ $0.outstanding }) > 0 {
+            await runtime.sleep(nanoseconds: delay)
+            delay = min(delay * 2, configuration.backoffNanosMax)
+        }
+    }
+}
