@@ -22,24 +22,47 @@ enum HeaderChoice: Sendable {
 /// under a section's pending log (its flush is on its way) or in a span someone is
 /// opening or closing, nil when there is none.
 func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeLink) -> HeaderChoice? {
-    let sectionCount = cache.sectionCount
-    var openInUsedSection: (section: Int, span: Int)?
-    var openInEmptySection: (section: Int, span: Int)?
     var avoided: (slot: HeaderSlot, run: HeaderRun)?
     var unknownSection: Int?
-    var transient: [HeaderSlot]?
     var skippedBusy = false
-    for step in 0..<sectionCount {
-        let section = (cache.cursor + step) % sectionCount
-        guard let rawSection = SectionHeader(rawValue: cache[.section(section)]) else { continue }
-        let sectionHeader = rawSection.settled
+    var found: HeaderSlot?
+    var foundRun: HeaderRun?
+    // The summary's chunk-mode candidates, from the cursor: a normal span with room ends
+    // the search; the first uncached section and the first span to avoid are kept.
+    cache.chunkCandidates.forEach(from: cache.cursor) { section in
+        guard let sectionHeader = SectionHeader(rawValue: cache[.section(section)])?.settled else { return true }
         for span in 0..<PoolGeometry.spansPerSection {
             let state = sectionHeader.state(ofSpan: span)
-            switch state {
-            case .whole:
-                continue
-            case .empty:
-                guard openInUsedSection == nil else { continue }
+            guard state == .chunks || state == .chunksAvoid else { continue }
+            guard cache.spansKnown[section] else {
+                if unknownSection == nil { unknownSection = section }
+                break
+            }
+            let slot = HeaderSlot.span(section: section, span: span)
+            guard let spanHeader = cache.settled(SpanHeader.self, slot), let run = spanHeader.firstFreeRun(countLog2: chunkCountLog2) else { continue }
+            if cache.busy.contains(slot) { skippedBusy = true; continue }
+            if state == .chunks, !spanHeader.contended, !link.waitsForFlush(SpanHeader.self, slot, cache: cache) {
+                (found, foundRun) = (slot, run)
+                return false
+            }
+            if avoided == nil { avoided = (slot, run) }
+        }
+        return true
+    }
+    if let found, let foundRun {
+        cache.cursor = found.section
+        cache.busy.insert(found)
+        return .claim(found, foundRun)
+    }
+    if let unknownSection { return .readSpans(section: unknownSection) }
+    // An empty span to open: in a section already in use, else in a wholly empty one.
+    var transient: [HeaderSlot]?
+    var open: (section: Int, span: Int)?
+    for candidates in [cache.usedSectionCandidates, cache.sectionCandidates] where open == nil {
+        candidates.forEach(from: cache.cursor) { section in
+            guard let rawSection = SectionHeader(rawValue: cache[.section(section)]) else { return true }
+            let sectionHeader = rawSection.settled
+            for span in 0..<PoolGeometry.spansPerSection where sectionHeader.state(ofSpan: span) == .empty {
                 // A span under the section's pending log waits for its record (L2); one
                 // still being closed or opened by someone waits for them.
                 if rawSection.pendingLogCovers(span: span) {
@@ -50,31 +73,14 @@ func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeL
                     if transient == nil { transient = [.section(section), .span(section: section, span: span)] }
                     continue
                 }
-                if cache.busy.contains(.section(section)) { skippedBusy = true; continue }
-                if !sectionHeader.isAllEmpty {
-                    openInUsedSection = (section, span)
-                } else if openInEmptySection == nil {
-                    openInEmptySection = (section, span)
-                }
-            case .chunks, .chunksAvoid:
-                guard cache.spansKnown[section] else {
-                    if unknownSection == nil { unknownSection = section }
-                    continue
-                }
-                let slot = HeaderSlot.span(section: section, span: span)
-                guard let spanHeader = cache.settled(SpanHeader.self, slot), let run = spanHeader.firstFreeRun(countLog2: chunkCountLog2) else { continue }
-                if cache.busy.contains(slot) { skippedBusy = true; continue }
-                if state == .chunks, !spanHeader.contended, !link.waitsForFlush(SpanHeader.self, slot, cache: cache) {
-                    cache.cursor = section
-                    cache.busy.insert(slot)
-                    return .claim(slot, run)
-                }
-                if avoided == nil { avoided = (slot, run) }
+                if cache.busy.contains(.section(section)) { skippedBusy = true; break }
+                open = (section, span)
+                return false
             }
+            return true
         }
     }
-    if let unknownSection { return .readSpans(section: unknownSection) }
-    if let (section, span) = openInUsedSection ?? openInEmptySection {
+    if let (section, span) = open {
         cache.busy.insert(.section(section))
         cache.cursor = section
         return .open(section: section, span: span)
@@ -92,24 +98,29 @@ func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeL
 /// another node has yet to flush). Marks the chosen header busy; the cursor moves to the
 /// section once a claim on it commits (`SectionHeader.claimCommitted`).
 func chooseSection(spanCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeLink) -> HeaderChoice? {
-    let sectionCount = cache.sectionCount
     var empty: HeaderChoice?
     var contended: HeaderChoice?
     var skippedBusy = false
-    for step in 0..<sectionCount {
-        let section = (cache.cursor + step) % sectionCount
+    var found: HeaderChoice?
+    // Only the summary's candidates: every other section has no empty span in the cache.
+    cache.sectionCandidates.forEach(from: cache.cursor) { section in
         let slot = HeaderSlot.section(section)
-        guard let header = cache.settled(SectionHeader.self, slot), let run = header.firstFreeRun(countLog2: spanCountLog2) else { continue }
-        if cache.busy.contains(slot) { skippedBusy = true; continue }
+        guard let header = cache.settled(SectionHeader.self, slot), let run = header.firstFreeRun(countLog2: spanCountLog2) else { return true }
+        if cache.busy.contains(slot) { skippedBusy = true; return true }
         let choice = HeaderChoice.claim(slot, run)
         if header.contended || link.waitsForFlush(SectionHeader.self, slot, cache: cache) {
             if contended == nil { contended = choice }
         } else if header.isAllEmpty {
             if empty == nil { empty = choice }
         } else {
-            cache.busy.insert(slot)
-            return choice
+            found = choice
+            return false
         }
+        return true
+    }
+    if let found {
+        if case .claim(let slot, _) = found { cache.busy.insert(slot) }
+        return found
     }
     guard let chosen = empty ?? contended else { return skippedBusy ? .wait : nil }
     if case .claim(let slot, _) = chosen { cache.busy.insert(slot) }

@@ -12,21 +12,37 @@
 /// node do not race each other for the same word; `cursor` is where searches start.
 struct HeaderCache: Sendable {
     private(set) var sections: [UInt64]
-    private var spans: [UInt64]
-    /// The ticket of the answer each word came from, sections then spans.
+    /// The span headers, in pages of `SpanPage.sections` sections, each made on the first
+    /// store into it: the cache of a large pool costs memory for the spans it has seen.
+    private var spanPages: [SpanPage?]
+    /// The ticket of the answer each section word came from (span words: in their page).
     private var versions: [UInt64]
     /// Whether the span headers of a section have been read since start (a section's
     /// spans are read when a search first needs them).
     private(set) var spansKnown: [Bool]
     var busy = BusyHeaders()
     var cursor: Int
+    /// The summary level: sections where a chunk-layer search may find something (a span
+    /// empty in the settled section header, or a chunk-mode span with a free chunk or
+    /// whose headers are not read yet), and sections with an empty span (where a
+    /// section-layer search may). Kept from every answer stored, so that a search visits
+    /// candidates only, however large the pool: a superset of where room is, never less.
+    private(set) var chunkCandidates: SectionBitmap
+    private(set) var sectionCandidates: SectionBitmap
+    /// The sections of `sectionCandidates` that are not wholly empty (where a span is
+    /// opened first, so that whole sections stay free for large blocks).
+    private(set) var usedSectionCandidates: SectionBitmap
 
     init(sections: [UInt64], cursor: Int) {
         self.sections = sections
-        spans = Array(repeating: SpanHeader.empty.rawValue, count: sections.count * PoolGeometry.spansPerSection)
+        spanPages = Array(repeating: nil, count: (sections.count + SpanPage.sections - 1) / SpanPage.sections)
         spansKnown = Array(repeating: false, count: sections.count)
-        versions = Array(repeating: 0, count: sections.count * (1 + PoolGeometry.spansPerSection))
+        versions = Array(repeating: 0, count: sections.count)
         self.cursor = cursor % max(1, sections.count)
+        chunkCandidates = SectionBitmap(count: sections.count)
+        sectionCandidates = SectionBitmap(count: sections.count)
+        usedSectionCandidates = SectionBitmap(count: sections.count)
+        for section in sections.indices { summarize(section) }
         debugOnly { checkInvariants() }
     }
 
@@ -35,45 +51,84 @@ struct HeaderCache: Sendable {
     subscript(slot: HeaderSlot) -> UInt64 {
         switch slot {
         case .section(let section): sections[section]
-        case .span(let section, let span): spans[section * PoolGeometry.spansPerSection + span]
+        case .span(let section, let span): spanWord(section: section, span: span)
         }
     }
 
-    private func versionIndex(_ slot: HeaderSlot) -> Int {
-        switch slot {
-        case .section(let section): section
-        case .span(let section, let span): sections.count + section * PoolGeometry.spansPerSection + span
-        }
+    private func spanWord(section: Int, span: Int) -> UInt64 {
+        spanPages[section / SpanPage.sections]?.words[SpanPage.index(section: section, span: span)] ?? SpanHeader.empty.rawValue
     }
 
     /// Stores `word`, the answer of the batch with `ticket`, unless the cache holds an
     /// answer of a later batch.
     mutating func store(_ word: UInt64, at slot: HeaderSlot, ticket: UInt64) {
-        let index = versionIndex(slot)
-        guard ticket >= versions[index] else { return }
-        versions[index] = ticket
+        if storeWord(word, at: slot, ticket: ticket) { summarize(slot.section) }
+    }
+
+    /// `store` without the summary (the caller summarizes); answers whether it stored.
+    private mutating func storeWord(_ word: UInt64, at slot: HeaderSlot, ticket: UInt64) -> Bool {
         switch slot {
-        case .section(let section): sections[section] = word
-        case .span(let section, let span): spans[section * PoolGeometry.spansPerSection + span] = word
+        case .section(let section):
+            guard ticket >= versions[section] else { return false }
+            versions[section] = ticket
+            sections[section] = word
+        case .span(let section, let span):
+            let page = section / SpanPage.sections
+            let index = SpanPage.index(section: section, span: span)
+            if spanPages[page] == nil { spanPages[page] = SpanPage() }
+            guard ticket >= spanPages[page]!.versions[index] else { return false }
+            spanPages[page]!.versions[index] = ticket
+            spanPages[page]!.words[index] = word
         }
+        return true
+    }
+
+    /// Recomputes the summary bits of `section` from its cached words.
+    private mutating func summarize(_ section: Int) {
+        var chunkCandidate = false
+        var sectionCandidate = false
+        var used = false
+        if let header = SectionHeader(rawValue: sections[section])?.settled {
+            used = !header.isAllEmpty
+            for span in 0..<PoolGeometry.spansPerSection {
+                switch header.state(ofSpan: span) {
+                case .whole: continue
+                case .empty: sectionCandidate = true
+                case .chunks, .chunksAvoid:
+                    guard !chunkCandidate else { continue }
+                    if !spansKnown[section] {
+                        chunkCandidate = true
+                    } else if let spanHeader = SpanHeader(rawValue: spanWord(section: section, span: span))?.settled,
+                              spanHeader.firstFreeRun(countLog2: 0) != nil {
+                        chunkCandidate = true
+                    }
+                }
+                if sectionCandidate && chunkCandidate { break }
+            }
+        }
+        chunkCandidates[section] = chunkCandidate
+        sectionCandidates[section] = sectionCandidate
+        usedSectionCandidates[section] = sectionCandidate && used
     }
 
     /// Stores the span headers of `section` as just read.
     mutating func storeSpans(of section: Int, _ words: [UInt64], ticket: UInt64) {
         precondition(words.count == PoolGeometry.spansPerSection, "a section has \(PoolGeometry.spansPerSection) spans, not \(words.count)")
-        for (span, word) in words.enumerated() { store(word, at: .span(section: section, span: span), ticket: ticket) }
         spansKnown[section] = true
+        for (span, word) in words.enumerated() { _ = storeWord(word, at: .span(section: section, span: span), ticket: ticket) }
+        summarize(section)
         debugOnly { checkInvariants() }
     }
 
     /// Stores every header as just read.
     mutating func storeAll(sections newSections: [UInt64], spans newSpans: [UInt64], ticket: UInt64) {
-        precondition(newSections.count == sections.count && newSpans.count == spans.count, "a refresh reads every header")
-        for (section, word) in newSections.enumerated() { store(word, at: .section(section), ticket: ticket) }
-        for (index, word) in newSpans.enumerated() {
-            store(word, at: .span(section: index / PoolGeometry.spansPerSection, span: index % PoolGeometry.spansPerSection), ticket: ticket)
-        }
+        precondition(newSections.count == sections.count && newSpans.count == sections.count * PoolGeometry.spansPerSection, "a refresh reads every header")
         spansKnown = Array(repeating: true, count: sections.count)
+        for (section, word) in newSections.enumerated() { _ = storeWord(word, at: .section(section), ticket: ticket) }
+        for (index, word) in newSpans.enumerated() {
+            _ = storeWord(word, at: .span(section: index / PoolGeometry.spansPerSection, span: index % PoolGeometry.spansPerSection), ticket: ticket)
+        }
+        for section in sections.indices { summarize(section) }
         debugOnly { checkInvariants() }
     }
 
@@ -87,9 +142,16 @@ struct HeaderCache: Sendable {
     func checkInvariants() {
         let sectionCount = sections.count
         precondition(sectionCount >= 1, "a pool has at least one section")
-        precondition(spans.count == sectionCount * PoolGeometry.spansPerSection && spansKnown.count == sectionCount, "cache arrays disagree")
-        precondition(versions.count == sections.count + spans.count, "one version per cached word")
+        precondition(spanPages.count == (sectionCount + SpanPage.sections - 1) / SpanPage.sections && spansKnown.count == sectionCount, "cache arrays disagree")
+        precondition(versions.count == sectionCount, "one version per cached section word")
         precondition(cursor >= 0 && cursor < sectionCount, "cursor \(cursor) outside \(sectionCount) sections")
+        var copy = self
+        for section in 0..<sectionCount {
+            let bits = (chunkCandidates[section], sectionCandidates[section], usedSectionCandidates[section])
+            copy.summarize(section)
+            precondition(bits == (copy.chunkCandidates[section], copy.sectionCandidates[section], copy.usedSectionCandidates[section]),
+                         "summary of section \(section) is stale")
+        }
         for slot in busy {
             switch slot {
             case .section(let section): precondition(section >= 0 && section < sectionCount, "busy \(slot) outside the pool")
@@ -122,4 +184,76 @@ struct BusyHeaders: Sendable, Sequence {
     }
 
     func makeIterator() -> IndexingIterator<[HeaderSlot]> { slots.makeIterator() }
+}
+
+/// One bit per section, with a circular search for the next set bit: the summary level of
+/// a `HeaderCache`.
+struct SectionBitmap: Sendable {
+    private var words: [UInt64]
+    let count: Int
+
+    init(count: Int) {
+        self.count = count
+        words = Array(repeating: 0, count: (count + 63) / 64)
+    }
+
+    subscript(index: Int) -> Bool {
+        get { words[index >> 6] & (1 << UInt64(index & 63)) != 0 }
+        set {
+            if newValue { words[index >> 6] |= 1 << UInt64(index & 63) } else { words[index >> 6] &= ~(1 << UInt64(index & 63)) }
+        }
+    }
+
+    /// The first set bit at or after `start` (wrapping around once), or nil.
+    func next(from start: Int) -> Int? {
+        guard count > 0 else { return nil }
+        let start = start % count
+        if let found = firstSet(in: start..<count) { return found }
+        return firstSet(in: 0..<start)
+    }
+
+    /// The first set bit in `range`.
+    private func firstSet(in range: Range<Int>) -> Int? {
+        var index = range.lowerBound
+        while index < range.upperBound {
+            let word = words[index >> 6] >> UInt64(index & 63)
+            if word != 0 {
+                let found = index + word.trailingZeroBitCount
+                return found < range.upperBound ? found : nil
+            }
+            index = (index | 63) + 1
+        }
+        return nil
+    }
+
+    /// Calls `body` with each set bit in circular order from `start` (each once), until it
+    /// answers false.
+    func forEach(from start: Int, _ body: (Int) -> Bool) {
+        guard count > 0 else { return }
+        let start = start % count
+        var position = start
+        var wrapped = false
+        while true {
+            let found: Int?
+            if !wrapped {
+                found = firstSet(in: position..<count)
+                if found == nil { wrapped = true; position = 0; continue }
+            } else {
+                found = firstSet(in: position..<start)
+            }
+            guard let section = found, body(section) else { return }
+            position = section + 1
+            if !wrapped, position >= count { wrapped = true; position = 0 }
+        }
+    }
+}
+
+/// The span headers of `sections` consecutive sections in a `HeaderCache`, with the
+/// ticket of the answer each came from.
+struct SpanPage: Sendable {
+    static let sections = 64
+    var words = Array(repeating: SpanHeader.empty.rawValue, count: SpanPage.sections * PoolGeometry.spansPerSection)
+    var versions = Array(repeating: UInt64(0), count: SpanPage.sections * PoolGeometry.spansPerSection)
+
+    static func index(section: Int, span: Int) -> Int { (section % sections) * PoolGeometry.spansPerSection + span }
 }

@@ -1,0 +1,119 @@
+import Testing
+@testable import FineMem
+
+/// The allocation fast path: no task spawned per operation, word batches that answer as
+/// the general post does, and the cache's summary level.
+@Suite struct FastPathTests {
+    /// A steady stream of allocate+free pairs on one task spawns no task per operation:
+    /// the upkeep is queued and drained by lingering workers. (Before: two per pair.)
+    @Test func allocateFreePairsSpawnNoTaskPerOperation() async throws {
+        // A small pool: the debug build checks the whole cache after every operation.
+        let figures = try await PairBenchmark.run(tasks: 1, pairsPerTask: 2_000, warmUpPairs: 200, on: PairBenchmark.cluster(poolBytes: 64 << 20))
+        #expect(figures.spawnedTasks * 20 < UInt64(figures.pairs), "\(figures.spawnedTasks) tasks spawned for \(figures.pairs) pairs")
+        let two = try await PairBenchmark.run(tasks: 2, pairsPerTask: 1_000, warmUpPairs: 200, on: PairBenchmark.cluster(poolBytes: 64 << 20))
+        #expect(two.spawnedTasks * 20 < UInt64(two.pairs), "\(two.spawnedTasks) tasks spawned for \(two.pairs) pairs")
+    }
+
+    /// A word batch answers as the same verbs posted as general verbs: in immediate mode
+    /// (its own allocation-free path) and in virtual time.
+    @Test func wordBatchesAnswerAsGeneralVerbs() async throws {
+        for virtual in [false, true] {
+            let answers = try await wordBatchRun(virtual: virtual)
+            #expect(answers.batch == answers.general, "virtual: \(virtual)")
+            #expect(answers.batch == [5, 6, 6, 7, 7], "virtual: \(virtual)")
+        }
+    }
+
+    private func wordBatchRun(virtual: Bool) async throws -> (batch: [UInt64], general: [UInt64]) {
+        let simulator = virtual ? Simulator(seed: 3) : nil
+        let nic = try SimulatedNIC(node: NodeID(0), poolBytes: 1 << 20, simulator: simulator)
+        let pd = nic.allocateProtectionDomain()
+        let region = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: 4096, access: .all)
+        let outcome = Locked<(batch: [UInt64], general: [UInt64])?>(nil)
+        let errors = Locked<[String]>([])
+        let body: @Sendable () async -> Void = {
+            do throws(FabricError) {
+                var results: [[UInt64]] = []
+                for word in [0, 64] {
+                    let address = region.address + UInt64(word)
+                    let connection = nic.connect(from: NodeID(1), protectionDomain: pd, simulator: simulator)
+                    _ = try await connection.post([.writeWord(address, 5, rkey: region.rkey)])
+                    if word == 0 {
+                        var batch = WordBatch()
+                        batch.compareAndSwap(address, expected: 5, desired: 6, rkey: region.rkey)
+                        batch.compareAndSwap(address, expected: 5, desired: 9, rkey: region.rkey)
+                        batch.fetchAndAdd(address, delta: 1, rkey: region.rkey)
+                        batch.read(address, rkey: region.rkey)
+                        try await connection.post(&batch)
+                        results.append((0..<batch.count).map(batch.word) + [nic.peekWord(address)])
+                        #expect(batch.compareAndSwapAnswer(0) == (true, 5) && batch.compareAndSwapAnswer(1) == (false, 6))
+                    } else {
+                        let general = try await connection.post([
+                            .compareAndSwap(address, expected: 5, desired: 6, rkey: region.rkey),
+                            .compareAndSwap(address, expected: 5, desired: 9, rkey: region.rkey),
+                            .fetchAndAdd(address, delta: 1, rkey: region.rkey),
+                            .readWords(address, count: 1, rkey: region.rkey),
+                        ])
+                        var batch = WordBatch()
+                        for _ in 0..<4 { batch.read(address, rkey: region.rkey) }
+                        batch.store(general)
+                        results.append((0..<4).map(batch.word) + [nic.peekWord(address)])
+                    }
+                }
+                outcome.withLock { $0 = (results[0], results[1]) }
+            } catch {
+                errors.withLock { $0.append("\(error)") }
+            }
+        }
+        if let simulator {
+            simulator.spawn(body)
+            simulator.run()
+        } else {
+            await body()
+        }
+        #expect(errors.withLock { $0 } == [])
+        return try #require(outcome.withLock { $0 })
+    }
+
+    /// A bad key in a word batch is the typed remote-access error of the general path, and
+    /// breaks the connection.
+    @Test func aWordBatchWithABadKeyBreaksTheConnection() async throws {
+        let (nic, pd, region) = try makeTarget()
+        let connection = nic.connect(from: NodeID(1), protectionDomain: pd)
+        var batch = WordBatch()
+        batch.read(region.address, rkey: region.rkey)
+        batch.compareAndSwap(region.address, expected: 0, desired: 1, rkey: RKey(index: 999, tag: 0))
+        do throws(FabricError) {
+            try await connection.post(&batch)
+            Issue.record("a batch with an unknown key succeeded")
+        } catch {
+            #expect(error == .remoteAccess(.unknownKey, address: region.address, rkey: RKey(index: 999, tag: 0), verbIndex: 1))
+        }
+        #expect(connection.isBroken && nic.peekWord(region.address) == 0)
+        var next = WordBatch()
+        next.read(region.address, rkey: region.rkey)
+        await #expect(throws: FabricError.connectionBroken(NodeID(0))) { try await connection.post(&next) }
+    }
+
+    /// The summary bitmap's circular search visits exactly the set bits, from the start,
+    /// in circular order, each once.
+    @Test(arguments: [1, 63, 64, 65, 200, 1_000])
+    func sectionBitmapVisitsTheSetBitsInCircularOrder(count: Int) {
+        var random = SeededRandom(seed: UInt64(count))
+        for round in 0..<20 {
+            var bitmap = SectionBitmap(count: count)
+            var bits = Array(repeating: false, count: count)
+            let density = UInt64(round % 5 + 1)
+            for index in 0..<count where random.next() % 8 < density {
+                bitmap[index] = true
+                bits[index] = true
+            }
+            let start = Int(random.next() % UInt64(count))
+            let expected = (0..<count).map { (start + $0) % count }.filter { bits[$0] }
+            var visited: [Int] = []
+            bitmap.forEach(from: start) { visited.append($0); return true }
+            #expect(visited == expected, "count \(count), start \(start)")
+            #expect(bitmap.next(from: start) == expected.first, "count \(count), start \(start)")
+        }
+    }
+}
