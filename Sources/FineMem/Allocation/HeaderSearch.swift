@@ -58,7 +58,7 @@ func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeL
     // An empty span to open: in a section already in use, else in a wholly empty one.
     var transient: [HeaderSlot]?
     var open: (section: Int, span: Int)?
-    for candidates in [cache.usedSectionCandidates, cache.sectionCandidates] where open == nil {
+    func findOpenable(in candidates: SectionBitmap) {
         candidates.forEach(from: cache.cursor) { section in
             guard let rawSection = SectionHeader(rawValue: cache[.section(section)]) else { return true }
             let sectionHeader = rawSection.settled
@@ -80,6 +80,8 @@ func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeL
             return true
         }
     }
+    findOpenable(in: cache.usedSectionCandidates)
+    if open == nil { findOpenable(in: cache.sectionCandidates) }
     if let (section, span) = open {
         cache.busy.insert(.section(section))
         cache.cursor = section

@@ -75,7 +75,7 @@ extension BlockAllocator {
                     return block
                 case .lost(let current):
                     failures[slot, default: 0] += 1
-                    try await lost(toPendingLog: Header(rawValue: current)?.logPending ?? false, backoff: &search.backoff, trace: &trace)
+                    try await lost(toPendingLog: link.waitsForFlush(Header.self, slot, word: current), backoff: &search.backoff, trace: &trace)
                 case .refused:
                     trace.attempts += 1
                 case .updated:
@@ -110,7 +110,7 @@ extension BlockAllocator {
             case .updated:
                 preconditionFailure("a block operation answers committed")
             case .lost(let current):
-                try await lost(toPendingLog: Header(rawValue: current)?.logPending ?? false, backoff: &backoff, trace: &trace)
+                try await lost(toPendingLog: link.waitsForFlush(Header.self, slot, word: current), backoff: &backoff, trace: &trace)
             case .refused(let current):
                 throw .corruptMetadata("\(slot) does not hold \(block): \(Header(rawValue: current).map { "\($0)" } ?? "invalid word")")
             }

@@ -8,7 +8,8 @@
 /// the next operation on its header commits is folded into that commit's doorbell
 /// (`LogHandling.commit`) and costs no round trip of its own.
 ///
-/// The queue is FIFO; an item is due `upkeepDelayNanos` after it was queued.
+/// The queue is FIFO: a header's flush is due `upkeepDelayNanos` after it was queued (a
+/// job at once), and an item waits for those ahead of it.
 enum UpkeepItem: Sendable {
     /// The log of this node on a header of the link at `link` (an index into `links`):
     /// flush it, and for a span, close or hint it.
@@ -68,7 +69,7 @@ extension BlockAllocator {
 
     /// Queues `body` as upkeep of this node (`quiesce()` waits for it).
     func startUpkeep(_ body: @escaping @Sendable () async -> OperationTrace) {
-        enqueueUpkeep(.job(due: upkeepDue(), body))
+        enqueueUpkeep(.job(due: 0, body))
     }
 
     /// Queues the upkeep of a header with a log of this node to flush: a span header may

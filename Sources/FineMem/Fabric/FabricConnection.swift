@@ -32,10 +32,12 @@ package protocol FabricConnection: AnyObject, Sendable {
 
 extension FabricConnection {
     package func post(_ batch: inout WordBatch) async throws(FabricError) {
-        var verbs: [Verb] = []
-        verbs.reserveCapacity(batch.count)
-        for index in 0..<batch.count { verbs.append(batch.verb(at: index)) }
-        batch.store(try await post(verbs))
+        try await postAsVerbs(&batch)
+    }
+
+    /// Posts the verbs of `batch` through `post(_:)` and stores their answers in it.
+    package func postAsVerbs(_ batch: inout WordBatch) async throws(FabricError) {
+        batch.store(try await post(batch.verbs))
     }
 
     /// RDMA READ.

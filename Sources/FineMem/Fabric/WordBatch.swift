@@ -103,6 +103,9 @@ package struct WordBatch: Sendable {
         }
     }
 
+    /// The batch's verbs as general verbs, in order.
+    package var verbs: [Verb] { (0..<count).map(verb(at:)) }
+
     /// Stores the answers of the same verbs posted as general verbs.
     package mutating func store(_ results: [VerbResult]) {
         precondition(results.count == count, "\(results.count) answers for \(count) verbs")

@@ -120,11 +120,11 @@ extension MemoryNodeLink {
         _ slot: HeaderSlot, record: RemoteAddress, trace: inout OperationTrace, _ transition: (Header) -> Header?
     ) async throws(FabricError) -> UpdateOutcome<Header>? {
         let word = cache.withLock { $0[slot] }
-        let prepared = prepare(.header(slot), word, flushed: Header(rawValue: word)?.flushed()?.rawValue, .commit(record: record))
-        guard let target = Header(rawValue: prepared.base).flatMap(transition) else {
-            settle(prepared, committed: false)
-            return nil
-        }
+        let flushed = Header(rawValue: word)?.flushed()?.rawValue
+        // The transition applies to the flushed word whether or not this node folds its
+        // log in (`prepare`), so it is decided before the log is taken.
+        guard let target = Header(rawValue: flushed ?? word).flatMap(transition) else { return nil }
+        let prepared = prepare(.header(slot), word, flushed: flushed, .commit(record: record))
         var batch = WordBatch()
         let fold = prepared.foldedLog.map { batch.compareAndSwap($0.log.recordAddress, expected: $0.log.recordBefore, desired: $0.log.record.rawValue, rkey: metadataKey) }
         let commit = batch.compareAndSwap(grant.address(of: slot), expected: prepared.expected, desired: target.rawValue, rkey: metadataKey)

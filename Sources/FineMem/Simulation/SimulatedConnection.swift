@@ -99,13 +99,7 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
     /// In immediate mode, executes the batch on the caller's thread without allocating;
     /// in virtual time, as the same verbs through `post(_:)`.
     package func post(_ batch: inout WordBatch) async throws(FabricError) {
-        guard simulator == nil else {
-            var verbs: [Verb] = []
-            verbs.reserveCapacity(batch.count)
-            for index in 0..<batch.count { verbs.append(batch.verb(at: index)) }
-            batch.store(try await post(verbs))
-            return
-        }
+        guard simulator == nil else { return try await postAsVerbs(&batch) }
         try order.withLock { () throws(FabricError) in
             try state.withLock { (s) throws(FabricError) in
                 guard !s.broken else { throw .connectionBroken(nic.node) }
