@@ -14,14 +14,14 @@ import Testing
         #expect(two.spawnedTasks * 20 < UInt64(two.pairs), "\(two.spawnedTasks) tasks spawned for \(two.pairs) pairs")
     }
 
-    /// A free races another task of the same node committing on the same span header (a
-    /// free no longer waits for the other task's busy mark): the allocation's CAS goes
-    /// first, the free's CAS loses to the log that commit left, and the free tries again
-    /// at once, folding that log (this node's own, queued) into its commit: two round
-    /// trips and no pause. Both blocks are right, and the pool is consistent at rest.
-    @Test func aFreeRacingACommitOnItsHeaderFoldsTheNewLogWithoutPausing() throws {
+    /// A free races another task of the same node committing on the same span header: the
+    /// free waits (a short pause) for the other task's CAS, then commits once, folding the
+    /// log that commit left. Going ahead instead costs a lost CAS, a round trip: in the
+    /// 512-task bench that was 1.27 round trips and 30 us per allocation against 1.19 and
+    /// 20 us. Both blocks are right, and the pool is consistent at rest.
+    @Test func aFreeRacingACommitOnItsHeaderWaitsAndFoldsTheNewLog() throws {
         let seed: UInt64 = 11
-        let result = simulate(seed: seed) { simulator -> ([String], UInt64, UInt64, UInt64) in
+        let result = simulate(seed: seed) { simulator -> ([String], UInt64) in
             var configuration = EmbeddedCluster.Configuration(poolBytesPerNode: 64 << 20, computeNodes: 1)
             configuration.failureDetection = false
             let cluster = try await EmbeddedCluster.start(configuration, simulator: simulator)
@@ -29,22 +29,18 @@ import Testing
             let application = ApplicationID(1)
             let held = try await node.allocate(chunkCountLog2: 0, application: application)
             await cluster.quiesce()
-            let freeBatchesBefore = node.statistics.freeBatches
             let alone = try await node.allocate(chunkCountLog2: 0, application: application)
-            var started = simulator.nowNanoseconds
             try await node.free(alone, application: application)
-            let roundTrip = simulator.nowNanoseconds - started
             await cluster.quiesce()
-            // Now both at once: the allocation picks the span `held` is in.
-            started = simulator.nowNanoseconds
+            let freeBatchesBefore = node.statistics.freeBatches
+            // Both at once: the allocation picks the span `held` is in.
             async let racing = node.allocate(chunkCountLog2: 0, application: application)
-            async let freed: UInt64 = {
+            async let freed: Void = {
                 // A nanosecond later: the allocation has chosen the span and posted.
                 await simulator.sleep(nanoseconds: 1)
                 try await node.free(held, application: application)
-                return simulator.nowNanoseconds - started
             }()
-            let (block, freeTime) = try await (racing, freed)
+            let (block, _) = try await (racing, freed)
             await cluster.quiesce()
             let inspector = PoolInspector(cluster: cluster)
             var problems = inspector.admit(block, owner: node.owner) + inspector.checkAtRest()
@@ -52,18 +48,14 @@ import Testing
             try await node.free(block, application: application)
             problems += inspector.release(block)
             await cluster.quiesce()
-            // The two measured frees: the one alone and the racing one (not the last).
+            // The racing free's batches (not the last free's one).
             let freeBatches = node.statistics.freeBatches - freeBatchesBefore - 1
-            return (problems + inspector.checkAtRest() + inspector.everyHeaderEmpty(), freeTime, roundTrip, freeBatches)
+            return (problems + inspector.checkAtRest() + inspector.everyHeaderEmpty(), freeBatches)
         }
-        let (problems, freeTime, roundTrip, freeBatches) = try #require(result, "seed \(seed): no answer").get()
+        let (problems, freeBatches) = try #require(result, "seed \(seed): no answer").get()
         #expect(problems == [], "seed \(seed)")
-        // The racing free: one lost CAS, then the folded commit (the alone free: one).
-        #expect(freeBatches == 3, "seed \(seed): \(freeBatches) free batches")
-        // Two of its round trips (a free alone takes one; seed 11: 7,302 ns against 3,682),
-        // without the pause a wait for someone else's flush costs (backoffNanosMin, 500 ns:
-        // 7,802 ns when the lost CAS was taken for one).
-        #expect(freeTime < 2 * roundTrip + AllocatorConfiguration().backoffNanosMin / 2, "seed \(seed): the free took \(freeTime) ns, one alone \(roundTrip) ns")
+        // One batch: the free waited for the allocation's CAS, so it lost none.
+        #expect(freeBatches == 1, "seed \(seed): \(freeBatches) batches for the racing free")
     }
 
     /// A word batch answers as the same verbs posted as general verbs: in immediate mode

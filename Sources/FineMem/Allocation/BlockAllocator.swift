@@ -345,6 +345,14 @@ package final class BlockAllocator: Sendable {
         }
     }
 
+    /// Marks `slot` busy for this node's CAS, waiting (with backoff) while another task of
+    /// this node has a CAS in flight on it: two tasks of one node racing for one header
+    /// would only cost each other a round trip. The waits count against `backoff`, the
+    /// operation's own.
+    func acquireBusy(_ slot: HeaderSlot, on link: MemoryNodeLink, backoff: inout Backoff) async throws(AllocationError) {
+        while !link.tryAcquire(slot) { try await backoff.pause(runtime) }
+    }
+
     /// Flushes this node's log on `slot` (see `MemoryNodeLink.flush`).
     func flush<Header: LoggedHeader>(
         _ type: Header.Type, _ slot: HeaderSlot, on link: MemoryNodeLink, trace: inout OperationTrace, then transform: (Header) -> Header = { $0 }

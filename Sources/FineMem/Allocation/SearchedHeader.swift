@@ -75,7 +75,7 @@ extension BlockAllocator {
                     return block
                 case .lost(let current):
                     failures[slot, default: 0] += 1
-                    try await lost(toPendingLog: link.waitsForFlush(Header.self, slot, word: current), backoff: &search.backoff, trace: &trace)
+                    try await lost(toPendingLog: Header(rawValue: current)?.logPending ?? false, backoff: &search.backoff, trace: &trace)
                 case .refused:
                     trace.attempts += 1
                 case .updated:
@@ -92,12 +92,8 @@ extension BlockAllocator {
         let slot = HeaderSlot(committing: block)
         let run = Header.run(of: block)
         var backoff = Backoff(configuration)
-        // Marked busy so that this node's searches look elsewhere meanwhile. When another
-        // task of the node has a CAS in flight on the header, the free goes ahead anyway:
-        // the race costs at most a lost CAS, whose answer the next attempt starts from
-        // (with the other task's log folded in), where waiting would cost a sleep.
-        let marked = link.tryAcquire(slot)
-        defer { if marked { link.releaseBusy(slot) } }
+        try await acquireBusy(slot, on: link, backoff: &backoff)
+        defer { link.releaseBusy(slot) }
         while trace.attempts < configuration.operationAttemptsMax {
             let outcome: UpdateOutcome<Header> = try await update(
                 slot, UpdatePolicy(attemptsMax: 1, log: .commit(record: link.grant.recordAddress(chunk: block.firstChunk)), rereadOnRefusal: true),
@@ -110,7 +106,7 @@ extension BlockAllocator {
             case .updated:
                 preconditionFailure("a block operation answers committed")
             case .lost(let current):
-                try await lost(toPendingLog: link.waitsForFlush(Header.self, slot, word: current), backoff: &backoff, trace: &trace)
+                try await lost(toPendingLog: Header(rawValue: current)?.logPending ?? false, backoff: &backoff, trace: &trace)
             case .refused(let current):
                 throw .corruptMetadata("\(slot) does not hold \(block): \(Header(rawValue: current).map { "\($0)" } ?? "invalid word")")
             }

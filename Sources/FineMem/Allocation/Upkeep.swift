@@ -40,7 +40,7 @@ struct UpkeepQueue: Sendable {
     mutating func push(_ item: UpkeepItem, workersMax: Int) -> Bool {
         items.append(item)
         outstanding += 1
-        guard idleWorkers == 0, workers < workersMax, queued > 2 * workers else { return false }
+        guard idleWorkers == 0, workers < workersMax, queued > workers else { return false }
         workers += 1
         return true
     }

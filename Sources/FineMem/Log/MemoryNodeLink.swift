@@ -209,14 +209,6 @@ final class MemoryNodeLink: Sendable {
     /// carries a pending log that is not this node's queued one (which a commit folds in).
     /// Searches rank such headers after clean ones.
     func waitsForFlush<Header: LoggedHeader>(_ type: Header.Type, _ slot: HeaderSlot, cache: HeaderCache) -> Bool {
-        waitsForFlush(type, slot, word: cache[slot])
-    }
-
-    /// Whether a block operation on the header at `slot`, found holding `word`, waits for
-    /// someone's flush (see above): a CAS lost to this node's own queued log is tried
-    /// again at once, folding that log in, with no pause.
-    func waitsForFlush<Header: LoggedHeader>(_ type: Header.Type, _ slot: HeaderSlot, word: UInt64) -> Bool {
-        guard let header = Header(rawValue: word), header.logPending else { return false }
-        return header.log.owner != owner || !pending.withLock { $0.isQueued(slot) }
+        (Header(rawValue: cache[slot])?.logPending ?? false) && !pending.withLock { $0.isQueued(slot) }
     }
 }
