@@ -48,18 +48,18 @@ public struct AllocatorConfiguration: Sendable, Hashable {
     public init() {}
 }
 
-/// Chooses the order in which memory nodes are tried for an allocation.
+/// Chooses the memory node an allocation tries first; the others follow in index order
+/// (wrapping around), as fallbacks when it is full.
 package protocol PlacementPolicy: Sendable {
-    /// The indices of `memoryNodeCount` nodes in the order to try, for the `sequence`-th
-    /// allocation of a compute node.
-    func order(memoryNodeCount: Int, chunkCountLog2: Int, sequence: UInt64) -> [Int]
+    /// The index, among `memoryNodeCount` nodes, of the node to try first for the
+    /// `sequence`-th allocation of a compute node.
+    func firstNode(memoryNodeCount: Int, chunkCountLog2: Int, sequence: UInt64) -> Int
 }
 
 /// Round-robin across memory nodes, falling back to the others when one is full.
 package struct RoundRobinPlacement: PlacementPolicy {
     package init() {}
-    package func order(memoryNodeCount: Int, chunkCountLog2: Int, sequence: UInt64) -> [Int] {
-        let first = Int(sequence % UInt64(memoryNodeCount))
-        return (0..<memoryNodeCount).map { (first + $0) % memoryNodeCount }
+    package func firstNode(memoryNodeCount: Int, chunkCountLog2: Int, sequence: UInt64) -> Int {
+        Int(sequence % UInt64(memoryNodeCount))
     }
 }

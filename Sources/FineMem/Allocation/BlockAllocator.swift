@@ -41,6 +41,8 @@ package final class BlockAllocator: Sendable {
     let links: [MemoryNodeLink]
     let runtime: any Runtime
     let placement: any PlacementPolicy
+    /// The largest block one memory node can hold, as log2 of chunks.
+    let chunkCountLog2Max: Int
     let statisticsStore = Locked(AllocatorStatistics())
     /// The blocks this compute node handed out, by where they start.
     let ownedBlocks = Locked<[BlockStart: Holding]>([:])
@@ -75,6 +77,8 @@ package final class BlockAllocator: Sendable {
         self.runtime = runtime
         self.configuration = configuration
         self.placement = placement
+        let sections = links.map(\.geometry.sectionCount).max()!
+        chunkCountLog2Max = Block.sectionLayerCountLog2Max + (Int.bitWidth - 1 - sections.leadingZeroBitCount)
         let slots = links.map(\.geometry.intentSlotsPerNode).min()!
         freeIntentSlots = Locked(Array((0..<slots).reversed()))
         for link in links {
@@ -117,11 +121,6 @@ package final class BlockAllocator: Sendable {
     /// Counters so far.
     package var statistics: AllocatorStatistics { statisticsStore.withLock { $0 } }
 
-    /// The largest block one memory node can hold, as log2 of chunks.
-    var chunkCountLog2Max: Int {
-        let sections = links.map(\.geometry.sectionCount).max()!
-        return Block.sectionLayerCountLog2Max + (Int.bitWidth - 1 - sections.leadingZeroBitCount)
-    }
 
     /// The link to `memoryNode`.
     func link(to memoryNode: NodeID) throws(AllocationError) -> MemoryNodeLink {
@@ -137,7 +136,7 @@ package final class BlockAllocator: Sendable {
     // MARK: Allocate
 
     /// Allocates a block of `2^chunkCountLog2` chunks for `application`, on the first
-    /// memory node in the placement policy's order that has room.
+    /// memory node that has room, from the one the placement policy names first.
     package func allocate(chunkCountLog2: Int, application: ApplicationID) async throws(AllocationError) -> Block {
         guard chunkCountLog2 >= 0 else { throw .zeroSize }
         let outOfReach = fencedOn.withLock { $0 }
@@ -152,8 +151,9 @@ package final class BlockAllocator: Sendable {
         var trace = OperationTrace()
         var unreachable: FabricError?
         do throws(AllocationError) {
-            for index in placement.order(memoryNodeCount: links.count, chunkCountLog2: chunkCountLog2, sequence: turn) {
-                let link = links[index]
+            let first = placement.firstNode(memoryNodeCount: links.count, chunkCountLog2: chunkCountLog2, sequence: turn)
+            for offset in 0..<links.count {
+                let link = links[(first + offset) % links.count]
                 guard !outOfReach.contains(link.memoryNode) else { continue }
                 let block: Block?
                 do throws(AllocationError) {
