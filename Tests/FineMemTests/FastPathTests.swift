@@ -14,6 +14,27 @@ import Testing
         #expect(two.spawnedTasks * 20 < UInt64(two.pairs), "\(two.spawnedTasks) tasks spawned for \(two.pairs) pairs")
     }
 
+    /// Pauses of real time longer than a few microseconds park on `DeadlineSleeper`: every
+    /// sleeper wakes, none before its deadline, whatever order the deadlines come in.
+    @Test func deadlineSleeperWakesEverySleeperAtOrAfterItsDeadline() async {
+        #if os(Linux)
+        let seed: UInt64 = 5
+        var random = SeededRandom(seed: seed)
+        let pauses = (0..<200).map { _ in random.next(upperBound: UInt64(2_000_000)) }
+        let early = await withTaskGroup(of: Int.self) { group in
+            for pause in pauses {
+                group.addTask {
+                    let deadline = monotonicNanoseconds() + pause
+                    await DeadlineSleeper.shared.sleep(until: deadline)
+                    return monotonicNanoseconds() >= deadline ? 0 : 1
+                }
+            }
+            return await group.reduce(0, +)
+        }
+        #expect(early == 0, "\(early) of \(pauses.count) sleepers woke before their deadline (seed \(seed))")
+        #endif
+    }
+
     /// A free races another task of the same node committing on the same span header: the
     /// free waits (a short pause) for the other task's CAS, then commits once, folding the
     /// log that commit left. Going ahead instead costs a lost CAS, a round trip: in the

@@ -38,7 +38,7 @@ extension BlockAllocator {
     ) async throws(AllocationError) -> Block? {
         let countLog2 = chunkCountLog2 - Header.unitChunkCountLog2
         var search = Search(configuration)
-        var failures: [HeaderSlot: Int] = [:]
+        var failures = LostCASCounts()
         while true {
             try await beginRound(&search, on: link, trace: &trace)
             switch link.cache.withLock({ Header.choose(countLog2: countLog2, cache: &$0, link: link) }) {
@@ -61,7 +61,7 @@ extension BlockAllocator {
             case .claim(let slot, let run):
                 precondition(run.countLog2 == countLog2, "the search chose \(run) for 2^\(countLog2) units")
                 defer { link.releaseBusy(slot) }
-                let failed = failures[slot, default: 0]
+                let failed = failures[slot]
                 let block = Header.block(at: run, of: slot, on: link.memoryNode)
                 let outcome: UpdateOutcome<Header> = try await update(
                     slot, UpdatePolicy(attemptsMax: 1, log: .commit(record: link.grant.recordAddress(chunk: block.firstChunk))), on: link, trace: &trace
@@ -74,7 +74,7 @@ extension BlockAllocator {
                     link.cache.withLock { Header.claimCommitted(on: slot, cache: &$0) }
                     return block
                 case .lost(let current):
-                    failures[slot, default: 0] += 1
+                    failures.count(slot)
                     try await lost(toPendingLog: Header(rawValue: current)?.logPending ?? false, backoff: &search.backoff, trace: &trace)
                 case .refused:
                     trace.attempts += 1
@@ -147,5 +147,29 @@ extension BlockAllocator {
         if failures >= configuration.contentionHigh, !header.contended { return header.with(contended: true) }
         if failures <= configuration.contentionLow, header.contended { return header.with(contended: false) }
         return header
+    }
+}
+
+/// Lost CASes per header within one operation, for the contention mark: the last few
+/// headers the operation lost on, stored inline (no heap allocation). A header pushed out
+/// by newer ones starts again from zero, which only delays its mark.
+struct LostCASCounts {
+    private var slots = InlineArray<4, HeaderSlot?>(repeating: nil)
+    private var counts = InlineArray<4, Int>(repeating: 0)
+    private var next = 0
+
+    subscript(slot: HeaderSlot) -> Int {
+        for index in slots.indices where slots[index] == slot { return counts[index] }
+        return 0
+    }
+
+    mutating func count(_ slot: HeaderSlot) {
+        for index in slots.indices where slots[index] == slot {
+            counts[index] += 1
+            return
+        }
+        slots[next] = slot
+        counts[next] = 1
+        next = (next + 1) % slots.count
     }
 }

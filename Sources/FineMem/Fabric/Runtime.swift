@@ -29,18 +29,20 @@ package final class SystemRuntime: Runtime {
     /// would wake the task tens of microseconds late (the backoff starts at 500 ns).
     package static let yieldingPauseNanosMax: UInt64 = 20_000
 
+    /// Longer pauses park the task on `DeadlineSleeper` (no heap allocation, unlike
+    /// `Task.sleep`).
     package func sleep(nanoseconds: UInt64) async {
+        let deadline = nowNanoseconds + nanoseconds
         guard nanoseconds <= Self.yieldingPauseNanosMax else {
+            #if os(Linux)
+            await DeadlineSleeper.shared.sleep(until: deadline)
+            #else
             try? await Task.sleep(nanoseconds: nanoseconds)
+            #endif
             return
         }
-        let deadline = nowNanoseconds + nanoseconds
         repeat { await Task.yield() } while nowNanoseconds < deadline
     }
 
-    package var nowNanoseconds: UInt64 {
-        var now = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &now)
-        return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
-    }
+    package var nowNanoseconds: UInt64 { monotonicNanoseconds() }
 }

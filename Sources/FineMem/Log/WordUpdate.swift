@@ -99,9 +99,18 @@ extension MemoryNodeLink {
         _ home: WordHome, _ policy: UpdatePolicy, alsoRead: [HeaderSlot] = [],
         trace: inout OperationTrace, _ transition: (Header) -> Header?
     ) async throws(FabricError) -> UpdateOutcome<Header> {
-        if case .commit(let record) = policy.log, case .header(let slot, nil) = home, policy.attemptsMax == 1, alsoRead.isEmpty,
-           let outcome = try await commitFast(slot, record: record, trace: &trace, transition) {
+        if case .commit(let record) = policy.log, case .header(let slot, nil) = home, alsoRead.isEmpty,
+           let outcome = try await commitFast(slot, record: record, policy, trace: &trace, transition) {
             return outcome
+        }
+        switch policy.log {
+        case .keep, .flush:
+            if case .header(let slot, let known) = home, alsoRead.isEmpty,
+               let outcome = try await updateFast(slot, known: known, policy, trace: &trace, transition) {
+                return outcome
+            }
+        case .commit:
+            break
         }
         let outcomes = try await updateWords(
             [home], policy, alsoRead: alsoRead, trace: &trace,
@@ -110,14 +119,15 @@ extension MemoryNodeLink {
         return outcomes[0].map(Header.self)
     }
 
-    /// A block operation's commit on one header in one attempt, as `updateWords` does it
-    /// with `.commit(record:)` and one attempt, in one `WordBatch` (no array, no heap
+    /// A block operation's commit on one header, as `updateWords` does it with
+    /// `.commit(record:)`, its first attempt in one `WordBatch` (no array, no heap
     /// allocation): this node's queued log on the header folded in (its record CAS first),
     /// the commit CAS, the READ of the block's record. Answers nil, having sent nothing,
     /// when the transition refuses the cached word: the general path decides what that
-    /// means (a reread, or a refusal).
+    /// means (a reread, or a refusal). A lost CAS with attempts left is tried again from
+    /// its answer.
     private func commitFast<Header: LoggedHeader>(
-        _ slot: HeaderSlot, record: RemoteAddress, trace: inout OperationTrace, _ transition: (Header) -> Header?
+        _ slot: HeaderSlot, record: RemoteAddress, _ policy: UpdatePolicy, trace: inout OperationTrace, _ transition: (Header) -> Header?
     ) async throws(FabricError) -> UpdateOutcome<Header>? {
         let word = cache.withLock { $0[slot] }
         let flushed = Header(rawValue: word)?.flushed()?.rawValue
@@ -140,11 +150,50 @@ extension MemoryNodeLink {
         let (exchanged, original) = batch.compareAndSwapAnswer(commit)
         cache.withLock { $0.store(exchanged ? target.rawValue : original, at: slot, ticket: ticket) }
         settle(prepared, committed: exchanged)
-        guard exchanged else {
-            trace.retries += 1
-            return .lost(current: original)
+        if exchanged { return .committed(target, recordBefore: batch.word(recordRead)) }
+        trace.retries += 1
+        return try await retry(slot, after: original, policy, trace: &trace, transition)
+    }
+
+    /// What follows a first attempt's lost CAS on one header: `lost`, or with attempts
+    /// left, the rest of them from the word the CAS found (a flush's record already sent).
+    private func retry<Header: LoggedHeader>(
+        _ slot: HeaderSlot, after current: UInt64, _ policy: UpdatePolicy, trace: inout OperationTrace, _ transition: (Header) -> Header?
+    ) async throws(FabricError) -> UpdateOutcome<Header> {
+        guard policy.attemptsMax > 1 else { return .lost(current: current) }
+        var rest = policy
+        rest.attemptsMax -= 1
+        if case .flush = rest.log { rest.log = .keep }
+        return try await update(.header(slot, known: current), rest, trace: &trace, transition)
+    }
+
+    /// A state change or a flush on one header, as `updateWords` does it, its first
+    /// attempt in one `WordBatch` (no array, no heap allocation): a flush's record CAS,
+    /// then the header CAS. A transition that refuses the word answers `refused` having
+    /// sent nothing, or with `rereadOnRefusal`, nil: the general path rereads the word. A
+    /// lost CAS with attempts left is tried again from its answer, the record already sent.
+    private func updateFast<Header: LoggedHeader>(
+        _ slot: HeaderSlot, known: UInt64?, _ policy: UpdatePolicy, trace: inout OperationTrace, _ transition: (Header) -> Header?
+    ) async throws(FabricError) -> UpdateOutcome<Header>? {
+        let word = known ?? cache.withLock { $0[slot] }
+        guard let target = Header(rawValue: word).flatMap(transition) else {
+            return policy.rereadOnRefusal ? nil : .refused(current: word)
         }
-        return .committed(target, recordBefore: batch.word(recordRead))
+        var batch = WordBatch()
+        var flushLog: PendingLog?
+        if case .flush(let log) = policy.log { flushLog = log }
+        let recordCAS = flushLog.map { batch.compareAndSwap($0.recordAddress, expected: $0.recordBefore, desired: $0.record.rawValue, rkey: metadataKey) }
+        let headerCAS = batch.compareAndSwap(grant.address(of: slot), expected: word, desired: target.rawValue, rkey: metadataKey)
+        trace.batches += 1
+        trace.verbs += UInt64(batch.count)
+        let ticket = drawTicket()
+        try await connection.post(&batch)
+        if let recordCAS, let flushLog { checkRecordUpdate(flushLog, batch.compareAndSwapAnswer(recordCAS)) }
+        let (exchanged, original) = batch.compareAndSwapAnswer(headerCAS)
+        cache.withLock { $0.store(exchanged ? target.rawValue : original, at: slot, ticket: ticket) }
+        if exchanged { return .updated(target) }
+        trace.retries += 1
+        return try await retry(slot, after: original, policy, trace: &trace, transition)
     }
 
     /// `update` for several headers of one type at once (see `updateWords`).
@@ -203,7 +252,7 @@ extension MemoryNodeLink {
                     break
                 }
                 rereadLeft = false
-                let stale = zip(open, desired).filter { $0.1 == nil }.map(\.0)
+                        let stale = zip(open, desired).filter { $0.1 == nil }.map(\.0)
                 let (results, ticket) = try await postTicketed(riders + stale.map { .readWords(address(of: homes[$0]), count: 1, rkey: metadataKey) }, trace: &trace)
                 checkRecordUpdate(flushLog, results.first)
                 riders = []
