@@ -37,6 +37,13 @@ public struct AllocatorStatistics: Sendable, Hashable {
     public package(set) var refreshes: UInt64 = 0
     /// Refreshes an operation took from another task's read in flight instead of its own.
     public package(set) var refreshesShared: UInt64 = 0
+    /// Looks for room through the memory node's room summary (a few KiB each) before a
+    /// full refresh, and the bytes all refreshes read.
+    public package(set) var summaryRefreshes: UInt64 = 0
+    public package(set) var refreshBytes: UInt64 = 0
+    /// Room summary syncs after a section's room changed (or a full refresh found the
+    /// summary stale).
+    public package(set) var summarySyncs: UInt64 = 0
     /// Rounds log flushes waited out (with backoff) because their header kept changing.
     public package(set) var flushRounds: UInt64 = 0
     /// Background upkeep (flushes, span closes, hints) that ended in an error.
@@ -90,6 +97,9 @@ public struct AllocatorStatistics: Sendable, Hashable {
     private mutating func recordEvents(_ trace: OperationTrace) {
         refreshes += trace.refreshes
         refreshesShared += trace.refreshesShared
+        summaryRefreshes += trace.summaryRefreshes
+        refreshBytes += trace.refreshBytes
+        summarySyncs += trace.summarySyncs
         spansOpened += trace.spansOpened
         spansClosed += trace.spansClosed
         flushRounds += trace.flushRounds
@@ -116,6 +126,9 @@ public struct AllocatorStatistics: Sendable, Hashable {
         sum.spansClosed += rhs.spansClosed
         sum.refreshes += rhs.refreshes
         sum.refreshesShared += rhs.refreshesShared
+        sum.summaryRefreshes += rhs.summaryRefreshes
+        sum.refreshBytes += rhs.refreshBytes
+        sum.summarySyncs += rhs.summarySyncs
         sum.flushRounds += rhs.flushRounds
         sum.upkeepErrors += rhs.upkeepErrors
         return sum

@@ -83,6 +83,7 @@ package final class BlockAllocator: Sendable {
         freeIntentSlots = Locked(Array((0..<slots).reversed()))
         for link in links {
             link.onReturnedLog { [weak self, unowned link] slot in self?.startUpkeep(of: slot, on: link) }
+            link.onRoomChange { [weak self, unowned link] sections in self?.startRoomSummaryUpkeep(of: sections, on: link) }
         }
     }
 
@@ -293,6 +294,8 @@ package final class BlockAllocator: Sendable {
     /// choices it pauses and reads afresh (`beginRound`), and only `waitCountMax` pauses in
     /// all make it answer `retryLimitExceeded`.
     struct Search {
+        /// Whether this search looked through the room summary, and read every header.
+        var lookedInSummary = false
         var refreshed = false
         var backoff: Backoff
         init(_ configuration: AllocatorConfiguration) { backoff = Backoff(configuration) }
@@ -308,14 +311,29 @@ package final class BlockAllocator: Sendable {
         search.refreshed = true
     }
 
-    /// The cache shows no room: read afresh once (answers false), or, when this search
-    /// already did, conclude there is none (answers true).
+    /// The cache shows no room: look through the room summary for sections with room the
+    /// cache does not know of (a few KiB), and when it shows none, read every header
+    /// (answers false: search again); when this search already did both, conclude there
+    /// is none (answers true). The summary is a hint: "no room" rests on the full read.
     func noRoomInCache(_ search: inout Search, on link: MemoryNodeLink, trace: inout OperationTrace) async throws(AllocationError) -> Bool {
         if search.refreshed { return true }
+        if !search.lookedInSummary {
+            search.lookedInSummary = true
+            let found: Int
+            do {
+                found = try await link.refreshFromSummary(wordsMax: Self.summaryWordsMax, sectionsMax: Self.summarySectionsMax, trace: &trace)
+            } catch { throw .fabric(error) }
+            if found > 0 { return false }
+        }
         search.refreshed = true
         try await refresh(link, trace: &trace)
         return false
     }
+
+    /// How far a look through the room summary goes: summary words read, and sections
+    /// whose headers are read.
+    static let summaryWordsMax = 4
+    static let summarySectionsMax = 8
 
     /// Reads every header of `link` into its cache (shared with other tasks' reads in
     /// flight).

@@ -14,12 +14,16 @@ enum UpkeepItem: Sendable {
     /// The log of this node on a header of the link at `link` (an index into `links`):
     /// flush it, and for a span, close or hint it.
     case header(link: Int, HeaderSlot, due: UInt64)
+    /// The room summary bits of `sections` of the link at `link`, after a CAS of this
+    /// node changed their room (or a full refresh found them stale).
+    case roomSummary(link: Int, sections: Range<Int>)
     /// Any other upkeep (a multi-section flush).
     case job(due: UInt64, @Sendable () async -> OperationTrace)
 
     var due: UInt64 {
         switch self {
         case .header(_, _, let due), .job(let due, _): due
+        case .roomSummary: 0
         }
     }
 }
@@ -66,6 +70,8 @@ struct UpkeepQueue: Sendable {
 extension BlockAllocator {
     /// Most upkeep workers one node runs.
     static let upkeepWorkersMax = 64
+    /// Rounds of CASes a room summary sync spends between pauses.
+    static let roomSummarySyncAttemptsMax = 8
 
     /// Queues `body` as upkeep of this node (`quiesce()` waits for it).
     func startUpkeep(_ body: @escaping @Sendable () async -> OperationTrace) {
@@ -80,6 +86,11 @@ extension BlockAllocator {
 
     private func upkeepDue() -> UInt64 {
         configuration.upkeepDelayNanos == 0 ? 0 : runtime.nowNanoseconds + configuration.upkeepDelayNanos
+    }
+
+    /// Queues the sync of the room summary bits of `sections` on `link`.
+    func startRoomSummaryUpkeep(of sections: Range<Int>, on link: MemoryNodeLink) {
+        enqueueUpkeep(.roomSummary(link: link.index, sections: sections))
     }
 
     private func enqueueUpkeep(_ item: UpkeepItem) {
@@ -126,6 +137,16 @@ extension BlockAllocator {
         switch item {
         case .job(_, let body):
             return await body()
+        case .roomSummary(let index, let sections):
+            var trace = OperationTrace()
+            do {
+                try await links[index].syncRoomSummary(
+                    sections: sections, attemptsMax: Self.roomSummarySyncAttemptsMax,
+                    backoffNanos: configuration.backoffNanosMin...configuration.backoffNanosMax, runtime: runtime, trace: &trace)
+            } catch {
+                trace.upkeepErrors += 1
+            }
+            return trace
         case .header(let index, let slot, _):
             let link = links[index]
             var trace = OperationTrace()

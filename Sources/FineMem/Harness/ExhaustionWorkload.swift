@@ -127,7 +127,7 @@ package struct ExhaustionWorkload: Sendable {
                     await cluster.quiesce()
                     let sizes = state.withLock { $0.outOfMemorySizes }
                     let problems = inspector.withLock { inspector in
-                        inspector.checkAtRest() + sizes.sorted().compactMap { size in
+                        inspector.checkAtRest() + inspector.checkRoomSummary() + sizes.sorted().compactMap { size in
                             inspector.freeRunExists(chunkCountLog2: size)
                                 ? "round \(round): out of memory for 2^\(size) chunks, but the full pool still has such a run" : nil
                         }
@@ -137,7 +137,7 @@ package struct ExhaustionWorkload: Sendable {
                 }
             }
             await cluster.quiesce()
-            let problems = inspector.withLock { $0.checkAtRest() + $0.everyHeaderEmpty() }
+            let problems = inspector.withLock { $0.checkAtRest() + $0.checkRoomSummary() + $0.everyHeaderEmpty() }
             report.withLock { $0.violations += problems.map { "round \(round) after the frees: \($0)" } }
         }
         report.withLock { $0.statistics = cluster.statistics }

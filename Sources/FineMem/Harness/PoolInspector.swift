@@ -186,6 +186,20 @@ package final class PoolInspector: @unchecked Sendable {
         return problems
     }
 
+    /// The room summary agrees with the section headers (`RoomSummary`): true at rest
+    /// when no compute node died with a sync still to do.
+    package func checkRoomSummary() -> [String] {
+        pools.compactMap { pool in
+            let geometry = pool.geometry
+            let sections = (0..<geometry.sectionCount).map { word(pool, geometry.sectionHeaderOffset($0)) }
+            let words = (0..<RoomSummary.wordCount(sections: geometry.sectionCount)).map { word(pool, geometry.roomSummaryOffset(word: $0)) }
+            let tops = (0..<RoomSummary.topWordCount(sections: geometry.sectionCount)).map { word(pool, geometry.roomSummaryTopOffset(word: $0)) }
+            return RoomSummary.staleSections(sections: sections, words: words, topWords: tops).map {
+                "\(pool.id) room summary: the bits of sections \($0.lowerBound)..<\($0.upperBound) disagree with their headers at rest"
+            }
+        }
+    }
+
     /// Invariant L5 at any instant: every section whose pending log is a multi-section
     /// operation of live node X (not one fenced and being recovered) is covered by an
     /// intent record of X (a claim or release in the

@@ -129,6 +129,7 @@ package struct SimulatedWorkload: Sendable {
         await cluster.quiesce()
         if check {
             note(inspector.checkAtRest())
+            note(inspector.checkRoomSummary())
             note(inspector.everyHeaderEmpty())
         }
         report.withLock { $0.statistics = cluster.statistics }

@@ -30,6 +30,8 @@ package struct MemoryNodeGrant: Sendable, Hashable {
         }
     }
     package func recordAddress(chunk: Int) -> RemoteAddress { address(geometry.fullLogOffset(chunk: chunk)) }
+    package func roomSummaryAddress(word: Int) -> RemoteAddress { address(geometry.roomSummaryOffset(word: word)) }
+    package func roomSummaryTopAddress(word: Int) -> RemoteAddress { address(geometry.roomSummaryTopOffset(word: word)) }
     package func intentAddress(owner: OwnerID, slot: Int) -> RemoteAddress { address(geometry.intentOffset(owner: owner, slot: slot)) }
     package func nodeSlotAddress(_ owner: OwnerID) -> RemoteAddress { address(geometry.nodeSlotOffset(owner)) }
     package func dataAddress(chunk: Int) -> RemoteAddress { address(geometry.dataOffset(chunk: chunk)) }

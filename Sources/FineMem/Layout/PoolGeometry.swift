@@ -27,9 +27,12 @@ public enum LayoutError: Error, Sendable, Hashable, CustomStringConvertible {
 ///
 /// ```
 /// offset 0                                                       metadataBytes (2 MiB aligned)
-/// | superblock | node table | intent table | section headers | span headers | full log | capabilities | pad | data ...
-///   64 B         8 B/slot     8 B/slot/intent  8 B/section     8 B/span       8 B/chunk   8 B/chunk           2 MiB/section
+/// | superblock | node table | intent table | section headers | span headers | room summary | full log | capabilities | pad | data ...
+///   64 B         8 B/slot     8 B/slot/intent  8 B/section     8 B/span       1 bit/section  8 B/chunk   8 B/chunk           2 MiB/section
 /// ```
+///
+/// The room summary has two levels (`RoomSummary`): a bit per section, then a bit per
+/// word of those.
 package struct PoolGeometry: Sendable, Hashable {
     package static let chunkBytes: UInt64 = 4096
     package static let chunksPerSpan = 32
@@ -49,6 +52,9 @@ package struct PoolGeometry: Sendable, Hashable {
     package let intentTableOffset: UInt64
     package let sectionHeadersOffset: UInt64
     package let spanHeadersOffset: UInt64
+    /// The room summary's words of section bits, then its top words (a bit per word).
+    package let roomSummaryOffset: UInt64
+    package let roomSummaryTopOffset: UInt64
     package let fullLogOffset: UInt64
     package let capabilitiesOffset: UInt64
     /// Bytes of metadata, rounded up to a whole section so the data area is 2 MiB aligned.
@@ -69,7 +75,9 @@ package struct PoolGeometry: Sendable, Hashable {
         sectionHeadersOffset = aligned(intentTableOffset + 8 * UInt64(computeNodeSlots * intentSlotsPerNode))
         spanHeadersOffset = aligned(sectionHeadersOffset + 8 * UInt64(sectionCount))
         let chunks = UInt64(sectionCount) * UInt64(Self.chunksPerSection)
-        fullLogOffset = aligned(spanHeadersOffset + 8 * UInt64(sectionCount * Self.spansPerSection))
+        roomSummaryOffset = aligned(spanHeadersOffset + 8 * UInt64(sectionCount * Self.spansPerSection))
+        roomSummaryTopOffset = aligned(roomSummaryOffset + 8 * UInt64(RoomSummary.wordCount(sections: sectionCount)))
+        fullLogOffset = aligned(roomSummaryTopOffset + 8 * UInt64(RoomSummary.topWordCount(sections: sectionCount)))
         capabilitiesOffset = fullLogOffset + 8 * chunks
         let end = capabilitiesOffset + 8 * chunks
         metadataBytes = (end + Self.sectionBytes - 1) / Self.sectionBytes * Self.sectionBytes
@@ -106,6 +114,8 @@ package struct PoolGeometry: Sendable, Hashable {
     package func spanHeaderOffset(section: Int, span: Int) -> UInt64 {
         spanHeadersOffset + 8 * UInt64(section * Self.spansPerSection + span)
     }
+    package func roomSummaryOffset(word: Int) -> UInt64 { roomSummaryOffset + 8 * UInt64(word) }
+    package func roomSummaryTopOffset(word: Int) -> UInt64 { roomSummaryTopOffset + 8 * UInt64(word) }
     package func fullLogOffset(chunk: Int) -> UInt64 { fullLogOffset + 8 * UInt64(chunk) }
     package func capabilityOffset(chunk: Int) -> UInt64 { capabilitiesOffset + 8 * UInt64(chunk) }
     package func dataOffset(chunk: Int) -> UInt64 { dataOffset + UInt64(chunk) * Self.chunkBytes }
@@ -126,7 +136,7 @@ package struct PoolGeometry: Sendable, Hashable {
 /// ```
 package struct Superblock: Hashable, Sendable {
     package static let magic: UInt64 = 0x004D_454D_454E_4946  // "FINEMEM\0" little-endian
-    package static let version: UInt64 = 1
+    package static let version: UInt64 = 2
 
     package var geometry: PoolGeometry
     package var epoch: UInt64

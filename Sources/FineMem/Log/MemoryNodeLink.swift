@@ -28,6 +28,11 @@ final class MemoryNodeLink: Sendable {
     /// gave back when the commit did not happen: it must still be flushed. Set once, by
     /// the owner of the link, before the link is used.
     private let returnedLogHandler = Locked<(@Sendable (HeaderSlot) -> Void)?>(nil)
+    /// Called with sections whose room (`SectionHeader.hasRoom`) a CAS of this link
+    /// changed, or whose room summary bits a full refresh found stale: their bits must be
+    /// synced (`syncRoomSummary`). Set once by the owner of the link; unset, nothing is
+    /// synced (the summary is a hint, and the next full refresh finds it stale).
+    private let roomChangeHandler = Locked<(@Sendable (Range<Int>) -> Void)?>(nil)
     /// The ticket of the next batch: answers of later batches are newer (`HeaderCache`).
     private let nextTicket = ManagedAtomic<UInt64>(0)
     /// Whether a full refresh is in flight, and how many have finished.
@@ -146,13 +151,35 @@ final class MemoryNodeLink: Sendable {
         }
         defer { refreshFlight.withLock { $0 = (false, $0.finished + 1) } }
         trace.refreshes += 1
-        let (results, ticket) = try await postTicketed([
-            .readWords(grant.address(of: .section(0)), count: geometry.sectionCount, rkey: metadataKey),
+        let sectionCount = geometry.sectionCount
+        let verbs: [Verb] = [
+            .readWords(grant.address(of: .section(0)), count: sectionCount, rkey: metadataKey),
             .readWords(grant.address(of: .span(section: 0, span: 0)), count: geometry.spanCount, rkey: metadataKey),
-        ], trace: &trace)
+            .readWords(grant.roomSummaryAddress(word: 0), count: RoomSummary.wordCount(sections: sectionCount), rkey: metadataKey),
+            .readWords(grant.roomSummaryTopAddress(word: 0), count: RoomSummary.topWordCount(sections: sectionCount), rkey: metadataKey),
+        ]
+        let (results, ticket) = try await postTicketed(verbs, trace: &trace)
+        trace.refreshBytes += verbs.reduce(0) { $0 + UInt64($1.payloadBytes) }
         let sections = results[0].words
         let spans = results[1].words
         cache.withLock { $0.storeAll(sections: sections, spans: spans, ticket: ticket) }
+        if let stale = RoomSummary.staleSections(sections: sections, words: results[2].words, topWords: results[3].words) {
+            roomChanged(stale)
+        }
+    }
+
+    /// Sets what happens to sections whose room summary bits must be synced (see
+    /// `roomChangeHandler`).
+    func onRoomChange(_ handler: @escaping @Sendable (Range<Int>) -> Void) {
+        roomChangeHandler.withLock { current in
+            precondition(current == nil, "the room-change handler is set once")
+            current = handler
+        }
+    }
+
+    /// The room summary bits of `sections` must be synced.
+    func roomChanged(_ sections: Range<Int>) {
+        roomChangeHandler.withLock { $0 }?(sections)
     }
 
     /// Reads header words into the cache (one doorbell).

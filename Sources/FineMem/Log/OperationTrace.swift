@@ -15,6 +15,12 @@ struct OperationTrace: Sendable {
     var refreshes: UInt64 = 0
     /// Refreshes this operation wanted and took from another task's read in flight.
     var refreshesShared: UInt64 = 0
+    /// Looks through the room summary (`MemoryNodeLink.refreshFromSummary`).
+    var summaryRefreshes: UInt64 = 0
+    /// Bytes read by refreshes, full or through the summary.
+    var refreshBytes: UInt64 = 0
+    /// Syncs of room summary bits after a section's room changed.
+    var summarySyncs: UInt64 = 0
     var spansOpened: UInt64 = 0
     var spansClosed: UInt64 = 0
     /// Rounds a flush waited out (with backoff) because its header kept changing.

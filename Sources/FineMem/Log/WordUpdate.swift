@@ -150,7 +150,10 @@ extension MemoryNodeLink {
         let (exchanged, original) = batch.compareAndSwapAnswer(commit)
         cache.withLock { $0.store(exchanged ? target.rawValue : original, at: slot, ticket: ticket) }
         settle(prepared, committed: exchanged)
-        if exchanged { return .committed(target, recordBefore: batch.word(recordRead)) }
+        if exchanged {
+            noteRoom(of: slot, from: prepared.expected, to: target.rawValue)
+            return .committed(target, recordBefore: batch.word(recordRead))
+        }
         trace.retries += 1
         return try await retry(slot, after: original, policy, trace: &trace, transition)
     }
@@ -191,7 +194,10 @@ extension MemoryNodeLink {
         if let recordCAS, let flushLog { checkRecordUpdate(flushLog, batch.compareAndSwapAnswer(recordCAS)) }
         let (exchanged, original) = batch.compareAndSwapAnswer(headerCAS)
         cache.withLock { $0.store(exchanged ? target.rawValue : original, at: slot, ticket: ticket) }
-        if exchanged { return .updated(target) }
+        if exchanged {
+            noteRoom(of: slot, from: word, to: target.rawValue)
+            return .updated(target)
+        }
         trace.retries += 1
         return try await retry(slot, after: original, policy, trace: &trace, transition)
     }
@@ -239,6 +245,8 @@ extension MemoryNodeLink {
         var trailers = after + alsoRead.map(read)
         var trailingReads = alsoRead
         var rereadLeft = policy.rereadOnRefusal
+        var roomChanged: Range<Int>?
+        defer { if let roomChanged { self.roomChanged(roomChanged) } }
         var round = 0
         while round < policy.attemptsMax {
             let open = homes.indices.filter { outcomes[$0] == nil }
@@ -304,6 +312,10 @@ extension MemoryNodeLink {
                 known[item.index] = answer.exchanged ? item.desired : answer.original
                 store(known[item.index], at: homes[item.index], ticket: ticket)
                 settle(item.prepared, committed: answer.exchanged)
+                if answer.exchanged, case .header(.section(let section), _) = homes[item.index],
+                   Self.roomDiffers(item.prepared.expected, item.desired) {
+                    roomChanged = min(roomChanged?.lowerBound ?? section, section)..<max(roomChanged?.upperBound ?? section + 1, section + 1)
+                }
                 if answer.exchanged {
                     if case .commit = policy.log {
                         outcomes[item.index] = .committed(RawWord(item.desired), recordBefore: results.last!.words[0])
@@ -320,6 +332,16 @@ extension MemoryNodeLink {
     }
 
     // MARK: Parts
+
+    /// After a committed CAS on `slot`: a section whose room it changed needs its room
+    /// summary bits synced.
+    private func noteRoom(of slot: HeaderSlot, from old: UInt64, to new: UInt64) {
+        if case .section(let section) = slot, Self.roomDiffers(old, new) { roomChanged(section..<section + 1) }
+    }
+
+    private static func roomDiffers(_ old: UInt64, _ new: UInt64) -> Bool {
+        (SectionHeader(rawValue: old)?.hasRoom ?? true) != (SectionHeader(rawValue: new)?.hasRoom ?? true)
+    }
 
     private func store(_ word: UInt64, at home: WordHome, ticket: UInt64) {
         if case .header(let slot, _) = home { cache.withLock { $0.store(word, at: slot, ticket: ticket) } }

@@ -1,0 +1,140 @@
+/// Keeping and reading the room summary (`RoomSummary`) of one memory node.
+///
+/// Sync. A node whose CAS changed a section's room syncs the section's bit after the
+/// answer, then the top bit of its word: it reads the children (section headers, or
+/// words) and the words holding their bits, CASes each word that disagrees, and reads
+/// both again in the same doorbell, fenced (the READs execute after the CASes), until
+/// they agree. So a sync that ends in agreement ends on a read made after its own last
+/// CAS. Whoever else changes a header or a bit in the meantime is covered:
+/// - a header changed after that read has a sync of its own, by its committer, which
+///   starts after its CAS;
+/// - a stale CAS of another node's sync (decided on a header read before the change)
+///   is followed by that node's own fenced re-read, which sees the header and repairs
+///   the bit.
+/// A live node never abandons a sync (it pauses with backoff between rounds of
+/// `attemptsMax` CASes, as a flush does), so with no node dead, the summary agrees with
+/// the headers at rest (`PoolInspector.checkRoomSummary`). A node that dies between a CAS
+/// and its sync leaves a bit stale; the summary is a hint, so that costs a full refresh
+/// (which mends it), never an allocation.
+extension MemoryNodeLink {
+    /// Syncs the room summary bits of `sections` (contiguous), then the top bits of
+    /// their words.
+    func syncRoomSummary(
+        sections: Range<Int>, attemptsMax: Int, backoffNanos: ClosedRange<UInt64>, runtime: any Runtime, trace: inout OperationTrace
+    ) async throws(FabricError) {
+        let sectionCount = geometry.sectionCount
+        let sections = sections.clamped(to: 0..<sectionCount)
+        guard !sections.isEmpty else { return }
+        trace.summarySyncs += 1
+        let words = RoomSummary.word(of: sections.lowerBound)..<RoomSummary.word(of: sections.upperBound - 1) + 1
+        try await syncLevel(
+            children: sections, childAddress: grant.address(of: .section(sections.lowerBound)), parents: words, top: false,
+            attemptsMax: attemptsMax, backoffNanos: backoffNanos, runtime: runtime, trace: &trace
+        ) { _, header in !(SectionHeader(rawValue: header)?.hasRoom ?? true) }
+        let tops = RoomSummary.word(of: words.lowerBound)..<RoomSummary.word(of: words.upperBound - 1) + 1
+        try await syncLevel(
+            children: words, childAddress: grant.roomSummaryAddress(word: words.lowerBound), parents: tops, top: true,
+            attemptsMax: attemptsMax, backoffNanos: backoffNanos, runtime: runtime, trace: &trace
+        ) { word, value in RoomSummary.allFull(value, word: word, sections: sectionCount) }
+    }
+
+    /// One level of a sync: `children` are read from `childAddress` on; their bits live in
+    /// the summary words `parents` (the top words with `top`). See the type's notes.
+    private func syncLevel(
+        children: Range<Int>, childAddress: RemoteAddress, parents: Range<Int>, top: Bool,
+        attemptsMax: Int, backoffNanos: ClosedRange<UInt64>, runtime: any Runtime, trace: inout OperationTrace,
+        isFull: (Int, UInt64) -> Bool
+    ) async throws(FabricError) {
+        let parentAddress = { (word: Int) -> RemoteAddress in
+            top ? self.grant.roomSummaryTopAddress(word: word) : self.grant.roomSummaryAddress(word: word)
+        }
+        let reads: [Verb] = [
+            .readWords(childAddress, count: children.count, rkey: metadataKey),
+            .readWords(parentAddress(parents.lowerBound), count: parents.count, rkey: metadataKey),
+        ]
+        var results = try await post(reads, trace: &trace)
+        var rounds = 0
+        var delay = backoffNanos.lowerBound
+        while true {
+            let childWords = results[results.count - 2].words
+            let parentWords = results[results.count - 1].words
+            var updates: [Verb] = []
+            for (offset, word) in parents.enumerated() {
+                let current = parentWords[offset]
+                let desired = RoomSummary.updating(current, word: word, children: children, childWords: childWords, isFull: isFull)
+                if desired != current {
+                    updates.append(.compareAndSwap(parentAddress(word), expected: current, desired: desired, rkey: metadataKey))
+                }
+            }
+            if updates.isEmpty { return }
+            rounds += 1
+            if rounds % attemptsMax == 0 {
+                await runtime.sleep(nanoseconds: delay)
+                delay = min(delay * 2, backoffNanos.upperBound)
+            }
+            results = try await post(updates + reads.map { $0.fenced() }, trace: &trace)
+        }
+    }
+
+    /// Looks for room this node's cache does not know of through the room summary: reads
+    /// the top words; then up to `wordsMax` words, from the cursor's on, whose top bit
+    /// says some section has room; then the section and span headers of up to
+    /// `sectionsMax` of those sections where the cache sees no room, into the cache. Three
+    /// doorbells of a few KiB, whatever the pool size. Answers how many sections it read:
+    /// none when the summary shows no room the cache does not know of already.
+    func refreshFromSummary(wordsMax: Int, sectionsMax: Int, trace: inout OperationTrace) async throws(FabricError) -> Int {
+        let sectionCount = geometry.sectionCount
+        let wordCount = RoomSummary.wordCount(sections: sectionCount)
+        let topCount = RoomSummary.topWordCount(sections: sectionCount)
+        trace.summaryRefreshes += 1
+        let tops = try await post([.readWords(grant.roomSummaryTopAddress(word: 0), count: topCount, rkey: metadataKey)], trace: &trace)[0].words
+        trace.refreshBytes += UInt64(8 * topCount)
+        let start = RoomSummary.word(of: cache.withLock { $0.cursor })
+        let fanOut = RoomSummary.fanOut
+        var words: [Int] = []
+        var word = start
+        var scanned = 0
+        while words.count < wordsMax, scanned < wordCount {
+            let top = RoomSummary.word(of: word)
+            let valid = RoomSummary.validBits(word: top, children: wordCount)
+            let step: Int
+            if word % fanOut == 0, tops[top] & valid == valid {
+                step = min(fanOut, wordCount - word)  // a top word of full words, skipped whole
+            } else {
+                if tops[top] & RoomSummary.bit(of: word) == 0 { words.append(word) }
+                step = 1
+            }
+            scanned += step
+            word = (word + step) % wordCount
+        }
+        guard !words.isEmpty else { return 0 }
+        let answers = try await post(words.map { .readWords(grant.roomSummaryAddress(word: $0), count: 1, rkey: metadataKey) }, trace: &trace)
+        trace.refreshBytes += UInt64(8 * words.count)
+        let sections = cache.withLock { cache -> [Int] in
+            var chosen: [Int] = []
+            for (word, answer) in zip(words, answers) {
+                var room = ~answer.words[0] & RoomSummary.validBits(word: word, children: sectionCount)
+                while room != 0, chosen.count < sectionsMax {
+                    let section = word * RoomSummary.fanOut + room.trailingZeroBitCount
+                    room &= room - 1
+                    if !cache.chunkCandidates[section], !cache.sectionCandidates[section] { chosen.append(section) }
+                }
+            }
+            return chosen
+        }
+        guard !sections.isEmpty else { return 0 }
+        let verbs = sections.flatMap { section -> [Verb] in
+            [read(.section(section)),
+             .readWords(grant.address(of: .span(section: section, span: 0)), count: PoolGeometry.spansPerSection, rkey: metadataKey)]
+        }
+        let (results, ticket) = try await postTicketed(verbs, trace: &trace)
+        trace.refreshBytes += UInt64(8 * (1 + PoolGeometry.spansPerSection) * sections.count)
+        cache.withLock { cache in
+            for (index, section) in sections.enumerated() {
+                cache.store(results[2 * index].words[0], at: .section(section), ticket: ticket)
+                cache.storeSpans(of: section, results[2 * index + 1].words, ticket: ticket)
+            }
+        }
+        return sections.count
+    }
+}
