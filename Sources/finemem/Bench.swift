@@ -23,6 +23,7 @@ struct Bench: AsyncParsableCommand {
     @Option(help: "Seed.") var seed: UInt64 = 1
     @Option(help: "Contention mark threshold (CAS failures before a span is marked contended).") var contentionHigh = AllocatorConfiguration().contentionHigh
     @Option(help: "Allocate+free pairs per task of the immediate-mode runs (0 skips them).") var pairs = 200_000
+    @Option(help: "Pool of the refresh run: full of 1 GiB blocks, one freed by another node (0 skips it).") var refreshPoolSize = ByteCount(bytes: 256 << 30)
 
     func run() async throws {
         var rows: [(String, String)] = []
@@ -62,6 +63,15 @@ struct Bench: AsyncParsableCommand {
                     ("immediate, \(tasks) task(s): per pair", "\(Format.fixed(figures.batchesPerPair, 3)) round trips, \(Format.fixed(figures.spawnedTasksPerPair, 5)) tasks spawned"),
                 ]
             }
+        }
+        if refreshPoolSize.bytes > 0 {
+            let figures = try await RefreshBenchmark.run(poolBytes: refreshPoolSize.bytes)
+            let pool = Format.bytes(refreshPoolSize.bytes)
+            rows += [
+                ("immediate, \(pool) pool: start-up", "\(Format.fixed(Double(figures.startUpNanoseconds) / 1e6, 2)) ms (one memory node, two compute nodes)"),
+                ("immediate, \(pool) pool: refresh, summary", "\(Format.bytes(figures.summaryBytes)) read, \(Format.fixed(Double(figures.summaryNanoseconds) / 1e3, 1)) us (the 4 KiB allocation that needed it)"),
+                ("immediate, \(pool) pool: refresh, full", "\(Format.fixed(Double(figures.fullBytes) / Double(1 << 20), 1)) MiB read, \(Format.fixed(Double(figures.fullNanoseconds) / 1e3, 1)) us"),
+            ]
         }
         let geometry = try PoolGeometry(dataBytes: poolSize.bytes)
         rows.append(("metadata overhead", "\(Format.fixed(geometry.metadataOverheadPercent, 3)) % of \(Format.bytes(geometry.dataBytes))"))

@@ -62,6 +62,34 @@ let benchmarks: @Sendable () -> Void = {
         precondition(failures.count == 0, "the simulated run failed (seed \(simulator.seed))")
     }
 
+    // A refresh on a 256 GiB pool: node 1 fills the pool with 1 GiB blocks (its cache then
+    // knows every header: its last search read them all), node 0 frees the one it held,
+    // and node 1 allocates 4 KiB: its cache shows no room, so it looks through the memory
+    // node's room summary. Measured: that allocation, and the bytes its refresh read.
+    let refreshBytes = BenchmarkMetric.custom("refresh bytes read", polarity: .prefersSmaller, useScalingFactor: false)
+    Benchmark(
+        "refresh through the room summary, 256 GiB pool",
+        configuration: .init(metrics: [.wallClock, refreshBytes], maxDuration: .seconds(10), maxIterations: 10)
+    ) { benchmark in
+        var configuration = EmbeddedCluster.Configuration(memoryNodes: 1, poolBytesPerNode: 256 << 30, computeNodes: 2)
+        configuration.failureDetection = false
+        let cluster = try await EmbeddedCluster.start(configuration)
+        let (freer, filler) = (try cluster.makeAllocator(computeNode: 0), try cluster.makeAllocator(computeNode: 1))
+        let freed = try await freer.allocate(bytes: 1 << 30)
+        while true {
+            do { _ = try await filler.allocate(bytes: 1 << 30) } catch AllocationError.outOfMemory { break }
+        }
+        try await freer.free(freed)
+        await cluster.quiesce()
+        let before = cluster.statistics.refreshBytes
+        benchmark.startMeasurement()
+        let buffer = try await filler.allocate(bytes: 4096)
+        benchmark.stopMeasurement()
+        benchmark.measurement(refreshBytes, Int(cluster.statistics.refreshBytes - before))
+        try await filler.free(buffer)
+        await cluster.quiesce()
+    }
+
     // Start-up of a 256 GiB memory node and one compute node (lazy in pool size).
     Benchmark(
         "start-up, one 256 GiB memory node and one compute node",

@@ -71,3 +71,54 @@ package enum PairBenchmark {
         }
     }
 }
+
+/// A refresh on a large pool, through the public API: two compute nodes in immediate mode
+/// on one memory node of `poolBytes`. Node 0 takes a 1 GiB block; node 1 takes 1 GiB
+/// blocks until the pool is full (its last search ends on a full refresh, so its cache
+/// knows every header); node 0 frees its block. Node 1 then allocates 4 KiB: its cache
+/// shows no room, so it looks through the room summary. For comparison, node 1 then reads
+/// every header once (the full refresh).
+package enum RefreshBenchmark {
+    package struct Figures: Sendable {
+        /// Start-up of the cluster (memory node formatted, both compute nodes attached).
+        package var startUpNanoseconds: UInt64
+        /// The 4 KiB allocation through the summary: wall time, bytes its refresh read.
+        package var summaryNanoseconds: UInt64
+        package var summaryBytes: UInt64
+        /// The full refresh: wall time, bytes read.
+        package var fullNanoseconds: UInt64
+        package var fullBytes: UInt64
+    }
+
+    package static func run(poolBytes: UInt64) async throws -> Figures {
+        let clock = SystemRuntime.shared
+        var configuration = EmbeddedCluster.Configuration(memoryNodes: 1, poolBytesPerNode: poolBytes, computeNodes: 2)
+        configuration.failureDetection = false
+        let started = clock.nowNanoseconds
+        let cluster = try await EmbeddedCluster.start(configuration)
+        let startUp = clock.nowNanoseconds - started
+        defer { cluster.stopFailureDetection() }
+        let (freer, filler) = (try cluster.makeAllocator(computeNode: 0), try cluster.makeAllocator(computeNode: 1))
+        let freed = try await freer.allocate(bytes: 1 << 30)
+        while true {
+            do { _ = try await filler.allocate(bytes: 1 << 30) } catch .outOfMemory { break }
+        }
+        try await freer.free(freed)
+        await cluster.quiesce()
+        let node = cluster.computeNodes[1]
+        let before = node.statistics.refreshBytes
+        let summaryStarted = clock.nowNanoseconds
+        let buffer = try await filler.allocate(bytes: 4096)
+        let summary = clock.nowNanoseconds - summaryStarted
+        let summaryBytes = node.statistics.refreshBytes - before
+        try await filler.free(buffer)
+        await cluster.quiesce()
+        var trace = OperationTrace()
+        let fullStarted = clock.nowNanoseconds
+        try await node.refresh(node.links[0], trace: &trace)
+        let full = clock.nowNanoseconds - fullStarted
+        return Figures(
+            startUpNanoseconds: startUp, summaryNanoseconds: summary, summaryBytes: summaryBytes, fullNanoseconds: full,
+            fullBytes: trace.refreshBytes)
+    }
+}
