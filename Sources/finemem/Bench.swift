@@ -23,7 +23,8 @@ struct Bench: AsyncParsableCommand {
     @Option(help: "Seed.") var seed: UInt64 = 1
     @Option(help: "Contention mark threshold (CAS failures before a span is marked contended).") var contentionHigh = AllocatorConfiguration().contentionHigh
     @Option(help: "Allocate+free pairs per task of the immediate-mode runs (0 skips them).") var pairs = 200_000
-    @Option(help: "Pool of the refresh run: full of 1 GiB blocks, one freed by another node (0 skips it).") var refreshPoolSize = ByteCount(bytes: 256 << 30)
+    @Option(help: "Pool of the refresh run: full of 1 GiB blocks, one freed by another node.") var refreshPoolSize = ByteCount(bytes: 256 << 30)
+    @Flag(help: "Skip the refresh run.") var skipRefresh = false
 
     func run() async throws {
         var rows: [(String, String)] = []
@@ -64,7 +65,7 @@ struct Bench: AsyncParsableCommand {
                 ]
             }
         }
-        if refreshPoolSize.bytes > 0 {
+        if !skipRefresh {
             let figures = try await RefreshBenchmark.run(poolBytes: refreshPoolSize.bytes)
             let pool = Format.bytes(refreshPoolSize.bytes)
             rows += [

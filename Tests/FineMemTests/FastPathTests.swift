@@ -35,6 +35,33 @@ import Testing
         #endif
     }
 
+    /// `IntMap` (the pending-log table's map) against `Dictionary`: random inserts,
+    /// updates and removals on a few keys (long probe runs, wrap-around, growth, and the
+    /// backward shift of removals), the same answers throughout.
+    @Test(arguments: [UInt64(1), 2, 3])
+    func intMapAnswersAsADictionary(seed: UInt64) {
+        var random = SeededRandom(seed: seed)
+        var map = IntMap<UInt64>(capacity: 2)
+        var reference: [Int: UInt64] = [:]
+        for step in 0..<20_000 {
+            let key = Int(random.next(upperBound: UInt64(step < 10_000 ? 40 : 400)))
+            if random.next(upperBound: UInt64(3)) == 0 {
+                map[key] = nil
+                reference[key] = nil
+            } else {
+                let value = random.next()
+                map[key] = value
+                reference[key] = value
+            }
+            let probe = Int(random.next(upperBound: UInt64(400)))
+            guard map[probe] == reference[probe], map.count == reference.count else {
+                Issue.record("seed \(seed), step \(step): key \(probe) answers \(String(describing: map[probe])), not \(String(describing: reference[probe]))")
+                return
+            }
+        }
+        #expect(Dictionary(uniqueKeysWithValues: map.map { ($0.key, $0.value) }) == reference, "seed \(seed)")
+    }
+
     /// A free races another task of the same node committing on the same span header: the
     /// free waits (a short pause) for the other task's CAS, then commits once, folding the
     /// log that commit left. Going ahead instead costs a lost CAS, a round trip: in the

@@ -2,15 +2,18 @@
 struct BitField: Sendable {
     let shift: UInt64
     let width: UInt64
+    /// The field's bits in place, and its largest value (stored: headers decode on every
+    /// operation).
+    let mask: UInt64
+    let maxValue: UInt64
 
     init(_ shift: UInt64, _ width: UInt64) {
         precondition(width > 0 && shift + width <= 64, "bit field \(shift)+\(width) does not fit a word")
         self.shift = shift
         self.width = width
+        maxValue = width == 64 ? ~0 : (1 << width) - 1
+        mask = maxValue << shift
     }
-
-    var mask: UInt64 { (width == 64 ? ~0 : (1 << width) - 1) << shift }
-    var maxValue: UInt64 { width == 64 ? ~0 : (1 << width) - 1 }
 
     @inline(__always) func get(_ word: UInt64) -> UInt64 { (word & mask) >> shift }
 

@@ -66,6 +66,14 @@ package enum HeaderSlot: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
+    /// A distinct non-negative integer per header of a pool (for tables keyed by header).
+    package var key: Int {
+        switch self {
+        case .section(let section): section * (PoolGeometry.spansPerSection + 1)
+        case .span(let section, let span): section * (PoolGeometry.spansPerSection + 1) + 1 + span
+        }
+    }
+
     /// The first chunk the header covers.
     package var firstChunk: Int {
         switch self {

@@ -34,13 +34,13 @@ struct LogFieldLayout: Sendable {
     let owner: BitField
     let sequence: BitField
 
-    func decode(_ word: UInt64) -> TemporaryLog {
+    @inline(__always) func decode(_ word: UInt64) -> TemporaryLog {
         TemporaryLog(
             offset: UInt8(offset.get(word)), sizeCode: UInt8(sizeCode.get(word)),
             owner: OwnerID(UInt16(owner.get(word))), sequence: LogSequence(rawValue: UInt8(sequence.get(word))))
     }
 
-    func encode(_ log: TemporaryLog, into word: inout UInt64) {
+    @inline(__always) func encode(_ log: TemporaryLog, into word: inout UInt64) {
         offset.set(&word, UInt64(log.offset))
         sizeCode.set(&word, UInt64(log.sizeCode))
         owner.set(&word, UInt64(log.owner.rawValue))

@@ -24,7 +24,16 @@ struct PendingLog: Sendable {
 
 /// The pending logs of one compute node on one memory node, by header.
 struct PendingLogTable: Sendable {
-    private var logs: [HeaderSlot: PendingLog] = [:]
+    private var logs = Logs()
+
+    /// The logs by header (`HeaderSlot.key`), in a map that needs no `Hasher`.
+    private struct Logs: Sendable {
+        var map = IntMap<PendingLog>()
+        subscript(slot: HeaderSlot) -> PendingLog? {
+            get { map[slot.key] }
+            set { map[slot.key] = newValue }
+        }
+    }
 
     /// Records a log this node just committed. An entry left for an older log on the same
     /// header is finished (the new commit expected its pending bit clear) and is replaced.
@@ -62,7 +71,7 @@ struct PendingLogTable: Sendable {
     /// Every entry's record names `owner` and records an allocation or a free of a block
     /// whose first chunk is where the record goes.
     func checkInvariants(owner: OwnerID) {
-        for (slot, log) in logs {
+        for (slot, log) in logs.map {
             precondition(log.record.owner == owner, "pending log of \(slot) records owner \(log.record.owner), not \(owner)")
             precondition(log.record != .never, "pending log of \(slot) has an empty record")
         }

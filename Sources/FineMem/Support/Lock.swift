@@ -30,16 +30,27 @@ final class Lock: @unchecked Sendable {
     }
 }
 
-/// A value guarded by a `Lock`.
+/// A value guarded by a `Lock`. The value lives behind a pointer of its own rather than in
+/// a stored `var`: the lock already excludes concurrent access, and a class's stored `var`
+/// would add the run time's dynamic exclusivity check to every access (a measurable share
+/// of an allocation's CPU time).
 final class Locked<Value>: @unchecked Sendable {
     private let lock = Lock()
-    private var value: Value
+    private let value: UnsafeMutablePointer<Value>
 
-    init(_ value: Value) { self.value = value }
+    init(_ value: Value) {
+        self.value = .allocate(capacity: 1)
+        self.value.initialize(to: value)
+    }
+
+    deinit {
+        value.deinitialize(count: 1)
+        value.deallocate()
+    }
 
     @inline(__always)
     func withLock<Result, Failure: Error>(_ body: (inout Value) throws(Failure) -> Result) throws(Failure) -> Result {
-        try lock.withLock { () throws(Failure) -> Result in try body(&value) }
+        try lock.withLock { () throws(Failure) -> Result in try body(&value.pointee) }
     }
 }
 
