@@ -44,25 +44,28 @@ package final class BlockAllocator: Sendable {
     /// The largest block one memory node can hold, as log2 of chunks.
     let chunkCountLog2Max: Int
     let statisticsStore = Locked(AllocatorStatistics())
-    /// The blocks this compute node handed out, by where they start.
-    let ownedBlocks = Locked<[BlockStart: Holding]>([:])
-    let sequence = Locked<UInt64>(0)
+    /// The blocks this compute node handed out, by where they start (`BlockStart.key`).
+    let ownedBlocks = Locked(IntMap<Holding>(capacity: 1_024))
+    /// The turn of the next allocation (the placement policy's rotation).
+    let sequence = ManagedAtomic<UInt64>(0)
     let freeIntentSlots: Locked<[Int]>
     /// Upkeep waiting for this node's workers, and the workers (`Upkeep.swift`).
     let upkeep = Locked(UpkeepQueue())
-    /// Memory nodes on which a lease renewal found this node fenced.
+    /// Memory nodes on which a lease renewal found this node fenced, and how many (read
+    /// without the lock on every operation: almost always zero).
     let fencedOn = Locked<Set<NodeID>>([])
+    let fencedCount = ManagedAtomic<Int>(0)
     /// Whether the lease renewal loop runs.
     let leaseRenewal = Locked(false)
     /// Tasks this node has spawned (upkeep workers, lease renewal): the fast path spawns
     /// none of its own, which a test checks by this count.
     private let spawned = ManagedAtomic<UInt64>(0)
 
-    /// Where a block starts: the key of `ownedBlocks`.
-    struct BlockStart: Hashable, Sendable {
-        let memoryNode: NodeID
-        let firstChunk: Int
-        init(_ block: Block) { (memoryNode, firstChunk) = (block.memoryNode, block.firstChunk) }
+    /// Where a block starts: its memory node's link and its first chunk, as the key of
+    /// `ownedBlocks`.
+    struct BlockStart {
+        let key: Int
+        init(_ block: Block, on link: MemoryNodeLink, links: Int) { key = block.firstChunk &* links &+ link.index }
     }
 
     /// Who holds a block this node handed out, and its size.
@@ -140,7 +143,7 @@ package final class BlockAllocator: Sendable {
     /// memory node that has room, from the one the placement policy names first.
     package func allocate(chunkCountLog2: Int, application: ApplicationID) async throws(AllocationError) -> Block {
         guard chunkCountLog2 >= 0 else { throw .zeroSize }
-        let outOfReach = fencedOn.withLock { $0 }
+        let outOfReach = fencedCount.load(ordering: .acquiring) == 0 ? [] : fencedOn.withLock { $0 }
         guard outOfReach.count < links.count else { throw .fenced(memoryNode: outOfReach.min()!) }
         let chunkBytes = PoolGeometry.chunkBytes
         guard chunkCountLog2 <= chunkCountLog2Max else {
@@ -148,7 +151,7 @@ package final class BlockAllocator: Sendable {
             throw .sizeTooLarge(
                 requestedBytes: chunkBytes << UInt64(min(chunkCountLog2, 50)), maximumBytes: chunkBytes << UInt64(chunkCountLog2Max))
         }
-        let turn = sequence.withLock { value -> UInt64 in defer { value &+= 1 }; return value }
+        let turn = sequence.loadThenWrappingIncrement(ordering: .relaxed)
         var trace = OperationTrace()
         var unreachable: FabricError?
         do throws(AllocationError) {
@@ -174,7 +177,11 @@ package final class BlockAllocator: Sendable {
                 link.checkInvariants()
                 if let block {
                     precondition(block.chunkCountLog2 == chunkCountLog2 && block.fits(link.geometry), "allocated \(block) for 2^\(chunkCountLog2) chunks")
-                    let previous = ownedBlocks.withLock { $0.updateValue(Holding(chunkCountLog2: chunkCountLog2, application: application), forKey: BlockStart(block)) }
+                    let start = BlockStart(block, on: link, links: links.count).key
+                    let previous = ownedBlocks.withLock { owned in
+                        defer { owned[start] = Holding(chunkCountLog2: chunkCountLog2, application: application) }
+                        return owned[start]
+                    }
                     precondition(previous == nil, "\(block) handed out twice by \(owner)")
                     statisticsStore.withLock { $0.recordAllocation(trace) }
                     return block
@@ -198,9 +205,10 @@ package final class BlockAllocator: Sendable {
         let link = try link(to: block.memoryNode)
         guard isUsable(link) else { throw .fenced(memoryNode: link.memoryNode) }
         let wanted = Holding(chunkCountLog2: block.chunkCountLog2, application: application)
+        let start = BlockStart(block, on: link, links: links.count).key
         let holding = ownedBlocks.withLock { owned -> Holding? in
-            let holding = owned[BlockStart(block)]
-            if holding == wanted { owned[BlockStart(block)] = nil }
+            let holding = owned[start]
+            if holding == wanted { owned[start] = nil }
             return holding
         }
         var trace = OperationTrace()
@@ -221,7 +229,7 @@ package final class BlockAllocator: Sendable {
             case .multiSection: try await freeSections(block, application: application, on: link, trace: &trace)
             }
         } catch {
-            ownedBlocks.withLock { $0[BlockStart(block)] = holding }
+            ownedBlocks.withLock { $0[start] = holding }
             statisticsStore.withLock { $0.recordFailedFree(trace) }
             throw error
         }
@@ -233,7 +241,7 @@ package final class BlockAllocator: Sendable {
     func heldBlock(at pointer: RemotePointer, application: ApplicationID) throws(AllocationError) -> Block {
         let link = try link(to: pointer.memoryNode)
         guard let chunk = link.grant.chunk(startingAt: pointer.address) else { throw .notABlockStart(pointer) }
-        let start = BlockStart(Block(memoryNode: pointer.memoryNode, firstChunk: chunk, chunkCountLog2: 0))
+        let start = BlockStart(Block(memoryNode: pointer.memoryNode, firstChunk: chunk, chunkCountLog2: 0), on: link, links: links.count).key
         guard let holding = ownedBlocks.withLock({ $0[start] }) else { throw .notABlockStart(pointer) }
         guard holding.application == application else { throw .notOwner(pointer) }
         return Block(memoryNode: pointer.memoryNode, firstChunk: chunk, chunkCountLog2: holding.chunkCountLog2)

@@ -77,7 +77,13 @@ extension BlockAllocator {
     package var isFenced: Bool { !fencedOn.withLock { $0.isEmpty } }
 
     /// Whether `link`'s memory node is still in reach for this incarnation.
-    func isUsable(_ link: MemoryNodeLink) -> Bool { !fencedOn.withLock { !$0.isEmpty && $0.contains(link.memoryNode) } }
+    func isUsable(_ link: MemoryNodeLink) -> Bool {
+        fencedCount.load(ordering: .acquiring) == 0 || !fencedOn.withLock { $0.contains(link.memoryNode) }
+    }
 
-    func markUnusable(_ link: MemoryNodeLink) { fencedOn.withLock { _ = $0.insert(link.memoryNode) } }
+    func markUnusable(_ link: MemoryNodeLink) {
+        fencedOn.withLock { fenced in
+            if fenced.insert(link.memoryNode).inserted { fencedCount.wrappingIncrement(ordering: .releasing) }
+        }
+    }
 }

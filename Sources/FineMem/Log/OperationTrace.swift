@@ -1,6 +1,6 @@
 /// What one operation (an allocation, a free, or one piece of upkeep) spent: batches and
 /// verbs posted, CAS failures, search attempts, and the structural events it caused.
-struct OperationTrace: Sendable {
+struct OperationTrace: Sendable, Equatable {
     /// Batches posted: one doorbell, one network round trip each.
     var batches: UInt64 = 0
     var verbs: UInt64 = 0
