@@ -284,7 +284,7 @@ package struct ExhaustiveExploration: Sendable {
         await cluster.quiesce()
         let freesNothing = !program.concurrent.joined().contains { if case .free = $0 { true } else { false } }
         state.withLock { state in
-            state.violations += inspector.checkAtRest().map { "after the concurrent part: \($0)" }
+            state.violations += (inspector.checkAtRest() + inspector.checkRoomSummary()).map { "after the concurrent part: \($0)" }
             if freesNothing {
                 for size in state.outOfMemorySizes.sorted() where inspector.freeRunExists(chunkCountLog2: size) {
                     state.violations.append("out of memory for \(ExhaustiveProgram.bytesText(chunkCountLog2: size)), but the pool has such a run at rest")
@@ -304,7 +304,7 @@ package struct ExhaustiveExploration: Sendable {
                 await cluster.quiesce()
             }
         }
-        let problems = inspector.checkAtRest() + inspector.everyHeaderEmpty()
+        let problems = inspector.checkAtRest() + inspector.checkRoomSummary() + inspector.everyHeaderEmpty()
         state.withLock { state in
             state.violations += problems.map { "after the final frees: \($0)" }
             state.finished = true

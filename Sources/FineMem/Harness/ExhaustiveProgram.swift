@@ -156,6 +156,42 @@ package struct ExhaustiveProgram: Sendable, Hashable, CustomStringConvertible {
         sectionPair, smallPairOneSpan, sectionFreeVersusSmall, spanOpeningPair, multiSectionPair, smallPairAllocateFree, threeOperationPair,
     ]
 
+    // MARK: Room summary races
+
+    /// Two 2 MiB frees in one summary word: each node frees the section it holds (full to
+    /// room), so their syncs race on the same summary word and top word, different bits.
+    package static let summaryFreePair = ExhaustiveProgram(
+        name: "summary-free-pair", summary: "two 2 MiB frees racing their room summary syncs on one word", poolBytes: 4 << 20,
+        setup: [SetupStep(0, .allocate(chunkCountLog2: 9)), SetupStep(1, .allocate(chunkCountLog2: 9))],
+        concurrent: [[.free(handle: 0)], [.free(handle: 0)]])
+
+    /// A 2 MiB free racing a 2 MiB allocation of the only section: the free's sync (room)
+    /// and the claim's (full) race on the same bit, the header changing between a sync's
+    /// read and its CAS; node 1's warm cache shows no room, so it looks through the
+    /// summary first.
+    package static let summaryFreeVersusClaim = ExhaustiveProgram(
+        name: "summary-free-vs-claim", summary: "a 2 MiB free racing a 2 MiB claim of the only section", poolBytes: 2 << 20,
+        setup: [SetupStep(0, .allocate(chunkCountLog2: 9)), SetupStep(1, .refreshCache)],
+        concurrent: [[.free(handle: 0)], [.allocate(chunkCountLog2: 9)]], mayRunOutOfMemory: true)
+
+    /// A 4 MiB free (a range sync over two sections) racing a 2 MiB free in a partial
+    /// summary word (3 sections).
+    package static let summaryRangeVersusSingle = ExhaustiveProgram(
+        name: "summary-range-vs-single", summary: "a 4 MiB free and a 2 MiB free syncing one partial word", poolBytes: 6 << 20,
+        setup: [SetupStep(0, .allocate(chunkCountLog2: 10)), SetupStep(1, .allocate(chunkCountLog2: 9))],
+        concurrent: [[.free(handle: 0)], [.free(handle: 0)]])
+
+    /// Room flipping twice on one section while another node frees there: node 0 frees
+    /// its 1 MiB and claims 1 MiB again, node 1 frees its 1 MiB (the section goes full,
+    /// room, maybe full again), each change synced by its node.
+    package static let summaryFlip = ExhaustiveProgram(
+        name: "summary-flip", summary: "room of one section flipping under two nodes' syncs", poolBytes: 2 << 20,
+        setup: [SetupStep(0, .allocate(chunkCountLog2: 8)), SetupStep(1, .allocate(chunkCountLog2: 8))],
+        concurrent: [[.free(handle: 0), .allocate(chunkCountLog2: 8)], [.free(handle: 0)]], mayRunOutOfMemory: true)
+
+    /// The room summary races (not in `catalog`: `named` finds them).
+    package static let summaryPrograms: [ExhaustiveProgram] = [summaryFreePair, summaryFreeVersusClaim, summaryRangeVersusSingle, summaryFlip]
+
     /// The named program called `name`, if any.
-    package static func named(_ name: String) -> ExhaustiveProgram? { catalog.first { $0.name == name } }
+    package static func named(_ name: String) -> ExhaustiveProgram? { (catalog + summaryPrograms).first { $0.name == name } }
 }
