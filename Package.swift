@@ -30,7 +30,8 @@ let package = Package(
             dependencies: [
                 "CVerbs",
                 .product(name: "Atomics", package: "swift-atomics"),
-            ]
+            ],
+            swiftSettings: [.enableUpcomingFeature("NonisolatedNonsendingByDefault")]
         ),
         .executableTarget(
             name: "finemem",
