@@ -13,9 +13,10 @@
 ///   the bit.
 /// A live node never abandons a sync (it pauses with backoff between rounds of
 /// `attemptsMax` CASes, as a flush does), so with no node dead, the summary agrees with
-/// the headers at rest (`PoolInspector.checkRoomSummary`). A node that dies between a CAS
-/// and its sync leaves a bit stale; the summary is a hint, so that costs a full refresh
-/// (which mends it), never an allocation.
+/// the headers at rest (`PoolInspector.checkRoomSummary`). Recovery syncs the sections
+/// its own CASes changed before it declares the dead node recovered. A node that dies
+/// between a CAS and its sync leaves a bit stale; the summary is a hint, so that costs a
+/// full refresh (which mends it), never an allocation.
 extension MemoryNodeLink {
     /// Syncs the room summary bits of `sections` (contiguous), then the top bits of
     /// their words.

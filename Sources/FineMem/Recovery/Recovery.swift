@@ -88,6 +88,8 @@ package final class PoolRecovery: Sendable {
     private static let sectionsPerRead = 256
     /// The pause between passes that lost a CAS or waited on another node's pending log.
     private static let pauseNanos: ClosedRange<UInt64> = 1_000...1_000_000
+    /// Rounds of CASes a room summary sync spends between pauses.
+    private static let summarySyncAttemptsMax = 8
 
     package init(owner: OwnerID, grant: MemoryNodeGrant, connection: any FabricConnection, runtime: any Runtime, idlePassesMax: Int = 64) {
         self.owner = owner
@@ -123,6 +125,15 @@ package final class PoolRecovery: Sendable {
             break
         }
         let link = MemoryNodeLink.acting(for: owner, incarnation: slot.incarnation, grant: grant, connection: connection)
+        // Sections whose room recovery's CASes changed: their room summary bits are synced
+        // before the node is declared recovered (a recovery that dies first leaves them
+        // stale, a hint that the next full refresh mends).
+        let roomChanged = Locked<Range<Int>?>(nil)
+        link.onRoomChange { sections in
+            roomChanged.withLock { range in
+                range = range.map { min($0.lowerBound, sections.lowerBound)..<max($0.upperBound, sections.upperBound) } ?? sections
+            }
+        }
         if slot.state == .dead {
             let outcome: UpdateOutcome<NodeSlot>
             do {
@@ -145,6 +156,10 @@ package final class PoolRecovery: Sendable {
             guard pass.hasWork else {
                 let outcome: UpdateOutcome<NodeSlot>
                 do {
+                    if let sections = roomChanged.withLock({ $0 }) {
+                        try await link.syncRoomSummary(
+                            sections: sections, attemptsMax: Self.summarySyncAttemptsMax, backoffNanos: Self.pauseNanos, runtime: runtime, trace: &trace)
+                    }
                     let current = try await probe(slotAddress, trace: &trace)
                     outcome = try await link.update(.word(slotAddress, known: current), UpdatePolicy(attemptsMax: 4), trace: &trace) { $0.recovered() }
                 } catch { throw .fabric(error) }
