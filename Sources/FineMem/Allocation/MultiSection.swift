@@ -30,6 +30,9 @@ extension BlockAllocator {
         var intentSlotHandedOver = false
         defer { if !intentSlotHandedOver { freeIntentSlots.withLock { $0.append(intentSlot) } } }
         var search = Search(configuration)
+        // The room summary tells where a chunk may be found, not where whole sections are
+        // empty: a run of sections goes straight to the full refresh.
+        search.lookedInSummary = true
         while true {
             try await beginRound(&search, on: link, trace: &trace)
             let sections: Range<Int>
