@@ -260,7 +260,7 @@ extension MemoryNodeLink {
                     break
                 }
                 rereadLeft = false
-                        let stale = zip(open, desired).filter { $0.1 == nil }.map(\.0)
+                let stale = zip(open, desired).filter { $0.1 == nil }.map(\.0)
                 let (results, ticket) = try await postTicketed(riders + stale.map { .readWords(address(of: homes[$0]), count: 1, rkey: metadataKey) }, trace: &trace)
                 checkRecordUpdate(flushLog, results.first)
                 riders = []
