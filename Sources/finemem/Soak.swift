@@ -36,6 +36,8 @@ struct Soak: ParsableCommand {
     @Option(help: "Priority change points per run with --explore.") var changePoints = 3
     @Option(help: "mixed (allocate and free at random) or exhaustion (fill every pool, then free).") var workload = Workload.mixed
     @Option(help: "Rounds of fill and free per seed, with --workload exhaustion.") var rounds = 2
+    @Flag(help: "Print each seed's trace hash and virtual time (to tell whether two builds run the same simulation).")
+    var traces = false
 
     func validate() throws {
         guard seeds >= 1, computeNodes >= 1, tasks >= 1, operations >= 1, memoryNodes >= 0, changePoints >= 0 else {
@@ -65,6 +67,7 @@ struct Soak: ParsableCommand {
             configuration.memoryNodes = memoryNodes > 0 ? memoryNodes : (seed % 3 == 0 ? 3 : 1)
             let report = SimulatedWorkload(configuration).run(seed: seed)
             allocations += report.allocations
+            if traces { print("seed \(seed): trace \(report.traceHash), \(report.virtualNanoseconds) ns virtual") }
             if !report.violations.isEmpty {
                 failed.append(seed)
                 print("FAILED \(report)")
@@ -102,6 +105,7 @@ struct Soak: ParsableCommand {
         var wrongAnswers = 0
         for seed in startSeed..<startSeed + UInt64(seeds) {
             let report = ExhaustionWorkload(configuration).run(seed: seed)
+            if traces { print("seed \(seed): trace \(report.traceHash), \(report.virtualNanoseconds) ns virtual") }
             wrongAnswers += report.wrongAnswers.count
             statistics = statistics + report.statistics
             latencies += report.allocationLatencies
