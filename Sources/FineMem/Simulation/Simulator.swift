@@ -55,9 +55,9 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
     /// (`spawn` before `run()`), or a task resumed from outside. The running thread moves
     /// them to the ready queue, in order, when `inboxCount` says there are some.
     private let inbox = Locked<[UnownedJob]>([])
-    private let inboxCount = ManagedAtomic<Int>(0)
+    private let inboxCount = UnsafeAtomic<Int>.create(0)
     /// The thread in `run()` (0 when none is): its enqueues take no lock.
-    private let runningThread = ManagedAtomic<UInt>(0)
+    private let runningThread = UnsafeAtomic<UInt>.create(0)
     private var scripted: ScriptedScheduler?
 
     private struct Core {
@@ -121,6 +121,8 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
     deinit {
         core.deinitialize(count: 1)
         core.deallocate()
+        inboxCount.destroy()
+        runningThread.destroy()
     }
 
     // MARK: Executor
