@@ -71,6 +71,7 @@ struct Explore: ParsableCommand {
                 ("choice points", "\(report.choicePoints) (deepest run \(report.deepestRun), at most \(report.mostAlternatives) options)"),
                 ("verbs per run", report.verbsPerRun.map { "\($0.lowerBound)-\($0.upperBound)" } ?? "-"),
                 ("outcomes", "\(report.outcomes.count)"),
+                ("traces", "\(report.traces)"),
                 ("wall time", "\(Format.fixed(Double(report.wallNanoseconds) / 1e9, 2)) s"),
                 ("violations", report.violatingRuns == 0 ? "none" : "\(report.violatingRuns) runs"),
             ]

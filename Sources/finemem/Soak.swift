@@ -1,5 +1,12 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
 import ArgumentParser
+import Dispatch
 import FineMem
+import Synchronization
 
 struct Soak: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -36,9 +43,13 @@ struct Soak: ParsableCommand {
     @Option(help: "Priority change points per run with --explore.") var changePoints = 3
     @Option(help: "mixed (allocate and free at random) or exhaustion (fill every pool, then free).") var workload = Workload.mixed
     @Option(help: "Rounds of fill and free per seed, with --workload exhaustion.") var rounds = 2
+    @Flag(help: "Print each seed's trace hash and virtual time (to tell whether two builds run the same simulation).")
+    var traces = false
+    @Option(help: "Seeds simulated at once, each on a thread of its own (default: one per processor). Every seed runs as alone; the output comes in seed order.")
+    var jobs: Int?
 
     func validate() throws {
-        guard seeds >= 1, computeNodes >= 1, tasks >= 1, operations >= 1, memoryNodes >= 0, changePoints >= 0 else {
+        guard seeds >= 1, computeNodes >= 1, tasks >= 1, operations >= 1, memoryNodes >= 0, changePoints >= 0, (jobs ?? 1) >= 1 else {
             throw ValidationError("counts must be positive")
         }
         guard maxBlock.bytes >= 4096, maxBlock.bytes.nonzeroBitCount == 1 else { throw ValidationError("--max-block must be a power of two from 4KiB") }
@@ -59,29 +70,67 @@ struct Soak: ParsableCommand {
         print("schedule exploration: \(configuration.exploration)")
         let clock = SystemRuntime.shared
         let start = clock.nowNanoseconds
-        var failed: [UInt64] = []
-        var allocations = 0
-        for seed in startSeed..<startSeed + UInt64(seeds) {
-            configuration.memoryNodes = memoryNodes > 0 ? memoryNodes : (seed % 3 == 0 ? 3 : 1)
-            let report = SimulatedWorkload(configuration).run(seed: seed)
-            allocations += report.allocations
-            if !report.violations.isEmpty {
-                failed.append(seed)
-                print("FAILED \(report)")
-                for violation in report.violations.prefix(10) { print("  \(violation)") }
-                print("  replay: \(replayCommand(seed: seed))")
-            }
-            let done = Int(seed - startSeed) + 1
-            if done % 10 == 0 || done == seeds {
-                let minutes = Double(clock.nowNanoseconds - start) / 60e9
-                print("\(done)/\(seeds) seeds, \(failed.count) failed, \(allocations) allocations, \(Format.fixed(Double(done) / minutes, 1)) seeds per minute")
+        let workers = min(jobs ?? Self.processorCount, seeds)
+        // Each worker takes the next seed and runs it on its own simulator; the ledger
+        // prints the reports in seed order as they complete.
+        let ledger = Mutex(Ledger(nextSeed: startSeed, nextToPrint: startSeed))
+        let base = configuration
+        DispatchQueue.concurrentPerform(iterations: workers) { _ in
+            while true {
+                let next = ledger.withLock { ledger -> UInt64? in
+                    guard ledger.nextSeed < startSeed + UInt64(seeds) else { return nil }
+                    defer { ledger.nextSeed += 1 }
+                    return ledger.nextSeed
+                }
+                guard let seed = next else { return }
+                var configuration = base
+                configuration.memoryNodes = memoryNodes > 0 ? memoryNodes : (seed % 3 == 0 ? 3 : 1)
+                let report = SimulatedWorkload(configuration).run(seed: seed)
+                ledger.withLock { ledger in
+                    ledger.completed[seed] = report
+                    while let report = ledger.completed.removeValue(forKey: ledger.nextToPrint) {
+                        ledger.nextToPrint += 1
+                        ledger.record(report, soak: self, seeds: seeds, startSeed: startSeed, wallNanoseconds: clock.nowNanoseconds - start)
+                    }
+                }
             }
         }
+        let failed = ledger.withLock { $0.failed }
         if !failed.isEmpty {
             print("failing seeds: \(failed.map(String.init).joined(separator: " "))")
             throw ExitCode.failure
         }
     }
+
+    /// The seeds of a mixed soak handed out and the reports printed so far.
+    private struct Ledger: ~Copyable {
+        var nextSeed: UInt64
+        var nextToPrint: UInt64
+        var completed: [UInt64: SimulatedWorkload.Report] = [:]
+        var failed: [UInt64] = []
+        var allocations = 0
+
+        /// Prints the report of the next seed in order, and the progress every 10 seeds.
+        mutating func record(_ report: SimulatedWorkload.Report, soak: Soak, seeds: Int, startSeed: UInt64, wallNanoseconds: UInt64) {
+            let seed = report.seed
+            allocations += report.allocations
+            if soak.traces { print("seed \(seed): trace \(report.traceHash), \(report.virtualNanoseconds) ns virtual") }
+            if !report.violations.isEmpty {
+                failed.append(seed)
+                print("FAILED \(report)")
+                for violation in report.violations.prefix(10) { print("  \(violation)") }
+                print("  replay: \(soak.replayCommand(seed: seed))")
+            }
+            let done = Int(seed - startSeed) + 1
+            if done % 10 == 0 || done == seeds {
+                let minutes = Double(wallNanoseconds) / 60e9
+                print("\(done)/\(seeds) seeds, \(failed.count) failed, \(allocations) allocations, \(Format.fixed(Double(done) / minutes, 1)) seeds per minute")
+            }
+        }
+    }
+
+    /// Processors online: the default number of seeds run at once.
+    private static var processorCount: Int { max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))) }
 
     /// The exhaustion workload for every seed, with its figures.
     private func runExhaustion() throws {
@@ -102,6 +151,7 @@ struct Soak: ParsableCommand {
         var wrongAnswers = 0
         for seed in startSeed..<startSeed + UInt64(seeds) {
             let report = ExhaustionWorkload(configuration).run(seed: seed)
+            if traces { print("seed \(seed): trace \(report.traceHash), \(report.virtualNanoseconds) ns virtual") }
             wrongAnswers += report.wrongAnswers.count
             statistics = statistics + report.statistics
             latencies += report.allocationLatencies

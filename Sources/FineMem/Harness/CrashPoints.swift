@@ -35,10 +35,13 @@ package struct CrashPointEnumeration: Sendable {
         package var violations: [String] = []
         /// Blocks recovery reclaimed over all runs.
         package var blocksReclaimed = 0
+        /// The trace hashes of every run, the reference run first, folded in order: equal
+        /// when two builds run the same simulations.
+        package var traces = TraceHash()
 
         package var description: String {
             "\(operation.rawValue) (seed \(seed)): \(crashPoints) crash points x \(FaultPlan.LateVerbs.enumerated.count) late-verb policies, "
-                + "\(runs) runs, \(blocksReclaimed) blocks reclaimed, \(violations.count) violations"
+                + "\(runs) runs, \(blocksReclaimed) blocks reclaimed, \(violations.count) violations, traces \(traces)"
         }
     }
 
@@ -55,12 +58,14 @@ package struct CrashPointEnumeration: Sendable {
     package func run(_ operation: Operation, latePolicies: [FaultPlan.LateVerbs] = FaultPlan.LateVerbs.enumerated) -> Summary {
         var summary = Summary(operation: operation, seed: seed)
         let reference = runOnce(operation, crashAfter: nil, late: .none)
+        summary.traces.mix(reference.traceHash.value)
         summary.violations += reference.violations.map { "no crash: \($0)" }
         summary.crashPoints = Int(reference.victimVerbs) + 1
         for point in 0...reference.victimVerbs {
             for late in latePolicies {
                 let outcome = runOnce(operation, crashAfter: point, late: late)
                 summary.runs += 1
+                summary.traces.mix(outcome.traceHash.value)
                 summary.blocksReclaimed += outcome.blocksReclaimed
                 summary.violations += outcome.violations.map { "crash after verb \(point), late verbs \(late): \($0)" }
             }
@@ -74,6 +79,8 @@ package struct CrashPointEnumeration: Sendable {
         package var victimVerbs: UInt64 = 0
         package var blocksReclaimed = 0
         package var violations: [String] = []
+        /// The run's trace hash.
+        package var traceHash = TraceHash()
     }
 
     private static let victim = 0
@@ -89,7 +96,10 @@ package struct CrashPointEnumeration: Sendable {
             await Self.drive(operation, crashAfter: crashAfter, late: late, loadOperations: loadOperations, simulator: simulator, outcome: outcome)
         }
         simulator.run()
-        return outcome.withLock { $0 }
+        return outcome.withLock { outcome in
+            outcome.traceHash = simulator.traceHash
+            return outcome
+        }
     }
 
     private static func drive(

@@ -118,6 +118,9 @@ package struct ExhaustiveExploration: Sendable {
         package var outcomes: [String: Int] = [:]
         /// Wall-clock time of the search.
         package var wallNanoseconds: UInt64 = 0
+        /// The trace hashes of every run, folded in the order of the search: equal when
+        /// two builds run the same simulations.
+        package var traces = TraceHash()
 
         package init(name: String) { self.name = name }
 
@@ -164,6 +167,7 @@ package struct ExhaustiveExploration: Sendable {
             report.verbsPerRun = report.verbsPerRun.map { min($0.lowerBound, record.verbs)...max($0.upperBound, record.verbs) }
                 ?? record.verbs...record.verbs
             report.outcomes[record.outcome, default: 0] += 1
+            report.traces.mix(record.traceHash.value)
             if !record.violations.isEmpty {
                 report.violatingRuns += 1
                 if report.violations.count < violationsKept {

@@ -25,12 +25,17 @@ package final class FaultPlan: @unchecked Sendable {
     private var crashedNodes: Set<NodeID> = []
     private var crashTimes: [NodeID: UInt64] = [:]
     private var stalls: [NodeID: [(start: UInt64, end: UInt64)]] = [:]
+    /// Whether a crash was ever planned, and a stall: without them, the checks before
+    /// every verb, post and completion answer at once.
+    private var crashesPlanned = false
+    private var stallsPlanned = false
 
     /// Crashes `node` once it has had `count` verbs executed in total: a crash between two
     /// verbs, possibly in the middle of a batch.
     package func crash(_ node: NodeID, afterVerbs count: UInt64, late: LateVerbs = .seeded) {
         crashAfterVerbs[node] = count
         lateVerbs[node] = late
+        crashesPlanned = true
     }
 
     /// How `node`'s unexecuted verbs fare once it crashed.
@@ -39,12 +44,16 @@ package final class FaultPlan: @unchecked Sendable {
     /// Crashes `node` at virtual time `time`. Its verbs that would execute later do so
     /// only as late verbs (see the type's summary): nobody awaits them, and fencing the
     /// node stops them.
-    package func crash(_ node: NodeID, atNanoseconds time: UInt64) { crashAt[node] = time }
+    package func crash(_ node: NodeID, atNanoseconds time: UInt64) {
+        crashAt[node] = time
+        crashesPlanned = true
+    }
 
     /// Freezes `node`'s CPU during `[start, start+duration)`: it posts nothing and receives
     /// no completion until the stall ends. Verbs already on the wire still execute.
     package func stall(_ node: NodeID, fromNanoseconds start: UInt64, forNanoseconds duration: UInt64) {
         stalls[node, default: []].append((start, start + duration))
+        stallsPlanned = true
     }
 
     /// Brings a crashed `node` back (a restarted host, with new connections): its planned
@@ -57,7 +66,7 @@ package final class FaultPlan: @unchecked Sendable {
     }
 
     /// Whether `node` has been found crashed (by a verb, post or completion of its own).
-    package func isCrashed(_ node: NodeID) -> Bool { crashedNodes.contains(node) }
+    package func isCrashed(_ node: NodeID) -> Bool { crashesPlanned && crashedNodes.contains(node) }
 
     /// The virtual time of `node`'s crash, once found: the planned time of a crash at a
     /// time, or when the verb after its last one came up for a crash after verbs.
@@ -65,6 +74,7 @@ package final class FaultPlan: @unchecked Sendable {
 
     /// Decides, just before a verb of `node` executes at `now`, whether the node has crashed.
     func crashesBeforeNextVerb(_ node: NodeID, executedSoFar: UInt64, now: UInt64) -> Bool {
+        guard crashesPlanned else { return false }
         if crashedNodes.contains(node) { return true }
         if let limit = crashAfterVerbs[node], executedSoFar >= limit { markCrashed(node, at: now); return true }
         if let time = crashAt[node], now >= time { markCrashed(node, at: time); return true }
@@ -73,6 +83,7 @@ package final class FaultPlan: @unchecked Sendable {
 
     /// Whether `node` is crashed at `now` (for posts and completions).
     func isCrashed(_ node: NodeID, now: UInt64) -> Bool {
+        guard crashesPlanned else { return false }
         if !crashedNodes.contains(node), let time = crashAt[node], now >= time { markCrashed(node, at: time) }
         return crashedNodes.contains(node)
     }
@@ -84,6 +95,7 @@ package final class FaultPlan: @unchecked Sendable {
 
     /// The earliest time at or after `time` when `node` is not stalled.
     func unstalled(_ node: NodeID, at time: UInt64) -> UInt64 {
+        guard stallsPlanned else { return time }
         var clear = time
         var moved = true
         while moved {

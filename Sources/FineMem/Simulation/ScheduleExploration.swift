@@ -73,7 +73,8 @@ struct PriorityExplorer {
     private static let initialPriorityRange: UInt64 = 1 << 40
 
     private var random: SeededRandom
-    private var priorities: [NodeID: UInt64] = [:]
+    /// Each node's priority once drawn; 0 before (a priority is at least 1).
+    private var priorities = NodeTable()
     /// Verb counts (1-based, ascending) at which the executing node's priority drops.
     private var changePoints: [UInt64]
     private var nextChangePoint = 0
@@ -97,7 +98,8 @@ struct PriorityExplorer {
 
     /// The priority of `node`, drawn the first time it is asked for (higher runs first).
     mutating func priority(of node: NodeID) -> UInt64 {
-        if let known = priorities[node] { return known }
+        let known = priorities[node]
+        if known != 0 { return known }
         let drawn = base + random.next() % Self.initialPriorityRange
         priorities[node] = drawn
         return drawn

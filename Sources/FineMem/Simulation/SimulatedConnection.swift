@@ -58,8 +58,9 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
     private let state = Locked(State())
     /// Serialises immediate-mode batches of this connection (posting order).
     private let order = Lock()
-    /// The virtual-time send queue; touched only on the simulator's thread.
-    private let queue = SendQueue()
+    /// The virtual-time send queue; touched only on the simulator's thread, behind a
+    /// pointer so that its accesses carry no dynamic exclusivity check.
+    private let queue: UnsafeMutablePointer<SendQueue>
 
     private struct State {
         var broken = false
@@ -71,6 +72,13 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
         self.localNode = localNode
         self.protectionDomain = protectionDomain
         self.simulator = simulator
+        queue = .allocate(capacity: 1)
+        queue.initialize(to: SendQueue())
+    }
+
+    deinit {
+        queue.deinitialize(count: 1)
+        queue.deallocate()
     }
 
     /// Verb, batch and byte counts so far.
@@ -87,7 +95,7 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
     package func post(_ verbs: [Verb]) async throws(FabricError) -> [VerbResult] {
         if let simulator {
             let outcome = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<[VerbResult], FabricError>, Never>) in
-                startVirtualBatch(verbs, simulator: simulator, continuation: continuation)
+                startVirtualBatch(.verbs(verbs), simulator: simulator, waiter: .verbs(continuation))
             }
             return try outcome.get()
         }
@@ -97,9 +105,18 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
     }
 
     /// In immediate mode, executes the batch on the caller's thread without allocating;
-    /// in virtual time, as the same verbs through `post(_:)`.
+    /// in virtual time, as the same verbs through `post(_:)` would, without an array per
+    /// batch or per answer.
+    ///
+    /// In virtual time the answers come back through `postWords(_:simulator:)`, a call of
+    /// its own, as they came through `postAsVerbs(_:)` and `post(_:)` before: each return
+    /// from an awaited call costs the task one hop through the simulator's job queue (it
+    /// goes back to the generic executor), and the hops are part of the order in which
+    /// tasks run, so the same calls keep every run as it was.
     package func post(_ batch: inout WordBatch) async throws(FabricError) {
-        guard simulator == nil else { return try await postAsVerbs(&batch) }
+        guard simulator == nil else {
+            return Self.store(try await postWords(batch), in: &batch)
+        }
         try order.withLock { () throws(FabricError) in
             try state.withLock { (s) throws(FabricError) in
                 guard !s.broken else { throw .connectionBroken(nic.node) }
@@ -122,6 +139,23 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
         }
     }
 
+    /// Posts the verbs of `batch` in virtual time and answers their words (see `post(_:)`
+    /// of a word batch: not inlined, so that the hop after it stays).
+    @inline(never)
+    private func postWords(_ batch: WordBatch) async throws(FabricError) -> WordAnswers {
+        let simulator = simulator!
+        let outcome = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<WordAnswers, FabricError>, Never>) in
+            startVirtualBatch(.words(batch), simulator: simulator, waiter: .words(continuation))
+        }
+        return try outcome.get()
+    }
+
+    /// Stores the answers of a word batch posted in virtual time.
+    @inline(never)
+    private static func store(_ answers: WordAnswers, in batch: inout WordBatch) {
+        for index in 0..<batch.count { batch.answer(index, answers[index]) }
+    }
+
     private func executeImmediately(_ verbs: [Verb]) throws(FabricError) -> [VerbResult] {
         var results: [VerbResult] = []
         results.reserveCapacity(verbs.count)
@@ -130,75 +164,148 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
             s.counters.batches += 1
         }
         for (index, verb) in verbs.enumerated() {
-            results.append(try executeOne(verb, index: index).get())
+            results.append(try executeOne(verb, index: index) { nic.perform($0) })
         }
         return results
     }
 
     /// Checks and performs one verb, updating counters and the error state; the check and
-    /// the effect happen under `state`'s lock, so they are atomic against `breakConnection()`.
-    private func executeOne(_ verb: Verb, index: Int) -> Result<VerbResult, FabricError> {
+    /// the effect (`perform`, which answers what the verb answered) happen under `state`'s
+    /// lock, so they are atomic against `breakConnection()`.
+    @inline(__always)
+    private func executeOne<Answer>(_ verb: Verb, index: Int, perform: (Verb) -> Answer) throws(FabricError) -> Answer {
         let remoteCrashed = simulator.map { $0.faults.isCrashed(nic.node, now: $0.nowNanoseconds) } ?? false
-        return state.withLock { s in
+        return try state.withLock { (s) throws(FabricError) -> Answer in
             if nic.isPoweredOff || remoteCrashed {
                 s.broken = true
-                return .failure(.peerDead(nic.node))
+                throw .peerDead(nic.node)
             }
-            if s.broken { return .failure(.connectionBroken(nic.node)) }
+            if s.broken { throw .connectionBroken(nic.node) }
             if let violation = nic.authorize(verb, pd: protectionDomain) {
                 s.broken = true
-                return .failure(.remoteAccess(violation, address: verb.address, rkey: verb.rkey, verbIndex: index))
+                throw .remoteAccess(violation, address: verb.address, rkey: verb.rkey, verbIndex: index)
             }
-            let result = nic.perform(verb)
+            let answer = perform(verb)
             s.counters.verbs[verb.kind.rawValue] += 1
             switch verb {
             case .read(_, let length, _, _): s.counters.bytesRead += UInt64(length)
             case .write(_, let bytes, _, _): s.counters.bytesWritten += UInt64(bytes.count)
             default: break
             }
-            return .success(result)
+            return answer
         }
     }
 
     // MARK: Virtual time
 
-    /// One posted batch in virtual time.
-    private final class VirtualBatch {
-        let verbs: [Verb]
-        /// When the batch reaches the memory node's NIC.
-        let arrival: UInt64
-        /// Whoever awaits the batch; nil once answered (or handed over for delivery).
-        var continuation: UnsafeContinuation<Result<[VerbResult], FabricError>, Never>?
-        /// The results by posting index, as the verbs execute.
-        var results: [VerbResult?]
-        /// Verbs of the batch executed so far (in any order).
-        var executedCount = 0
-        /// Set when the last verb executed or one failed: the outcome and the time the
-        /// NIC finished with the batch.
-        var finished: (outcome: Result<[VerbResult], FabricError>, at: UInt64)?
+    /// The answers of a word batch, by posting index.
+    typealias WordAnswers = InlineArray<4, UInt64>
 
-        init(verbs: [Verb], arrival: UInt64, continuation: UnsafeContinuation<Result<[VerbResult], FabricError>, Never>) {
-            self.verbs = verbs
-            self.arrival = arrival
-            self.continuation = continuation
-            self.results = Array(repeating: nil, count: verbs.count)
+    /// What a batch's poster awaits: the general verbs' results or a word batch's answers.
+    fileprivate enum Waiter {
+        case none
+        case verbs(UnsafeContinuation<Result<[VerbResult], FabricError>, Never>)
+        case words(UnsafeContinuation<Result<WordAnswers, FabricError>, Never>)
+
+        /// Resumes the poster with `outcome` (nothing when there is none).
+        func resume(_ outcome: Outcome) {
+            switch (self, outcome) {
+            case (.none, _): break
+            case (.verbs(let continuation), .failure(let error)): continuation.resume(returning: .failure(error))
+            case (.words(let continuation), .failure(let error)): continuation.resume(returning: .failure(error))
+            case (.verbs(let continuation), .verbs(let results)): continuation.resume(returning: .success(results))
+            case (.words(let continuation), .words(let answers)): continuation.resume(returning: .success(answers))
+            case (.verbs, .words), (.words, .verbs): preconditionFailure("a batch answered as another kind")
+            }
         }
     }
 
-    /// One verb in the send queue: a batch and the verb's posting index in it.
+    /// A finished batch's outcome.
+    fileprivate enum Outcome {
+        case failure(FabricError)
+        case verbs([VerbResult])
+        case words(WordAnswers)
+    }
+
+    /// The verbs of a batch as posted.
+    private enum Posted {
+        case verbs([Verb])
+        case words(WordBatch)
+
+        var count: Int {
+            switch self {
+            case .verbs(let verbs): verbs.count
+            case .words(let batch): batch.count
+            }
+        }
+
+        func verb(at index: Int) -> Verb {
+            switch self {
+            case .verbs(let verbs): verbs[index]
+            case .words(let batch): batch.verb(at: index)
+            }
+        }
+    }
+
+    /// A finished batch on its way back to its poster: the payload of its completion timer.
+    struct Delivery {
+        fileprivate let waiter: Waiter
+        fileprivate let outcome: Outcome
+        fileprivate let executedVerbs: Int
+    }
+
+    /// One posted batch in virtual time, kept by serial number in the send queue.
+    private struct VirtualBatch {
+        /// When the batch reaches the memory node's NIC.
+        let arrival: UInt64
+        let verbCount: Int
+        /// Whether it is a word batch (answers in `words`) or general verbs (`results`).
+        let isWords: Bool
+        /// Whoever awaits the batch; `.none` once answered (or handed over for delivery).
+        var waiter: Waiter
+        /// Verbs of the batch executed so far (in any order).
+        var executedCount = 0
+        /// Bytes its executed READs answered.
+        var readBytes = 0
+        var words = WordAnswers(repeating: 0)
+        var results: [VerbResult?]
+        /// Set when the last verb executed or one failed: the error, if any, and the time
+        /// the NIC finished with the batch.
+        var finished: (error: FabricError?, at: UInt64)?
+
+        /// The outcome of a finished batch.
+        var outcome: Outcome {
+            if let error = finished?.error { return .failure(error) }
+            return isWords ? .words(words) : .verbs(results.map { $0! })
+        }
+    }
+
+    /// One verb in the send queue: its batch's serial number, its posting index in the
+    /// batch, and the batch's arrival.
     private struct QueuedVerb {
-        let batch: VirtualBatch
+        let verb: Verb
+        let batch: UInt64
         let index: Int
-        var verb: Verb { batch.verbs[index] }
-        func isSame(as other: QueuedVerb) -> Bool { batch === other.batch && index == other.index }
+        let arrival: UInt64
+        func isSame(as other: QueuedVerb) -> Bool { batch == other.batch && index == other.index }
     }
 
     /// The send queue of a virtual-time connection and the NIC's timing of it.
-    private final class SendQueue {
-        /// Verbs posted and not executed, in posting order across batches.
-        var verbs: [QueuedVerb] = []
-        /// Batches posted whose completion is not yet scheduled, in posting order.
-        var batches: [VirtualBatch] = []
+    private struct SendQueue {
+        /// Verbs posted and not executed, in posting order across batches: the elements
+        /// from `verbHead` on.
+        private var verbs: [QueuedVerb] = []
+        private var verbHead = 0
+        /// How many of them are WRITEs (none: no WRITE can pass anything).
+        private(set) var writesQueued = 0
+        /// Batches by serial number, the first being `batchBase`: the ones posted whose
+        /// completion is not yet scheduled (serials `pendingFrom` on), after the ones
+        /// handed over whose verbs may still be queued (late verbs after a crash).
+        private var batches: [VirtualBatch] = []
+        private var batchBase: UInt64 = 0
+        /// The first batch whose completion is not yet scheduled.
+        var pendingFrom: UInt64 = 0
+        private(set) var nextSerial: UInt64 = 0
         /// Virtual time when this connection's previous verb finishes at the NIC.
         var busyUntil: UInt64 = 0
         /// Arrival time of the previous batch: the network does not reorder a QP's packets.
@@ -213,15 +320,82 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
         var lateVerbsLeft: Int?
         /// Whether the simulator of a scripted run knows this connection.
         var scriptedRegistered = false
+
+        var verbCount: Int { verbs.count - verbHead }
+        var firstVerb: QueuedVerb? { verbHead < verbs.count ? verbs[verbHead] : nil }
+        func verb(at position: Int) -> QueuedVerb { verbs[verbHead + position] }
+
+        /// The position of the first WRITE, if any.
+        func firstWritePosition() -> Int? {
+            guard writesQueued > 0 else { return nil }
+            return verbs[verbHead...].firstIndex { $0.verb.kind == .write }.map { $0 - verbHead }
+        }
+
+        /// The position of `verb` in the queue, if it is there.
+        func position(of verb: QueuedVerb) -> Int? {
+            if let first = firstVerb, first.isSame(as: verb) { return 0 }
+            return verbs[verbHead...].firstIndex { $0.isSame(as: verb) }.map { $0 - verbHead }
+        }
+
+        /// Appends a batch and its verbs; answers its serial number.
+        mutating func append(_ posted: Posted, arrival: UInt64, waiter: Waiter) {
+            let serial = nextSerial
+            nextSerial += 1
+            let isWords = if case .words = posted { true } else { false }
+            batches.append(VirtualBatch(
+                arrival: arrival, verbCount: posted.count, isWords: isWords, waiter: waiter,
+                results: isWords ? [] : Array(repeating: nil, count: posted.count)))
+            for index in 0..<posted.count {
+                let verb = posted.verb(at: index)
+                if verb.kind == .write { writesQueued += 1 }
+                verbs.append(QueuedVerb(verb: verb, batch: serial, index: index, arrival: arrival))
+            }
+        }
+
+        mutating func removeVerb(at position: Int) {
+            if verbs[verbHead + position].verb.kind == .write { writesQueued -= 1 }
+            guard position == 0 else {
+                verbs.remove(at: verbHead + position)
+                return
+            }
+            verbHead += 1
+            if verbHead == verbs.count { removeAllVerbs() }
+        }
+
+        mutating func removeAllVerbs() {
+            verbs.removeAll(keepingCapacity: true)
+            verbHead = 0
+            writesQueued = 0
+        }
+
+        /// Drops the queued verbs of batch `serial`.
+        mutating func removeVerbs(ofBatch serial: UInt64) {
+            verbs.removeSubrange(0..<verbHead)
+            verbHead = 0
+            verbs.removeAll { $0.batch == serial }
+            writesQueued = verbs.count { $0.verb.kind == .write }
+        }
+
+        /// The batch with serial number `serial` (posted, and still kept).
+        subscript(batch serial: UInt64) -> VirtualBatch {
+            get { batches[Int(serial - batchBase)] }
+            _modify { yield &batches[Int(serial - batchBase)] }
+        }
+
+        /// Forgets the batches handed over that no queued verb belongs to.
+        mutating func dropHandedOverBatches() {
+            let keepFrom = min(pendingFrom, firstVerb?.batch ?? nextSerial)
+            let drop = Int(keepFrom - batchBase)
+            guard drop > 0, drop == batches.count || drop >= 32 else { return }
+            if drop == batches.count { batches.removeAll(keepingCapacity: true) } else { batches.removeFirst(drop) }
+            batchBase = keepFrom
+        }
     }
 
-    private func startVirtualBatch(
-        _ verbs: [Verb], simulator: Simulator,
-        continuation: UnsafeContinuation<Result<[VerbResult], FabricError>, Never>
-    ) {
+    private func startVirtualBatch(_ posted: Posted, simulator: Simulator, waiter: Waiter) {
         let now = simulator.nowNanoseconds
         if simulator.faults.isCrashed(localNode, now: now) {
-            continuation.resume(returning: .failure(.localCrash(executedVerbs: 0)))
+            waiter.resume(.failure(.localCrash(executedVerbs: 0)))
             return
         }
         let broken = state.withLock { s -> Bool in
@@ -229,65 +403,65 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
             return s.broken
         }
         if broken {
-            continuation.resume(returning: .failure(.connectionBroken(nic.node)))
+            waiter.resume(.failure(.connectionBroken(nic.node)))
             return
         }
-        if verbs.isEmpty {
-            continuation.resume(returning: .success([]))
+        if posted.count == 0 {
+            let empty: Outcome = if case .words = posted { .words(WordAnswers(repeating: 0)) } else { .verbs([]) }
+            waiter.resume(empty)
             return
         }
+        let queue = queue
         if simulator.isScripted {
-            let batch = VirtualBatch(verbs: verbs, arrival: now, continuation: continuation)
-            queue.batches.append(batch)
-            queue.verbs += verbs.indices.map { QueuedVerb(batch: batch, index: $0) }
-            if !queue.scriptedRegistered {
-                queue.scriptedRegistered = true
+            queue.pointee.append(posted, arrival: now, waiter: waiter)
+            if !queue.pointee.scriptedRegistered {
+                queue.pointee.scriptedRegistered = true
                 simulator.registerScripted(self)
             }
             return
         }
         let issue = simulator.faults.unstalled(localNode, at: now)
-        queue.lastArrival = max(
-            queue.lastArrival, issue + simulator.jittered(simulator.latency.oneWayNanos) + simulator.explorationDelay(of: localNode))
-        let batch = VirtualBatch(verbs: verbs, arrival: queue.lastArrival, continuation: continuation)
-        let idle = queue.verbs.isEmpty
-        queue.batches.append(batch)
-        queue.verbs += verbs.indices.map { QueuedVerb(batch: batch, index: $0) }
-        if idle { schedulePump(at: batch.arrival, simulator: simulator) }
+        queue.pointee.lastArrival = max(
+            queue.pointee.lastArrival, issue + simulator.jittered(simulator.latency.oneWayNanos) + simulator.explorationDelay(of: localNode))
+        let arrival = queue.pointee.lastArrival
+        let idle = queue.pointee.verbCount == 0
+        queue.pointee.append(posted, arrival: arrival, waiter: waiter)
+        if idle { schedulePump(at: arrival, simulator: simulator) }
     }
 
     private func schedulePump(at time: UInt64, simulator: Simulator) {
-        precondition(!queue.pumpScheduled, "one pump per connection")
-        queue.pumpScheduled = true
-        simulator.schedule(at: time, rankedFor: localNode) { [self] in pump(simulator: simulator) }
+        precondition(!queue.pointee.pumpScheduled, "one pump per connection")
+        queue.pointee.pumpScheduled = true
+        simulator.schedule(at: time, rankedFor: localNode, .pump(self))
     }
 
     /// Runs when the NIC may take the connection's next verb: picks it (by the ordering
     /// rules) and reserves its time at the NIC, or executes the verb picked before.
-    private func pump(simulator: Simulator) {
-        queue.pumpScheduled = false
+    func pump(simulator: Simulator) {
+        let queue = queue
+        queue.pointee.pumpScheduled = false
         let now = simulator.nowNanoseconds
-        if let reserved = queue.reserved {
-            queue.reserved = nil
+        if let reserved = queue.pointee.reserved {
+            queue.pointee.reserved = nil
             execute(reserved, simulator: simulator)
             return
         }
-        guard let head = queue.verbs.first else { return }
-        guard head.batch.arrival <= now else {
-            schedulePump(at: head.batch.arrival, simulator: simulator)
+        guard let head = queue.pointee.firstVerb else { return }
+        guard head.arrival <= now else {
+            schedulePump(at: head.arrival, simulator: simulator)
             return
         }
-        let picked = queue.verbs[nextPosition(now: now, simulator: simulator)]
+        let picked = queue.pointee.verb(at: nextPosition(now: now, simulator: simulator))
         let verb = picked.verb
         let service = simulator.latency.serviceNanos(verb)
-        var start = max(now, queue.busyUntil)
-        if verb.isFenced, let finish = queue.lastReadOrAtomicFinish {
+        var start = max(now, queue.pointee.busyUntil)
+        if verb.isFenced, let finish = queue.pointee.lastReadOrAtomicFinish {
             start = max(start, finish + 2 * simulator.latency.oneWayNanos)
         }
         if verb.kind.isAtomic { start = simulator.reserveAtomicUnit(of: nic.node, from: start, for: service) }
-        queue.busyUntil = start + service
+        queue.pointee.busyUntil = start + service
         if start > now {
-            queue.reserved = picked
+            queue.pointee.reserved = picked
             schedulePump(at: start, simulator: simulator)
             return
         }
@@ -298,9 +472,10 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
     /// first WRITE when it may pass the READs and atomics before it and the seeded
     /// generator says so.
     private func nextPosition(now: UInt64, simulator: Simulator) -> Int {
-        guard simulator.reordersUnfencedWrites, let head = queue.verbs.first, head.verb.kind != .write,
-              let write = queue.verbs.firstIndex(where: { $0.verb.kind == .write }),
-              !queue.verbs[write].verb.isFenced, queue.verbs[write].batch.arrival <= now
+        let queue = queue
+        guard queue.pointee.writesQueued > 0, simulator.reordersUnfencedWrites, let head = queue.pointee.firstVerb, head.verb.kind != .write,
+              let write = queue.pointee.firstWritePosition(),
+              !queue.pointee.verb(at: write).verb.isFenced, queue.pointee.verb(at: write).arrival <= now
         else { return 0 }
         return simulator.random(in: 0...1 as ClosedRange<UInt8>) == 0 ? 0 : write
     }
@@ -310,15 +485,16 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
     /// before it (the rule of `nextPosition`, with every verb arrived); after a crash, the
     /// verb that was picked when the crash came to light. Empty when nothing is queued.
     func scriptedPositions(reordering: Bool) -> [Int] {
-        if let reserved = queue.reserved {
-            guard let position = queue.verbs.firstIndex(where: { $0.isSame(as: reserved) }) else {
+        let queue = queue
+        if let reserved = queue.pointee.reserved {
+            guard let position = queue.pointee.position(of: reserved) else {
                 preconditionFailure("the reserved verb left the send queue")
             }
             return [position]
         }
-        guard let head = queue.verbs.first else { return [] }
-        guard reordering, head.verb.kind != .write, let write = queue.verbs.firstIndex(where: { $0.verb.kind == .write }),
-              !queue.verbs[write].verb.isFenced
+        guard let head = queue.pointee.firstVerb else { return [] }
+        guard reordering, head.verb.kind != .write, let write = queue.pointee.firstWritePosition(),
+              !queue.pointee.verb(at: write).verb.isFenced
         else { return [0] }
         return [0, write]
     }
@@ -326,53 +502,64 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
     /// Executes the verb at `position` of the send queue now, in a scripted run (one of
     /// `scriptedPositions`).
     func executeScripted(at position: Int, simulator: Simulator) {
-        let picked = queue.verbs[position]
-        if let reserved = queue.reserved {
+        let picked = queue.pointee.verb(at: position)
+        if let reserved = queue.pointee.reserved {
             precondition(reserved.isSame(as: picked), "a scripted run must execute the reserved verb first")
-            queue.reserved = nil
+            queue.pointee.reserved = nil
         }
         execute(picked, simulator: simulator)
     }
 
     /// Executes `picked` now (its NIC time is reserved), unless the local node crashed.
     private func execute(_ picked: QueuedVerb, simulator: Simulator) {
+        let queue = queue
         let now = simulator.nowNanoseconds
         let verb = picked.verb
         let service = simulator.latency.serviceNanos(verb)
-        if queue.lateVerbsLeft == nil,
+        if queue.pointee.lateVerbsLeft == nil,
            simulator.faults.crashesBeforeNextVerb(localNode, executedSoFar: simulator.verbsExecuted(by: localNode), now: now) {
             localNodeCrashed(before: picked, simulator: simulator)
             return
         }
-        guard let position = queue.verbs.firstIndex(where: { $0.isSame(as: picked) }) else {
+        guard let position = queue.pointee.position(of: picked) else {
             preconditionFailure("the picked verb left the send queue")
         }
-        queue.verbs.remove(at: position)
-        let result = executeOne(verb, index: picked.index)
-        simulator.record(verb, by: localNode, result: result)
-        if verb.kind != .write { queue.lastReadOrAtomicFinish = now + service }
-        let batch = picked.batch
-        switch result {
-        case .failure(let error):
-            queue.verbs.removeAll { $0.batch === batch }
-            batch.finished = (.failure(error), now + service)
-        case .success(let answer):
-            batch.results[picked.index] = answer
-            batch.executedCount += 1
-            if batch.executedCount == batch.verbs.count {
-                batch.finished = (.success(batch.results.map { $0! }), now + service)
+        queue.pointee.removeVerb(at: position)
+        var failure: FabricError?
+        do throws(FabricError) {
+            if queue.pointee[batch: picked.batch].isWords {
+                let word = try executeOne(verb, index: picked.index) { nic.performWord($0) }
+                simulator.record(verb, by: localNode, word: word)
+                queue.pointee[batch: picked.batch].words[picked.index] = word
+            } else {
+                let result = try executeOne(verb, index: picked.index) { nic.perform($0) }
+                simulator.record(verb, by: localNode, result: .success(result))
+                queue.pointee[batch: picked.batch].results[picked.index] = result
             }
+            if case .read(_, let length, _, _) = verb { queue.pointee[batch: picked.batch].readBytes += length }
+            queue.pointee[batch: picked.batch].executedCount += 1
+        } catch {
+            simulator.record(verb, by: localNode, result: .failure(error))
+            failure = error
         }
-        if let late = queue.lateVerbsLeft {
-            queue.lateVerbsLeft = late - 1
-            if late == 1 || (try? result.get()) == nil { queue.verbs.removeAll() }
+        if verb.kind != .write { queue.pointee.lastReadOrAtomicFinish = now + service }
+        if let failure {
+            queue.pointee.removeVerbs(ofBatch: picked.batch)
+            queue.pointee[batch: picked.batch].finished = (failure, now + service)
+        } else if queue.pointee[batch: picked.batch].executedCount == queue.pointee[batch: picked.batch].verbCount {
+            queue.pointee[batch: picked.batch].finished = (nil, now + service)
+        }
+        if let late = queue.pointee.lateVerbsLeft {
+            queue.pointee.lateVerbsLeft = late - 1
+            if late == 1 || failure != nil { queue.pointee.removeAllVerbs() }
         }
         if simulator.isScripted {
             deliverFinishedBatchesAtOnce(simulator: simulator)
             return
         }
-        if let next = queue.verbs.first {
-            schedulePump(at: batch.finished == nil ? now + service : max(now, next.batch.arrival), simulator: simulator)
+        if let next = queue.pointee.firstVerb {
+            let finished = queue.pointee[batch: picked.batch].finished != nil
+            schedulePump(at: finished ? max(now, next.arrival) : now + service, simulator: simulator)
         }
         deliverFinishedBatches(simulator: simulator)
     }
@@ -380,65 +567,73 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
     /// The local node crashed before `picked` could execute: answers every outstanding
     /// batch and decides how many posted verbs still execute, `picked` first.
     private func localNodeCrashed(before picked: QueuedVerb, simulator: Simulator) {
+        let queue = queue
         let late = switch simulator.faults.lateVerbs(of: localNode) {
-        case .seeded: simulator.random(in: 0...queue.verbs.count)
+        case .seeded: simulator.random(in: 0...queue.pointee.verbCount)
         case .none: 0
-        case .all: queue.verbs.count
+        case .all: queue.pointee.verbCount
         }
-        queue.lateVerbsLeft = late
-        let outstanding = queue.batches
-        queue.batches.removeAll()
-        if late == 0 { queue.verbs.removeAll() } else {
+        queue.pointee.lateVerbsLeft = late
+        let outstanding = queue.pointee.pendingFrom..<queue.pointee.nextSerial
+        queue.pointee.pendingFrom = queue.pointee.nextSerial
+        if late == 0 { queue.pointee.removeAllVerbs() } else {
             // After the node's tasks have seen the crash, at the time reserved for `picked`
             // (in a scripted run: as the next verb of this connection).
-            queue.reserved = picked
+            queue.pointee.reserved = picked
             if !simulator.isScripted { schedulePump(at: simulator.nowNanoseconds, simulator: simulator) }
         }
-        for batch in outstanding {
-            let continuation = batch.continuation
-            batch.continuation = nil
-            continuation?.resume(returning: .failure(.localCrash(executedVerbs: batch.executedCount)))
+        for serial in outstanding {
+            let waiter = queue.pointee[batch: serial].waiter
+            queue.pointee[batch: serial].waiter = .none
+            waiter.resume(.failure(.localCrash(executedVerbs: queue.pointee[batch: serial].executedCount)))
         }
+        queue.pointee.dropHandedOverBatches()
     }
 
     /// Answers the finished batches at the head of the queue at once, in posting order (a
     /// scripted run: no crossing back, so the tasks run before the next verb executes).
     private func deliverFinishedBatchesAtOnce(simulator: Simulator) {
-        while let batch = queue.batches.first, let (outcome, _) = batch.finished {
-            queue.batches.removeFirst()
-            guard let continuation = batch.continuation else { continue }
-            batch.continuation = nil
+        let queue = queue
+        while queue.pointee.pendingFrom < queue.pointee.nextSerial, queue.pointee[batch: queue.pointee.pendingFrom].finished != nil {
+            let serial = queue.pointee.pendingFrom
+            queue.pointee.pendingFrom += 1
+            let batch = queue.pointee[batch: serial]
+            queue.pointee[batch: serial].waiter = .none
             if simulator.faults.isCrashed(localNode, now: simulator.nowNanoseconds) {
-                continuation.resume(returning: .failure(.localCrash(executedVerbs: batch.executedCount)))
+                batch.waiter.resume(.failure(.localCrash(executedVerbs: batch.executedCount)))
             } else {
-                continuation.resume(returning: outcome)
+                batch.waiter.resume(batch.outcome)
             }
         }
+        queue.pointee.dropHandedOverBatches()
     }
 
     /// Schedules the completions of the finished batches at the head of the queue, in
     /// posting order: a batch that finished before an earlier one waits for it.
     private func deliverFinishedBatches(simulator: Simulator) {
+        let queue = queue
         var previousDelivery: UInt64 = 0
-        while let batch = queue.batches.first, let (outcome, finish) = batch.finished {
-            queue.batches.removeFirst()
-            guard let continuation = batch.continuation else { continue }
-            batch.continuation = nil
-            let readBytes = batch.results.reduce(0) { sum, result in
-                if case .read(let bytes)? = result { sum + bytes.count } else { sum }
-            }
-            let back = finish + simulator.jittered(simulator.latency.oneWayNanos) + simulator.explorationDelay(of: localNode)
-                + UInt64(Double(readBytes) / simulator.latency.bytesPerNanosecond)
+        while queue.pointee.pendingFrom < queue.pointee.nextSerial, let finished = queue.pointee[batch: queue.pointee.pendingFrom].finished {
+            let serial = queue.pointee.pendingFrom
+            queue.pointee.pendingFrom += 1
+            let batch = queue.pointee[batch: serial]
+            if case .none = batch.waiter { continue }
+            queue.pointee[batch: serial].waiter = .none
+            let back = finished.at + simulator.jittered(simulator.latency.oneWayNanos) + simulator.explorationDelay(of: localNode)
+                + UInt64(Double(batch.readBytes) / simulator.latency.bytesPerNanosecond)
             let delivery = max(simulator.faults.unstalled(localNode, at: back), previousDelivery)
             previousDelivery = delivery
-            let executed = batch.executedCount
-            simulator.schedule(at: delivery) { [self] in
-                if simulator.faults.isCrashed(localNode, now: simulator.nowNanoseconds) {
-                    continuation.resume(returning: .failure(.localCrash(executedVerbs: executed)))
-                } else {
-                    continuation.resume(returning: outcome)
-                }
-            }
+            simulator.schedule(at: delivery, .deliver(self, Delivery(waiter: batch.waiter, outcome: batch.outcome, executedVerbs: batch.executedCount)))
+        }
+        queue.pointee.dropHandedOverBatches()
+    }
+
+    /// Hands a delivered batch to its poster (the completion timer of `deliverFinishedBatches`).
+    func deliver(_ delivery: Delivery, simulator: Simulator) {
+        if simulator.faults.isCrashed(localNode, now: simulator.nowNanoseconds) {
+            delivery.waiter.resume(.failure(.localCrash(executedVerbs: delivery.executedVerbs)))
+        } else {
+            delivery.waiter.resume(delivery.outcome)
         }
     }
 }

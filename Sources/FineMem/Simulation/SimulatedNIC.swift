@@ -30,7 +30,8 @@ package final class SimulatedNIC: NICControl, @unchecked Sendable {
 
     private let pool: UnsafeMutableRawPointer
     private let keys = Locked(KeyTable())
-    private let poweredOff = Locked(false)
+    /// Set by `powerOff()`; read before every verb (an atomic, not a lock).
+    private let poweredOff = ManagedAtomic<Bool>(false)
     /// The connections opened on this NIC, by protection domain, held weakly: what
     /// `breakConnections(of:)` moves to the error state.
     private let connections = Locked<[ProtectionDomain: [WeakConnection]]>([:])
@@ -209,10 +210,10 @@ package final class SimulatedNIC: NICControl, @unchecked Sendable {
     /// Takes the memory node down: every verb from now on fails with `peerDead`, as
     /// completions fail with retry-exceeded when the remote host is gone. Its memory stays
     /// inspectable.
-    package func powerOff() { poweredOff.withLock { $0 = true } }
+    package func powerOff() { poweredOff.store(true, ordering: .sequentiallyConsistent) }
 
     /// Whether `powerOff()` was called.
-    package var isPoweredOff: Bool { poweredOff.withLock { $0 } }
+    package var isPoweredOff: Bool { poweredOff.load(ordering: .sequentiallyConsistent) }
 
     // MARK: Inspection (tests and invariant checkers; never used to change memory)
 
@@ -299,6 +300,24 @@ package final class SimulatedNIC: NICControl, @unchecked Sendable {
             return word.compareExchange(expected: entry.operand, desired: entry.desired, ordering: .sequentiallyConsistent).original
         case .fetchAndAdd:
             return word.loadThenWrappingIncrement(by: entry.operand, ordering: .sequentiallyConsistent)
+        }
+    }
+
+    /// Performs an authorized 8-byte verb (a READ of 8 bytes, a compare-and-swap or a
+    /// fetch-and-add) as `perform(_:)` does; answers the word read (little-endian, as
+    /// `VerbResult.words` decodes it), or the original value of an atomic.
+    func performWord(_ verb: Verb) -> UInt64 {
+        switch verb {
+        case .read(let address, let length, _, _):
+            precondition(length == 8, "a word READ reads 8 bytes, not \(length)")
+            guard address.rawValue % 8 == 0 else { return UInt64(littleEndian: UnsafeRawPointer(pointer(address)).loadUnaligned(as: UInt64.self)) }
+            return atomicWord(address).load(ordering: .relaxed)
+        case .compareAndSwap(let address, let expected, let desired, _, _):
+            return atomicWord(address).compareExchange(expected: expected, desired: desired, ordering: .sequentiallyConsistent).original
+        case .fetchAndAdd(let address, let delta, _, _):
+            return atomicWord(address).loadThenWrappingIncrement(by: delta, ordering: .sequentiallyConsistent)
+        case .write:
+            preconditionFailure("a WRITE answers no word")
         }
     }
 
