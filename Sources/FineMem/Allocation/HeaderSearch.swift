@@ -19,14 +19,16 @@ enum HeaderChoice: Sendable {
 /// sections already in use, so that whole sections stay free for large blocks), else a
 /// contended or full-hinted span with room. Marks the chosen header busy. Answers `.wait`
 /// when the only room is in headers busy with this node's CASes, `.recheck` when it is
-/// under a section's pending log (its flush is on its way) or in a span someone is
-/// opening or closing, nil when there is none.
+/// under a section's pending log (its flush is on its way), in a span someone is opening
+/// or closing, or in a chunk-mode span whose cached header is not open (the section word
+/// came from a later answer than the span word), nil when there is none.
 func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeLink) -> HeaderChoice? {
     var avoided: (slot: HeaderSlot, run: HeaderRun)?
     var unknownSection: Int?
     var skippedBusy = false
     var found: HeaderSlot?
     var foundRun: HeaderRun?
+    var transient: [HeaderSlot]?
     // The summary's chunk-mode candidates, from the cursor: a normal span with room ends
     // the search; the first uncached section and the first span to avoid are kept.
     cache.chunkCandidates.forEach(from: cache.cursor) { section in
@@ -39,7 +41,16 @@ func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeL
                 break
             }
             let slot = HeaderSlot.span(section: section, span: span)
-            guard let spanHeader = cache.settled(SpanHeader.self, slot), let run = spanHeader.firstFreeRun(countLog2: chunkCountLog2) else { continue }
+            guard let spanHeader = cache.settled(SpanHeader.self, slot) else { continue }
+            // A chunk-mode entry over a span header not open: the span is being opened or
+            // closed, or (far more often) the cache holds the section word from a later
+            // answer than the span word (a span another node opened after this node read
+            // it). Its room is real or about to be: read the span again, never "no room".
+            guard spanHeader.mode == .open else {
+                if transient == nil { transient = [.section(section), slot] }
+                continue
+            }
+            guard let run = spanHeader.firstFreeRun(countLog2: chunkCountLog2) else { continue }
             if cache.busy.contains(slot) { skippedBusy = true; continue }
             if state == .chunks, !spanHeader.contended, !link.waitsForFlush(SpanHeader.self, slot, cache: cache) {
                 (found, foundRun) = (slot, run)
@@ -56,7 +67,6 @@ func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeL
     }
     if let unknownSection { return .readSpans(section: unknownSection) }
     // An empty span to open: in a section already in use, else in a wholly empty one.
-    var transient: [HeaderSlot]?
     var open: (section: Int, span: Int)?
     func findOpenable(in candidates: SectionBitmap) {
         candidates.forEach(from: cache.cursor) { section in

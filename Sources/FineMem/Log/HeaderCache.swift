@@ -23,9 +23,9 @@ struct HeaderCache: Sendable {
     var busy = BusyHeaders()
     var cursor: Int
     /// The summary level: sections where a chunk-layer search may find something (a span
-    /// empty in the settled section header, or a chunk-mode span with a free chunk or
-    /// whose headers are not read yet), and sections with an empty span (where a
-    /// section-layer search may). Kept from every answer stored, so that a search visits
+    /// empty in the settled section header, or a chunk-mode span with a free chunk, whose
+    /// headers are not read yet, or whose cached header is not open), and sections with an
+    /// empty span (where a section-layer search may). Kept from every answer stored, so that a search visits
     /// candidates only, however large the pool: a superset of where room is, never less.
     private(set) var chunkCandidates: SectionBitmap
     private(set) var sectionCandidates: SectionBitmap
@@ -99,7 +99,9 @@ struct HeaderCache: Sendable {
                     if !spansKnown[section] {
                         chunkCandidate = true
                     } else if let spanHeader = SpanHeader(rawValue: spanWord(section: section, span: span))?.settled,
-                              spanHeader.firstFreeRun(countLog2: 0) != nil {
+                              spanHeader.mode != .open || spanHeader.firstFreeRun(countLog2: 0) != nil {
+                        // A span header not open under a chunk-mode entry is stale or in
+                        // the middle of an open or close: its room is unknown, not absent.
                         chunkCandidate = true
                     }
                 }

@@ -1,0 +1,109 @@
+import Testing
+@testable import FineMem
+
+private let application = ApplicationID(1)
+
+/// "No room" answered while room existed (exhaustion soak, seed 1877 at e6be4fe): room
+/// moves from a section word to a span word when a span opens, and a search that sees the
+/// section entry in chunk mode but the span header not open (stale in its cache, or
+/// genuinely in the middle of someone's opening) must read the span again, never conclude
+/// "no room" from it. Both tests failed before the fix.
+@Suite struct AllocatorNoRoomTests {
+    /// A one-section pool: node B holds spans 0-14 whole (section layer), node A reads every
+    /// header (span 15 empty and closed), then B opens span 15 with 16 chunks.
+    private static func sectionWithOneSpanLeft(_ simulator: Simulator) async throws -> (EmbeddedCluster, [Block]) {
+        var configuration = EmbeddedCluster.Configuration(poolBytesPerNode: 2 << 20, computeNodes: 2)
+        configuration.failureDetection = false
+        let cluster = try await EmbeddedCluster.start(configuration, simulator: simulator)
+        let (a, b) = (cluster.computeNodes[0], cluster.computeNodes[1])
+        var blocks: [Block] = []
+        for chunkCountLog2 in [8, 7, 6, 5] { blocks.append(try await b.allocate(chunkCountLog2: chunkCountLog2, application: application)) }
+        await cluster.quiesce()
+        var trace = OperationTrace()
+        try await a.refresh(a.links[0], trace: &trace)
+        return (cluster, blocks)
+    }
+
+    /// The interleaving of seed 1877: A's last full refresh read span 15 closed; B opened
+    /// it since; A then learned the section word alone (in the soak: the answer of another
+    /// task's lost section-layer CAS). A's cache holds a chunk-mode entry over a closed span
+    /// header, a state remote memory never has; before the fix the search found nothing
+    /// there, and a search that had already refreshed answered `outOfMemory` while span 15
+    /// had 16 free chunks.
+    @Test func aChunkModeEntryOverAStaleClosedSpanIsReadAgainNotNoRoom() throws {
+        let seed: UInt64 = 5
+        let result = simulate(seed: seed) { simulator -> (HeaderChoice?, Bool, Block, Bool) in
+            let (cluster, _) = try await Self.sectionWithOneSpanLeft(simulator)
+            let (a, b) = (cluster.computeNodes[0], cluster.computeNodes[1])
+            _ = try await b.allocate(chunkCountLog2: 4, application: application)
+            await cluster.quiesce()
+            let link = a.links[0]
+            var trace = OperationTrace()
+            try await link.readHeaders([.section(0)], trace: &trace)
+            let (choice, candidate) = link.cache.withLock { cache -> (HeaderChoice?, Bool) in
+                let choice = chooseSpan(chunkCountLog2: 1, cache: &cache, link: link)
+                return (choice, cache.chunkCandidates[0])
+            }
+            if case .claim(let slot, _)? = choice { link.releaseBusy(slot) }
+            let block = try await a.allocate(chunkCountLog2: 1, application: application)
+            let staleState = SpanHeader(rawValue: link.cache.withLock { $0[.span(section: 0, span: 15)] })?.mode == .open
+            return (choice, candidate, block, staleState)
+        }
+        let (choice, candidate, block, spanNowOpenInCache) = try #require(result, "seed \(seed): the run did not finish").get()
+        guard case .recheck(let slots)? = choice else {
+            Issue.record("seed \(seed): the search answered \(String(describing: choice)) over span 15, which has 16 free chunks")
+            return
+        }
+        #expect(slots.contains(.span(section: 0, span: 15)), "seed \(seed): \(slots)")
+        #expect(candidate, "seed \(seed): section 0 is not a chunk-layer candidate")
+        #expect(block.firstChunk / PoolGeometry.chunksPerSpan == 15 && block.chunkCountLog2 == 1, "seed \(seed): \(block)")
+        #expect(spanNowOpenInCache, "seed \(seed)")
+    }
+
+    /// B stalls between flipping span 15's entry to chunk mode and opening the span header
+    /// (its third doorbell); A, whose search reads the headers meanwhile, finds span 15
+    /// `opening` under a chunk-mode entry and nothing else. Before the fix A answered
+    /// `outOfMemory` (after its full refresh showed the same), and B's opening then left 31
+    /// free chunks; now A rereads the span until B's opening lands, and claims there.
+    @Test func aSearchWaitsForASpanBeingOpenedInsteadOfAnsweringNoRoom() throws {
+        let seed: UInt64 = 6
+        let result = simulate(seed: seed) { simulator -> (Result<Block, AllocationError>, Bool, [String]) in
+            let (cluster, filled) = try await Self.sectionWithOneSpanLeft(simulator)
+            let (a, b) = (cluster.computeNodes[0], cluster.computeNodes[1])
+            let inspector = PoolInspector(cluster: cluster)
+            let opened = Locked<Block?>(nil)
+            simulator.spawn {
+                let block = try? await b.allocate(chunkCountLog2: 0, application: application)
+                opened.withLock { $0 = block }
+            }
+            // Stall B as soon as its flip has executed (before its completion reaches B).
+            var caught = false
+            for _ in 0..<100_000 {
+                if inspector.section(on: NodeID(0), 0)?.state(ofSpan: 15).isChunkMode == true {
+                    caught = inspector.span(on: NodeID(0), section: 0, span: 15)?.mode == .opening
+                    simulator.faults.stall(EmbeddedCluster.computeNodeID(1), fromNanoseconds: simulator.nowNanoseconds, forNanoseconds: 300_000)
+                    break
+                }
+                await simulator.sleep(nanoseconds: 50)
+            }
+            let outcome: Result<Block, AllocationError>
+            do throws(AllocationError) { outcome = .success(try await a.allocate(chunkCountLog2: 1, application: application)) } catch {
+                outcome = .failure(error)
+            }
+            await simulator.sleep(nanoseconds: 400_000)
+            await cluster.quiesce()
+            var problems = filled.flatMap { inspector.admit($0, owner: b.owner) }
+            if let block = opened.withLock({ $0 }) { problems += inspector.admit(block, owner: b.owner) } else { problems.append("B's allocation failed") }
+            if case .success(let block) = outcome { problems += inspector.admit(block, owner: a.owner) }
+            problems += inspector.checkAtRest()
+            return (outcome, caught, problems)
+        }
+        let (outcome, caught, problems) = try #require(result, "seed \(seed): the run did not finish").get()
+        #expect(caught, "seed \(seed): B was not stalled between its flip and its opening, so this run did not reach the path")
+        switch outcome {
+        case .success(let block): #expect(block.firstChunk / PoolGeometry.chunksPerSpan == 15, "seed \(seed): \(block)")
+        case .failure(let error): Issue.record("seed \(seed): \(error) while span 15 was being opened")
+        }
+        #expect(problems == [], "seed \(seed): \(problems)")
+    }
+}
