@@ -31,7 +31,8 @@ func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeL
     var transient: [HeaderSlot]?
     // The summary's chunk-mode candidates, from the cursor: a normal span with room ends
     // the search; the first uncached section and the first span to avoid are kept.
-    cache.chunkCandidates.forEach(from: cache.cursor) { section in
+    let chunkCandidates = cache.chunkCandidates
+    chunkCandidates.forEach(from: cache.cursor) { section in
         guard let sectionHeader = SectionHeader(rawValue: cache[.section(section)])?.settled else { return true }
         for span in 0..<PoolGeometry.spansPerSection {
             let state = sectionHeader.state(ofSpan: span)
@@ -52,7 +53,7 @@ func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeL
             }
             guard let run = spanHeader.firstFreeRun(countLog2: chunkCountLog2) else { continue }
             if cache.busy.contains(slot) { skippedBusy = true; continue }
-            if state == .chunks, !spanHeader.contended, !link.waitsForFlush(SpanHeader.self, slot, cache: cache) {
+            if state == .chunks, !spanHeader.contended, !link.waitsForFlush(SpanHeader.self, slot, word: cache[slot]) {
                 (found, foundRun) = (slot, run)
                 return false
             }
@@ -115,12 +116,13 @@ func chooseSection(spanCountLog2: Int, cache: inout HeaderCache, link: MemoryNod
     var skippedBusy = false
     var found: HeaderChoice?
     // Only the summary's candidates: every other section has no empty span in the cache.
-    cache.sectionCandidates.forEach(from: cache.cursor) { section in
+    let sectionCandidates = cache.sectionCandidates
+    sectionCandidates.forEach(from: cache.cursor) { section in
         let slot = HeaderSlot.section(section)
         guard let header = cache.settled(SectionHeader.self, slot), let run = header.firstFreeRun(countLog2: spanCountLog2) else { return true }
         if cache.busy.contains(slot) { skippedBusy = true; return true }
         let choice = HeaderChoice.claim(slot, run)
-        if header.contended || link.waitsForFlush(SectionHeader.self, slot, cache: cache) {
+        if header.contended || link.waitsForFlush(SectionHeader.self, slot, word: cache[slot]) {
             if contended == nil { contended = choice }
         } else if header.isAllEmpty {
             if empty == nil { empty = choice }

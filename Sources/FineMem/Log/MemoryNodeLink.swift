@@ -232,10 +232,11 @@ final class MemoryNodeLink: Sendable {
 
     func releaseBusy(_ slot: HeaderSlot) { cache.withLock { $0.busy.remove(slot) } }
 
-    /// Whether a block operation on this cached header would wait for someone's flush: it
-    /// carries a pending log that is not this node's queued one (which a commit folds in).
-    /// Searches rank such headers after clean ones.
-    func waitsForFlush<Header: LoggedHeader>(_ type: Header.Type, _ slot: HeaderSlot, cache: HeaderCache) -> Bool {
-        (Header(rawValue: cache[slot])?.logPending ?? false) && !pending.withLock { $0.isQueued(slot) }
+    /// Whether a block operation on the header at `slot`, cached as `word`, would wait for
+    /// someone's flush: it carries a pending log that is not this node's queued one (which
+    /// a commit folds in). Searches rank such headers after clean ones. (The word, not the
+    /// cache: a search calls this inside the cache's lock, from closures over it.)
+    func waitsForFlush<Header: LoggedHeader>(_ type: Header.Type, _ slot: HeaderSlot, word: UInt64) -> Bool {
+        (Header(rawValue: word)?.logPending ?? false) && !pending.withLock { $0.isQueued(slot) }
     }
 }
