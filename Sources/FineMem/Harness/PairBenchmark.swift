@@ -28,9 +28,12 @@ package enum PairBenchmark {
 
     /// An embedded cluster of one memory node and one compute node, in immediate mode and
     /// without failure detection (no lease traffic in the figures).
-    package static func cluster(poolBytes: UInt64 = 1 << 30) async throws(ClusterError) -> EmbeddedCluster {
+    package static func cluster(
+        poolBytes: UInt64 = 1 << 30, allocator: AllocatorConfiguration = AllocatorConfiguration()
+    ) async throws(ClusterError) -> EmbeddedCluster {
         var configuration = EmbeddedCluster.Configuration(memoryNodes: 1, poolBytesPerNode: poolBytes, computeNodes: 1)
         configuration.failureDetection = false
+        configuration.allocator = allocator
         return try await EmbeddedCluster.start(configuration)
     }
 
