@@ -106,4 +106,63 @@ private let application = ApplicationID(1)
         }
         #expect(problems == [], "seed \(seed): \(problems)")
     }
+
+    /// A multi-section claim in flight holds sections whole under its pending log, and may
+    /// roll back: node C (its cache stale) claims the whole 4-section pool for 8 MiB, wins
+    /// three sections, loses the one where B holds 4 KiB, and is stalled before its
+    /// rollback. A, asking for 2 MiB meanwhile, reads every header and finds no empty
+    /// section. Before the fix A answered `outOfMemory` (the exhaustion soak's second
+    /// cause, seeds 1006, 1176 and 1610 at 027ae3b); now it waits for the claim to settle
+    /// and takes a section C gave back.
+    @Test func aSearchWaitsForAMultiSectionClaimInFlightInsteadOfAnsweringNoRoom() throws {
+        let seed: UInt64 = 7
+        let result = simulate(seed: seed) { simulator -> (Result<Block, AllocationError>, Bool, [String]) in
+            var configuration = EmbeddedCluster.Configuration(poolBytesPerNode: 8 << 20, computeNodes: 3)
+            configuration.failureDetection = false
+            let cluster = try await EmbeddedCluster.start(configuration, simulator: simulator)
+            let (a, b, c) = (cluster.computeNodes[0], cluster.computeNodes[1], cluster.computeNodes[2])
+            let inspector = PoolInspector(cluster: cluster)
+            let held = try await b.allocate(chunkCountLog2: 0, application: application)
+            await cluster.quiesce()
+            let claimed = Locked<Block?>(nil)
+            simulator.spawn {
+                let block = try? await c.allocate(chunkCountLog2: 11, application: application)
+                claimed.withLock { $0 = block }
+            }
+            // Stall C as soon as its claim has executed (before its answers reach C).
+            var caught = false
+            for _ in 0..<100_000 {
+                let claimedSections = (0..<4).filter { section in
+                    guard let header = inspector.section(on: NodeID(0), section) else { return false }
+                    return header.logPending && header.log.owner == c.owner && header.log.sizeCode == SectionHeader.multiSectionSizeCode
+                }
+                if !claimedSections.isEmpty {
+                    simulator.faults.stall(EmbeddedCluster.computeNodeID(2), fromNanoseconds: simulator.nowNanoseconds, forNanoseconds: 300_000)
+                    break
+                }
+                await simulator.sleep(nanoseconds: 50)
+            }
+            // The rest of C's doorbell executes at the memory node; its rollback waits.
+            await simulator.sleep(nanoseconds: 5_000)
+            caught = (0..<4).count { section in
+                guard let header = inspector.section(on: NodeID(0), section) else { return false }
+                return header.logPending && header.log.owner == c.owner && header.isAllWhole
+            } == 3
+            let outcome: Result<Block, AllocationError>
+            do throws(AllocationError) { outcome = .success(try await a.allocate(chunkCountLog2: 9, application: application)) } catch {
+                outcome = .failure(error)
+            }
+            await simulator.sleep(nanoseconds: 400_000)
+            await cluster.quiesce()
+            var problems = inspector.admit(held, owner: b.owner)
+            if let block = claimed.withLock({ $0 }) { problems.append("C's 8 MiB claim succeeded: \(block)") }
+            if case .success(let block) = outcome { problems += inspector.admit(block, owner: a.owner) }
+            problems += inspector.checkAtRest()
+            return (outcome, caught, problems)
+        }
+        let (outcome, caught, problems) = try #require(result, "seed \(seed): the run did not finish").get()
+        #expect(caught, "seed \(seed): C was not stalled with three sections claimed, so this run did not reach the path")
+        if case .failure(let error) = outcome { Issue.record("seed \(seed): \(error) while a claim that rolls back held the sections") }
+        #expect(problems == [], "seed \(seed): \(problems)")
+    }
 }

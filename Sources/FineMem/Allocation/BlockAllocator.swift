@@ -322,9 +322,18 @@ package final class BlockAllocator: Sendable {
     /// The cache shows no room: look through the room summary for sections with room the
     /// cache does not know of (a few KiB), and when it shows none, read every header
     /// (answers false: search again); when this search already did both, conclude there
-    /// is none (answers true). The summary is a hint: "no room" rests on the full read.
+    /// is none (answers true), unless a multi-section claim in flight holds sections. The
+    /// summary is a hint: "no room" rests on the full read.
     func noRoomInCache(_ search: inout Search, on link: MemoryNodeLink, trace: inout OperationTrace) async throws(AllocationError) -> Bool {
-        if search.refreshed { return true }
+        if search.refreshed {
+            // Sections held whole by a multi-section claim in flight are not "no room": the
+            // claim may lose a race on another section and roll back. Wait (with backoff,
+            // bounded by `waitCountMax`) for it to settle, read again, and search again.
+            guard link.cache.withLock({ $0.holdsRunClaimInFlight }) else { return true }
+            try await search.backoff.pause(runtime)
+            try await refresh(link, trace: &trace)
+            return false
+        }
         if !search.lookedInSummary {
             search.lookedInSummary = true
             let found: Int
