@@ -70,8 +70,6 @@ struct UpkeepQueue: Sendable {
 extension BlockAllocator {
     /// Most upkeep workers one node runs.
     static let upkeepWorkersMax = 64
-    /// Rounds of CASes a room summary sync spends between pauses.
-    static let roomSummarySyncAttemptsMax = 8
 
     /// Queues `body` as upkeep of this node (`quiesce()` waits for it).
     func startUpkeep(_ body: @escaping @Sendable () async -> OperationTrace) {
@@ -146,7 +144,7 @@ extension BlockAllocator {
             var trace = OperationTrace()
             do {
                 try await links[index].syncRoomSummary(
-                    sections: sections, attemptsMax: Self.roomSummarySyncAttemptsMax,
+                    sections: sections, attemptsMax: MemoryNodeLink.roomSummarySyncAttemptsMax,
                     backoffNanos: configuration.backoffNanosMin...configuration.backoffNanosMax, runtime: runtime, trace: &trace)
             } catch {
                 trace.upkeepErrors += 1

@@ -21,6 +21,10 @@
 /// between a CAS and its sync leaves a bit stale; the summary is a hint, so that costs a
 /// full refresh (which mends it), never an allocation.
 extension MemoryNodeLink {
+    /// Rounds of CASes a room summary sync spends between pauses (the allocator's upkeep
+    /// and recovery both sync with it).
+    static let roomSummarySyncAttemptsMax = 8
+
     /// Syncs the room summary bits of `sections` (contiguous), then the top bits of
     /// their words.
     func syncRoomSummary(

@@ -88,8 +88,6 @@ package final class PoolRecovery: Sendable {
     private static let sectionsPerRead = 256
     /// The pause between passes that lost a CAS or waited on another node's pending log.
     private static let pauseNanos: ClosedRange<UInt64> = 1_000...1_000_000
-    /// Rounds of CASes a room summary sync spends between pauses.
-    private static let summarySyncAttemptsMax = 8
 
     package init(owner: OwnerID, grant: MemoryNodeGrant, connection: any FabricConnection, runtime: any Runtime, idlePassesMax: Int = 64) {
         self.owner = owner
@@ -158,7 +156,7 @@ package final class PoolRecovery: Sendable {
                 do {
                     if let sections = roomChanged.withLock({ $0 }) {
                         try await link.syncRoomSummary(
-                            sections: sections, attemptsMax: Self.summarySyncAttemptsMax, backoffNanos: Self.pauseNanos, runtime: runtime, trace: &trace)
+                            sections: sections, attemptsMax: MemoryNodeLink.roomSummarySyncAttemptsMax, backoffNanos: Self.pauseNanos, runtime: runtime, trace: &trace)
                     }
                     let current = try await probe(slotAddress, trace: &trace)
                     outcome = try await link.update(.word(slotAddress, known: current), UpdatePolicy(attemptsMax: 4), trace: &trace) { $0.recovered() }
