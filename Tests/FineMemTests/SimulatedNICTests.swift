@@ -111,6 +111,35 @@ private func expectViolation(
         await expectViolation(.windowInvalidated, on: fresh, [.read(b.region.address + 4096, length: 8, rkey: key)])
     }
 
+    /// A connection checks a key it used a moment ago without the key table's lock (its
+    /// key cache), and still sees every change at once: an invalidation, a rebind, on the
+    /// word-batch path and the general one.
+    @Test func keysAConnectionUsedAreCheckedAfreshAfterEveryChange() async throws {
+        let b = try Bench()
+        let window = try b.nic.allocateWindow(pd: b.pd)
+        let first = try b.nic.bind(window, in: b.region, address: b.region.address + 4096, length: 4096, access: .all)
+        var batch = WordBatch()
+        _ = batch.read(b.region.address + 4096, rkey: first)
+        _ = batch.read(b.region.address, rkey: b.region.rkey)
+        try await b.connection.post(&batch)
+        let second = try b.nic.bind(window, in: b.region, address: b.region.address + 8192, length: 4096, access: .all)
+        await expectViolation(.staleKey, on: b.connection, [.read(b.region.address + 4096, length: 8, rkey: first)])
+        let other = b.nic.connect(from: NodeID(1), protectionDomain: b.pd)
+        _ = try await other.read(b.region.address + 8192, length: 8, rkey: second)
+        try b.nic.invalidate(window)
+        var after = WordBatch()
+        _ = after.read(b.region.address + 8192, rkey: second)
+        do throws(FabricError) {
+            try await other.post(&after)
+            Issue.record("a word batch used a key after its window was invalidated")
+        } catch {
+            guard case .remoteAccess(.windowInvalidated, _, _, _) = error else {
+                Issue.record("expected windowInvalidated, got \(error)")
+                return
+            }
+        }
+    }
+
     @Test func keyOfWindowAfterRebindIsStale() async throws {
         let b = try Bench()
         let window = try b.nic.allocateWindow(pd: b.pd)

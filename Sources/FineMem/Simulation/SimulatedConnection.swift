@@ -53,10 +53,13 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
     package var remoteNode: NodeID { nic.node }
     let simulator: Simulator?
 
-    /// The error state and the counters. Held while a verb is checked and performed, so
-    /// that `breakConnection()` waits for a verb in progress and no verb lands after it.
-    private let state = Locked(State())
-    /// Serialises immediate-mode batches of this connection (posting order).
+    /// The error state, the counters and the key cache, guarded by `order`: held while a
+    /// verb is checked and performed, so that `breakConnection()` waits for a verb in
+    /// progress and no verb lands after it. Behind a pointer, so that its accesses carry
+    /// no dynamic exclusivity check.
+    private let state: UnsafeMutablePointer<State>
+    /// Serialises immediate-mode batches of this connection (posting order) and guards
+    /// `state`: an immediate-mode batch takes this one lock, whatever its length.
     private let order = Lock()
     /// The virtual-time send queue; touched only on the simulator's thread, behind a
     /// pointer so that its accesses carry no dynamic exclusivity check.
@@ -65,6 +68,8 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
     private struct State {
         var broken = false
         var counters = FabricCounters()
+        /// The grants of the keys this connection used last (`SimulatedNIC.authorize`).
+        var keys = SimulatedNIC.KeyCache()
     }
 
     init(nic: SimulatedNIC, localNode: NodeID, protectionDomain: ProtectionDomain, simulator: Simulator?) {
@@ -74,23 +79,33 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
         self.simulator = simulator
         queue = .allocate(capacity: 1)
         queue.initialize(to: SendQueue())
+        state = .allocate(capacity: 1)
+        state.initialize(to: State())
     }
 
     deinit {
         queue.deinitialize(count: 1)
         queue.deallocate()
+        state.deinitialize(count: 1)
+        state.deallocate()
+    }
+
+    /// Runs `body` on the state, under `order`.
+    @inline(__always)
+    private func withState<Result, Failure: Error>(_ body: (inout State) throws(Failure) -> Result) throws(Failure) -> Result {
+        try order.withLock { () throws(Failure) -> Result in try body(&state.pointee) }
     }
 
     /// Verb, batch and byte counts so far.
-    package var counters: FabricCounters { state.withLock { $0.counters } }
+    package var counters: FabricCounters { withState { $0.counters } }
 
     /// Whether the connection is in the error state.
-    package var isBroken: Bool { state.withLock { $0.broken } }
+    package var isBroken: Bool { withState { $0.broken } }
 
     /// Puts the connection in the error state (a fault, or fencing of its node). A verb
     /// executing on another thread finishes before this returns; every later one fails
     /// with `connectionBroken`, including verbs already posted.
-    package func breakConnection() { state.withLock { $0.broken = true } }
+    package func breakConnection() { withState { $0.broken = true } }
 
     package func post(_ verbs: [Verb]) async throws(FabricError) -> [VerbResult] {
         if let simulator {
@@ -99,8 +114,8 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
             }
             return try outcome.get()
         }
-        return try order.withLock { () throws(FabricError) -> [VerbResult] in
-            try executeImmediately(verbs)
+        return try withState { (s) throws(FabricError) -> [VerbResult] in
+            try executeImmediately(verbs, state: &s)
         }
     }
 
@@ -117,24 +132,22 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
         guard simulator == nil else {
             return Self.store(try await postWords(batch), in: &batch)
         }
-        try order.withLock { () throws(FabricError) in
-            try state.withLock { (s) throws(FabricError) in
-                guard !s.broken else { throw .connectionBroken(nic.node) }
-                s.counters.batches += 1
-                for index in 0..<batch.count {
-                    let entry = batch[index]
-                    if nic.isPoweredOff {
-                        s.broken = true
-                        throw .peerDead(nic.node)
-                    }
-                    if let violation = nic.authorize(entry, pd: protectionDomain) {
-                        s.broken = true
-                        throw .remoteAccess(violation, address: entry.address, rkey: entry.rkey, verbIndex: index)
-                    }
-                    batch.answer(index, nic.perform(entry))
-                    s.counters.verbs[entry.kind.verbKind.rawValue] += 1
-                    if entry.kind == .read { s.counters.bytesRead += 8 }
+        try withState { (s) throws(FabricError) in
+            guard !s.broken else { throw .connectionBroken(nic.node) }
+            s.counters.batches += 1
+            for index in 0..<batch.count {
+                let entry = batch[index]
+                if nic.isPoweredOff {
+                    s.broken = true
+                    throw .peerDead(nic.node)
                 }
+                if let violation = nic.authorize(entry, pd: protectionDomain, cache: &s.keys) {
+                    s.broken = true
+                    throw .remoteAccess(violation, address: entry.address, rkey: entry.rkey, verbIndex: index)
+                }
+                batch.answer(index, nic.perform(entry))
+                s.counters.verbs[entry.kind.verbKind.rawValue] += 1
+                if entry.kind == .read { s.counters.bytesRead += 8 }
             }
         }
     }
@@ -156,44 +169,40 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
         for index in 0..<batch.count { batch.answer(index, answers[index]) }
     }
 
-    private func executeImmediately(_ verbs: [Verb]) throws(FabricError) -> [VerbResult] {
+    private func executeImmediately(_ verbs: [Verb], state s: inout State) throws(FabricError) -> [VerbResult] {
         var results: [VerbResult] = []
         results.reserveCapacity(verbs.count)
-        try state.withLock { (s) throws(FabricError) in
-            guard !s.broken else { throw .connectionBroken(nic.node) }
-            s.counters.batches += 1
-        }
+        guard !s.broken else { throw .connectionBroken(nic.node) }
+        s.counters.batches += 1
         for (index, verb) in verbs.enumerated() {
-            results.append(try executeOne(verb, index: index) { nic.perform($0) })
+            results.append(try executeOne(verb, index: index, state: &s) { nic.perform($0) })
         }
         return results
     }
 
-    /// Checks and performs one verb, updating counters and the error state; the check and
-    /// the effect (`perform`, which answers what the verb answered) happen under `state`'s
-    /// lock, so they are atomic against `breakConnection()`.
+    /// Checks and performs one verb, updating counters and the error state; the caller
+    /// holds `order` (it passes the state), so the check and the effect (`perform`, which
+    /// answers what the verb answered) are atomic against `breakConnection()`.
     @inline(__always)
-    private func executeOne<Answer>(_ verb: Verb, index: Int, perform: (Verb) -> Answer) throws(FabricError) -> Answer {
+    private func executeOne<Answer>(_ verb: Verb, index: Int, state s: inout State, perform: (Verb) -> Answer) throws(FabricError) -> Answer {
         let remoteCrashed = simulator.map { $0.faults.isCrashed(nic.node, now: $0.nowNanoseconds) } ?? false
-        return try state.withLock { (s) throws(FabricError) -> Answer in
-            if nic.isPoweredOff || remoteCrashed {
-                s.broken = true
-                throw .peerDead(nic.node)
-            }
-            if s.broken { throw .connectionBroken(nic.node) }
-            if let violation = nic.authorize(verb, pd: protectionDomain) {
-                s.broken = true
-                throw .remoteAccess(violation, address: verb.address, rkey: verb.rkey, verbIndex: index)
-            }
-            let answer = perform(verb)
-            s.counters.verbs[verb.kind.rawValue] += 1
-            switch verb {
-            case .read(_, let length, _, _): s.counters.bytesRead += UInt64(length)
-            case .write(_, let bytes, _, _): s.counters.bytesWritten += UInt64(bytes.count)
-            default: break
-            }
-            return answer
+        if nic.isPoweredOff || remoteCrashed {
+            s.broken = true
+            throw .peerDead(nic.node)
         }
+        if s.broken { throw .connectionBroken(nic.node) }
+        if let violation = nic.authorize(verb, pd: protectionDomain, cache: &s.keys) {
+            s.broken = true
+            throw .remoteAccess(violation, address: verb.address, rkey: verb.rkey, verbIndex: index)
+        }
+        let answer = perform(verb)
+        s.counters.verbs[verb.kind.rawValue] += 1
+        switch verb {
+        case .read(_, let length, _, _): s.counters.bytesRead += UInt64(length)
+        case .write(_, let bytes, _, _): s.counters.bytesWritten += UInt64(bytes.count)
+        default: break
+        }
+        return answer
     }
 
     // MARK: Virtual time
@@ -398,7 +407,7 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
             waiter.resume(.failure(.localCrash(executedVerbs: 0)))
             return
         }
-        let broken = state.withLock { s -> Bool in
+        let broken = withState { s -> Bool in
             if !s.broken { s.counters.batches += 1 }
             return s.broken
         }
@@ -528,11 +537,11 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
         var failure: FabricError?
         do throws(FabricError) {
             if queue.pointee[batch: picked.batch].isWords {
-                let word = try executeOne(verb, index: picked.index) { nic.performWord($0) }
+                let word = try withState { (s) throws(FabricError) in try executeOne(verb, index: picked.index, state: &s) { nic.performWord($0) } }
                 simulator.record(verb, by: localNode, word: word)
                 queue.pointee[batch: picked.batch].words[picked.index] = word
             } else {
-                let result = try executeOne(verb, index: picked.index) { nic.perform($0) }
+                let result = try withState { (s) throws(FabricError) in try executeOne(verb, index: picked.index, state: &s) { nic.perform($0) } }
                 simulator.record(verb, by: localNode, result: .success(result))
                 queue.pointee[batch: picked.batch].results[picked.index] = result
             }

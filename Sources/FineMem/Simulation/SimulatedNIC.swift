@@ -30,6 +30,10 @@ package final class SimulatedNIC: NICControl, @unchecked Sendable {
 
     private let pool: UnsafeMutableRawPointer
     private let keys = Locked(KeyTable())
+    /// Advanced after every change that can take a grant away or alter it (deregister,
+    /// bind, invalidate): a connection's `KeyCache` holds grants only while it is unchanged,
+    /// so a verb checks a key it used before without taking `keys`' lock.
+    private let keyEpoch = ManagedAtomic<UInt64>(0)
     /// Set by `powerOff()`; read before every verb (an atomic, not a lock).
     private let poweredOff = ManagedAtomic<Bool>(false)
     /// The connections opened on this NIC, by protection domain, held weakly: what
@@ -128,6 +132,7 @@ package final class SimulatedNIC: NICControl, @unchecked Sendable {
                 throw .regionHasBoundWindows(region.rkey)
             }
             table.entries[region.rkey.index] = nil
+            keyEpoch.wrappingIncrement(ordering: .sequentiallyConsistent)
         }
     }
 
@@ -157,6 +162,7 @@ package final class SimulatedNIC: NICControl, @unchecked Sendable {
             state.tag &+= 1
             state.binding = (address, length, access, region.rkey.index)
             table.entries[window.index] = .window(state)
+            keyEpoch.wrappingIncrement(ordering: .sequentiallyConsistent)
             return RKey(index: window.index, tag: state.tag)
         }
     }
@@ -167,6 +173,7 @@ package final class SimulatedNIC: NICControl, @unchecked Sendable {
             guard case .window(var state)? = table.entries[window.index] else { throw .noSuchWindow(window.index) }
             state.binding = nil
             table.entries[window.index] = .window(state)
+            keyEpoch.wrappingIncrement(ordering: .sequentiallyConsistent)
         }
     }
 
@@ -238,8 +245,36 @@ package final class SimulatedNIC: NICControl, @unchecked Sendable {
         UnsafeAtomic<UInt64>(at: pointer(address).assumingMemoryBound(to: UInt64.AtomicRepresentation.self))
     }
 
-    /// Checks `verb` against the key table in `pd`.
-    func authorize(_ verb: Verb, pd: ProtectionDomain) -> RemoteAccessViolation? {
+    /// What a key grants: where, how far, which access.
+    struct Grant {
+        let address: RemoteAddress
+        let length: UInt64
+        let access: RemoteAccess
+    }
+
+    /// The grants of the two keys one connection used last (a pool's metadata key and its
+    /// data key, typically), with the key epoch they were looked up in: while the epoch
+    /// is unchanged no key was deregistered, rebound or invalidated, so they still hold.
+    /// The connection keeps it under its own lock.
+    struct KeyCache {
+        fileprivate var epoch = UInt64.max
+        fileprivate var first: (rkey: RKey, grant: Grant)?
+        fileprivate var second: (rkey: RKey, grant: Grant)?
+
+        fileprivate subscript(rkey: RKey) -> Grant? {
+            if let first, first.rkey == rkey { return first.grant }
+            if let second, second.rkey == rkey { return second.grant }
+            return nil
+        }
+
+        fileprivate mutating func insert(_ grant: Grant, for rkey: RKey) {
+            second = first
+            first = (rkey, grant)
+        }
+    }
+
+    /// Checks `verb` against the key table in `pd` (`cache`: as for a word batch's entry).
+    func authorize(_ verb: Verb, pd: ProtectionDomain, cache: inout KeyCache) -> RemoteAccessViolation? {
         let needed: RemoteAccess
         let length: Int
         switch verb {
@@ -247,46 +282,61 @@ package final class SimulatedNIC: NICControl, @unchecked Sendable {
         case .write(_, let bytes, _, _): needed = .write; length = bytes.count
         case .compareAndSwap, .fetchAndAdd: needed = .atomic; length = 8
         }
-        return authorize(needed: needed, length: length, atomic: verb.kind.isAtomic, address: verb.address, rkey: verb.rkey, pd: pd)
+        return authorize(needed: needed, length: length, atomic: verb.kind.isAtomic, address: verb.address, rkey: verb.rkey, pd: pd, cache: &cache)
     }
 
-    /// Checks an 8-byte verb of a `WordBatch` against the key table in `pd`.
-    func authorize(_ entry: WordBatch.Entry, pd: ProtectionDomain) -> RemoteAccessViolation? {
+    /// Checks an 8-byte verb of a `WordBatch` against the key table in `pd`. `cache` is the
+    /// connection's (every connection has one protection domain): a key it holds is
+    /// checked without the key table's lock.
+    func authorize(_ entry: WordBatch.Entry, pd: ProtectionDomain, cache: inout KeyCache) -> RemoteAccessViolation? {
         let atomic = entry.kind != .read
-        return authorize(needed: atomic ? .atomic : .read, length: 8, atomic: atomic, address: entry.address, rkey: entry.rkey, pd: pd)
+        return authorize(needed: atomic ? .atomic : .read, length: 8, atomic: atomic, address: entry.address, rkey: entry.rkey, pd: pd, cache: &cache)
     }
 
     /// Checks an access of `length` bytes at `address` with `rkey` in `pd`.
     private func authorize(
-        needed: RemoteAccess, length: Int, atomic: Bool, address: RemoteAddress, rkey: RKey, pd: ProtectionDomain
+        needed: RemoteAccess, length: Int, atomic: Bool, address: RemoteAddress, rkey: RKey, pd: ProtectionDomain, cache: inout KeyCache
     ) -> RemoteAccessViolation? {
         guard length > 0 else { return .invalidLength }
         if atomic, address.rawValue % 8 != 0 { return .misalignedAtomic }
-        let lookup: Result<(address: RemoteAddress, length: UInt64, access: RemoteAccess), RemoteAccessViolation> =
-            keys.withLock { table in
-                switch table.entries[rkey.index] {
-                case .region(let region)?:
-                    guard region.protectionDomain == pd, rkey.tag == region.rkey.tag else { return .failure(.unknownKey) }
-                    return .success((region.address, region.length, region.access))
-                case .window(let state)?:
-                    guard state.window.protectionDomain == pd else { return .failure(.unknownKey) }
-                    guard let binding = state.binding else { return .failure(.windowInvalidated) }
-                    guard state.tag == rkey.tag else { return .failure(.staleKey) }
-                    return .success((binding.address, binding.length, binding.access))
-                case nil:
-                    return .failure(.unknownKey)
-                }
+        // The epoch is loaded before the look-up: a grant cached under it was looked up no
+        // earlier than that, so a change after the load shows as a new epoch next time.
+        let epoch = keyEpoch.load(ordering: .sequentiallyConsistent)
+        if cache.epoch != epoch { cache = KeyCache(epoch: epoch) }
+        let granted: Grant
+        if let cached = cache[rkey] {
+            granted = cached
+        } else {
+            switch lookUp(rkey, pd: pd) {
+            case .success(let grant):
+                cache.insert(grant, for: rkey)
+                granted = grant
+            case .failure(let violation): return violation
             }
-        let granted: (address: RemoteAddress, length: UInt64, access: RemoteAccess)
-        switch lookup {
-        case .success(let grant): granted = grant
-        case .failure(let violation): return violation
         }
         guard address >= granted.address, UInt64(length) <= granted.length,
               address.rawValue - granted.address.rawValue <= granted.length - UInt64(length)
         else { return .outOfBounds }
         guard granted.access.contains(needed) else { return .permissionDenied(needed: needed) }
         return nil
+    }
+
+    /// What `rkey` grants in `pd` now, from the key table.
+    private func lookUp(_ rkey: RKey, pd: ProtectionDomain) -> Result<Grant, RemoteAccessViolation> {
+        keys.withLock { table in
+            switch table.entries[rkey.index] {
+            case .region(let region)?:
+                guard region.protectionDomain == pd, rkey.tag == region.rkey.tag else { return .failure(.unknownKey) }
+                return .success(Grant(address: region.address, length: region.length, access: region.access))
+            case .window(let state)?:
+                guard state.window.protectionDomain == pd else { return .failure(.unknownKey) }
+                guard let binding = state.binding else { return .failure(.windowInvalidated) }
+                guard state.tag == rkey.tag else { return .failure(.staleKey) }
+                return .success(Grant(address: binding.address, length: binding.length, access: binding.access))
+            case nil:
+                return .failure(.unknownKey)
+            }
+        }
     }
 
     /// Performs an authorized 8-byte verb of a `WordBatch`; answers the word read, or the
