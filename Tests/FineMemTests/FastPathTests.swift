@@ -21,6 +21,27 @@ import Testing
         #expect(two.spawnedTasks * 20 < UInt64(two.pairs), "\(two.spawnedTasks) tasks spawned for \(two.pairs) pairs")
     }
 
+    /// A header's upkeep is queued once until a worker picks it up: pairs on one span
+    /// (the flushes not due for a second, so no worker picks any up meanwhile) leave one
+    /// item per header touched, not one per operation, and every log is still flushed.
+    @Test func upkeepIsQueuedOncePerHeaderUntilPickedUp() async throws {
+        var configuration = AllocatorConfiguration()
+        configuration.upkeepDelayNanos = 1_000_000_000
+        let cluster = try await PairBenchmark.cluster(poolBytes: 64 << 20, allocator: configuration)
+        let node = cluster.computeNodes[0]
+        let allocator = try cluster.makeAllocator()
+        let pairs = 200
+        for _ in 0..<pairs {
+            let buffer = try await allocator.allocate(bytes: 4096)
+            try await allocator.free(buffer)
+        }
+        let queued = node.upkeep.withLock { $0.outstanding }
+        // The span header of the pairs, the section header of the span's open.
+        #expect(queued >= 1 && queued <= 2, "\(queued) upkeep items queued after \(pairs) pairs on one span")
+        await cluster.quiesce()
+        #expect(PoolInspector(cluster: cluster).checkAtRest() == [])
+    }
+
     /// Pauses of real time longer than a few microseconds park on `DeadlineSleeper`: every
     /// sleeper wakes, none before its deadline, whatever order the deadlines come in.
     @Test func deadlineSleeperWakesEverySleeperAtOrAfterItsDeadline() async {

@@ -375,7 +375,7 @@ package final class BlockAllocator: Sendable {
     /// earlier flush), with backoff and a bound.
     func waitForOwnFlushes(_ slots: [HeaderSlot], on link: MemoryNodeLink) async throws(AllocationError) {
         var backoff = Backoff(configuration)
-        while link.pending.withLock({ table in slots.contains { table.has($0) } }) {
+        while link.cache.withLock({ cache in slots.contains { cache.pending.has($0) } }) {
             try await backoff.pause(runtime)
         }
     }

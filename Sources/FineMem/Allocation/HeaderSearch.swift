@@ -53,7 +53,7 @@ func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeL
             }
             guard let run = spanHeader.firstFreeRun(countLog2: chunkCountLog2) else { continue }
             if cache.busy.contains(slot) { skippedBusy = true; continue }
-            if state == .chunks, !spanHeader.contended, !link.waitsForFlush(SpanHeader.self, slot, word: cache[slot]) {
+            if state == .chunks, !spanHeader.contended, !cache.waitsForFlush(SpanHeader.self, slot) {
                 (found, foundRun) = (slot, run)
                 return false
             }
@@ -122,7 +122,7 @@ func chooseSection(spanCountLog2: Int, cache: inout HeaderCache, link: MemoryNod
         guard let header = cache.settled(SectionHeader.self, slot), let run = header.firstFreeRun(countLog2: spanCountLog2) else { return true }
         if cache.busy.contains(slot) { skippedBusy = true; return true }
         let choice = HeaderChoice.claim(slot, run)
-        if header.contended || link.waitsForFlush(SectionHeader.self, slot, word: cache[slot]) {
+        if header.contended || cache.waitsForFlush(SectionHeader.self, slot) {
             if contended == nil { contended = choice }
         } else if header.isAllEmpty {
             if empty == nil { empty = choice }

@@ -60,7 +60,8 @@ extension BlockAllocator {
                 trace.attempts += 1
             case .claim(let slot, let run):
                 precondition(run.countLog2 == countLog2, "the search chose \(run) for 2^\(countLog2) units")
-                defer { link.releaseBusy(slot) }
+                var busy = true
+                defer { if busy { link.releaseBusy(slot) } }
                 let failed = failures[slot]
                 let block = Header.block(at: run, of: slot, on: link.memoryNode)
                 let outcome: UpdateOutcome<Header> = try await update(
@@ -70,8 +71,11 @@ extension BlockAllocator {
                 }
                 switch outcome {
                 case .committed(let header, let recordBefore):
-                    committed(header, on: slot, block: block, allocated: true, application: application, recordBefore: recordBefore, link: link)
-                    link.cache.withLock { Header.claimCommitted(on: slot, cache: &$0) }
+                    busy = false
+                    committed(header, on: slot, block: block, allocated: true, application: application, recordBefore: recordBefore, link: link) { cache in
+                        Header.claimCommitted(on: slot, cache: &cache)
+                        cache.busy.remove(slot)
+                    }
                     return block
                 case .lost(let current):
                     failures.count(slot)
@@ -93,7 +97,8 @@ extension BlockAllocator {
         let run = Header.run(of: block)
         var backoff = Backoff(configuration)
         try await acquireBusy(slot, on: link, backoff: &backoff)
-        defer { link.releaseBusy(slot) }
+        var busy = true
+        defer { if busy { link.releaseBusy(slot) } }
         while trace.attempts < configuration.operationAttemptsMax {
             let outcome: UpdateOutcome<Header> = try await update(
                 slot, UpdatePolicy(attemptsMax: 1, log: .commit(record: link.grant.recordAddress(chunk: block.firstChunk)), rereadOnRefusal: true),
@@ -101,7 +106,10 @@ extension BlockAllocator {
             ) { $0.releasing(run, owner: owner) }
             switch outcome {
             case .committed(let header, let recordBefore):
-                committed(header, on: slot, block: block, allocated: false, application: application, recordBefore: recordBefore, link: link)
+                busy = false
+                committed(header, on: slot, block: block, allocated: false, application: application, recordBefore: recordBefore, link: link) {
+                    $0.busy.remove(slot)
+                }
                 return
             case .updated:
                 preconditionFailure("a block operation answers committed")
@@ -116,10 +124,11 @@ extension BlockAllocator {
 
     /// After a block operation's commit: checks its postcondition (the header's log is
     /// pending, names this node, and the block's run is marked as the operation left it),
-    /// records the pending log, and starts the upkeep (flush; for a span, close or hint).
+    /// records the pending log (and does `also` to the cache in the same critical section),
+    /// and starts the upkeep (flush; for a span, close or hint).
     func committed<Header: BlockHeader>(
         _ header: Header, on slot: HeaderSlot, block: Block, allocated: Bool, application: ApplicationID, recordBefore: UInt64,
-        link: MemoryNodeLink
+        link: MemoryNodeLink, also: (inout HeaderCache) -> Void = { _ in }
     ) {
         let run = Header.run(of: block)
         precondition(allocated ? header.marksAllocated(run) : header.marksFree(run),
@@ -130,8 +139,9 @@ extension BlockAllocator {
             precondition(ownRecord?.isAllocated == true && ownRecord?.owner == owner && ownRecord?.chunkCountLog2 == block.chunkCountLog2,
                          "freeing \(block), whose record says \(ownRecord.map { "\($0)" } ?? "an invalid word")")
         }
-        link.logCommitted(header, on: slot, block: block, allocated: allocated, application: application, recordBefore: recordBefore)
-        startUpkeep(of: slot, on: link)
+        if link.logCommitted(header, on: slot, block: block, allocated: allocated, application: application, recordBefore: recordBefore, also: also) {
+            queueUpkeep(of: slot, on: link)
+        }
     }
 
     /// `link.update` on a header, with a fabric error as an allocation error.

@@ -76,9 +76,15 @@ extension BlockAllocator {
         enqueueUpkeep(.job(due: 0, body))
     }
 
-    /// Queues the upkeep of a header with a log of this node to flush: a span header may
-    /// also be closed or hinted (`spanUpkeep`); a section header is flushed.
+    /// Queues the upkeep of a header with a log of this node to flush, unless an item for
+    /// it is queued already: a span header may also be closed or hinted (`spanUpkeep`); a
+    /// section header is flushed.
     func startUpkeep(of slot: HeaderSlot, on link: MemoryNodeLink) {
+        if link.cache.withLock({ $0.pending.queueUpkeep(slot) }) { queueUpkeep(of: slot, on: link) }
+    }
+
+    /// Queues the upkeep of `slot`, whose mark in the pending table the caller just set.
+    func queueUpkeep(of slot: HeaderSlot, on link: MemoryNodeLink) {
         enqueueUpkeep(.header(link: link.index, slot, due: upkeepDue()))
     }
 
@@ -152,6 +158,7 @@ extension BlockAllocator {
             return trace
         case .header(let index, let slot, _):
             let link = links[index]
+            link.cache.withLock { $0.pending.upkeepPicked(slot) }
             var trace = OperationTrace()
             switch slot {
             case .span(let section, let span): await spanUpkeep(section: section, span: span, on: link, trace: &trace)

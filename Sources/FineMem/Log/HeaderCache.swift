@@ -22,6 +22,9 @@ struct HeaderCache: Sendable {
     private(set) var spansKnown: [Bool]
     var busy = BusyHeaders()
     var cursor: Int
+    /// This node's logs not yet flushed, by header: under the cache's lock, so that an
+    /// operation reads a word and takes the log on it to fold in one critical section.
+    var pending = PendingLogTable()
     /// The summary level: sections where a chunk-layer search may find something (a span
     /// empty in the settled section header, or a chunk-mode span with a free chunk, whose
     /// headers are not read yet, or whose cached header is not open), and sections with an
@@ -47,6 +50,13 @@ struct HeaderCache: Sendable {
     }
 
     var sectionCount: Int { sections.count }
+
+    /// Whether a block operation on the header at `slot` would wait for someone's flush:
+    /// the cached word carries a pending log that is not this node's queued one (which a
+    /// commit folds in). Searches rank such headers after clean ones.
+    func waitsForFlush<Header: LoggedHeader>(_ type: Header.Type, _ slot: HeaderSlot) -> Bool {
+        (Header(rawValue: self[slot])?.logPending ?? false) && !pending.isQueued(slot)
+    }
 
     subscript(slot: HeaderSlot) -> UInt64 {
         switch slot {

@@ -42,16 +42,21 @@ extension MemoryNodeLink {
 
     /// Records the log of a block operation this node just committed on `slot` (to be
     /// flushed by whoever takes the job), after checking the commit's postcondition: the
-    /// header's log is pending and names this node.
+    /// header's log is pending and names this node. `also` runs in the same critical
+    /// section of the cache (the operation's last touch of it: its busy mark's release).
+    /// Answers whether the caller must queue the header's upkeep (none is queued yet).
     func logCommitted<Header: LoggedHeader>(
-        _ header: Header, on slot: HeaderSlot, block: Block, allocated: Bool, application: ApplicationID, recordBefore: UInt64
-    ) {
+        _ header: Header, on slot: HeaderSlot, block: Block, allocated: Bool, application: ApplicationID, recordBefore: UInt64,
+        also: (inout HeaderCache) -> Void = { _ in }
+    ) -> Bool {
         precondition(header.logPending && header.log.owner == owner, "a commit on \(slot) left \(header) without this node's pending log")
         let record = record(allocated: allocated, block: block, application: application, sequence: header.log.sequence)
-        pending.withLock { table in
-            table.add(slot, recordAddress: grant.recordAddress(chunk: block.firstChunk), record: record, recordBefore: recordBefore,
-                      sequence: header.log.sequence, taken: false)
-            debugOnly { table.checkInvariants(owner: owner) }
+        return cache.withLock { cache in
+            cache.pending.add(slot, recordAddress: grant.recordAddress(chunk: block.firstChunk), record: record, recordBefore: recordBefore,
+                              sequence: header.log.sequence, taken: false)
+            debugOnly { cache.pending.checkInvariants(owner: owner) }
+            also(&cache)
+            return cache.pending.queueUpkeep(slot)
         }
     }
 
@@ -67,8 +72,8 @@ extension MemoryNodeLink {
         _ type: Header.Type, _ slot: HeaderSlot, attemptsMax: Int, backoffNanos: ClosedRange<UInt64>, runtime: any Runtime,
         trace: inout OperationTrace, then transform: (Header) -> Header = { $0 }
     ) async -> Header? {
-        guard let log = pending.withLock({ $0.take(slot) }) else { return nil }
-        defer { pending.withLock { $0.remove(slot, sequence: log.sequence) } }
+        guard let log = cache.withLock({ $0.pending.take(slot) }) else { return nil }
+        defer { cache.withLock { $0.pending.remove(slot, sequence: log.sequence) } }
         var handling = LogHandling.flush(log)
         var delay = backoffNanos.lowerBound
         while true {
@@ -108,10 +113,10 @@ extension MemoryNodeLink {
         let sequence = headers[0].1.log.sequence
         let record = record(allocated: allocated, block: block, application: application, sequence: sequence)
         let recordAddress = grant.recordAddress(chunk: block.firstChunk)
-        pending.withLock { table in
+        cache.withLock { cache in
             for (slot, header) in headers {
                 precondition(header.logPending && header.log.owner == owner, "a multi-section commit left \(slot) without this node's log")
-                table.add(slot, recordAddress: recordAddress, record: record, recordBefore: recordBefore, sequence: header.log.sequence, taken: true)
+                cache.pending.add(slot, recordAddress: recordAddress, record: record, recordBefore: recordBefore, sequence: header.log.sequence, taken: true)
             }
         }
         return PendingLog(recordAddress: recordAddress, record: record, recordBefore: recordBefore, sequence: sequence, taken: true)
@@ -153,6 +158,6 @@ extension MemoryNodeLink {
             delay = min(delay * 2, backoffNanos.upperBound)
         }
         _ = try? await post([intentWrite(.none, slot: intentSlot)], trace: &trace)
-        pending.withLock { table in for (slot, header) in headers { table.remove(slot, sequence: header.log.sequence) } }
+        cache.withLock { cache in for (slot, header) in headers { cache.pending.remove(slot, sequence: header.log.sequence) } }
     }
 }

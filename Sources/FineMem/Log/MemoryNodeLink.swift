@@ -20,8 +20,8 @@ final class MemoryNodeLink: Sendable {
     /// The compute node (its slot in the node table) and its incarnation there.
     let owner: OwnerID
     let incarnation: UInt16
+    /// The header cache, with this node's pending logs on those headers (`pending`).
     let cache: Locked<HeaderCache>
-    let pending = Locked(PendingLogTable())
     /// This node's node-table slot as its last lease renewal (or the attach) left it.
     let leaseWord: Locked<UInt64>
     /// Called with a log of this node that an operation took to fold into its commit and
@@ -222,8 +222,10 @@ final class MemoryNodeLink: Sendable {
     /// Checks the cache's and the pending table's invariants (debug builds).
     func checkInvariants() {
         debugOnly {
-            cache.withLock { $0.checkInvariants() }
-            pending.withLock { $0.checkInvariants(owner: owner) }
+            cache.withLock { cache in
+                cache.checkInvariants()
+                cache.pending.checkInvariants(owner: owner)
+            }
         }
     }
 
@@ -231,12 +233,4 @@ final class MemoryNodeLink: Sendable {
     func tryAcquire(_ slot: HeaderSlot) -> Bool { cache.withLock { $0.busy.insert(slot) } }
 
     func releaseBusy(_ slot: HeaderSlot) { cache.withLock { $0.busy.remove(slot) } }
-
-    /// Whether a block operation on the header at `slot`, cached as `word`, would wait for
-    /// someone's flush: it carries a pending log that is not this node's queued one (which
-    /// a commit folds in). Searches rank such headers after clean ones. (The word, not the
-    /// cache: a search calls this inside the cache's lock, from closures over it.)
-    func waitsForFlush<Header: LoggedHeader>(_ type: Header.Type, _ slot: HeaderSlot, word: UInt64) -> Bool {
-        (Header(rawValue: word)?.logPending ?? false) && !pending.withLock { $0.isQueued(slot) }
-    }
 }

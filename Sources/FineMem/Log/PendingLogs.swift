@@ -25,6 +25,10 @@ struct PendingLog: Sendable {
 /// The pending logs of one compute node on one memory node, by header.
 struct PendingLogTable: Sendable {
     private var logs = Logs()
+    /// Headers with an upkeep item queued that no worker has picked up yet: one item per
+    /// header is enough, since the worker flushes whatever log is pending when it picks the
+    /// item up, and a commit after that queues a new one (`queueUpkeep`).
+    private var upkeepQueued = IntMap<Bool>()
 
     /// The logs by header (`HeaderSlot.key`), in a map that needs no `Hasher`.
     private struct Logs: Sendable {
@@ -42,6 +46,17 @@ struct PendingLogTable: Sendable {
     }
 
     func has(_ slot: HeaderSlot) -> Bool { logs[slot] != nil }
+
+    /// Notes an upkeep item for `slot`; answers false when one is queued already (and not
+    /// yet picked up), so that the caller queues nothing.
+    mutating func queueUpkeep(_ slot: HeaderSlot) -> Bool {
+        guard upkeepQueued[slot.key] == nil else { return false }
+        upkeepQueued[slot.key] = true
+        return true
+    }
+
+    /// A worker picked up the upkeep item of `slot` (before it looks at the log).
+    mutating func upkeepPicked(_ slot: HeaderSlot) { upkeepQueued[slot.key] = nil }
 
     /// Whether `slot` has a log of this node that no task has taken yet (an operation on
     /// it can fold the flush into its own commit).

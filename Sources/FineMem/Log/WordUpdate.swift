@@ -129,12 +129,16 @@ extension MemoryNodeLink {
     private func commitFast<Header: LoggedHeader>(
         _ slot: HeaderSlot, record: RemoteAddress, _ policy: UpdatePolicy, trace: inout OperationTrace, _ transition: (Header) -> Header?
     ) async throws(FabricError) -> UpdateOutcome<Header>? {
-        let word = cache.withLock { $0[slot] }
-        let flushed = Header(rawValue: word)?.flushed()?.rawValue
-        // The transition applies to the flushed word whether or not this node folds its
-        // log in (`prepare`), so it is decided before the log is taken.
-        guard let target = Header(rawValue: flushed ?? word).flatMap(transition) else { return nil }
-        let prepared = prepare(.header(slot), word, flushed: flushed, .commit(record: record))
+        // The cached word and this node's queued log on it, taken to fold in, in one
+        // critical section. The transition applies to the flushed word whether or not
+        // the log is folded in (`prepare`), so it is decided before the log is taken.
+        let decided = cache.withLock { cache -> (target: Header, prepared: PreparedWord)? in
+            let word = cache[slot]
+            let flushed = Header(rawValue: word)?.flushed()?.rawValue
+            guard let target = Header(rawValue: flushed ?? word).flatMap(transition) else { return nil }
+            return (target, Self.prepare(slot, word, flushed: flushed, pending: &cache.pending))
+        }
+        guard let (target, prepared) = decided else { return nil }
         var batch = WordBatch()
         let fold = prepared.foldedLog.map { batch.compareAndSwap($0.log.recordAddress, expected: $0.log.recordBefore, desired: $0.log.record.rawValue, rkey: metadataKey) }
         let commit = batch.compareAndSwap(grant.address(of: slot), expected: prepared.expected, desired: target.rawValue, rkey: metadataKey)
@@ -148,8 +152,12 @@ extension MemoryNodeLink {
         }
         if let fold, let folded = prepared.foldedLog { checkRecordUpdate(folded.log, batch.compareAndSwapAnswer(fold)) }
         let (exchanged, original) = batch.compareAndSwapAnswer(commit)
-        cache.withLock { $0.store(exchanged ? target.rawValue : original, at: slot, ticket: ticket) }
-        settle(prepared, committed: exchanged)
+        // The answer and the folded log's end, in one critical section.
+        cache.withLock { cache in
+            cache.store(exchanged ? target.rawValue : original, at: slot, ticket: ticket)
+            Self.settle(prepared, committed: exchanged, pending: &cache.pending)
+        }
+        if !exchanged, prepared.foldedLog != nil { logReturned(slot) }
         if exchanged {
             noteRoom(of: slot, from: prepared.expected, to: target.rawValue)
             return .committed(target, recordBefore: batch.word(recordRead))
@@ -379,8 +387,14 @@ extension MemoryNodeLink {
     private func prepare(_ home: WordHome, _ word: UInt64, flushed: UInt64?, _ handling: LogHandling) -> PreparedWord {
         guard case .commit = handling else { return .plain(word) }
         guard case .header(let slot, _) = home else { preconditionFailure("block operations commit on headers") }
+        return cache.withLock { Self.prepare(slot, word, flushed: flushed, pending: &$0.pending) }
+    }
+
+    /// `prepare` of a block operation's header, with the pending table in hand (its
+    /// caller holds the cache's lock).
+    private static func prepare(_ slot: HeaderSlot, _ word: UInt64, flushed: UInt64?, pending: inout PendingLogTable) -> PreparedWord {
         guard let flushed else { return .plain(word) }
-        if let own = pending.withLock({ $0.take(slot) }) {
+        if let own = pending.take(slot) {
             return PreparedWord(expected: word, base: flushed, foldedLog: (slot, own))
         }
         return PreparedWord(expected: flushed, base: flushed, foldedLog: nil)
@@ -389,10 +403,15 @@ extension MemoryNodeLink {
     /// After the CAS of a prepared word: a folded log is flushed if the CAS committed;
     /// otherwise the job goes back to the table and someone must flush it.
     private func settle(_ prepared: PreparedWord, committed: Bool) {
+        guard prepared.foldedLog != nil else { return }
+        cache.withLock { Self.settle(prepared, committed: committed, pending: &$0.pending) }
+        if !committed { logReturned(prepared.foldedLog!.slot) }
+    }
+
+    /// `settle` with the pending table in hand; the caller hands a log given back to
+    /// `logReturned` once it has let go of the cache's lock.
+    private static func settle(_ prepared: PreparedWord, committed: Bool, pending: inout PendingLogTable) {
         guard let (slot, log) = prepared.foldedLog else { return }
-        pending.withLock { table in
-            if committed { table.remove(slot, sequence: log.sequence) } else { table.release(slot, sequence: log.sequence) }
-        }
-        if !committed { logReturned(slot) }
+        if committed { pending.remove(slot, sequence: log.sequence) } else { pending.release(slot, sequence: log.sequence) }
     }
 }
