@@ -42,6 +42,35 @@ import Testing
         #expect(PoolInspector(cluster: cluster).checkAtRest() == [])
     }
 
+    /// A flush that finishes late removes its own entry of the pending-log table, not the
+    /// entry of a newer log on the same header whose 6-bit sequence has come round to the
+    /// same value: 64 commits fit between a flush's answer and its removal when its thread
+    /// is descheduled. (Removal by sequence did that: an allocate+free loop with
+    /// `upkeepDelayNanos` 30 us then found a pending log of its own that nobody would
+    /// flush, and its free answered `retryLimitExceeded` in 3 runs of 8.)
+    @Test func lateFlushRemovesOnlyItsOwnEntry() {
+        var table = PendingLogTable()
+        let slot = HeaderSlot.span(section: 0, span: 0)
+        func add(_ sequence: Int) -> PendingLog {
+            let record = FullLogRecord(
+                allocated: sequence % 2 == 0, owner: OwnerID(1), application: ApplicationID(1), chunkCountLog2: 0, layer: .chunk,
+                sequence: LogSequence(rawValue: UInt8(sequence & 0x3F)), incarnation: 1)
+            return table.add(slot, recordAddress: RemoteAddress(1 << 20), record: record, recordBefore: 0,
+                             sequence: LogSequence(rawValue: UInt8(sequence & 0x3F)), taken: false)
+        }
+        _ = add(5)
+        let flushing = table.take(slot)!
+        // The flush's CAS lands; 64 commits follow on the header, each folding the last.
+        for sequence in 6...69 {
+            _ = add(sequence)
+            if sequence < 69 { _ = table.take(slot)! }
+        }
+        let newest = LogSequence(rawValue: 69 & 0x3F)
+        #expect(newest == flushing.sequence, "the test needs the sequence to come round")
+        table.remove(slot, serial: flushing.serial)
+        #expect(table.isQueued(slot), "the late flush removed the newest log's entry")
+    }
+
     /// Pauses of real time longer than a few microseconds park on `DeadlineSleeper`: every
     /// sleeper wakes, none before its deadline, whatever order the deadlines come in.
     @Test func deadlineSleeperWakesEverySleeperAtOrAfterItsDeadline() async {

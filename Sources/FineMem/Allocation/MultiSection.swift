@@ -157,11 +157,11 @@ extension BlockAllocator {
         for (slot, header) in headers {
             precondition(allocated ? header.isAllWhole : header.isAllEmpty, "a multi-section commit left \(slot) as \(header)")
         }
-        let log = link.logCommittedRun(headers, block: block, allocated: allocated, application: application, recordBefore: recordBefore)
+        let (log, serials) = link.logCommittedRun(headers, block: block, allocated: allocated, application: application, recordBefore: recordBefore)
         startUpkeep { [self] in
             var trace = OperationTrace()
             await link.flushRun(
-                headers, log: log, intentSlot: intentSlot, attemptsMax: configuration.flushAttemptsMax,
+                headers, log: log, serials: serials, intentSlot: intentSlot, attemptsMax: configuration.flushAttemptsMax,
                 backoffNanos: configuration.backoffNanosMin...configuration.backoffNanosMax, runtime: runtime, trace: &trace)
             freeIntentSlots.withLock { $0.append(intentSlot) }
             return trace

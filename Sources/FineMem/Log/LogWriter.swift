@@ -73,7 +73,7 @@ extension MemoryNodeLink {
         trace: inout OperationTrace, then transform: (Header) -> Header = { $0 }
     ) async -> Header? {
         guard let log = cache.withLock({ $0.pending.take(slot) }) else { return nil }
-        defer { cache.withLock { $0.pending.remove(slot, sequence: log.sequence) } }
+        defer { cache.withLock { $0.pending.remove(slot, serial: log.serial) } }
         var handling = LogHandling.flush(log)
         var delay = backoffNanos.lowerBound
         while true {
@@ -106,20 +106,21 @@ extension MemoryNodeLink {
 
     /// Registers the logs of a multi-section operation this node just committed: one per
     /// section header, all for the same record, which carries the first section's log
-    /// sequence (taken: `flushRun` flushes them).
+    /// sequence (taken: `flushRun` flushes them). Answers the log and the entries' serials,
+    /// in the order of `headers`.
     func logCommittedRun(
         _ headers: [(HeaderSlot, SectionHeader)], block: Block, allocated: Bool, application: ApplicationID, recordBefore: UInt64
-    ) -> PendingLog {
+    ) -> (log: PendingLog, serials: [UInt64]) {
         let sequence = headers[0].1.log.sequence
         let record = record(allocated: allocated, block: block, application: application, sequence: sequence)
         let recordAddress = grant.recordAddress(chunk: block.firstChunk)
-        cache.withLock { cache in
-            for (slot, header) in headers {
+        let entries = cache.withLock { cache in
+            headers.map { slot, header in
                 precondition(header.logPending && header.log.owner == owner, "a multi-section commit left \(slot) without this node's log")
-                cache.pending.add(slot, recordAddress: recordAddress, record: record, recordBefore: recordBefore, sequence: header.log.sequence, taken: true)
+                return cache.pending.add(slot, recordAddress: recordAddress, record: record, recordBefore: recordBefore, sequence: header.log.sequence, taken: true)
             }
         }
-        return PendingLog(recordAddress: recordAddress, record: record, recordBefore: recordBefore, sequence: sequence, taken: true)
+        return (entries[0], entries.map(\.serial))
     }
 
     /// Flushes a multi-section operation: one doorbell updates its record and clears each
@@ -127,7 +128,7 @@ extension MemoryNodeLink {
     /// answer, with backoff between rounds, until done); then the intent slot is cleared.
     /// Nothing is cleared for a section whose log is no longer this node's (recovery owns it).
     func flushRun(
-        _ headers: [(HeaderSlot, SectionHeader)], log: PendingLog, intentSlot: Int, attemptsMax: Int,
+        _ headers: [(HeaderSlot, SectionHeader)], log: PendingLog, serials: [UInt64], intentSlot: Int, attemptsMax: Int,
         backoffNanos: ClosedRange<UInt64>, runtime: any Runtime, trace: inout OperationTrace
     ) async {
         let sequences = Dictionary(uniqueKeysWithValues: headers.map { ($0.0, $0.1.log.sequence) })
@@ -158,6 +159,6 @@ extension MemoryNodeLink {
             delay = min(delay * 2, backoffNanos.upperBound)
         }
         _ = try? await post([intentWrite(.none, slot: intentSlot)], trace: &trace)
-        cache.withLock { cache in for (slot, header) in headers { cache.pending.remove(slot, sequence: header.log.sequence) } }
+        cache.withLock { cache in for ((slot, _), serial) in zip(headers, serials) { cache.pending.remove(slot, serial: serial) } }
     }
 }

@@ -16,9 +16,12 @@ struct PendingLog: Sendable {
     /// The record's value right after the commit (read in its doorbell): what the flush's
     /// CAS expects to replace.
     let recordBefore: UInt64
-    /// The header's log sequence of this log: a job finishing late must not touch the
-    /// entry of a newer log on the same header.
+    /// The header's log sequence of this log (what a flush expects to find pending).
     let sequence: LogSequence
+    /// Which entry of the table this is, unique for the table's life: a job finishing late
+    /// must not touch the entry of a newer log on the same header, and the 6-bit sequence
+    /// cannot tell them apart (64 commits on one header take some 40 us).
+    let serial: UInt64
     var taken: Bool
 }
 
@@ -29,6 +32,8 @@ struct PendingLogTable: Sendable {
     /// header is enough, since the worker flushes whatever log is pending when it picks the
     /// item up, and a commit after that queues a new one (`queueUpkeep`).
     private var upkeepQueued = IntMap<Bool>()
+    /// The serial of the next entry.
+    private var nextSerial: UInt64 = 0
 
     /// The logs by header (`HeaderSlot.key`), in a map that needs no `Hasher`.
     private struct Logs: Sendable {
@@ -39,10 +44,17 @@ struct PendingLogTable: Sendable {
         }
     }
 
-    /// Records a log this node just committed. An entry left for an older log on the same
-    /// header is finished (the new commit expected its pending bit clear) and is replaced.
-    mutating func add(_ slot: HeaderSlot, recordAddress: RemoteAddress, record: FullLogRecord, recordBefore: UInt64, sequence: LogSequence, taken: Bool) {
-        logs[slot] = PendingLog(recordAddress: recordAddress, record: record, recordBefore: recordBefore, sequence: sequence, taken: taken)
+    /// Records a log this node just committed, and answers its entry. An entry left for
+    /// an older log on the same header is finished (the new commit expected its pending
+    /// bit clear) and is replaced.
+    @discardableResult
+    mutating func add(
+        _ slot: HeaderSlot, recordAddress: RemoteAddress, record: FullLogRecord, recordBefore: UInt64, sequence: LogSequence, taken: Bool
+    ) -> PendingLog {
+        nextSerial += 1
+        let log = PendingLog(recordAddress: recordAddress, record: record, recordBefore: recordBefore, sequence: sequence, serial: nextSerial, taken: taken)
+        logs[slot] = log
+        return log
     }
 
     func has(_ slot: HeaderSlot) -> Bool { logs[slot] != nil }
@@ -71,16 +83,16 @@ struct PendingLogTable: Sendable {
     }
 
     /// Gives the job back (the CAS that was to clear the bit did not happen).
-    mutating func release(_ slot: HeaderSlot, sequence: LogSequence) {
-        if logs[slot]?.sequence == sequence {
+    mutating func release(_ slot: HeaderSlot, serial: UInt64) {
+        if logs[slot]?.serial == serial {
             precondition(logs[slot]!.taken, "a log of \(slot) was given back that nobody had taken")
             logs[slot]?.taken = false
         }
     }
 
     /// The log is flushed and its pending bit cleared (or recovery owns it).
-    mutating func remove(_ slot: HeaderSlot, sequence: LogSequence) {
-        if logs[slot]?.sequence == sequence { logs[slot] = nil }
+    mutating func remove(_ slot: HeaderSlot, serial: UInt64) {
+        if logs[slot]?.serial == serial { logs[slot] = nil }
     }
 
     /// Every entry's record names `owner` and records an allocation or a free of a block

@@ -412,6 +412,6 @@ extension MemoryNodeLink {
     /// `logReturned` once it has let go of the cache's lock.
     private static func settle(_ prepared: PreparedWord, committed: Bool, pending: inout PendingLogTable) {
         guard let (slot, log) = prepared.foldedLog else { return }
-        if committed { pending.remove(slot, sequence: log.sequence) } else { pending.release(slot, sequence: log.sequence) }
+        if committed { pending.remove(slot, serial: log.serial) } else { pending.release(slot, serial: log.serial) }
     }
 }
