@@ -260,8 +260,10 @@ import Testing
             let start = Int(random.next() % UInt64(count))
             let expected = (0..<count).map { (start + $0) % count }.filter { bits[$0] }
             var visited: [Int] = []
-            bitmap.forEach(from: start) { visited.append($0); return true }
+            var iterator = bitmap.circular(from: start)
+            while let section = iterator.next() { visited.append(section) }
             #expect(visited == expected, "count \(count), start \(start)")
+            #expect(iterator.next() == nil, "count \(count), start \(start): the iterator went on after its end")
             #expect(bitmap.next(from: start) == expected.first, "count \(count), start \(start)")
         }
     }

@@ -31,9 +31,11 @@ func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeL
     var transient: [HeaderSlot]?
     // The summary's chunk-mode candidates, from the cursor: a normal span with room ends
     // the search; the first uncached section and the first span to avoid are kept.
-    let chunkCandidates = cache.chunkCandidates
-    chunkCandidates.forEach(from: cache.cursor) { section in
-        guard let sectionHeader = SectionHeader(rawValue: cache[.section(section)])?.settled else { return true }
+    // (Loops over an iterator, not closures: a closure capturing the inout cache copies
+    // the whole struct, retaining each of its arrays, on every method call.)
+    var chunkCandidates = cache.chunkCandidates.circular(from: cache.cursor)
+    search: while let section = chunkCandidates.next() {
+        guard let sectionHeader = SectionHeader(rawValue: cache[.section(section)])?.settled else { continue }
         for span in 0..<PoolGeometry.spansPerSection {
             let state = sectionHeader.state(ofSpan: span)
             guard state == .chunks || state == .chunksAvoid else { continue }
@@ -55,11 +57,10 @@ func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeL
             if cache.busy.contains(slot) { skippedBusy = true; continue }
             if state == .chunks, !spanHeader.contended, !cache.waitsForFlush(SpanHeader.self, slot) {
                 (found, foundRun) = (slot, run)
-                return false
+                break search
             }
             if avoided == nil { avoided = (slot, run) }
         }
-        return true
     }
     if let found, let foundRun {
         cache.cursor = found.section
@@ -69,9 +70,10 @@ func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeL
     if let unknownSection { return .readSpans(section: unknownSection) }
     // An empty span to open: in a section already in use, else in a wholly empty one.
     var open: (section: Int, span: Int)?
-    func findOpenable(in candidates: SectionBitmap) {
-        candidates.forEach(from: cache.cursor) { section in
-            guard let rawSection = SectionHeader(rawValue: cache[.section(section)]) else { return true }
+    search: for pass in 0..<2 {
+        var candidates = (pass == 0 ? cache.usedSectionCandidates : cache.sectionCandidates).circular(from: cache.cursor)
+        while let section = candidates.next() {
+            guard let rawSection = SectionHeader(rawValue: cache[.section(section)]) else { continue }
             let sectionHeader = rawSection.settled
             for span in 0..<PoolGeometry.spansPerSection where sectionHeader.state(ofSpan: span) == .empty {
                 // A span under the section's pending log waits for its record (L2); one
@@ -86,13 +88,10 @@ func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeL
                 }
                 if cache.busy.contains(.section(section)) { skippedBusy = true; break }
                 open = (section, span)
-                return false
+                break search
             }
-            return true
         }
     }
-    findOpenable(in: cache.usedSectionCandidates)
-    if open == nil { findOpenable(in: cache.sectionCandidates) }
     if let (section, span) = open {
         cache.busy.insert(.section(section))
         cache.cursor = section
@@ -116,11 +115,11 @@ func chooseSection(spanCountLog2: Int, cache: inout HeaderCache, link: MemoryNod
     var skippedBusy = false
     var found: HeaderChoice?
     // Only the summary's candidates: every other section has no empty span in the cache.
-    let sectionCandidates = cache.sectionCandidates
-    sectionCandidates.forEach(from: cache.cursor) { section in
+    var sectionCandidates = cache.sectionCandidates.circular(from: cache.cursor)
+    while let section = sectionCandidates.next() {
         let slot = HeaderSlot.section(section)
-        guard let header = cache.settled(SectionHeader.self, slot), let run = header.firstFreeRun(countLog2: spanCountLog2) else { return true }
-        if cache.busy.contains(slot) { skippedBusy = true; return true }
+        guard let header = cache.settled(SectionHeader.self, slot), let run = header.firstFreeRun(countLog2: spanCountLog2) else { continue }
+        if cache.busy.contains(slot) { skippedBusy = true; continue }
         let choice = HeaderChoice.claim(slot, run)
         if header.contended || cache.waitsForFlush(SectionHeader.self, slot) {
             if contended == nil { contended = choice }
@@ -128,9 +127,8 @@ func chooseSection(spanCountLog2: Int, cache: inout HeaderCache, link: MemoryNod
             if empty == nil { empty = choice }
         } else {
             found = choice
-            return false
+            break
         }
-        return true
     }
     if let found {
         if case .claim(let slot, _) = found { cache.busy.insert(slot) }

@@ -248,24 +248,40 @@ struct SectionBitmap: Sendable {
         return nil
     }
 
-    /// Calls `body` with each set bit in circular order from `start` (each once), until it
-    /// answers false.
-    func forEach(from start: Int, _ body: (Int) -> Bool) {
-        guard count > 0 else { return }
-        let start = start % count
-        var position = start
-        var wrapped = false
-        while true {
-            let found: Int?
-            if !wrapped {
-                found = firstSet(in: position..<count)
-                if found == nil { wrapped = true; position = 0; continue }
-            } else {
-                found = firstSet(in: position..<start)
+    /// The set bits in circular order from `start`, each once.
+    func circular(from start: Int) -> CircularBits { CircularBits(self, from: start) }
+
+    /// An iterator over the set bits of a bitmap (a copy of it) in circular order.
+    struct CircularBits: IteratorProtocol {
+        private let bitmap: SectionBitmap
+        private let start: Int
+        private var position: Int
+        private var wrapped = false
+        private var done: Bool
+
+        fileprivate init(_ bitmap: SectionBitmap, from start: Int) {
+            self.bitmap = bitmap
+            done = bitmap.count == 0
+            self.start = done ? 0 : start % bitmap.count
+            position = self.start
+        }
+
+        mutating func next() -> Int? {
+            while !done {
+                let found: Int?
+                if !wrapped {
+                    found = bitmap.firstSet(in: position..<bitmap.count)
+                    if found == nil { wrapped = true; position = 0; continue }
+                } else {
+                    found = bitmap.firstSet(in: position..<start)
+                }
+                guard let section = found else { break }
+                position = section + 1
+                if !wrapped, position >= bitmap.count { wrapped = true; position = 0 }
+                return section
             }
-            guard let section = found, body(section) else { return }
-            position = section + 1
-            if !wrapped, position >= count { wrapped = true; position = 0 }
+            done = true
+            return nil
         }
     }
 }
