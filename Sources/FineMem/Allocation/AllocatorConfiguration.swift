@@ -38,7 +38,10 @@ public struct AllocatorConfiguration: Sendable, Hashable {
     /// How long an upkeep worker that found nothing to do sleeps before it looks again,
     /// and how many such sleeps in a row it takes before it ends. A worker that lingers
     /// drains the upkeep of many operations per wake-up, so that a steady stream of
-    /// operations spawns no task and hands nothing to another thread per operation.
+    /// operations spawns no task and hands nothing to another thread per operation. It is
+    /// also how long a header must go without an operation of this node before the
+    /// upkeep flushes its last log: while operations keep folding each other's logs on a
+    /// header, a flush would only race them.
     public var upkeepIdleNanos: UInt64 = 100_000
     public var upkeepIdleRounds = 8
     /// The first and the longest backoff between waits, in nanoseconds.

@@ -139,8 +139,8 @@ extension BlockAllocator {
             precondition(ownRecord?.isAllocated == true && ownRecord?.owner == owner && ownRecord?.chunkCountLog2 == block.chunkCountLog2,
                          "freeing \(block), whose record says \(ownRecord.map { "\($0)" } ?? "an invalid word")")
         }
-        if link.logCommitted(header, on: slot, block: block, allocated: allocated, application: application, recordBefore: recordBefore, also: also) {
-            queueUpkeep(of: slot, on: link)
+        if let serial = link.logCommitted(header, on: slot, block: block, allocated: allocated, application: application, recordBefore: recordBefore, also: also) {
+            queueUpkeep(of: slot, serial: serial, on: link)
         }
     }
 

@@ -8,12 +8,21 @@
 /// the next operation on its header commits is folded into that commit's doorbell
 /// (`LogHandling.commit`) and costs no round trip of its own.
 ///
+/// A header has one item queued at a time (`PendingLogTable.queueUpkeep`). A header in use
+/// is left alone: when the worker picks its item up and finds that a newer log of this
+/// node has replaced the one the item was queued for, the next operation on the header
+/// will likely fold that one in too, so the item goes back in the queue, due one idle
+/// period (`upkeepIdleNanos`) later; the log is flushed once a whole period passed without
+/// an operation on the header. So a busy header costs the worker a look per period, and
+/// never a flush that races its operations.
+///
 /// The queue is FIFO: a header's flush is due `upkeepDelayNanos` after it was queued (a
 /// job at once), and an item waits for those ahead of it.
 enum UpkeepItem: Sendable {
     /// The log of this node on a header of the link at `link` (an index into `links`):
-    /// flush it, and for a span, close or hint it.
-    case header(link: Int, HeaderSlot, due: UInt64)
+    /// flush it, and for a span, close or hint it. `serial` names the log it was queued
+    /// for (`PendingLog.serial`).
+    case header(link: Int, HeaderSlot, due: UInt64, serial: UInt64)
     /// The room summary bits of `sections` of the link at `link`, after a CAS of this
     /// node changed their room (or a full refresh found them stale).
     case roomSummary(link: Int, sections: Range<Int>)
@@ -22,7 +31,7 @@ enum UpkeepItem: Sendable {
 
     var due: UInt64 {
         switch self {
-        case .header(_, _, let due), .job(let due, _): due
+        case .header(_, _, let due, _), .job(let due, _): due
         case .roomSummary: 0
         }
     }
@@ -39,6 +48,9 @@ struct UpkeepQueue: Sendable {
     private(set) var outstanding = 0
 
     var queued: Int { items.count - head }
+
+    /// Puts back an item a worker took and left for later (it is still outstanding).
+    mutating func putBack(_ item: UpkeepItem) { items.append(item) }
 
     /// Queues `item`; answers whether a worker should be started for it.
     mutating func push(_ item: UpkeepItem, workersMax: Int) -> Bool {
@@ -80,12 +92,13 @@ extension BlockAllocator {
     /// it is queued already: a span header may also be closed or hinted (`spanUpkeep`); a
     /// section header is flushed.
     func startUpkeep(of slot: HeaderSlot, on link: MemoryNodeLink) {
-        if link.cache.withLock({ $0.pending.queueUpkeep(slot) }) { queueUpkeep(of: slot, on: link) }
+        if let serial = link.cache.withLock({ $0.pending.queueUpkeep(slot) }) { queueUpkeep(of: slot, serial: serial, on: link) }
     }
 
-    /// Queues the upkeep of `slot`, whose mark in the pending table the caller just set.
-    func queueUpkeep(of slot: HeaderSlot, on link: MemoryNodeLink) {
-        enqueueUpkeep(.header(link: link.index, slot, due: upkeepDue()))
+    /// Queues the upkeep of `slot` for its log with `serial`, whose mark in the pending
+    /// table the caller just set.
+    func queueUpkeep(of slot: HeaderSlot, serial: UInt64, on link: MemoryNodeLink) {
+        enqueueUpkeep(.header(link: link.index, slot, due: upkeepDue(), serial: serial))
     }
 
     private func upkeepDue() -> UInt64 {
@@ -109,11 +122,13 @@ extension BlockAllocator {
     private func upkeepWorker() async {
         var idleRounds = 0
         var performed = false
+        var later: UpkeepItem?
         while true {
-            let now = configuration.upkeepDelayNanos == 0 ? 0 : runtime.nowNanoseconds
+            let now = runtime.nowNanoseconds
             let (item, dueAt) = upkeep.withLock { queue -> (UpkeepItem?, UInt64?) in
-                // The item performed last finishes here, in the same lock as the next pop.
-                if performed { queue.finished() }
+                // The item performed last finishes (or goes back, for later) here, in the
+                // same lock as the next pop.
+                if let later { queue.putBack(later) } else if performed { queue.finished() }
                 let next = queue.pop(now: now)
                 if next.item == nil, next.dueAt == nil, idleRounds >= configuration.upkeepIdleRounds {
                     queue.workerEnded()
@@ -123,6 +138,7 @@ extension BlockAllocator {
                 return next
             }
             performed = false
+            later = nil
             guard let item else {
                 if let dueAt {
                     await runtime.sleep(nanoseconds: dueAt - now)
@@ -135,6 +151,11 @@ extension BlockAllocator {
                 continue
             }
             idleRounds = 0
+            if case .header(let index, let slot, _, let serial) = item,
+               let newer = links[index].cache.withLock({ $0.pending.pickUpkeep(slot, queuedFor: serial) }) {
+                later = .header(link: index, slot, due: now + configuration.upkeepIdleNanos, serial: newer)
+                continue
+            }
             let trace = await perform(item)
             // Most items find their log folded into a later commit: nothing to record.
             if trace != OperationTrace() { statisticsStore.withLock { $0.recordUpkeep(trace) } }
@@ -142,6 +163,7 @@ extension BlockAllocator {
         }
     }
 
+    /// Performs an item (a header's, once `pickUpkeep` let it go).
     private func perform(_ item: UpkeepItem) async -> OperationTrace {
         switch item {
         case .job(_, let body):
@@ -156,9 +178,8 @@ extension BlockAllocator {
                 trace.upkeepErrors += 1
             }
             return trace
-        case .header(let index, let slot, _):
+        case .header(let index, let slot, _, _):
             let link = links[index]
-            link.cache.withLock { $0.pending.upkeepPicked(slot) }
             var trace = OperationTrace()
             switch slot {
             case .span(let section, let span): await spanUpkeep(section: section, span: span, on: link, trace: &trace)

@@ -44,11 +44,12 @@ extension MemoryNodeLink {
     /// flushed by whoever takes the job), after checking the commit's postcondition: the
     /// header's log is pending and names this node. `also` runs in the same critical
     /// section of the cache (the operation's last touch of it: its busy mark's release).
-    /// Answers whether the caller must queue the header's upkeep (none is queued yet).
+    /// Answers the log's serial when the caller must queue the header's upkeep (none is
+    /// queued yet).
     func logCommitted<Header: LoggedHeader>(
         _ header: Header, on slot: HeaderSlot, block: Block, allocated: Bool, application: ApplicationID, recordBefore: UInt64,
         also: (inout HeaderCache) -> Void = { _ in }
-    ) -> Bool {
+    ) -> UInt64? {
         precondition(header.logPending && header.log.owner == owner, "a commit on \(slot) left \(header) without this node's pending log")
         let record = record(allocated: allocated, block: block, application: application, sequence: header.log.sequence)
         return cache.withLock { cache in

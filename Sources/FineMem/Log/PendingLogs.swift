@@ -30,7 +30,7 @@ struct PendingLogTable: Sendable {
     private var logs = Logs()
     /// Headers with an upkeep item queued that no worker has picked up yet: one item per
     /// header is enough, since the worker flushes whatever log is pending when it picks the
-    /// item up, and a commit after that queues a new one (`queueUpkeep`).
+    /// item up, and a commit after that queues a new one (`queueUpkeep`, `pickUpkeep`).
     private var upkeepQueued = IntMap<Bool>()
     /// The serial of the next entry.
     private var nextSerial: UInt64 = 0
@@ -59,16 +59,25 @@ struct PendingLogTable: Sendable {
 
     func has(_ slot: HeaderSlot) -> Bool { logs[slot] != nil }
 
-    /// Notes an upkeep item for `slot`; answers false when one is queued already (and not
-    /// yet picked up), so that the caller queues nothing.
-    mutating func queueUpkeep(_ slot: HeaderSlot) -> Bool {
-        guard upkeepQueued[slot.key] == nil else { return false }
+    /// Notes an upkeep item for `slot`'s log; answers the log's serial when none is queued
+    /// yet (the caller queues one for it), nil when one is (or there is no log).
+    mutating func queueUpkeep(_ slot: HeaderSlot) -> UInt64? {
+        guard upkeepQueued[slot.key] == nil, let log = logs[slot] else { return nil }
         upkeepQueued[slot.key] = true
-        return true
+        return log.serial
     }
 
-    /// A worker picked up the upkeep item of `slot` (before it looks at the log).
-    mutating func upkeepPicked(_ slot: HeaderSlot) { upkeepQueued[slot.key] = nil }
+    /// A worker picked up the upkeep item of `slot`, queued for the log with `serial`.
+    /// When another log of this node has replaced that one since, and nobody holds it, the
+    /// header is in use: the next operation on it will likely fold the log in, and a flush
+    /// now would only race it. Answers that log's serial (the item stays queued: the
+    /// worker puts it back for later). Otherwise the item is done with (answers nil) and
+    /// the worker flushes whatever log is there.
+    mutating func pickUpkeep(_ slot: HeaderSlot, queuedFor serial: UInt64) -> UInt64? {
+        if let log = logs[slot], !log.taken, log.serial != serial { return log.serial }
+        upkeepQueued[slot.key] = nil
+        return nil
+    }
 
     /// Whether `slot` has a log of this node that no task has taken yet (an operation on
     /// it can fold the flush into its own commit).
