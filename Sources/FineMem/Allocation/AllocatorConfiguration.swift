@@ -44,6 +44,11 @@ public struct AllocatorConfiguration: Sendable, Hashable {
     /// header, a flush would only race them.
     public var upkeepIdleNanos: UInt64 = 100_000
     public var upkeepIdleRounds = 8
+    /// How many idle periods in a row the upkeep leaves a header in use alone before it
+    /// flushes the header's log anyway: while this node's operations keep a log of theirs
+    /// pending there, no other compute node can commit on the header, so it gets a turn at
+    /// least this often.
+    public var upkeepDeferralsMax = 4
     /// The first and the longest backoff between waits, in nanoseconds.
     public var backoffNanosMin: UInt64 = 500
     public var backoffNanosMax: UInt64 = 128_000

@@ -13,16 +13,18 @@
 /// node has replaced the one the item was queued for, the next operation on the header
 /// will likely fold that one in too, so the item goes back in the queue, due one idle
 /// period (`upkeepIdleNanos`) later; the log is flushed once a whole period passed without
-/// an operation on the header. So a busy header costs the worker a look per period, and
-/// never a flush that races its operations.
+/// an operation on the header, or after `upkeepDeferralsMax` periods in a row: while a log
+/// of this node is pending, no other compute node can commit on the header, and the flush
+/// gives it a turn. So a busy header costs the worker a look per period and a flush every
+/// few, never a flush per operation that races the next one.
 ///
 /// The queue is FIFO: a header's flush is due `upkeepDelayNanos` after it was queued (a
 /// job at once), and an item waits for those ahead of it.
 enum UpkeepItem: Sendable {
     /// The log of this node on a header of the link at `link` (an index into `links`):
     /// flush it, and for a span, close or hint it. `serial` names the log it was queued
-    /// for (`PendingLog.serial`).
-    case header(link: Int, HeaderSlot, due: UInt64, serial: UInt64)
+    /// for (`PendingLog.serial`); `deferrals` counts the periods it was put back for.
+    case header(link: Int, HeaderSlot, due: UInt64, serial: UInt64, deferrals: Int)
     /// The room summary bits of `sections` of the link at `link`, after a CAS of this
     /// node changed their room (or a full refresh found them stale).
     case roomSummary(link: Int, sections: Range<Int>)
@@ -31,7 +33,7 @@ enum UpkeepItem: Sendable {
 
     var due: UInt64 {
         switch self {
-        case .header(_, _, let due, _), .job(let due, _): due
+        case .header(_, _, let due, _, _), .job(let due, _): due
         case .roomSummary: 0
         }
     }
@@ -98,7 +100,7 @@ extension BlockAllocator {
     /// Queues the upkeep of `slot` for its log with `serial`, whose mark in the pending
     /// table the caller just set.
     func queueUpkeep(of slot: HeaderSlot, serial: UInt64, on link: MemoryNodeLink) {
-        enqueueUpkeep(.header(link: link.index, slot, due: upkeepDue(), serial: serial))
+        enqueueUpkeep(.header(link: link.index, slot, due: upkeepDue(), serial: serial, deferrals: 0))
     }
 
     private func upkeepDue() -> UInt64 {
@@ -151,9 +153,11 @@ extension BlockAllocator {
                 continue
             }
             idleRounds = 0
-            if case .header(let index, let slot, _, let serial) = item,
-               let newer = links[index].cache.withLock({ $0.pending.pickUpkeep(slot, queuedFor: serial) }) {
-                later = .header(link: index, slot, due: now + configuration.upkeepIdleNanos, serial: newer)
+            if case .header(let index, let slot, _, let serial, let deferrals) = item,
+               let newer = links[index].cache.withLock({
+                   $0.pending.pickUpkeep(slot, queuedFor: serial, mayDefer: deferrals < configuration.upkeepDeferralsMax)
+               }) {
+                later = .header(link: index, slot, due: now + configuration.upkeepIdleNanos, serial: newer, deferrals: deferrals + 1)
                 continue
             }
             let trace = await perform(item)
@@ -178,7 +182,7 @@ extension BlockAllocator {
                 trace.upkeepErrors += 1
             }
             return trace
-        case .header(let index, let slot, _, _):
+        case .header(let index, let slot, _, _, _):
             let link = links[index]
             var trace = OperationTrace()
             switch slot {

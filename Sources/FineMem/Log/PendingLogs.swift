@@ -70,11 +70,11 @@ struct PendingLogTable: Sendable {
     /// A worker picked up the upkeep item of `slot`, queued for the log with `serial`.
     /// When another log of this node has replaced that one since, and nobody holds it, the
     /// header is in use: the next operation on it will likely fold the log in, and a flush
-    /// now would only race it. Answers that log's serial (the item stays queued: the
-    /// worker puts it back for later). Otherwise the item is done with (answers nil) and
-    /// the worker flushes whatever log is there.
-    mutating func pickUpkeep(_ slot: HeaderSlot, queuedFor serial: UInt64) -> UInt64? {
-        if let log = logs[slot], !log.taken, log.serial != serial { return log.serial }
+    /// now would only race it. If the item `mayDefer`, answers that log's serial (the item
+    /// stays queued: the worker puts it back for later). Otherwise the item is done with
+    /// (answers nil) and the worker flushes whatever log is there.
+    mutating func pickUpkeep(_ slot: HeaderSlot, queuedFor serial: UInt64, mayDefer: Bool) -> UInt64? {
+        if mayDefer, let log = logs[slot], !log.taken, log.serial != serial { return log.serial }
         upkeepQueued[slot.key] = nil
         return nil
     }
