@@ -40,13 +40,13 @@ private let application = ApplicationID(1)
             let link = a.links[0]
             var trace = OperationTrace()
             try await link.readHeaders([.section(0)], trace: &trace)
-            let (choice, candidate) = link.cache.withLock { cache -> (HeaderChoice?, Bool) in
+            let (choice, candidate) = link.cache.withShard(0) { cache -> (HeaderChoice?, Bool) in
                 let choice = chooseSpan(chunkCountLog2: 1, cache: &cache, link: link)
-                return (choice, cache.chunkCandidates[0])
+                return (choice, cache.isChunkCandidate(0))
             }
             if case .claim(let slot, _)? = choice { link.releaseBusy(slot) }
             let block = try await a.allocate(chunkCountLog2: 1, application: application)
-            let staleState = SpanHeader(rawValue: link.cache.withLock { $0[.span(section: 0, span: 15)] })?.mode == .open
+            let staleState = SpanHeader(rawValue: link.cache.withShard(0) { $0[.span(section: 0, span: 15)] })?.mode == .open
             return (choice, candidate, block, staleState)
         }
         let (choice, candidate, block, spanNowOpenInCache) = try #require(result, "seed \(seed): the run did not finish").get()

@@ -49,6 +49,11 @@ public struct AllocatorConfiguration: Sendable, Hashable {
     /// pending there, no other compute node can commit on the header, so it gets a turn at
     /// least this often.
     public var upkeepDeferralsMax = 4
+    /// Shards of a compute node's header cache of each memory node (consecutive sections,
+    /// each under its own lock; at least 4 sections each): tasks on different CPUs search
+    /// and commit in different shards. nil: one per CPU on real threads, one in virtual
+    /// time.
+    public var cacheShards: Int?
     /// The first and the longest backoff between waits, in nanoseconds.
     public var backoffNanosMin: UInt64 = 500
     public var backoffNanosMax: UInt64 = 128_000

@@ -43,9 +43,11 @@ package final class BlockAllocator: Sendable {
     let placement: any PlacementPolicy
     /// The largest block one memory node can hold, as log2 of chunks.
     let chunkCountLog2Max: Int
-    let statisticsStore = Locked(AllocatorStatistics())
-    /// The blocks this compute node handed out, by where they start (`BlockStart.key`).
-    let ownedBlocks = Locked(IntMap<Holding>(capacity: 1_024))
+    /// Counters, in stripes by application (`recordStatistics`), summed when read.
+    private let statisticsStripes = LockedStripes(count: BlockAllocator.stripes) { _ in AllocatorStatistics() }
+    /// The blocks this compute node handed out, by where they start (`BlockStart.key`), in
+    /// stripes by that key (`withOwnedBlocks`).
+    private let ownedBlockStripes = LockedStripes(count: BlockAllocator.stripes) { _ in IntMap<Holding>(capacity: 256) }
     /// The turn of the next allocation (the placement policy's rotation).
     let sequence = ManagedAtomic<UInt64>(0)
     let freeIntentSlots: Locked<[Int]>
@@ -101,7 +103,8 @@ package final class BlockAllocator: Sendable {
         var links: [MemoryNodeLink] = []
         for (index, (grant, connection)) in memoryNodes.enumerated() {
             do {
-                links.append(try await MemoryNodeLink.attach(index: index, grant: grant, connection: connection, owner: owner))
+                links.append(try await MemoryNodeLink.attach(
+                    index: index, grant: grant, connection: connection, owner: owner, cacheShards: configuration.cacheShards ?? runtime.cacheShards))
             } catch {
                 switch error {
                 case .fabric(let error): throw .fabric(error)
@@ -123,7 +126,24 @@ package final class BlockAllocator: Sendable {
     }
 
     /// Counters so far.
-    package var statistics: AllocatorStatistics { statisticsStore.withLock { $0 } }
+    package var statistics: AllocatorStatistics {
+        (0..<Self.stripes).reduce(AllocatorStatistics()) { sum, index in sum + statisticsStripes.withLock(index) { $0 } }
+    }
+
+    /// Stripes of the owned blocks and of the counters: tasks of different applications
+    /// (and blocks at different places) share no lock and no cache line.
+    static let stripes = 16
+
+    /// Counts an operation of `application` (nil: the upkeep's).
+    func recordStatistics(_ application: ApplicationID?, _ record: (inout AllocatorStatistics) -> Void) {
+        statisticsStripes.withLock(Int(application?.rawValue ?? 0) % Self.stripes, record)
+    }
+
+    /// Runs `body` on the owned blocks' stripe of the block that starts at `start`
+    /// (`BlockStart.key`).
+    func withOwnedBlocks<Result>(_ start: Int, _ body: (inout IntMap<Holding>) -> Result) -> Result {
+        ownedBlockStripes.withLock(start % Self.stripes, body)
+    }
 
 
     /// The link to `memoryNode`.
@@ -147,11 +167,12 @@ package final class BlockAllocator: Sendable {
         guard outOfReach.count < links.count else { throw .fenced(memoryNode: outOfReach.min()!) }
         let chunkBytes = PoolGeometry.chunkBytes
         guard chunkCountLog2 <= chunkCountLog2Max else {
-            statisticsStore.withLock { $0.recordFailedAllocation(OperationTrace()) }
+            recordStatistics(application) { $0.recordFailedAllocation(OperationTrace()) }
             throw .sizeTooLarge(
                 requestedBytes: chunkBytes << UInt64(min(chunkCountLog2, 50)), maximumBytes: chunkBytes << UInt64(chunkCountLog2Max))
         }
-        let turn = sequence.loadThenWrappingIncrement(ordering: .relaxed)
+        // The turn matters only to the placement among memory nodes (a shared counter).
+        let turn = links.count == 1 ? 0 : sequence.loadThenWrappingIncrement(ordering: .relaxed)
         var trace = OperationTrace()
         var unreachable: FabricError?
         do throws(AllocationError) {
@@ -178,20 +199,20 @@ package final class BlockAllocator: Sendable {
                 if let block {
                     precondition(block.chunkCountLog2 == chunkCountLog2 && block.fits(link.geometry), "allocated \(block) for 2^\(chunkCountLog2) chunks")
                     let start = BlockStart(block, on: link, links: links.count).key
-                    let previous = ownedBlocks.withLock { owned in
+                    let previous = withOwnedBlocks(start) { owned in
                         defer { owned[start] = Holding(chunkCountLog2: chunkCountLog2, application: application) }
                         return owned[start]
                     }
                     precondition(previous == nil, "\(block) handed out twice by \(owner)")
-                    statisticsStore.withLock { $0.recordAllocation(trace) }
+                    recordStatistics(application) { $0.recordAllocation(trace) }
                     return block
                 }
             }
         } catch {
-            statisticsStore.withLock { $0.recordFailedAllocation(trace) }
+            recordStatistics(application) { $0.recordFailedAllocation(trace) }
             throw error
         }
-        statisticsStore.withLock { $0.recordFailedAllocation(trace) }
+        recordStatistics(application) { $0.recordFailedAllocation(trace) }
         if let unreachable { throw .fabric(unreachable) }
         throw .outOfMemory(requestedBytes: chunkBytes << UInt64(chunkCountLog2))
     }
@@ -206,7 +227,7 @@ package final class BlockAllocator: Sendable {
         guard isUsable(link) else { throw .fenced(memoryNode: link.memoryNode) }
         let wanted = Holding(chunkCountLog2: block.chunkCountLog2, application: application)
         let start = BlockStart(block, on: link, links: links.count).key
-        let holding = ownedBlocks.withLock { owned -> Holding? in
+        let holding = withOwnedBlocks(start) { owned -> Holding? in
             let holding = owned[start]
             if holding == wanted { owned[start] = nil }
             return holding
@@ -219,7 +240,7 @@ package final class BlockAllocator: Sendable {
             } else {
                 error = try await classifyForeign(block, application: application, on: link, trace: &trace)
             }
-            statisticsStore.withLock { $0.recordFailedFree(trace) }
+            recordStatistics(application) { $0.recordFailedFree(trace) }
             throw error
         }
         do throws(AllocationError) {
@@ -229,12 +250,12 @@ package final class BlockAllocator: Sendable {
             case .multiSection: try await freeSections(block, application: application, on: link, trace: &trace)
             }
         } catch {
-            ownedBlocks.withLock { $0[start] = holding }
-            statisticsStore.withLock { $0.recordFailedFree(trace) }
+            withOwnedBlocks(start) { $0[start] = holding }
+            recordStatistics(application) { $0.recordFailedFree(trace) }
             throw error
         }
         link.checkInvariants()
-        statisticsStore.withLock { $0.recordFree(trace) }
+        recordStatistics(application) { $0.recordFree(trace) }
     }
 
     /// The block this node handed to `application` that starts at `pointer`.
@@ -242,7 +263,7 @@ package final class BlockAllocator: Sendable {
         let link = try link(to: pointer.memoryNode)
         guard let chunk = link.grant.chunk(startingAt: pointer.address) else { throw .notABlockStart(pointer) }
         let start = BlockStart(Block(memoryNode: pointer.memoryNode, firstChunk: chunk, chunkCountLog2: 0), on: link, links: links.count).key
-        guard let holding = ownedBlocks.withLock({ $0[start] }) else { throw .notABlockStart(pointer) }
+        guard let holding = withOwnedBlocks(start, { $0[start] }) else { throw .notABlockStart(pointer) }
         guard holding.application == application else { throw .notOwner(pointer) }
         return Block(memoryNode: pointer.memoryNode, firstChunk: chunk, chunkCountLog2: holding.chunkCountLog2)
     }
@@ -329,7 +350,7 @@ package final class BlockAllocator: Sendable {
             // Sections held whole by a multi-section claim in flight are not "no room": the
             // claim may lose a race on another section and roll back. Wait (with backoff,
             // bounded by `waitCountMax`) for it to settle, read again, and search again.
-            guard link.cache.withLock({ $0.holdsRunClaimInFlight }) else { return true }
+            guard link.holdsRunClaimInFlight else { return true }
             try await search.backoff.pause(runtime)
             try await refresh(link, trace: &trace)
             return false
@@ -375,7 +396,7 @@ package final class BlockAllocator: Sendable {
     /// earlier flush), with backoff and a bound.
     func waitForOwnFlushes(_ slots: [HeaderSlot], on link: MemoryNodeLink) async throws(AllocationError) {
         var backoff = Backoff(configuration)
-        while link.cache.withLock({ cache in slots.contains { cache.pending.has($0) } }) {
+        while slots.contains(where: { slot in link.cache.withShard(of: slot) { $0.pending.has(slot) } }) {
             try await backoff.pause(runtime)
         }
     }

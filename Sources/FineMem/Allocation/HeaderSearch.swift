@@ -33,13 +33,13 @@ func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeL
     // the search; the first uncached section and the first span to avoid are kept.
     // (Loops over an iterator, not closures: a closure capturing the inout cache copies
     // the whole struct, retaining each of its arrays, on every method call.)
-    var chunkCandidates = cache.chunkCandidates.circular(from: cache.cursor)
+    var chunkCandidates = cache.chunkCandidateSections
     search: while let section = chunkCandidates.next() {
         guard let sectionHeader = SectionHeader(rawValue: cache[.section(section)])?.settled else { continue }
         for span in 0..<PoolGeometry.spansPerSection {
             let state = sectionHeader.state(ofSpan: span)
             guard state == .chunks || state == .chunksAvoid else { continue }
-            guard cache.spansKnown[section] else {
+            guard cache.spansKnown(section) else {
                 if unknownSection == nil { unknownSection = section }
                 break
             }
@@ -71,7 +71,7 @@ func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeL
     // An empty span to open: in a section already in use, else in a wholly empty one.
     var open: (section: Int, span: Int)?
     search: for pass in 0..<2 {
-        var candidates = (pass == 0 ? cache.usedSectionCandidates : cache.sectionCandidates).circular(from: cache.cursor)
+        var candidates = cache.sectionCandidateSections(used: pass == 0)
         while let section = candidates.next() {
             guard let rawSection = SectionHeader(rawValue: cache[.section(section)]) else { continue }
             let sectionHeader = rawSection.settled
@@ -82,7 +82,7 @@ func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeL
                     if transient == nil { transient = [.section(section)] }
                     continue
                 }
-                if cache.spansKnown[section], SpanHeader(rawValue: cache[.span(section: section, span: span)])?.canBeOpened != true {
+                if cache.spansKnown(section), SpanHeader(rawValue: cache[.span(section: section, span: span)])?.canBeOpened != true {
                     if transient == nil { transient = [.section(section), .span(section: section, span: span)] }
                     continue
                 }
@@ -115,7 +115,7 @@ func chooseSection(spanCountLog2: Int, cache: inout HeaderCache, link: MemoryNod
     var skippedBusy = false
     var found: HeaderChoice?
     // Only the summary's candidates: every other section has no empty span in the cache.
-    var sectionCandidates = cache.sectionCandidates.circular(from: cache.cursor)
+    var sectionCandidates = cache.sectionCandidateSections()
     while let section = sectionCandidates.next() {
         let slot = HeaderSlot.section(section)
         guard let header = cache.settled(SectionHeader.self, slot), let run = header.firstFreeRun(countLog2: spanCountLog2) else { continue }
@@ -153,7 +153,7 @@ enum RunChoice: Sendable {
 /// Picks an aligned run of `count` wholly empty sections, searching from the end of the
 /// pool (small blocks fill from each node's cursor, large ones from the top), and marks
 /// them busy; nil when there is none, even counting pending claims as rolled back.
-func chooseRun(count: Int, cache: inout HeaderCache) -> RunChoice? {
+func chooseRun(count: Int, cache: inout HeaderCacheShards.EveryShard) -> RunChoice? {
     let groupCount = cache.sectionCount / count
     var skippedBusy = false
     var pendingRun: [HeaderSlot]?
@@ -169,11 +169,11 @@ func chooseRun(count: Int, cache: inout HeaderCache) -> RunChoice? {
             if mayFree, pendingRun == nil { pendingRun = sections.map(HeaderSlot.section) }
             continue
         }
-        if sections.contains(where: { cache.busy.contains(.section($0)) }) {
+        if sections.contains(where: { cache.isBusy(.section($0)) }) {
             skippedBusy = true
             continue
         }
-        for section in sections { cache.busy.insert(.section(section)) }
+        for section in sections { cache.markBusy(.section(section)) }
         return .claim(sections)
     }
     if skippedBusy { return .wait }

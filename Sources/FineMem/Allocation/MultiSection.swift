@@ -36,7 +36,7 @@ extension BlockAllocator {
         while true {
             try await beginRound(&search, on: link, trace: &trace)
             let sections: Range<Int>
-            switch link.cache.withLock({ chooseRun(count: sectionCount, cache: &$0) }) {
+            switch link.cache.withEveryShardLocked({ chooseRun(count: sectionCount, cache: &$0) }) {
             case nil:
                 if try await noRoomInCache(&search, on: link, trace: &trace) { return nil }
                 continue

@@ -41,7 +41,7 @@ extension BlockAllocator {
         var failures = LostCASCounts()
         while true {
             try await beginRound(&search, on: link, trace: &trace)
-            switch link.cache.withLock({ Header.choose(countLog2: countLog2, cache: &$0, link: link) }) {
+            switch link.choose(Header.self, countLog2: countLog2, home: Int(application.rawValue) % link.cache.count) {
             case nil:
                 if try await noRoomInCache(&search, on: link, trace: &trace) { return nil }
             case .wait:

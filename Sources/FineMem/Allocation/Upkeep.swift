@@ -94,7 +94,7 @@ extension BlockAllocator {
     /// it is queued already: a span header may also be closed or hinted (`spanUpkeep`); a
     /// section header is flushed.
     func startUpkeep(of slot: HeaderSlot, on link: MemoryNodeLink) {
-        if let serial = link.cache.withLock({ $0.pending.queueUpkeep(slot) }) { queueUpkeep(of: slot, serial: serial, on: link) }
+        if let serial = link.cache.withShard(of: slot, { $0.pending.queueUpkeep(slot) }) { queueUpkeep(of: slot, serial: serial, on: link) }
     }
 
     /// Queues the upkeep of `slot` for its log with `serial`, whose mark in the pending
@@ -154,7 +154,7 @@ extension BlockAllocator {
             }
             idleRounds = 0
             if case .header(let index, let slot, _, let serial, let deferrals) = item,
-               let newer = links[index].cache.withLock({
+               let newer = links[index].cache.withShard(of: slot, {
                    $0.pending.pickUpkeep(slot, queuedFor: serial, mayDefer: deferrals < configuration.upkeepDeferralsMax)
                }) {
                 later = .header(link: index, slot, due: now + configuration.upkeepIdleNanos, serial: newer, deferrals: deferrals + 1)
@@ -162,7 +162,7 @@ extension BlockAllocator {
             }
             let trace = await perform(item)
             // Most items find their log folded into a later commit: nothing to record.
-            if trace != OperationTrace() { statisticsStore.withLock { $0.recordUpkeep(trace) } }
+            if trace != OperationTrace() { recordStatistics(nil) { $0.recordUpkeep(trace) } }
             performed = true
         }
     }

@@ -13,6 +13,9 @@ package protocol Runtime: AnyObject, Sendable {
     func sleep(nanoseconds: UInt64) async
     /// Monotonic time in nanoseconds.
     var nowNanoseconds: UInt64 { get }
+    /// How many shards a compute node's header cache of one memory node has by default
+    /// (`AllocatorConfiguration.cacheShards`).
+    var cacheShards: Int { get }
 }
 
 /// Real threads and the monotonic clock.
@@ -45,4 +48,7 @@ package final class SystemRuntime: Runtime {
     }
 
     package var nowNanoseconds: UInt64 { monotonicNanoseconds() }
+
+    /// One shard per CPU (at most 64): as many as tasks that run at the same time.
+    package let cacheShards = min(64, max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))
 }

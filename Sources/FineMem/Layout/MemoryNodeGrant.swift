@@ -74,6 +74,12 @@ package enum HeaderSlot: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
+    /// The header whose `key` is `key`.
+    package init(key: Int) {
+        let (section, rest) = key.quotientAndRemainder(dividingBy: PoolGeometry.spansPerSection + 1)
+        self = rest == 0 ? .section(section) : .span(section: section, span: rest - 1)
+    }
+
     /// The first chunk the header covers.
     package var firstChunk: Int {
         switch self {

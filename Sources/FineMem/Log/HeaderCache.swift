@@ -10,8 +10,13 @@
 ///
 /// `busy` holds headers with a CAS of this node in flight, so that tasks of one compute
 /// node do not race each other for the same word; `cursor` is where searches start.
+///
+/// One cache holds the sections `sectionRange` of the pool (a shard of `HeaderCacheShards`,
+/// under a lock of its own); every section number it takes or answers is the pool's.
 struct HeaderCache: Sendable {
-    private(set) var sections: [UInt64]
+    /// The first section of the shard; the arrays below are indexed from it.
+    let base: Int
+    private var sections: [UInt64]
     /// The span headers, in pages of `SpanPage.sections` sections, each made on the first
     /// store into it: the cache of a large pool costs memory for the spans it has seen.
     private var spanPages: [SpanPage?]
@@ -19,9 +24,12 @@ struct HeaderCache: Sendable {
     private var versions: [UInt64]
     /// Whether the span headers of a section have been read since start (a section's
     /// spans are read when a search first needs them).
-    private(set) var spansKnown: [Bool]
+    private var spansRead: [Bool]
     var busy = BusyHeaders()
-    var cursor: Int
+    /// Where searches start: a section of the shard.
+    var cursor: Int {
+        didSet { precondition(sectionRange.contains(cursor), "cursor \(cursor) outside \(sectionRange)") }
+    }
     /// This node's logs not yet flushed, by header: under the cache's lock, so that an
     /// operation reads a word and takes the log on it to fold in one critical section.
     var pending = PendingLogTable()
@@ -30,26 +38,61 @@ struct HeaderCache: Sendable {
     /// headers are not read yet, or whose cached header is not open), and sections with an
     /// empty span (where a section-layer search may). Kept from every answer stored, so that a search visits
     /// candidates only, however large the pool: a superset of where room is, never less.
-    private(set) var chunkCandidates: SectionBitmap
-    private(set) var sectionCandidates: SectionBitmap
+    private var chunkCandidates: SectionBitmap
+    private var sectionCandidates: SectionBitmap
     /// The sections of `sectionCandidates` that are not wholly empty (where a span is
     /// opened first, so that whole sections stay free for large blocks).
-    private(set) var usedSectionCandidates: SectionBitmap
+    private var usedSectionCandidates: SectionBitmap
 
-    init(sections: [UInt64], cursor: Int) {
+    /// The cache of sections `base..<base + sections.count`, as read (`sections` holds
+    /// their words), with searches starting at `cursor` (taken modulo the shard).
+    init(sections: [UInt64], base: Int = 0, cursor: Int) {
+        precondition(!sections.isEmpty && base >= 0, "a cache holds at least one section")
+        self.base = base
         self.sections = sections
         spanPages = Array(repeating: nil, count: (sections.count + SpanPage.sections - 1) / SpanPage.sections)
-        spansKnown = Array(repeating: false, count: sections.count)
+        spansRead = Array(repeating: false, count: sections.count)
         versions = Array(repeating: 0, count: sections.count)
-        self.cursor = cursor % max(1, sections.count)
+        self.cursor = base + abs(cursor) % sections.count
         chunkCandidates = SectionBitmap(count: sections.count)
         sectionCandidates = SectionBitmap(count: sections.count)
         usedSectionCandidates = SectionBitmap(count: sections.count)
-        for section in sections.indices { summarize(section) }
+        for local in sections.indices { summarize(local) }
         debugOnly { checkInvariants() }
     }
 
-    var sectionCount: Int { sections.count }
+    /// The sections this cache holds.
+    var sectionRange: Range<Int> { base..<base + sections.count }
+
+    /// Whether the span headers of `section` have been read since start.
+    func spansKnown(_ section: Int) -> Bool { spansRead[section - base] }
+
+    /// Whether a chunk-layer search may find something in `section` (see
+    /// `chunkCandidates`), and a section-layer one.
+    func isChunkCandidate(_ section: Int) -> Bool { chunkCandidates[section - base] }
+    func isSectionCandidate(_ section: Int) -> Bool { sectionCandidates[section - base] }
+
+    /// The sections where a chunk-layer search may find something, from the cursor on
+    /// (circular, each once).
+    var chunkCandidateSections: CandidateSections { CandidateSections(chunkCandidates, base: base, cursor: cursor) }
+    /// The sections with an empty span, from the cursor on; `used`: only those not wholly
+    /// empty.
+    func sectionCandidateSections(used: Bool = false) -> CandidateSections {
+        CandidateSections(used ? usedSectionCandidates : sectionCandidates, base: base, cursor: cursor)
+    }
+
+    /// The set sections of a summary bitmap of a shard, as the pool's section numbers.
+    struct CandidateSections: IteratorProtocol {
+        private var bits: SectionBitmap.CircularBits
+        private let base: Int
+
+        fileprivate init(_ bitmap: SectionBitmap, base: Int, cursor: Int) {
+            bits = bitmap.circular(from: cursor - base)
+            self.base = base
+        }
+
+        mutating func next() -> Int? { bits.next().map { base + $0 } }
+    }
 
     /// Whether a block operation on the header at `slot` would wait for someone's flush:
     /// the cached word carries a pending log that is not this node's queued one (which a
@@ -60,11 +103,12 @@ struct HeaderCache: Sendable {
 
     subscript(slot: HeaderSlot) -> UInt64 {
         switch slot {
-        case .section(let section): sections[section]
-        case .span(let section, let span): spanWord(section: section, span: span)
+        case .section(let section): sections[section - base]
+        case .span(let section, let span): spanWord(section: section - base, span: span)
         }
     }
 
+    /// The span word of the shard's `section`-th section (local numbering, as below).
     private func spanWord(section: Int, span: Int) -> UInt64 {
         spanPages[section / SpanPage.sections]?.words[SpanPage.index(section: section, span: span)] ?? SpanHeader.empty.rawValue
     }
@@ -72,17 +116,25 @@ struct HeaderCache: Sendable {
     /// Stores `word`, the answer of the batch with `ticket`, unless the cache holds an
     /// answer of a later batch.
     mutating func store(_ word: UInt64, at slot: HeaderSlot, ticket: UInt64) {
-        if storeWord(word, at: slot, ticket: ticket) { summarize(slot.section) }
+        if storeWord(word, at: slot, ticket: ticket) { summarize(slot.section - base) }
     }
 
     /// `store` without the summary (the caller summarizes); answers whether it stored.
+    /// (From here on, sections are numbered from the shard's first.)
     private mutating func storeWord(_ word: UInt64, at slot: HeaderSlot, ticket: UInt64) -> Bool {
         switch slot {
-        case .section(let section):
+        case .section(let section): storeWord(word, atLocal: section - base, span: nil, ticket: ticket)
+        case .span(let section, let span): storeWord(word, atLocal: section - base, span: span, ticket: ticket)
+        }
+    }
+
+    private mutating func storeWord(_ word: UInt64, atLocal section: Int, span: Int?, ticket: UInt64) -> Bool {
+        switch span {
+        case nil:
             guard ticket >= versions[section] else { return false }
             versions[section] = ticket
             sections[section] = word
-        case .span(let section, let span):
+        case let span?:
             let page = section / SpanPage.sections
             let index = SpanPage.index(section: section, span: span)
             if spanPages[page] == nil { spanPages[page] = SpanPage() }
@@ -93,7 +145,8 @@ struct HeaderCache: Sendable {
         return true
     }
 
-    /// Recomputes the summary bits of `section` from its cached words.
+    /// Recomputes the summary bits of the shard's `section`-th section from its cached
+    /// words.
     private mutating func summarize(_ section: Int) {
         var chunkCandidate = false
         var sectionCandidate = false
@@ -106,7 +159,7 @@ struct HeaderCache: Sendable {
                 case .empty: sectionCandidate = true
                 case .chunks, .chunksAvoid:
                     guard !chunkCandidate else { continue }
-                    if !spansKnown[section] {
+                    if !spansRead[section] {
                         chunkCandidate = true
                     } else if let spanHeader = SpanHeader(rawValue: spanWord(section: section, span: span))?.settled,
                               spanHeader.mode != .open || spanHeader.firstFreeRun(countLog2: 0) != nil {
@@ -126,21 +179,26 @@ struct HeaderCache: Sendable {
     /// Stores the span headers of `section` as just read.
     mutating func storeSpans(of section: Int, _ words: [UInt64], ticket: UInt64) {
         precondition(words.count == PoolGeometry.spansPerSection, "a section has \(PoolGeometry.spansPerSection) spans, not \(words.count)")
-        spansKnown[section] = true
-        for (span, word) in words.enumerated() { _ = storeWord(word, at: .span(section: section, span: span), ticket: ticket) }
-        summarize(section)
+        let local = section - base
+        spansRead[local] = true
+        for (span, word) in words.enumerated() { _ = storeWord(word, atLocal: local, span: span, ticket: ticket) }
+        summarize(local)
         debugOnly { checkInvariants() }
     }
 
-    /// Stores every header as just read.
-    mutating func storeAll(sections newSections: [UInt64], spans newSpans: [UInt64], ticket: UInt64) {
-        precondition(newSections.count == sections.count && newSpans.count == sections.count * PoolGeometry.spansPerSection, "a refresh reads every header")
-        spansKnown = Array(repeating: true, count: sections.count)
-        for (section, word) in newSections.enumerated() { _ = storeWord(word, at: .section(section), ticket: ticket) }
-        for (index, word) in newSpans.enumerated() {
-            _ = storeWord(word, at: .span(section: index / PoolGeometry.spansPerSection, span: index % PoolGeometry.spansPerSection), ticket: ticket)
+    /// Stores every header of the shard as just read: `poolSections` and `poolSpans` are
+    /// the whole pool's.
+    mutating func storeAll(sections poolSections: [UInt64], spans poolSpans: [UInt64], ticket: UInt64) {
+        precondition(poolSections.count >= base + sections.count && poolSpans.count == poolSections.count * PoolGeometry.spansPerSection,
+                     "a refresh reads every header")
+        spansRead = Array(repeating: true, count: sections.count)
+        for local in sections.indices {
+            _ = storeWord(poolSections[base + local], atLocal: local, span: nil, ticket: ticket)
+            for span in 0..<PoolGeometry.spansPerSection {
+                _ = storeWord(poolSpans[(base + local) * PoolGeometry.spansPerSection + span], atLocal: local, span: span, ticket: ticket)
+            }
+            summarize(local)
         }
-        for section in sections.indices { summarize(section) }
         debugOnly { checkInvariants() }
     }
 
@@ -160,13 +218,14 @@ struct HeaderCache: Sendable {
     }
 
     /// The structural rules of the cache: every array sized by the section count, the
-    /// cursor and every busy header inside the pool.
+    /// cursor, every busy header and every pending log inside the shard.
     func checkInvariants() {
         let sectionCount = sections.count
         precondition(sectionCount >= 1, "a pool has at least one section")
-        precondition(spanPages.count == (sectionCount + SpanPage.sections - 1) / SpanPage.sections && spansKnown.count == sectionCount, "cache arrays disagree")
+        precondition(spanPages.count == (sectionCount + SpanPage.sections - 1) / SpanPage.sections && spansRead.count == sectionCount, "cache arrays disagree")
         precondition(versions.count == sectionCount, "one version per cached section word")
-        precondition(cursor >= 0 && cursor < sectionCount, "cursor \(cursor) outside \(sectionCount) sections")
+        precondition(sectionRange.contains(cursor), "cursor \(cursor) outside \(sectionRange)")
+        pending.forEachSlot { slot in precondition(sectionRange.contains(slot.section), "pending log of \(slot) outside \(sectionRange)") }
         var copy = self
         for section in 0..<sectionCount {
             let bits = (chunkCandidates[section], sectionCandidates[section], usedSectionCandidates[section])
@@ -176,9 +235,9 @@ struct HeaderCache: Sendable {
         }
         for slot in busy {
             switch slot {
-            case .section(let section): precondition(section >= 0 && section < sectionCount, "busy \(slot) outside the pool")
+            case .section(let section): precondition(sectionRange.contains(section), "busy \(slot) outside \(sectionRange)")
             case .span(let section, let span):
-                precondition(section >= 0 && section < sectionCount && span >= 0 && span < PoolGeometry.spansPerSection, "busy \(slot) outside the pool")
+                precondition(sectionRange.contains(section) && span >= 0 && span < PoolGeometry.spansPerSection, "busy \(slot) outside \(sectionRange)")
             }
         }
     }

@@ -52,7 +52,7 @@ extension MemoryNodeLink {
     ) -> UInt64? {
         precondition(header.logPending && header.log.owner == owner, "a commit on \(slot) left \(header) without this node's pending log")
         let record = record(allocated: allocated, block: block, application: application, sequence: header.log.sequence)
-        return cache.withLock { cache in
+        return cache.withShard(of: slot) { cache in
             cache.pending.add(slot, recordAddress: grant.recordAddress(chunk: block.firstChunk), record: record, recordBefore: recordBefore,
                               sequence: header.log.sequence, taken: false)
             debugOnly { cache.pending.checkInvariants(owner: owner) }
@@ -73,8 +73,8 @@ extension MemoryNodeLink {
         _ type: Header.Type, _ slot: HeaderSlot, attemptsMax: Int, backoffNanos: ClosedRange<UInt64>, runtime: any Runtime,
         trace: inout OperationTrace, then transform: (Header) -> Header = { $0 }
     ) async -> Header? {
-        guard let log = cache.withLock({ $0.pending.take(slot) }) else { return nil }
-        defer { cache.withLock { $0.pending.remove(slot, serial: log.serial) } }
+        guard let log = cache.withShard(of: slot, { $0.pending.take(slot) }) else { return nil }
+        defer { cache.withShard(of: slot) { $0.pending.remove(slot, serial: log.serial) } }
         var handling = LogHandling.flush(log)
         var delay = backoffNanos.lowerBound
         while true {
@@ -115,10 +115,10 @@ extension MemoryNodeLink {
         let sequence = headers[0].1.log.sequence
         let record = record(allocated: allocated, block: block, application: application, sequence: sequence)
         let recordAddress = grant.recordAddress(chunk: block.firstChunk)
-        let entries = cache.withLock { cache in
-            headers.map { slot, header in
-                precondition(header.logPending && header.log.owner == owner, "a multi-section commit left \(slot) without this node's log")
-                return cache.pending.add(slot, recordAddress: recordAddress, record: record, recordBefore: recordBefore, sequence: header.log.sequence, taken: true)
+        let entries = headers.map { slot, header in
+            precondition(header.logPending && header.log.owner == owner, "a multi-section commit left \(slot) without this node's log")
+            return cache.withShard(of: slot) {
+                $0.pending.add(slot, recordAddress: recordAddress, record: record, recordBefore: recordBefore, sequence: header.log.sequence, taken: true)
             }
         }
         return (entries[0], entries.map(\.serial))
@@ -160,6 +160,6 @@ extension MemoryNodeLink {
             delay = min(delay * 2, backoffNanos.upperBound)
         }
         _ = try? await post([intentWrite(.none, slot: intentSlot)], trace: &trace)
-        cache.withLock { cache in for ((slot, _), serial) in zip(headers, serials) { cache.pending.remove(slot, serial: serial) } }
+        for ((slot, _), serial) in zip(headers, serials) { cache.withShard(of: slot) { $0.pending.remove(slot, serial: serial) } }
     }
 }

@@ -20,8 +20,9 @@ final class MemoryNodeLink: Sendable {
     /// The compute node (its slot in the node table) and its incarnation there.
     let owner: OwnerID
     let incarnation: UInt16
-    /// The header cache, with this node's pending logs on those headers (`pending`).
-    let cache: Locked<HeaderCache>
+    /// The header cache, with this node's pending logs on those headers (`pending`), in
+    /// shards.
+    let cache: HeaderCacheShards
     /// This node's node-table slot as its last lease renewal (or the attach) left it.
     let leaseWord: Locked<UInt64>
     /// The owner's callbacks (`onReturnedLog`, `onRoomChange`).
@@ -33,22 +34,23 @@ final class MemoryNodeLink: Sendable {
 
     private init(
         index: Int, grant: MemoryNodeGrant, connection: any FabricConnection, owner: OwnerID, incarnation: UInt16,
-        sections: [UInt64]
+        sections: [UInt64], cacheShards: Int
     ) {
         self.index = index
         self.grant = grant
         self.connection = connection
         self.owner = owner
         self.incarnation = incarnation
-        cache = Locked(HeaderCache(sections: sections, cursor: Int(owner.rawValue) &* 7_919))
+        cache = HeaderCacheShards(sections: sections, shards: cacheShards, cursor: Int(owner.rawValue) &* 7_919)
         leaseWord = Locked(NodeSlot(heartbeat: 0, state: .alive, incarnation: incarnation).rawValue)
     }
 
     /// Attaches `owner` to a memory node: reads its superblock, the owner's node-table
     /// slot and every section header in one doorbell, checks the superblock against the
-    /// grant, and takes the slot (free to alive, with the next incarnation) by CAS.
+    /// grant, and takes the slot (free to alive, with the next incarnation) by CAS. The
+    /// cache has `cacheShards` shards (fewer on a small pool).
     static func attach(
-        index: Int, grant: MemoryNodeGrant, connection: any FabricConnection, owner: OwnerID
+        index: Int, grant: MemoryNodeGrant, connection: any FabricConnection, owner: OwnerID, cacheShards: Int = 1
     ) async throws(AttachError) -> MemoryNodeLink {
         let geometry = grant.geometry
         guard grant.endAddress.rawValue <= RemotePointer.addressMask else {
@@ -71,7 +73,7 @@ final class MemoryNodeLink: Sendable {
         guard let registered = NodeSlot(rawValue: slotWord)?.registering() else { throw .slotTaken }
         let link = MemoryNodeLink(
             index: index, grant: grant, connection: connection, owner: owner, incarnation: registered.incarnation,
-            sections: first[2].words)
+            sections: first[2].words, cacheShards: cacheShards)
         var trace = OperationTrace()
         let outcome: UpdateOutcome<NodeSlot>
         do {
@@ -89,7 +91,7 @@ final class MemoryNodeLink: Sendable {
     static func acting(for owner: OwnerID, incarnation: UInt16, grant: MemoryNodeGrant, connection: any FabricConnection) -> MemoryNodeLink {
         MemoryNodeLink(
             index: 0, grant: grant, connection: connection, owner: owner, incarnation: incarnation,
-            sections: Array(repeating: SectionHeader.empty.rawValue, count: grant.geometry.sectionCount))
+            sections: Array(repeating: SectionHeader.empty.rawValue, count: grant.geometry.sectionCount), cacheShards: 1)
     }
 
     var geometry: PoolGeometry { grant.geometry }
@@ -155,7 +157,7 @@ final class MemoryNodeLink: Sendable {
         trace.refreshBytes += verbs.reduce(0) { $0 + UInt64($1.payloadBytes) }
         let sections = results[0].words
         let spans = results[1].words
-        cache.withLock { $0.storeAll(sections: sections, spans: spans, ticket: ticket) }
+        cache.forEachShard { $0.storeAll(sections: sections, spans: spans, ticket: ticket) }
         if let stale = RoomSummary.staleSections(sections: sections, words: results[2].words, topWords: results[3].words) {
             roomChanged(stale)
         }
@@ -179,7 +181,7 @@ final class MemoryNodeLink: Sendable {
     /// Stores answers of the batch with `ticket` into the cache (newer answers win).
     func store(_ words: [UInt64], at slots: [HeaderSlot], ticket: UInt64) {
         guard !slots.isEmpty else { return }
-        cache.withLock { cache in for (slot, word) in zip(slots, words) { cache.store(word, at: slot, ticket: ticket) } }
+        for (slot, word) in zip(slots, words) { cache.withShard(of: slot) { $0.store(word, at: slot, ticket: ticket) } }
     }
 
     /// Reads the span headers of `section` into the cache.
@@ -188,7 +190,7 @@ final class MemoryNodeLink: Sendable {
             .readWords(grant.address(of: .span(section: section, span: 0)), count: PoolGeometry.spansPerSection, rkey: metadataKey)
         ], trace: &trace)
         let words = results[0].words
-        cache.withLock { $0.storeSpans(of: section, words, ticket: ticket) }
+        cache.withShard(of: .section(section)) { $0.storeSpans(of: section, words, ticket: ticket) }
     }
 
     /// Sets what happens to a log of this node that an operation took to fold into its
@@ -202,7 +204,7 @@ final class MemoryNodeLink: Sendable {
     /// Checks the cache's and the pending table's invariants (debug builds).
     func checkInvariants() {
         debugOnly {
-            cache.withLock { cache in
+            cache.forEachShard { cache in
                 cache.checkInvariants()
                 cache.pending.checkInvariants(owner: owner)
             }
@@ -210,9 +212,32 @@ final class MemoryNodeLink: Sendable {
     }
 
     /// Marks `slot` busy for this node's CAS; false when another task of the node holds it.
-    func tryAcquire(_ slot: HeaderSlot) -> Bool { cache.withLock { $0.busy.insert(slot) } }
+    func tryAcquire(_ slot: HeaderSlot) -> Bool { cache.withShard(of: slot) { $0.busy.insert(slot) } }
 
-    func releaseBusy(_ slot: HeaderSlot) { cache.withLock { $0.busy.remove(slot) } }
+    func releaseBusy(_ slot: HeaderSlot) { cache.withShard(of: slot) { $0.busy.remove(slot) } }
+
+    /// Where to claim `2^countLog2` units of `Header`'s layer: the search of the shard
+    /// `home` first, then of the others in turn. A claim or an open (its header marked
+    /// busy) ends it; a shard's other answers (wait, read spans, recheck) are taken only
+    /// when no shard has a claim or an open; nil when no shard shows room.
+    func choose<Header: SearchedHeader>(_ type: Header.Type, countLog2: Int, home: Int) -> HeaderChoice? {
+        var other: HeaderChoice?
+        for offset in 0..<cache.count {
+            let choice = cache.withShard((home + offset) % cache.count) { Header.choose(countLog2: countLog2, cache: &$0, link: self) }
+            switch choice {
+            case .claim?, .open?: return choice
+            case .wait?, .readSpans?, .recheck?: if other == nil { other = choice }
+            case nil: continue
+            }
+        }
+        return other
+    }
+
+    /// Whether any cached section is held whole under a pending multi-section claim
+    /// (`HeaderCache.holdsRunClaimInFlight`).
+    var holdsRunClaimInFlight: Bool {
+        (0..<cache.count).contains { index in cache.withShard(index) { $0.holdsRunClaimInFlight } }
+    }
 }
 
 /// The callbacks of a link's owner, each set once before the link is used, as closures of

@@ -104,6 +104,11 @@ struct PendingLogTable: Sendable {
         if logs[slot]?.serial == serial { logs[slot] = nil }
     }
 
+    /// Calls `body` with the header of every entry.
+    func forEachSlot(_ body: (HeaderSlot) -> Void) {
+        for (key, _) in logs.map { body(HeaderSlot(key: key)) }
+    }
+
     /// Every entry's record names `owner` and records an allocation or a free of a block
     /// whose first chunk is where the record goes.
     func checkInvariants(owner: OwnerID) {

@@ -97,7 +97,7 @@ extension MemoryNodeLink {
         trace.summaryRefreshes += 1
         let tops = try await post([.readWords(grant.roomSummaryTopAddress(word: 0), count: topCount, rkey: metadataKey)], trace: &trace)[0].words
         trace.refreshBytes += UInt64(8 * topCount)
-        let start = RoomSummary.word(of: cache.withLock { $0.cursor })
+        let start = RoomSummary.word(of: cache.withShard(0) { $0.cursor })
         let fanOut = RoomSummary.fanOut
         var words: [Int] = []
         var word = start
@@ -118,17 +118,16 @@ extension MemoryNodeLink {
         guard !words.isEmpty else { return 0 }
         let answers = try await post(words.map { .readWords(grant.roomSummaryAddress(word: $0), count: 1, rkey: metadataKey) }, trace: &trace)
         trace.refreshBytes += UInt64(8 * words.count)
-        let sections = cache.withLock { cache -> [Int] in
-            var chosen: [Int] = []
-            for (word, answer) in zip(words, answers) {
-                var room = ~answer.words[0] & RoomSummary.validBits(word: word, children: sectionCount)
-                while room != 0, chosen.count < sectionsMax {
-                    let section = word * RoomSummary.fanOut + room.trailingZeroBitCount
-                    room &= room - 1
-                    if !cache.chunkCandidates[section], !cache.sectionCandidates[section] { chosen.append(section) }
+        var sections: [Int] = []
+        for (word, answer) in zip(words, answers) {
+            var room = ~answer.words[0] & RoomSummary.validBits(word: word, children: sectionCount)
+            while room != 0, sections.count < sectionsMax {
+                let section = word * RoomSummary.fanOut + room.trailingZeroBitCount
+                room &= room - 1
+                if cache.withShard(of: .section(section), { !$0.isChunkCandidate(section) && !$0.isSectionCandidate(section) }) {
+                    sections.append(section)
                 }
             }
-            return chosen
         }
         guard !sections.isEmpty else { return 0 }
         let verbs = sections.flatMap { section -> [Verb] in
@@ -137,8 +136,8 @@ extension MemoryNodeLink {
         }
         let (results, ticket) = try await postTicketed(verbs, trace: &trace)
         trace.refreshBytes += UInt64(8 * (1 + PoolGeometry.spansPerSection) * sections.count)
-        cache.withLock { cache in
-            for (index, section) in sections.enumerated() {
+        for (index, section) in sections.enumerated() {
+            cache.withShard(of: .section(section)) { cache in
                 cache.store(results[2 * index].words[0], at: .section(section), ticket: ticket)
                 cache.storeSpans(of: section, results[2 * index + 1].words, ticket: ticket)
             }

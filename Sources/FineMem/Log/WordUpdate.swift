@@ -132,7 +132,7 @@ extension MemoryNodeLink {
         // The cached word and this node's queued log on it, taken to fold in, in one
         // critical section. The transition applies to the flushed word whether or not
         // the log is folded in (`prepare`), so it is decided before the log is taken.
-        let decided = cache.withLock { cache -> (target: Header, prepared: PreparedWord)? in
+        let decided = cache.withShard(of: slot) { cache -> (target: Header, prepared: PreparedWord)? in
             let word = cache[slot]
             let flushed = Header(rawValue: word)?.flushed()?.rawValue
             guard let target = Header(rawValue: flushed ?? word).flatMap(transition) else { return nil }
@@ -153,7 +153,7 @@ extension MemoryNodeLink {
         if let fold, let folded = prepared.foldedLog { checkRecordUpdate(folded.log, batch.compareAndSwapAnswer(fold)) }
         let (exchanged, original) = batch.compareAndSwapAnswer(commit)
         // The answer and the folded log's end, in one critical section.
-        cache.withLock { cache in
+        cache.withShard(of: slot) { cache in
             cache.store(exchanged ? target.rawValue : original, at: slot, ticket: ticket)
             Self.settle(prepared, committed: exchanged, pending: &cache.pending)
         }
@@ -186,7 +186,7 @@ extension MemoryNodeLink {
     private func updateFast<Header: LoggedHeader>(
         _ slot: HeaderSlot, known: UInt64?, _ policy: UpdatePolicy, trace: inout OperationTrace, _ transition: (Header) -> Header?
     ) async throws(FabricError) -> UpdateOutcome<Header>? {
-        let word = known ?? cache.withLock { $0[slot] }
+        let word = known ?? cache.withShard(of: slot) { $0[slot] }
         guard let target = Header(rawValue: word).flatMap(transition) else {
             return policy.rereadOnRefusal ? nil : .refused(current: word)
         }
@@ -201,7 +201,7 @@ extension MemoryNodeLink {
         try await connection.post(&batch)
         if let recordCAS, let flushLog { checkRecordUpdate(flushLog, batch.compareAndSwapAnswer(recordCAS)) }
         let (exchanged, original) = batch.compareAndSwapAnswer(headerCAS)
-        cache.withLock { $0.store(exchanged ? target.rawValue : original, at: slot, ticket: ticket) }
+        cache.withShard(of: slot) { $0.store(exchanged ? target.rawValue : original, at: slot, ticket: ticket) }
         if exchanged {
             noteRoom(of: slot, from: word, to: target.rawValue)
             return .updated(target)
@@ -239,7 +239,7 @@ extension MemoryNodeLink {
         precondition(policy.attemptsMax >= 1, "an update needs at least one attempt")
         var known = homes.map { home -> UInt64 in
             switch home {
-            case .header(let slot, let word): word ?? cache.withLock { $0[slot] }
+            case .header(let slot, let word): word ?? cache.withShard(of: slot) { $0[slot] }
             case .word(_, let word): word
             }
         }
@@ -352,7 +352,7 @@ extension MemoryNodeLink {
     }
 
     private func store(_ word: UInt64, at home: WordHome, ticket: UInt64) {
-        if case .header(let slot, _) = home { cache.withLock { $0.store(word, at: slot, ticket: ticket) } }
+        if case .header(let slot, _) = home { cache.withShard(of: slot) { $0.store(word, at: slot, ticket: ticket) } }
     }
 
     private func address(of home: WordHome) -> RemoteAddress {
@@ -387,7 +387,7 @@ extension MemoryNodeLink {
     private func prepare(_ home: WordHome, _ word: UInt64, flushed: UInt64?, _ handling: LogHandling) -> PreparedWord {
         guard case .commit = handling else { return .plain(word) }
         guard case .header(let slot, _) = home else { preconditionFailure("block operations commit on headers") }
-        return cache.withLock { Self.prepare(slot, word, flushed: flushed, pending: &$0.pending) }
+        return cache.withShard(of: slot) { Self.prepare(slot, word, flushed: flushed, pending: &$0.pending) }
     }
 
     /// `prepare` of a block operation's header, with the pending table in hand (its
@@ -404,7 +404,7 @@ extension MemoryNodeLink {
     /// otherwise the job goes back to the table and someone must flush it.
     private func settle(_ prepared: PreparedWord, committed: Bool) {
         guard prepared.foldedLog != nil else { return }
-        cache.withLock { Self.settle(prepared, committed: committed, pending: &$0.pending) }
+        cache.withShard(of: prepared.foldedLog!.slot) { Self.settle(prepared, committed: committed, pending: &$0.pending) }
         if !committed { logReturned(prepared.foldedLog!.slot) }
     }
 

@@ -191,6 +191,10 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
 
     public var nowNanoseconds: UInt64 { core.pointee.now }
 
+    /// One shard by default: runs keep the placement they had before caches had shards
+    /// (a test or a soak seed asks for more through `AllocatorConfiguration.cacheShards`).
+    package var cacheShards: Int { 1 }
+
     // MARK: Driving
 
     /// Runs until no job and no timer is left, or until the clock would pass `deadline`.
