@@ -68,7 +68,9 @@ import Testing
                 await simulator.sleep(nanoseconds: configuration.allocator.upkeepIdleNanos / 4)
             }
             let upkeepDuring = node.statistics.upkeepBatches - upkeepBefore
-            // A flush (one doorbell, and a hint at most) per turn given to other nodes.
+            // Per turn given to other nodes: a flush, the close of the span this node's
+            // operations left meanwhile (two doorbells more), and now and then a flush of a
+            // free's log on the header in turn (120 here; 155 with no deferral at all).
             let turns = (simulator.nowNanoseconds - start) / (UInt64(configuration.allocator.upkeepDeferralsMax + 1) * configuration.allocator.upkeepIdleNanos)
             await cluster.quiesce()
             let upkeepAfter = node.statistics.upkeepBatches - upkeepBefore - upkeepDuring
@@ -81,18 +83,23 @@ import Testing
         }
         let (problems, during, after, turns) = try #require(result, "seed \(seed): no answer").get()
         #expect(problems == [], "seed \(seed)")
-        #expect(during <= 2 * (turns + 1), "seed \(seed): \(during) upkeep batches while the header was in use, \(turns) turns")
+        #expect(during <= 4 * (turns + 1), "seed \(seed): \(during) upkeep batches while the header was in use, \(turns) turns")
         #expect(after >= 1, "seed \(seed): the last log was not flushed by the upkeep")
     }
 
-    /// Another compute node's operation on a header in use gets a turn: node A's pairs keep
+    /// Another compute node's operation on a header in use gets a turn: node A's tasks keep
     /// folding each other's logs on the span where node B holds a block (so the header
-    /// always shows a log of A's), and B frees its block meanwhile. B's CAS can land only
-    /// while no log is pending, which happens when A's upkeep flushes; the upkeep leaves a
-    /// header in use alone for at most `upkeepDeferralsMax` idle periods, so B's free
-    /// finishes within a few turns, long before A stops (4 ms into A's 65; without the
-    /// bound, B waited until A stopped).
-    @Test func anotherNodeGetsATurnOnAHeaderInUse() throws {
+    /// nearly always shows a log of A's), and B frees its block meanwhile. B's CAS lands
+    /// only while no log is pending: A's upkeep gives B a turn after at most
+    /// `upkeepDeferralsMax` idle periods (it flushes, and A's searches pass the header by
+    /// for half a backoff). With a flush alone for a turn, B waited until A stopped (28-65
+    /// ms here) or failed with `retryLimitExceeded` under a long enough load (found by a
+    /// helper's adversarial review). Loads: A's tasks, and their pause between pairs.
+    /// Not among them: one task's pairs back to back with no pause, where B still waits
+    /// until A pauses (a free of A's lands in the turn, and its log waits for the worker's
+    /// next look), as it did before the deferral.
+    @Test(arguments: [(1, UInt64(25_000)), (1, 2_000), (2, 25_000), (4, 2_000)])
+    func anotherNodeGetsATurnOnAHeaderInUse(tasks: Int, pauseNanos: UInt64) throws {
         let seed: UInt64 = 5
         let result = simulate(seed: seed) { simulator -> (freed: UInt64, hammered: UInt64, problems: [String]) in
             var configuration = EmbeddedCluster.Configuration(poolBytesPerNode: 2 << 20, computeNodes: 2)
@@ -106,14 +113,19 @@ import Testing
             try await a.free(first, application: application)
             guard HeaderSlot(committing: first) == HeaderSlot(committing: held) else { return (0, 0, ["A allocated \(first), outside B's span (\(held))"]) }
             let start = simulator.nowNanoseconds
-            async let hammered: UInt64 = {
-                for _ in 0..<2_000 {
-                    let block = try await a.allocate(chunkCountLog2: 0, application: application)
-                    try await a.free(block, application: application)
-                    await simulator.sleep(nanoseconds: configuration.allocator.upkeepIdleNanos / 4)
+            async let hammered: UInt64 = withThrowingTaskGroup(of: Void.self) { group in
+                for _ in 0..<tasks {
+                    group.addTask {
+                        for _ in 0..<3_000 / tasks {
+                            let block = try await a.allocate(chunkCountLog2: 0, application: application)
+                            try await a.free(block, application: application)
+                            await simulator.sleep(nanoseconds: pauseNanos)
+                        }
+                    }
                 }
+                try await group.waitForAll()
                 return simulator.nowNanoseconds - start
-            }()
+            }
             async let freed: UInt64 = {
                 await simulator.sleep(nanoseconds: 200_000)
                 try await b.free(held, application: application)
@@ -126,8 +138,8 @@ import Testing
         }
         let (freed, hammered, problems) = try #require(result, "seed \(seed): no answer").get()
         #expect(problems == [], "seed \(seed)")
-        #expect(freed < hammered / 8,
-                "seed \(seed): B's free finished \(freed / 1_000) us after A started, A hammered for \(hammered / 1_000) us")
+        #expect(freed < hammered / 2,
+                "seed \(seed), \(tasks) task(s), \(pauseNanos) ns pauses: B's free finished \(freed / 1_000) us after A started, A hammered for \(hammered / 1_000) us")
     }
 
     /// A flush that finishes late removes its own entry of the pending-log table, not the

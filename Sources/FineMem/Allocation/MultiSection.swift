@@ -36,7 +36,11 @@ extension BlockAllocator {
         while true {
             try await beginRound(&search, on: link, trace: &trace)
             let sections: Range<Int>
-            switch link.cache.withEveryShardLocked({ chooseRun(count: sectionCount, cache: &$0) }) {
+            let now = runtime.nowNanoseconds
+            switch link.cache.withEveryShardLocked({ cache in
+                cache.endTurns(through: now)
+                return chooseRun(count: sectionCount, cache: &cache)
+            }) {
             case nil:
                 if try await noRoomInCache(&search, on: link, trace: &trace) { return nil }
                 continue

@@ -41,7 +41,7 @@ extension BlockAllocator {
         var failures = LostCASCounts()
         while true {
             try await beginRound(&search, on: link, trace: &trace)
-            switch link.choose(Header.self, countLog2: countLog2, home: Int(application.rawValue) % link.cache.count) {
+            switch link.choose(Header.self, countLog2: countLog2, home: Int(application.rawValue) % link.cache.count, runtime: runtime) {
             case nil:
                 if try await noRoomInCache(&search, on: link, trace: &trace) { return nil }
             case .wait:

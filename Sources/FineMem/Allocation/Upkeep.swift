@@ -10,16 +10,31 @@
 ///
 /// A header has one item queued at a time (`PendingLogTable.queueUpkeep`). A header in use
 /// is left alone: when the worker picks its item up and finds that a newer log of this
-/// node has replaced the one the item was queued for, the next operation on the header
-/// will likely fold that one in too, so the item goes back in the queue, due one idle
-/// period (`upkeepIdleNanos`) later; the log is flushed once a whole period passed without
-/// an operation on the header, or after `upkeepDeferralsMax` periods in a row: while a log
-/// of this node is pending, no other compute node can commit on the header, and the flush
-/// gives it a turn. So a busy header costs the worker a look per period and a flush every
-/// few, never a flush per operation that races the next one.
+/// node has replaced the one the item was queued for, or that an operation holds the log
+/// to fold it in, the next operation on the header will likely fold that one in too, so
+/// the item goes back in the queue, due one idle period (`upkeepIdleNanos`) later. The log
+/// is flushed once a whole period passed without an operation on the header.
 ///
-/// The queue is FIFO: a header's flush is due `upkeepDelayNanos` after it was queued (a
-/// job at once), and an item waits for those ahead of it.
+/// Or after `upkeepDeferralsMax` periods in a row: while a log of this node is pending,
+/// no other compute node can commit on the header (its CAS predicts the flushed word), so
+/// the header gets a turn. The worker flushes, and for half the longest backoff
+/// (`backoffNanosMax`) this node's searches pass the header by (`BusyHeaders.beginTurn`;
+/// a free of a block there still goes ahead, and its log is flushed when the worker picks
+/// it up, the header being idle): another node's retry, at most one backoff apart, lands
+/// in a turn now and then, and its waits are bounded (`waitCountMax`) far beyond that. (A
+/// flush alone was no turn: the next operation of this node landed right behind it while
+/// the other node slept its backoff, and under a dense enough load it waited until
+/// `retryLimitExceeded`: found by an adversarial review. Turns of two backoffs cost the
+/// 512-task bench 1 % more round trips per allocation and twice the p99 latency.) A
+/// header in use costs the worker a look per period and a turn every few, never a flush
+/// per operation that races the next one. One limit remains, as before the deferral: a
+/// node whose operations on a header come back to back, with no pause, keeps another
+/// node waiting until it pauses (a free of its own lands in the turn, and that log waits
+/// for the worker's next look).
+///
+/// The queue is FIFO among the items due: a header's flush is due `upkeepDelayNanos` after
+/// it was queued (a job at once), an item put back for later when it says, and an item
+/// due waits only for the items due ahead of it.
 enum UpkeepItem: Sendable {
     /// The log of this node on a header of the link at `link` (an index into `links`):
     /// flush it, and for a span, close or hint it. `serial` names the log it was queued
@@ -63,17 +78,25 @@ struct UpkeepQueue: Sendable {
         return true
     }
 
-    /// The next item due by `now`, or when the head is not due yet, its due time.
+    /// The first item due by `now`, or when none is, the earliest due time.
     mutating func pop(now: UInt64) -> (item: UpkeepItem?, dueAt: UInt64?) {
         guard head < items.count else { return (nil, nil) }
-        let item = items[head]
-        guard item.due <= now else { return (nil, item.due) }
-        head += 1
-        if head == items.count {
-            items.removeAll(keepingCapacity: true)
-            head = 0
+        var earliest = UInt64.max
+        for index in head..<items.count {
+            let due = items[index].due
+            guard due <= now else {
+                earliest = min(earliest, due)
+                continue
+            }
+            let item = items[index]
+            if index == head { head += 1 } else { items.remove(at: index) }
+            if head == items.count {
+                items.removeAll(keepingCapacity: true)
+                head = 0
+            }
+            return (item, nil)
         }
-        return (item, nil)
+        return (nil, earliest)
     }
 
     mutating func finished() { outstanding -= 1 }
@@ -153,12 +176,15 @@ extension BlockAllocator {
                 continue
             }
             idleRounds = 0
-            if case .header(let index, let slot, _, let serial, let deferrals) = item,
-               let newer = links[index].cache.withShard(of: slot, {
-                   $0.pending.pickUpkeep(slot, queuedFor: serial, mayDefer: deferrals < configuration.upkeepDeferralsMax)
-               }) {
-                later = .header(link: index, slot, due: now + configuration.upkeepIdleNanos, serial: newer, deferrals: deferrals + 1)
-                continue
+            if case .header(let index, let slot, _, let serial, let deferrals) = item {
+                let turnEnds = runtime.nowNanoseconds + configuration.backoffNanosMax / 2
+                let pick = links[index].cache.withShard(of: slot) {
+                    $0.pickUpkeep(slot, queuedFor: serial, mayDefer: deferrals < configuration.upkeepDeferralsMax, turnEnds: turnEnds)
+                }
+                if case .later(let newer) = pick {
+                    later = .header(link: index, slot, due: runtime.nowNanoseconds + configuration.upkeepIdleNanos, serial: newer, deferrals: deferrals + 1)
+                    continue
+                }
             }
             let trace = await perform(item)
             // Most items find their log folded into a later commit: nothing to record.
@@ -167,7 +193,7 @@ extension BlockAllocator {
         }
     }
 
-    /// Performs an item (a header's, once `pickUpkeep` let it go).
+    /// Performs an item (a header's, once `HeaderCache.pickUpkeep` let it go).
     private func perform(_ item: UpkeepItem) async -> OperationTrace {
         switch item {
         case .job(_, let body):

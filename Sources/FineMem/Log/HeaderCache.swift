@@ -94,6 +94,30 @@ struct HeaderCache: Sendable {
         mutating func next() -> Int? { bits.next().map { base + $0 } }
     }
 
+    /// What the upkeep worker does with the item of `slot` it picked up (queued for the log
+    /// with `serial`, put back `deferrals` times), see `UpkeepItem`.
+    enum UpkeepPick {
+        /// Flush whatever log is there (the header went without an operation since).
+        case flush
+        /// The header is in use: put the item back for later, for the log `serial` now
+        /// there.
+        case later(serial: UInt64)
+        /// The header has been in use for too long: flush, and give other nodes a turn
+        /// (this node's searches pass the header by until `turnEnds`).
+        case flushForTurn
+    }
+
+    mutating func pickUpkeep(_ slot: HeaderSlot, queuedFor serial: UInt64, mayDefer: Bool, turnEnds: UInt64) -> UpkeepPick {
+        if let log = pending.logInUse(slot, queuedFor: serial) {
+            if mayDefer { return .later(serial: log.serial) }
+            busy.beginTurn(slot, until: turnEnds)
+            pending.upkeepPicked(slot)
+            return .flushForTurn
+        }
+        pending.upkeepPicked(slot)
+        return .flush
+    }
+
     /// Whether a block operation on the header at `slot` would wait for someone's flush:
     /// the cached word carries a pending log that is not this node's queued one (which a
     /// commit folds in). Searches rank such headers after clean ones.
@@ -247,18 +271,38 @@ struct HeaderCache: Sendable {
 /// node), so a small array, searched without hashing.
 struct BusyHeaders: Sendable, Sequence {
     private var slots: [HeaderSlot] = []
+    /// Headers in other nodes' turn (`beginTurn`), and when it ends: searches pass them
+    /// by, an operation on a block there (a free) still goes ahead.
+    private var turns: [(slot: HeaderSlot, until: UInt64)] = []
 
     init() { slots.reserveCapacity(16) }
 
-    func contains(_ slot: HeaderSlot) -> Bool { !slots.isEmpty && slots.contains(slot) }
+    /// Whether a search must pass `slot` by: a CAS of this node is in flight on it, or it
+    /// is other nodes' turn.
+    func contains(_ slot: HeaderSlot) -> Bool {
+        (!slots.isEmpty && slots.contains(slot)) || (!turns.isEmpty && turns.contains { $0.slot == slot })
+    }
 
-    /// Marks `slot` busy; answers false when it already was.
+    /// Marks `slot` busy; answers false when a CAS of this node is in flight on it.
     @discardableResult
     mutating func insert(_ slot: HeaderSlot) -> Bool {
-        guard !contains(slot) else { return false }
+        guard slots.isEmpty || !slots.contains(slot) else { return false }
         slots.append(slot)
         return true
     }
+
+    /// Other nodes' turn on `slot` begins: this node's searches pass it by until `until`
+    /// (ended by the first search after it, `endTurns`).
+    mutating func beginTurn(_ slot: HeaderSlot, until: UInt64) {
+        turns.removeAll { $0.slot == slot }
+        turns.append((slot, until))
+    }
+
+    /// Whether some header is in other nodes' turn.
+    var hasTurns: Bool { !turns.isEmpty }
+
+    /// Ends the turns whose time is up by `now`.
+    mutating func endTurns(through now: UInt64) { turns.removeAll { $0.until <= now } }
 
     mutating func remove(_ slot: HeaderSlot) {
         if let index = slots.firstIndex(of: slot) { slots.swapAt(index, slots.count - 1); slots.removeLast() }

@@ -78,5 +78,12 @@ final class HeaderCacheShards: Sendable {
         func isBusy(_ slot: HeaderSlot) -> Bool { shard(slot).pointee.busy.contains(slot) }
 
         mutating func markBusy(_ slot: HeaderSlot) { shard(slot).pointee.busy.insert(slot) }
+
+        /// Ends the turns of other nodes whose time is up by `now`, in every shard.
+        mutating func endTurns(through now: UInt64) {
+            for index in 0..<shards.count where shards.stripes.value(index).pointee.busy.hasTurns {
+                shards.stripes.value(index).pointee.busy.endTurns(through: now)
+            }
+        }
     }
 }

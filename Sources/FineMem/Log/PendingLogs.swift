@@ -30,7 +30,8 @@ struct PendingLogTable: Sendable {
     private var logs = Logs()
     /// Headers with an upkeep item queued that no worker has picked up yet: one item per
     /// header is enough, since the worker flushes whatever log is pending when it picks the
-    /// item up, and a commit after that queues a new one (`queueUpkeep`, `pickUpkeep`).
+    /// item up, and a commit after that queues a new one (`queueUpkeep`,
+    /// `HeaderCache.pickUpkeep`).
     private var upkeepQueued = IntMap<Bool>()
     /// The serial of the next entry.
     private var nextSerial: UInt64 = 0
@@ -67,17 +68,16 @@ struct PendingLogTable: Sendable {
         return log.serial
     }
 
-    /// A worker picked up the upkeep item of `slot`, queued for the log with `serial`.
-    /// When another log of this node has replaced that one since, and nobody holds it, the
-    /// header is in use: the next operation on it will likely fold the log in, and a flush
-    /// now would only race it. If the item `mayDefer`, answers that log's serial (the item
-    /// stays queued: the worker puts it back for later). Otherwise the item is done with
-    /// (answers nil) and the worker flushes whatever log is there.
-    mutating func pickUpkeep(_ slot: HeaderSlot, queuedFor serial: UInt64, mayDefer: Bool) -> UInt64? {
-        if mayDefer, let log = logs[slot], !log.taken, log.serial != serial { return log.serial }
-        upkeepQueued[slot.key] = nil
-        return nil
+    /// The log of this node on `slot` that a header in use shows: one that replaced the
+    /// log with `serial` (the one an upkeep item was queued for), or one an operation holds
+    /// to fold into its commit. Nil when the header has gone without an operation since.
+    func logInUse(_ slot: HeaderSlot, queuedFor serial: UInt64) -> PendingLog? {
+        guard let log = logs[slot], log.taken || log.serial != serial else { return nil }
+        return log
     }
+
+    /// A worker picked up the upkeep item of `slot` (before it looks at the log).
+    mutating func upkeepPicked(_ slot: HeaderSlot) { upkeepQueued[slot.key] = nil }
 
     /// Whether `slot` has a log of this node that no task has taken yet (an operation on
     /// it can fold the flush into its own commit).
