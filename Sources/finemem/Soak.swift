@@ -43,6 +43,7 @@ struct Soak: ParsableCommand {
     @Option(help: "Priority change points per run with --explore.") var changePoints = 3
     @Option(help: "mixed (allocate and free at random) or exhaustion (fill every pool, then free).") var workload = Workload.mixed
     @Option(help: "Rounds of fill and free per seed, with --workload exhaustion.") var rounds = 2
+    @Option(help: "Shards of each compute node's header cache (of at least 4 sections each; 1 by default in virtual time).") var cacheShards = 1
     @Flag(help: "Print each seed's trace hash and virtual time (to tell whether two builds run the same simulation).")
     var traces = false
     @Option(help: "Seeds simulated at once, each on a thread of its own (default: one per processor). Every seed runs as alone; the output comes in seed order.")
@@ -66,6 +67,7 @@ struct Soak: ParsableCommand {
         configuration.tasksPerComputeNode = tasks
         configuration.operationsPerTask = operations
         configuration.chunkCountLog2Range = 0...Block.chunkCountLog2(forBytes: maxBlock.bytes)
+        configuration.allocator.cacheShards = cacheShards
         configuration.exploration = explore ? .randomPriorities(changePoints: changePoints) : .none
         print("schedule exploration: \(configuration.exploration)")
         let clock = SystemRuntime.shared
@@ -140,6 +142,7 @@ struct Soak: ParsableCommand {
         configuration.computeNodes = computeNodes
         configuration.tasksPerComputeNode = tasks
         configuration.rounds = rounds
+        configuration.allocator.cacheShards = cacheShards
         configuration.exploration = explore ? .randomPriorities(changePoints: changePoints) : .none
         print("exhaustion workload: \(configuration.memoryNodes) x \(Format.bytes(poolSize.bytes)), \(computeNodes) x \(tasks) tasks, \(rounds) rounds, schedule exploration: \(configuration.exploration)")
         let clock = SystemRuntime.shared
@@ -187,6 +190,7 @@ struct Soak: ParsableCommand {
             "--start-seed \(seed)", "--seeds 1", "--memory-nodes \(memoryNodes)", "--pool-size \(poolSize.bytes)",
             "--compute-nodes \(computeNodes)", "--tasks \(tasks)", "--operations \(operations)", "--max-block \(maxBlock.bytes)",
         ]
+        if cacheShards != 1 { flags.append("--cache-shards \(cacheShards)") }
         if explore { flags += ["--explore", "--change-points \(changePoints)"] }
         if workload == .exhaustion { flags += ["--workload exhaustion", "--rounds \(rounds)"] }
         return "swift run -c release finemem soak " + flags.joined(separator: " ")

@@ -28,6 +28,17 @@ import Testing
         #expect(first.traceHash != other.traceHash)
     }
 
+    /// Compute nodes whose header caches have 3 shards (of 11, 11 and 10 sections: runs of
+    /// 2 and 4 sections cross shard boundaries), mixed sizes 4 KiB-8 MiB: every invariant
+    /// holds as with one shard, and the allocations are served.
+    @Test(arguments: [1, 2, 3, 4] as [UInt64]) func shardedCachesStayConsistent(seed: UInt64) {
+        var configuration = SimulatedWorkload.Configuration()
+        configuration.allocator.cacheShards = 3
+        let report = SimulatedWorkload(configuration).run(seed: seed)
+        #expect(report.violations.isEmpty, "seed \(seed): \(report.violations.prefix(5))")
+        #expect(report.allocations > 1_000, "seed \(seed): only \(report.allocations) allocations")
+    }
+
     @Test func contendedSmallPoolStaysConsistent() {
         var configuration = SimulatedWorkload.Configuration()
         configuration.poolBytesPerNode = 8 << 20
@@ -50,5 +61,18 @@ import Testing
         #expect(report.violations == [], "seed \(seed): \(report.violations.prefix(5))")
         #expect(report.outOfMemory >= 16 * 8 * 2, "seed \(seed): every task must be answered out of memory each round")
         #expect(report.allocations > 0)
+    }
+
+    /// The same with 4 shards per cache: a search that finds no room in its own shard looks
+    /// in the others before it answers out of memory (every answer checked against the
+    /// pool, as above).
+    @Test(arguments: [1, 2] as [UInt64]) func exhaustionAndBackWithShardedCaches(seed: UInt64) {
+        var configuration = ExhaustionWorkload.Configuration()
+        configuration.poolBytesPerNode = 32 << 20
+        configuration.allocator.cacheShards = 4
+        let report = ExhaustionWorkload(configuration).run(seed: seed)
+        #expect(report.wrongAnswers == [], "seed \(seed): \(report.wrongAnswers.prefix(3))")
+        #expect(report.violations == [], "seed \(seed): \(report.violations.prefix(5))")
+        #expect(report.outOfMemory >= 16 * 8 * 2, "seed \(seed): every task must be answered out of memory each round")
     }
 }
