@@ -49,29 +49,25 @@ import Testing
     /// for a whole idle period, it flushes the last log, and the pool is at rest. (Before,
     /// the worker flushed the header's newest log on every pass and raced the next
     /// operation for it: 155 upkeep batches here, and 0.45 upkeep round trips per
-    /// operation in the 512-task bench, 0.017 after.)
+    /// operation in the 512-task bench, 0.19 with the deferral and turns.)
     @Test func upkeepLeavesAHeaderInUseAlone() throws {
         let seed: UInt64 = 3
         let result = simulate(seed: seed) { simulator -> ([String], UInt64, UInt64, UInt64) in
-            var configuration = EmbeddedCluster.Configuration(poolBytesPerNode: 64 << 20, computeNodes: 1)
-            configuration.failureDetection = false
-            let cluster = try await EmbeddedCluster.start(configuration, simulator: simulator)
-            let node = cluster.computeNodes[0]
+            let (cluster, node, held) = try await Self.oneNodeHoldingABlock(simulator)
             let application = ApplicationID(1)
-            let held = try await node.allocate(chunkCountLog2: 0, application: application)
-            await cluster.quiesce()
             let upkeepBefore = node.statistics.upkeepBatches
             let start = simulator.nowNanoseconds
             for _ in 0..<500 {
                 let block = try await node.allocate(chunkCountLog2: 0, application: application)
                 try await node.free(block, application: application)
-                await simulator.sleep(nanoseconds: configuration.allocator.upkeepIdleNanos / 4)
+                await simulator.sleep(nanoseconds: AllocatorConfiguration().upkeepIdleNanos / 4)
             }
             let upkeepDuring = node.statistics.upkeepBatches - upkeepBefore
             // Per turn given to other nodes: a flush, the close of the span this node's
             // operations left meanwhile (two doorbells more), and now and then a flush of a
             // free's log on the header in turn (120 here; 155 with no deferral at all).
-            let turns = (simulator.nowNanoseconds - start) / (UInt64(configuration.allocator.upkeepDeferralsMax + 1) * configuration.allocator.upkeepIdleNanos)
+            let defaults = AllocatorConfiguration()
+            let turns = (simulator.nowNanoseconds - start) / (UInt64(defaults.upkeepDeferralsMax + 1) * defaults.upkeepIdleNanos)
             await cluster.quiesce()
             let upkeepAfter = node.statistics.upkeepBatches - upkeepBefore - upkeepDuring
             let inspector = PoolInspector(cluster: cluster)
@@ -140,6 +136,17 @@ import Testing
         #expect(problems == [], "seed \(seed)")
         #expect(freed < hammered / 2,
                 "seed \(seed), \(tasks) task(s), \(pauseNanos) ns pauses: B's free finished \(freed / 1_000) us after A started, A hammered for \(hammered / 1_000) us")
+    }
+
+    /// One compute node on a 64 MiB pool in virtual time, holding a 4 KiB block, at rest.
+    static func oneNodeHoldingABlock(_ simulator: Simulator) async throws -> (EmbeddedCluster, BlockAllocator, Block) {
+        var configuration = EmbeddedCluster.Configuration(poolBytesPerNode: 64 << 20, computeNodes: 1)
+        configuration.failureDetection = false
+        let cluster = try await EmbeddedCluster.start(configuration, simulator: simulator)
+        let node = cluster.computeNodes[0]
+        let held = try await node.allocate(chunkCountLog2: 0, application: ApplicationID(1))
+        await cluster.quiesce()
+        return (cluster, node, held)
     }
 
     /// A flush that finishes late removes its own entry of the pending-log table, not the
@@ -227,13 +234,8 @@ import Testing
     @Test func aFreeRacingACommitOnItsHeaderWaitsAndFoldsTheNewLog() throws {
         let seed: UInt64 = 11
         let result = simulate(seed: seed) { simulator -> ([String], UInt64) in
-            var configuration = EmbeddedCluster.Configuration(poolBytesPerNode: 64 << 20, computeNodes: 1)
-            configuration.failureDetection = false
-            let cluster = try await EmbeddedCluster.start(configuration, simulator: simulator)
-            let node = cluster.computeNodes[0]
+            let (cluster, node, held) = try await Self.oneNodeHoldingABlock(simulator)
             let application = ApplicationID(1)
-            let held = try await node.allocate(chunkCountLog2: 0, application: application)
-            await cluster.quiesce()
             let alone = try await node.allocate(chunkCountLog2: 0, application: application)
             try await node.free(alone, application: application)
             await cluster.quiesce()
