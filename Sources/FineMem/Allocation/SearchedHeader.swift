@@ -29,6 +29,29 @@ extension SectionHeader: SearchedHeader {
     static func claimCommitted(on slot: HeaderSlot, cache: inout HeaderCache) { cache.cursor = slot.section }
 }
 
+extension MemoryNodeLink {
+    /// Where to claim `2^countLog2` units of `Header`'s layer: the search of the shard
+    /// `home` first, then of the others in turn. A claim or an open (its header marked
+    /// busy) ends it; a shard's other answers (wait, read spans, recheck) are taken only
+    /// when no shard has a claim or an open; nil when no shard shows room. Turns of other
+    /// nodes whose time is up (`runtime`'s clock) end first.
+    func choose<Header: SearchedHeader>(_ type: Header.Type, countLog2: Int, home: Int, runtime: any Runtime) -> HeaderChoice? {
+        var other: HeaderChoice?
+        for offset in 0..<cache.count {
+            let choice = cache.withShard((home + offset) % cache.count) { cache in
+                if cache.busy.hasTurns { cache.busy.endTurns(through: runtime.nowNanoseconds) }
+                return Header.choose(countLog2: countLog2, cache: &cache, link: self)
+            }
+            switch choice {
+            case .claim?, .open?: return choice
+            case .wait?, .readSpans?, .recheck?: if other == nil { other = choice }
+            case nil: continue
+            }
+        }
+        return other
+    }
+}
+
 extension BlockAllocator {
     /// Allocates `2^chunkCountLog2` chunks on `link` in `layer`; nil when the node has no
     /// room. Each choice of the search gets one commit CAS; a lost one refreshes the cache

@@ -216,27 +216,6 @@ final class MemoryNodeLink: Sendable {
 
     func releaseBusy(_ slot: HeaderSlot) { cache.withShard(of: slot) { $0.busy.remove(slot) } }
 
-    /// Where to claim `2^countLog2` units of `Header`'s layer: the search of the shard
-    /// `home` first, then of the others in turn. A claim or an open (its header marked
-    /// busy) ends it; a shard's other answers (wait, read spans, recheck) are taken only
-    /// when no shard has a claim or an open; nil when no shard shows room. Turns of other
-    /// nodes whose time is up (`runtime`'s clock) end first.
-    func choose<Header: SearchedHeader>(_ type: Header.Type, countLog2: Int, home: Int, runtime: any Runtime) -> HeaderChoice? {
-        var other: HeaderChoice?
-        for offset in 0..<cache.count {
-            let choice = cache.withShard((home + offset) % cache.count) { cache in
-                if cache.busy.hasTurns { cache.busy.endTurns(through: runtime.nowNanoseconds) }
-                return Header.choose(countLog2: countLog2, cache: &cache, link: self)
-            }
-            switch choice {
-            case .claim?, .open?: return choice
-            case .wait?, .readSpans?, .recheck?: if other == nil { other = choice }
-            case nil: continue
-            }
-        }
-        return other
-    }
-
     /// Whether any cached section is held whole under a pending multi-section claim
     /// (`HeaderCache.holdsRunClaimInFlight`).
     var holdsRunClaimInFlight: Bool {
