@@ -142,7 +142,8 @@ package final class BlockAllocator: Sendable {
     /// Runs `body` on the owned blocks' stripe of the block that starts at `start`
     /// (`BlockStart.key`).
     func withOwnedBlocks<Result>(_ start: Int, _ body: (inout IntMap<Holding>) -> Result) -> Result {
-        ownedBlockStripes.withLock(start % Self.stripes, body)
+        // Hashed: blocks of 16 chunks and more all start at multiples of 16.
+        ownedBlockStripes.withLock(Int(truncatingIfNeeded: (UInt64(start) &* 0x9E37_79B9_7F4A_7C15) >> 60) % Self.stripes, body)
     }
 
 

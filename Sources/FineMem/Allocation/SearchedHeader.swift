@@ -32,9 +32,10 @@ extension SectionHeader: SearchedHeader {
 extension MemoryNodeLink {
     /// Where to claim `2^countLog2` units of `Header`'s layer: the search of the shard
     /// `home` first, then of the others in turn. A claim or an open (its header marked
-    /// busy) ends it; a shard's other answers (wait, read spans, recheck) are taken only
-    /// when no shard has a claim or an open; nil when no shard shows room. Turns of other
-    /// nodes whose time is up (`runtime`'s clock) end first.
+    /// busy) ends it; the shards' other answers rank as within one search (`chooseSpan`):
+    /// read the span headers of an uncached section, else wait for this node's CAS in
+    /// flight, else recheck a header; nil when no shard shows room. Turns of other nodes
+    /// whose time is up (`runtime`'s clock) end first.
     func choose<Header: SearchedHeader>(_ type: Header.Type, countLog2: Int, home: Int, runtime: any Runtime) -> HeaderChoice? {
         var other: HeaderChoice?
         for offset in 0..<cache.count {
@@ -44,11 +45,21 @@ extension MemoryNodeLink {
             }
             switch choice {
             case .claim?, .open?: return choice
-            case .wait?, .readSpans?, .recheck?: if other == nil { other = choice }
             case nil: continue
+            case let answer?: if other.map({ Self.rank(answer) > Self.rank($0) }) ?? true { other = answer }
             }
         }
         return other
+    }
+
+    /// The rank of a search's answer (higher first), as `chooseSpan` orders them.
+    private static func rank(_ choice: HeaderChoice) -> Int {
+        switch choice {
+        case .claim, .open: 4
+        case .readSpans: 3
+        case .wait: 2
+        case .recheck: 1
+        }
     }
 }
 
