@@ -77,15 +77,10 @@ private let application = ApplicationID(1)
                 opened.withLock { $0 = block }
             }
             // Stall B as soon as its flip has executed (before its completion reaches B).
-            var caught = false
-            for _ in 0..<100_000 {
-                if inspector.section(on: NodeID(0), 0)?.state(ofSpan: 15).isChunkMode == true {
-                    caught = inspector.span(on: NodeID(0), section: 0, span: 15)?.mode == .opening
-                    simulator.faults.stall(EmbeddedCluster.computeNodeID(1), fromNanoseconds: simulator.nowNanoseconds, forNanoseconds: 300_000)
-                    break
-                }
-                await simulator.sleep(nanoseconds: 50)
+            let stalled = await simulator.stallComputeNode(1, forNanoseconds: 300_000) {
+                inspector.section(on: NodeID(0), 0)?.state(ofSpan: 15).isChunkMode == true
             }
+            let caught = stalled && inspector.span(on: NodeID(0), section: 0, span: 15)?.mode == .opening
             let outcome: Result<Block, AllocationError>
             do throws(AllocationError) { outcome = .success(try await a.allocate(chunkCountLog2: 1, application: application)) } catch {
                 outcome = .failure(error)
@@ -130,21 +125,15 @@ private let application = ApplicationID(1)
                 claimed.withLock { $0 = block }
             }
             // Stall C as soon as its claim has executed (before its answers reach C).
-            var caught = false
-            for _ in 0..<100_000 {
-                let claimedSections = (0..<4).filter { section in
+            _ = await simulator.stallComputeNode(2, forNanoseconds: 300_000) {
+                (0..<4).contains { section in
                     guard let header = inspector.section(on: NodeID(0), section) else { return false }
                     return header.logPending && header.log.owner == c.owner && header.log.sizeCode == SectionHeader.multiSectionSizeCode
                 }
-                if !claimedSections.isEmpty {
-                    simulator.faults.stall(EmbeddedCluster.computeNodeID(2), fromNanoseconds: simulator.nowNanoseconds, forNanoseconds: 300_000)
-                    break
-                }
-                await simulator.sleep(nanoseconds: 50)
             }
             // The rest of C's doorbell executes at the memory node; its rollback waits.
             await simulator.sleep(nanoseconds: 5_000)
-            caught = (0..<4).count { section in
+            let caught = (0..<4).count { section in
                 guard let header = inspector.section(on: NodeID(0), section) else { return false }
                 return header.logPending && header.log.owner == c.owner && header.isAllWhole
             } == 3

@@ -44,15 +44,9 @@ import Testing
             if held[0].firstChunk / PoolGeometry.chunksPerSection != 4 { problems.append("B's chunk landed at \(held[0])") }
             if span15.firstChunk != 15 * PoolGeometry.chunksPerSpan { problems.append("B's last span landed at \(span15)") }
             simulator.spawn { try? await b.free(span15, application: app) }
-            var caught = false
-            for _ in 0..<100_000 {
-                if let header = inspector.section(on: NodeID(0), 0), header.logPending, header.pendingLogCovers(span: 15),
-                   header.settled.state(ofSpan: 15) == .empty {
-                    simulator.faults.stall(EmbeddedCluster.computeNodeID(1), fromNanoseconds: simulator.nowNanoseconds, forNanoseconds: 200_000_000)
-                    caught = true
-                    break
-                }
-                await simulator.sleep(nanoseconds: 50)
+            let caught = await simulator.stallComputeNode(1, forNanoseconds: 200_000_000) {
+                guard let header = inspector.section(on: NodeID(0), 0) else { return false }
+                return header.logPending && header.pendingLogCovers(span: 15) && header.settled.state(ofSpan: 15) == .empty
             }
             if !caught { problems.append("B was not stalled with its free of span 15 pending") }
             let link = a.links[0]

@@ -35,3 +35,19 @@ func simulate<Value: Sendable>(
     simulator.run()
     return outcome.withLock { $0 }
 }
+
+extension Simulator {
+    /// Stalls compute node `index` of an embedded cluster for `nanoseconds` as soon as
+    /// `reached` holds (looked at every 50 virtual nanoseconds, at most 100,000 times): the
+    /// way a test freezes a node between two of its verbs. Answers whether it did.
+    func stallComputeNode(_ index: Int, forNanoseconds nanoseconds: UInt64, when reached: () -> Bool) async -> Bool {
+        for _ in 0..<100_000 {
+            if reached() {
+                faults.stall(EmbeddedCluster.computeNodeID(index), fromNanoseconds: nowNanoseconds, forNanoseconds: nanoseconds)
+                return true
+            }
+            await sleep(nanoseconds: 50)
+        }
+        return false
+    }
+}

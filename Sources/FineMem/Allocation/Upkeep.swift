@@ -177,12 +177,12 @@ extension BlockAllocator {
             }
             idleRounds = 0
             if case .header(let index, let slot, _, let serial, let deferrals) = item {
-                let turnEnds = runtime.nowNanoseconds + configuration.backoffNanosMax / 2
                 let pick = links[index].cache.withShard(of: slot) {
-                    $0.pickUpkeep(slot, queuedFor: serial, mayDefer: deferrals < configuration.upkeepDeferralsMax, turnEnds: turnEnds)
+                    $0.pickUpkeep(slot, queuedFor: serial, mayDefer: deferrals < configuration.upkeepDeferralsMax,
+                                  turnEnds: now + configuration.backoffNanosMax / 2)
                 }
                 if case .later(let newer) = pick {
-                    later = .header(link: index, slot, due: runtime.nowNanoseconds + configuration.upkeepIdleNanos, serial: newer, deferrals: deferrals + 1)
+                    later = .header(link: index, slot, due: now + configuration.upkeepIdleNanos, serial: newer, deferrals: deferrals + 1)
                     continue
                 }
             }

@@ -26,10 +26,8 @@ struct HeaderCache: Sendable {
     /// spans are read when a search first needs them).
     private var spansRead: [Bool]
     var busy = BusyHeaders()
-    /// Where searches start: a section of the shard.
-    var cursor: Int {
-        didSet { precondition(sectionRange.contains(cursor), "cursor \(cursor) outside \(sectionRange)") }
-    }
+    /// Where searches start: a section of the shard (`checkInvariants`).
+    var cursor: Int
     /// This node's logs not yet flushed, by header: under the cache's lock, so that an
     /// operation reads a word and takes the log on it to fold in one critical section.
     var pending = PendingLogTable()

@@ -403,9 +403,9 @@ extension MemoryNodeLink {
     /// After the CAS of a prepared word: a folded log is flushed if the CAS committed;
     /// otherwise the job goes back to the table and someone must flush it.
     private func settle(_ prepared: PreparedWord, committed: Bool) {
-        guard prepared.foldedLog != nil else { return }
-        cache.withShard(of: prepared.foldedLog!.slot) { Self.settle(prepared, committed: committed, pending: &$0.pending) }
-        if !committed { logReturned(prepared.foldedLog!.slot) }
+        guard let slot = prepared.foldedLog?.slot else { return }
+        cache.withShard(of: slot) { Self.settle(prepared, committed: committed, pending: &$0.pending) }
+        if !committed { logReturned(slot) }
     }
 
     /// `settle` with the pending table in hand; the caller hands a log given back to
