@@ -106,6 +106,9 @@ private let sectionHeaderGen = zip(
             if let run = header.firstFreeRun(countLog2: size) {
                 #expect(run.countLog2 == size && run.offset % (1 << size) == 0 && bitmap & SpanHeader.runMask(run) == 0)
                 #expect(header.claiming(run, owner: OwnerID(1)) != nil)
+                for o in stride(from: 0, to: run.offset, by: 1 << size) {
+                    #expect(bitmap & SpanHeader.runMask(HeaderRun(offset: o, countLog2: size)) != 0, "a lower free run at \(o)")
+                }
             } else {
                 for o in stride(from: 0, to: 32, by: 1 << size) {
                     #expect(bitmap & SpanHeader.runMask(HeaderRun(offset: o, countLog2: size)) != 0)
@@ -311,10 +314,39 @@ private let sectionHeaderGen = zip(
             if let run = header.firstFreeRun(countLog2: size) {
                 #expect(run.countLog2 == size && run.offset % (1 << size) == 0 && run.units.allSatisfy { states[$0] == .empty })
                 #expect(header.claiming(run, owner: OwnerID(1))?.marksAllocated(run) == true)
+                for offset in stride(from: 0, to: run.offset, by: 1 << size) {
+                    #expect(!(offset..<offset + (1 << size)).allSatisfy { states[$0] == .empty }, "a lower empty run at \(offset)")
+                }
             } else {
                 for offset in stride(from: 0, to: 16, by: 1 << size) {
                     #expect(!(offset..<offset + (1 << size)).allSatisfy { states[$0] == .empty })
                 }
+            }
+        }
+    }
+}
+
+/// The bit-folding search for free runs against the definition (the lowest aligned offset
+/// whose units are all free), over bitmaps of every density: random words ANDed together
+/// leave long free runs, which uniform words almost never have.
+@Suite struct FreeRunSearch {
+    @Test func spanAndSectionSearchesFindTheLowestFreeRun() {
+        let seed: UInt64 = 7
+        var random = SeededRandom(seed: seed)
+        for _ in 0..<20_000 {
+            var used = UInt32(truncatingIfNeeded: random.next())
+            for _ in 0..<Int(random.next() % 5) { used &= UInt32(truncatingIfNeeded: random.next()) }
+            for size in 0...4 {
+                let span = SpanHeader(bitmap: used, mode: .open, contended: false, logPending: false, log: .empty)
+                let spanExpected = stride(from: 0, to: 32, by: 1 << size).first { used & SpanHeader.runMask(HeaderRun(offset: $0, countLog2: size)) == 0 }
+                #expect(span.firstFreeRun(countLog2: size)?.offset == spanExpected, "seed \(seed): span bitmap \(used), size \(size)")
+                // The same word as 16 two-bit span states (each state drawn from two bits).
+                let states = (0..<16).map { SectionHeader.SpanState(rawValue: UInt64(used >> (2 * UInt32($0))) & 3)! }
+                let section = SectionHeader(spanStates: states, contended: false, logPending: false, log: .empty)
+                let sectionExpected = stride(from: 0, to: 16, by: 1 << size).first { offset in
+                    (offset..<offset + (1 << size)).allSatisfy { states[$0] == .empty }
+                }
+                #expect(section.firstFreeRun(countLog2: size)?.offset == sectionExpected, "seed \(seed): section states \(used), size \(size)")
             }
         }
     }

@@ -352,4 +352,42 @@ private func expectViolation(
         #expect(inspector.withLock { $0.everyHeaderEmpty() } == [])
         #expect(cluster.statistics.allocations > 1_000)
     }
+
+    /// READ and WRITE through the caller's memory (no array per transfer in immediate
+    /// mode) move the same bytes as the general verbs, aligned or not, count as one-verb
+    /// batches, and fail as they do: a key that does not cover the bytes is a typed
+    /// remote access error that breaks the connection and changes nothing.
+    @Test func transfersThroughCallerMemoryAreCheckedAndCountedAsVerbs() async throws {
+        let b = try Bench()
+        let a = b.region.address
+        let local = UnsafeMutableRawBufferPointer.allocate(byteCount: 24, alignment: 8)
+        defer { local.deallocate() }
+        for (index, byte) in (0..<24).enumerated() { local[index] = UInt8(byte + 1) }
+        try await b.connection.write(a + 64, rkey: b.region.rkey, from: UnsafeRawBufferPointer(local))
+        try await b.connection.write(a + 203, rkey: b.region.rkey, from: UnsafeRawBufferPointer(rebasing: local[0..<5]))
+        #expect(try await b.connection.read(a + 64, length: 24, rkey: b.region.rkey) == Array(1...24))
+        #expect(try await b.connection.read(a + 203, length: 5, rkey: b.region.rkey) == Array(1...5))
+        try await b.connection.write(a + 300, bytes: Array(101...111), rkey: b.region.rkey)
+        try await b.connection.read(a + 300, rkey: b.region.rkey, into: UnsafeMutableRawBufferPointer(rebasing: local[0..<11]))
+        #expect(Array(local[0..<11]) == Array(101...111))
+        let c = b.connection.counters
+        #expect(c.batches == 6 && c[.write] == 3 && c[.read] == 3 && c.bytesWritten == 40 && c.bytesRead == 40)
+
+        let window = try b.nic.allocateWindow(pd: b.pd)
+        let key = try b.nic.bind(window, in: b.region, address: a + 4096, length: 4096, access: .all)
+        do throws(FabricError) {
+            try await b.connection.write(a + 8184, rkey: key, from: UnsafeRawBufferPointer(local))
+            Issue.record("a WRITE past its window's end succeeded")
+        } catch {
+            #expect(error == .remoteAccess(.outOfBounds, address: a + 8184, rkey: key, verbIndex: 0))
+        }
+        #expect(b.connection.isBroken && b.nic.peekWord(a + 8184) == 0, "the WRITE past the window changed the pool")
+        do throws(FabricError) {
+            try await b.connection.read(a + 64, rkey: b.region.rkey, into: local)
+            Issue.record("a broken connection executed a READ")
+        } catch {
+            #expect(error == .connectionBroken(NodeID(0)))
+        }
+    }
 }
+

@@ -49,10 +49,14 @@ public struct RemoteAllocator: Sendable {
         try await writeChecked(Array(bytes), to: buffer, at: offset)
     }
 
-    /// Writes the bytes of `source` into the buffer at `offset`.
+    /// Writes the bytes of `source` into the buffer at `offset`. `source` must stay valid
+    /// until this returns; on the simulated NIC the bytes are copied with no allocation.
     public func write(from source: UnsafeRawBufferPointer, to buffer: RemoteBuffer, at offset: Int = 0) async throws(AllocationError) {
         try check(offset: offset, length: source.count, in: buffer)
-        try await writeChecked(Array(source), to: buffer, at: offset)
+        let link = try blocks.link(to: buffer.memoryNode)
+        do { try await link.connection.write(buffer.address + UInt64(offset), rkey: buffer.rkey, from: source) } catch {
+            throw .fabric(error)
+        }
     }
 
     /// Reads `length` bytes of the buffer at `offset`.
@@ -64,10 +68,15 @@ public struct RemoteAllocator: Sendable {
         }
     }
 
-    /// Reads `destination.count` bytes of the buffer at `offset` into `destination`.
+    /// Reads `destination.count` bytes of the buffer at `offset` into `destination`, which
+    /// must stay valid until this returns; on the simulated NIC the bytes are copied with
+    /// no allocation.
     public func read(_ buffer: RemoteBuffer, offset: Int = 0, into destination: UnsafeMutableRawBufferPointer) async throws(AllocationError) {
-        let bytes = try await read(buffer, offset: offset, length: destination.count)
-        destination.copyBytes(from: bytes)
+        try check(offset: offset, length: destination.count, in: buffer)
+        let link = try blocks.link(to: buffer.memoryNode)
+        do { try await link.connection.read(buffer.address + UInt64(offset), rkey: buffer.rkey, into: destination) } catch {
+            throw .fabric(error)
+        }
     }
 
     /// Counters of this allocator's compute node (all its applications).

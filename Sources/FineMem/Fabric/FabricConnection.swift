@@ -28,6 +28,13 @@ package protocol FabricConnection: AnyObject, Sendable {
     /// their answers in it. A backend that can do so without allocating (the simulated
     /// NIC in immediate mode) overrides the default, which goes through `post(_:)`.
     func post(_ batch: inout WordBatch) async throws(FabricError)
+    /// RDMA READ of `destination.count` bytes at `address` into the caller's memory, which
+    /// must stay valid until this returns. The default goes through `post(_:)`; a backend
+    /// that can copy without allocating overrides it.
+    func read(_ address: RemoteAddress, rkey: RKey, into destination: UnsafeMutableRawBufferPointer) async throws(FabricError)
+    /// RDMA WRITE of the bytes of `source` (valid until this returns) at `address`, as
+    /// `read(_:rkey:into:)` reads.
+    func write(_ address: RemoteAddress, rkey: RKey, from source: UnsafeRawBufferPointer) async throws(FabricError)
 }
 
 extension FabricConnection {
@@ -38,6 +45,15 @@ extension FabricConnection {
     /// Posts the verbs of `batch` through `post(_:)` and stores their answers in it.
     package func postAsVerbs(_ batch: inout WordBatch) async throws(FabricError) {
         batch.store(try await post(batch.verbs))
+    }
+
+    package func read(_ address: RemoteAddress, rkey: RKey, into destination: UnsafeMutableRawBufferPointer) async throws(FabricError) {
+        let bytes = try await read(address, length: destination.count, rkey: rkey)
+        destination.copyBytes(from: bytes)
+    }
+
+    package func write(_ address: RemoteAddress, rkey: RKey, from source: UnsafeRawBufferPointer) async throws(FabricError) {
+        try await write(address, bytes: Array(source), rkey: rkey)
     }
 
     /// RDMA READ.

@@ -111,7 +111,7 @@ package struct ExhaustionWorkload: Sendable {
                             }
                         }
                         state.withLock { $0.stopped += 1 }
-                        while state.withLock({ $0.stopped < taskCount + 1 }) { await simulator.sleepInlined(nanoseconds: 10_000) }
+                        while state.withLock({ $0.stopped < taskCount + 1 }) { await simulator.sleep(nanoseconds: 10_000) }
                         for block in held {
                             let released = inspector.withLock { $0.release(block) }
                             do throws(AllocationError) { try await blocks.free(block, application: application) } catch {
@@ -123,7 +123,7 @@ package struct ExhaustionWorkload: Sendable {
                 }
                 // The coordinator: once every task has stopped, check every "no room" answer.
                 group.addTask {
-                    while state.withLock({ $0.stopped < taskCount }) { await simulator.sleepInlined(nanoseconds: 10_000) }
+                    while state.withLock({ $0.stopped < taskCount }) { await simulator.sleep(nanoseconds: 10_000) }
                     await cluster.quiesce()
                     let sizes = state.withLock { $0.outOfMemorySizes }
                     let problems = inspector.withLock { inspector in

@@ -54,6 +54,32 @@ extension BlockHeader {
     }
 }
 
+/// The lowest aligned run of `2^countLog2` free units in a bitmap of `unitBits` bits per
+/// unit, as its unit offset: `free` has the low bit of each free unit's field set and every
+/// other bit clear. Branch-free: the run's units are folded onto its first bit (a run of
+/// 2^(i+1) units is free where the runs of 2^i units at its start and its middle are), then
+/// only the offsets aligned to the run's size are kept.
+@inline(__always)
+func lowestFreeAlignedRun(free: UInt32, unitBits: Int, countLog2: Int) -> Int? {
+    var starts = free
+    var width = UInt32(unitBits)
+    for _ in 0..<countLog2 {
+        starts &= starts >> width
+        width <<= 1
+    }
+    // Bits at multiples of `width` (the run's size in bits): 1, 2, 4, ..., 32.
+    let aligned: UInt32 = switch width {
+    case 1: ~0
+    case 2: 0x5555_5555
+    case 4: 0x1111_1111
+    case 8: 0x0101_0101
+    case 16: 0x0001_0001
+    default: 0x0000_0001
+    }
+    starts &= aligned
+    return starts == 0 ? nil : starts.trailingZeroBitCount / unitBits
+}
+
 extension SpanHeader: BlockHeader {}
 extension SectionHeader: BlockHeader {}
 

@@ -108,9 +108,9 @@ package struct SectionHeader: RawRepresentable, Hashable, Sendable {
     /// The lowest aligned run of `2^countLog2` empty spans, if any.
     package func firstFreeRun(countLog2: Int) -> HeaderRun? {
         guard countLog2 >= 0, countLog2 <= Self.countLog2Max else { return nil }
-        return stride(from: 0, to: Self.unitCount, by: 1 << countLog2).lazy
-            .map { HeaderRun(offset: $0, countLog2: countLog2) }
-            .first { marksFree($0) }
+        // An empty span's 2-bit state is 0.
+        let empty = ~(states | states >> 1) & 0x5555_5555
+        return lowestFreeAlignedRun(free: empty, unitBits: 2, countLog2: countLog2).map { HeaderRun(offset: $0, countLog2: countLog2) }
     }
 
     // MARK: Transitions

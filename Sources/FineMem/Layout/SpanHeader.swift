@@ -76,9 +76,7 @@ package struct SpanHeader: RawRepresentable, Hashable, Sendable {
     /// The lowest free, aligned run of `2^countLog2` chunks, if any.
     package func firstFreeRun(countLog2: Int) -> HeaderRun? {
         guard mode == .open, countLog2 >= 0, countLog2 <= Self.countLog2Max else { return nil }
-        return stride(from: 0, to: Self.unitCount, by: 1 << countLog2).lazy
-            .map { HeaderRun(offset: $0, countLog2: countLog2) }
-            .first { bitmap & Self.runMask($0) == 0 }
+        return lowestFreeAlignedRun(free: ~bitmap, unitBits: 1, countLog2: countLog2).map { HeaderRun(offset: $0, countLog2: countLog2) }
     }
 
     /// Whether every chunk of `run` is marked in use.

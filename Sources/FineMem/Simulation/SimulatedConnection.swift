@@ -123,12 +123,6 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
     /// In immediate mode, executes the batch on the caller's thread without allocating;
     /// in virtual time, as the same verbs through `post(_:)` would, without an array per
     /// batch or per answer.
-    ///
-    /// In virtual time the answers come back through `postWords(_:simulator:)`, a call of
-    /// its own, as they came through `postAsVerbs(_:)` and `post(_:)` before: each return
-    /// from an awaited call costs the task one hop through the simulator's job queue (it
-    /// goes back to the generic executor), and the hops are part of the order in which
-    /// tasks run, so the same calls keep every run as it was.
     package func post(_ batch: inout WordBatch) async throws(FabricError) {
         guard simulator == nil else {
             return Self.store(try await postWords(batch), in: &batch)
@@ -153,8 +147,54 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
         }
     }
 
-    /// Posts the verbs of `batch` in virtual time and answers their words (see `post(_:)`
-    /// of a word batch: not inlined, so that the hop after it stays).
+    /// In immediate mode, copies without allocating, under the connection's lock as a
+    /// batch of one READ; in virtual time, as `post(_:)` of the READ.
+    package func read(_ address: RemoteAddress, rkey: RKey, into destination: UnsafeMutableRawBufferPointer) async throws(FabricError) {
+        guard simulator == nil else {
+            let bytes = try await post([.read(address, length: destination.count, rkey: rkey)])[0].bytes
+            destination.copyBytes(from: bytes)
+            return
+        }
+        try withState { (s) throws(FabricError) in
+            try checkTransfer(.read, address: address, length: destination.count, rkey: rkey, state: &s)
+            nic.copy(from: address, into: destination)
+            s.counters.verbs[VerbKind.read.rawValue] += 1
+            s.counters.bytesRead += UInt64(destination.count)
+        }
+    }
+
+    /// In immediate mode, copies without allocating, as `read(_:rkey:into:)` does.
+    package func write(_ address: RemoteAddress, rkey: RKey, from source: UnsafeRawBufferPointer) async throws(FabricError) {
+        guard simulator == nil else {
+            _ = try await post([.write(address, bytes: Array(source), rkey: rkey)])
+            return
+        }
+        try withState { (s) throws(FabricError) in
+            try checkTransfer(.write, address: address, length: source.count, rkey: rkey, state: &s)
+            nic.copy(source, to: address)
+            s.counters.verbs[VerbKind.write.rawValue] += 1
+            s.counters.bytesWritten += UInt64(source.count)
+        }
+    }
+
+    /// The checks of a one-verb batch of a READ or WRITE in immediate mode (those of
+    /// `executeOne`), counting the batch.
+    @inline(__always)
+    private func checkTransfer(_ access: RemoteAccess, address: RemoteAddress, length: Int, rkey: RKey, state s: inout State) throws(FabricError) {
+        guard !s.broken else { throw .connectionBroken(nic.node) }
+        s.counters.batches += 1
+        if nic.isPoweredOff {
+            s.broken = true
+            throw .peerDead(nic.node)
+        }
+        if let violation = nic.authorize(access, length: length, address: address, rkey: rkey, pd: protectionDomain, cache: &s.keys) {
+            s.broken = true
+            throw .remoteAccess(violation, address: address, rkey: rkey, verbIndex: 0)
+        }
+    }
+
+    /// Posts the verbs of `batch` in virtual time and answers their words (out of line:
+    /// the immediate-mode path of `post(_:)` stays small).
     @inline(never)
     private func postWords(_ batch: WordBatch) async throws(FabricError) -> WordAnswers {
         let simulator = simulator!

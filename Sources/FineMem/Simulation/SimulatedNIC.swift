@@ -285,6 +285,11 @@ package final class SimulatedNIC: NICControl, @unchecked Sendable {
         return authorize(needed: needed, length: length, atomic: verb.kind.isAtomic, address: verb.address, rkey: verb.rkey, pd: pd, cache: &cache)
     }
 
+    /// Checks a READ or WRITE of `length` bytes at `address` against the key table in `pd`.
+    func authorize(_ needed: RemoteAccess, length: Int, address: RemoteAddress, rkey: RKey, pd: ProtectionDomain, cache: inout KeyCache) -> RemoteAccessViolation? {
+        authorize(needed: needed, length: length, atomic: false, address: address, rkey: rkey, pd: pd, cache: &cache)
+    }
+
     /// Checks an 8-byte verb of a `WordBatch` against the key table in `pd`. `cache` is the
     /// connection's (every connection has one protection domain): a key it holds is
     /// checked without the key table's lock.
@@ -376,28 +381,10 @@ package final class SimulatedNIC: NICControl, @unchecked Sendable {
         switch verb {
         case .read(let address, let length, _, _):
             var bytes = [UInt8](repeating: 0, count: length)
-            bytes.withUnsafeMutableBytes { out in
-                if address.rawValue % 8 == 0, length % 8 == 0 {
-                    for offset in stride(from: 0, to: length, by: 8) {
-                        let word = atomicWord(address + UInt64(offset)).load(ordering: .relaxed)
-                        out.storeBytes(of: word.littleEndian, toByteOffset: offset, as: UInt64.self)
-                    }
-                } else {
-                    out.copyMemory(from: UnsafeRawBufferPointer(start: pointer(address), count: length))
-                }
-            }
+            bytes.withUnsafeMutableBytes { copy(from: address, into: $0) }
             return .read(bytes)
         case .write(let address, let bytes, _, _):
-            bytes.withUnsafeBytes { source in
-                if address.rawValue % 8 == 0, bytes.count % 8 == 0 {
-                    for offset in stride(from: 0, to: bytes.count, by: 8) {
-                        let word = UInt64(littleEndian: source.loadUnaligned(fromByteOffset: offset, as: UInt64.self))
-                        atomicWord(address + UInt64(offset)).store(word, ordering: .relaxed)
-                    }
-                } else {
-                    pointer(address).copyMemory(from: source.baseAddress!, byteCount: bytes.count)
-                }
-            }
+            bytes.withUnsafeBytes { copy($0, to: address) }
             return .written
         case .compareAndSwap(let address, let expected, let desired, _, _):
             let (exchanged, original) = atomicWord(address).compareExchange(
@@ -406,6 +393,33 @@ package final class SimulatedNIC: NICControl, @unchecked Sendable {
         case .fetchAndAdd(let address, let delta, _, _):
             let original = atomicWord(address).loadThenWrappingIncrement(by: delta, ordering: .sequentiallyConsistent)
             return .fetchAndAdd(original: original)
+        }
+    }
+
+    /// Copies the pool's bytes at `address` (authorized) into `destination`: word by word
+    /// with atomic loads when aligned (a READ racing with atomics on the same words sees
+    /// each word whole, as on a NIC), else as plain bytes.
+    func copy(from address: RemoteAddress, into destination: UnsafeMutableRawBufferPointer) {
+        let length = destination.count
+        if address.rawValue % 8 == 0, length % 8 == 0 {
+            for offset in stride(from: 0, to: length, by: 8) {
+                let word = atomicWord(address + UInt64(offset)).load(ordering: .relaxed)
+                destination.storeBytes(of: word.littleEndian, toByteOffset: offset, as: UInt64.self)
+            }
+        } else {
+            destination.copyMemory(from: UnsafeRawBufferPointer(start: pointer(address), count: length))
+        }
+    }
+
+    /// Copies `source` into the pool at `address` (authorized), as `copy(from:into:)` reads.
+    func copy(_ source: UnsafeRawBufferPointer, to address: RemoteAddress) {
+        if address.rawValue % 8 == 0, source.count % 8 == 0 {
+            for offset in stride(from: 0, to: source.count, by: 8) {
+                let word = UInt64(littleEndian: source.loadUnaligned(fromByteOffset: offset, as: UInt64.self))
+                atomicWord(address + UInt64(offset)).store(word, ordering: .relaxed)
+            }
+        } else if let base = source.baseAddress {
+            pointer(address).copyMemory(from: base, byteCount: source.count)
         }
     }
 }

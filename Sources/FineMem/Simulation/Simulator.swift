@@ -27,7 +27,7 @@ import Atomics
 /// simulator.run()
 /// print(simulator.nowNanoseconds, simulator.traceHash)
 /// ```
-public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked Sendable {
+public final class Simulator: TaskExecutor, Runtime, @unchecked Sendable {
     /// The seed this run was created with; print it when a check fails.
     public let seed: UInt64
     /// The latency model that virtual-time connections use.
@@ -139,10 +139,6 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
         }
     }
 
-    public func asUnownedSerialExecutor() -> UnownedSerialExecutor {
-        UnownedSerialExecutor(ordinary: self)
-    }
-
     /// The calling thread, as a number that no other live thread has.
     @inline(__always)
     private static func currentThread() -> UInt {
@@ -168,21 +164,7 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
         Task(executorPreference: self) { await body() }
     }
 
-    ///
-    /// Never inlined (see `sleepInlined(nanoseconds:)` for the callers that inline it): a
-    /// task that returns from an awaited call hops through the job queue, so whether this
-    /// function is a call of its own decides the order in which tasks run. Left to the
-    /// optimizer, that would change with the size of the body.
-    @inline(never)
     public func sleep(nanoseconds: UInt64) async {
-        await sleepInlined(nanoseconds: nanoseconds)
-    }
-
-    /// `sleep(nanoseconds:)` inlined into the caller: no call boundary, so one hop through
-    /// the job queue fewer. For the callers whose runs were made with it inlined (the
-    /// exhaustion workload's waiting loops), so that they keep running as they did.
-    @inline(__always)
-    package func sleepInlined(nanoseconds: UInt64) async {
         await withUnsafeContinuation { (continuation: UnsafeContinuation<Void, Never>) in
             let core = core
             core.pointee.timers.push(at: core.pointee.now + nanoseconds, rank: 0, .resume(continuation))
@@ -219,10 +201,10 @@ public final class Simulator: TaskExecutor, SerialExecutor, Runtime, @unchecked 
 
     /// Runs every ready job, and every job they make ready, until none is left.
     private func runReadyJobs() {
-        let serialExecutor = asUnownedSerialExecutor()
+
         let taskExecutor = asUnownedTaskExecutor()
         while let job = nextJob() {
-            job.runSynchronously(isolatedTo: serialExecutor, taskExecutor: taskExecutor)
+            job.runSynchronously(on: taskExecutor)
         }
     }
 

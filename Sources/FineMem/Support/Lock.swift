@@ -130,7 +130,7 @@ final class LockedStripes<Value>: @unchecked Sendable {
     /// Runs `body` on stripe `index`'s value, under its lock.
     @inline(__always)
     func withLock<Result, Failure: Error>(_ index: Int, _ body: (inout Value) throws(Failure) -> Result) throws(Failure) -> Result {
-        pthread_mutex_lock(mutex(index))
+        spinLock(mutex(index))
         defer { pthread_mutex_unlock(mutex(index)) }
         return try body(&value(index).pointee)
     }
@@ -140,6 +140,19 @@ final class LockedStripes<Value>: @unchecked Sendable {
         for index in 0..<count { pthread_mutex_lock(mutex(index)) }
         defer { for index in (0..<count).reversed() { pthread_mutex_unlock(mutex(index)) } }
         return body()
+    }
+}
+
+/// Takes `mutex`, trying it `Lock.spinsMax` times before the thread parks.
+@inline(__always)
+func spinLock(_ mutex: UnsafeMutablePointer<pthread_mutex_t>) {
+    var tries = 0
+    while pthread_mutex_trylock(mutex) != 0 {
+        tries += 1
+        if tries == Lock.spinsMax {
+            pthread_mutex_lock(mutex)
+            return
+        }
     }
 }
 
