@@ -28,7 +28,9 @@ func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeL
     var skippedBusy = false
     var found: HeaderSlot?
     var foundRun: HeaderRun?
-    var transient: [HeaderSlot]?
+    // The headers to read again when the only room is in the middle of an operation (a
+    // section, and maybe one of its spans); an array only when it is the answer.
+    var transient: (HeaderSlot, HeaderSlot?)?
     // The summary's chunk-mode candidates, from the cursor: a normal span with room ends
     // the search; the first uncached section and the first span to avoid are kept.
     // (Loops over an iterator, not closures: a closure capturing the inout cache copies
@@ -50,7 +52,7 @@ func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeL
             // answer than the span word (a span another node opened after this node read
             // it). Its room is real or about to be: read the span again, never "no room".
             guard spanHeader.mode == .open else {
-                if transient == nil { transient = [.section(section), slot] }
+                if transient == nil { transient = (.section(section), slot) }
                 continue
             }
             guard let run = spanHeader.firstFreeRun(countLog2: chunkCountLog2) else { continue }
@@ -79,11 +81,11 @@ func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeL
                 // A span under the section's pending log waits for its record (L2); one
                 // still being closed or opened by someone waits for them.
                 if rawSection.pendingLogCovers(span: span) {
-                    if transient == nil { transient = [.section(section)] }
+                    if transient == nil { transient = (.section(section), nil) }
                     continue
                 }
                 if cache.spansKnown(section), SpanHeader(rawValue: cache[.span(section: section, span: span)])?.canBeOpened != true {
-                    if transient == nil { transient = [.section(section), .span(section: section, span: span)] }
+                    if transient == nil { transient = (.section(section), .span(section: section, span: span)) }
                     continue
                 }
                 if cache.busy.contains(.section(section)) { skippedBusy = true; break }
@@ -102,7 +104,7 @@ func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeL
         return .claim(avoided.slot, avoided.run)
     }
     if skippedBusy { return .wait }
-    return transient.map { .recheck($0) }
+    return transient.map { section, span in .recheck(span.map { [section, $0] } ?? [section]) }
 }
 
 /// Picks a section with an aligned run of `2^spanCountLog2` empty spans: a normal section
@@ -159,13 +161,24 @@ func chooseRun(count: Int, cache: inout HeaderCacheShards.EveryShard) -> RunChoi
     var pendingRun: [HeaderSlot]?
     for group in stride(from: groupCount - 1, through: 0, by: -1) {
         let sections = group * count..<(group + 1) * count
-        let headers = sections.map { SectionHeader(rawValue: cache[.section($0)]) }
-        guard headers.allSatisfy({ $0?.settled.isAllEmpty ?? false }) else {
-            // A run held only by claims still pending may be free once they roll back.
-            let mayFree = headers.allSatisfy { header in
-                guard let header else { return false }
-                return header.settled.isAllEmpty || (header.logPending && header.log.sizeCode == SectionHeader.multiSectionSizeCode && header.isAllWhole)
+        // Whether every section is empty, and if not, whether the run is held only by
+        // claims still pending (it may be free once they roll back). No array per group:
+        // the search looks at every group of the pool.
+        var allEmpty = true
+        var mayFree = true
+        for section in sections {
+            guard let header = SectionHeader(rawValue: cache[.section(section)]) else {
+                (allEmpty, mayFree) = (false, false)
+                break
             }
+            guard !header.settled.isAllEmpty else { continue }
+            allEmpty = false
+            guard header.logPending && header.log.sizeCode == SectionHeader.multiSectionSizeCode && header.isAllWhole else {
+                mayFree = false
+                break
+            }
+        }
+        guard allEmpty else {
             if mayFree, pendingRun == nil { pendingRun = sections.map(HeaderSlot.section) }
             continue
         }
