@@ -60,7 +60,7 @@ struct Bench: AsyncParsableCommand {
             for tasks in [1, 2] {
                 let figures = try await PairBenchmark.run(tasks: tasks, pairsPerTask: pairs)
                 rows += [
-                    ("immediate, \(tasks) task(s): allocate+free pair", "\(Format.fixed(figures.nanosecondsPerPair / 1_000, 3)) us per pair per task, \(Format.fixed(figures.pairsPerSecond / 1e6, 3)) M pairs/s"),
+                    ("immediate, \(tasks) task(s): allocate+free pair", "\(Format.fixed(figures.nanosecondsPerPair / 1_000, 3)) us per pair per task, \(Format.fixed(figures.pairsPerSecond / 1e6, 3)) M pairs/s, \(Format.fixed(figures.cpuNanosecondsPerPair / 1_000, 3)) us CPU per pair"),
                     ("immediate, \(tasks) task(s): per pair", "\(Format.fixed(figures.batchesPerPair, 3)) round trips, \(Format.fixed(figures.spawnedTasksPerPair, 5)) tasks spawned"),
                 ]
             }

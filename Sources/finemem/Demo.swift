@@ -57,6 +57,7 @@ struct Demo: AsyncParsableCommand {
         let chunkCountLog2Max = Block.chunkCountLog2(forBytes: maxBlock.bytes)
         let clock = SystemRuntime.shared
         let start = clock.nowNanoseconds
+        let cpuStart = processCPUNanoseconds()
         let deadline = start + UInt64(duration * 1e9)
         try await withThrowingTaskGroup(of: Void.self) { group in
             for node in 0..<computeNodes {
@@ -86,6 +87,7 @@ struct Demo: AsyncParsableCommand {
             try await group.waitForAll()
         }
         let elapsed = Double(clock.nowNanoseconds - start) / 1e9
+        let cpu = processCPUNanoseconds() - cpuStart
         await cluster.quiesce()
         let stats = cluster.statistics
         let (operations, _, peak) = meter.snapshot()
@@ -95,6 +97,7 @@ struct Demo: AsyncParsableCommand {
         print(Format.table([
             ("operations", "\(operations) (\(stats.allocations) allocations, \(stats.frees) frees, \(stats.failedAllocations) out of memory)"),
             ("ops/s", "\(Int(Double(operations) / elapsed))"),
+            ("CPU per operation", "\(Format.fixed(Double(cpu) / Double(max(1, operations)) / 1_000, 3)) us (every thread; ops/s also counts the time other processes had the CPUs)"),
             ("CAS retries avg/max", "\(Format.fixed(stats.casRetriesAverage, 3)) / \(stats.casRetriesMax)"),
             ("CAS retry histogram", histogram),
             ("round trips per allocation", "\(Format.fixed(stats.roundTripsPerAllocation, 3)) (verbs \(Format.fixed(stats.verbsPerAllocation, 3)))"),

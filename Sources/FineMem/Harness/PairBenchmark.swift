@@ -13,6 +13,9 @@ package enum PairBenchmark {
         package var tasks: Int
         package var pairs: Int
         package var wallNanoseconds: UInt64
+        /// CPU time of the whole process during the pairs (every thread: the tasks, the
+        /// upkeep, the runtime's own).
+        package var cpuNanoseconds: UInt64
         /// Tasks the compute node spawned during the measured pairs (upkeep workers).
         package var spawnedTasks: UInt64
         /// Batches (doorbells) posted during the measured pairs, upkeep included.
@@ -22,6 +25,9 @@ package enum PairBenchmark {
         package var nanosecondsPerPair: Double { Double(wallNanoseconds) * Double(tasks) / Double(max(1, pairs)) }
         /// Pairs per second, all tasks together.
         package var pairsPerSecond: Double { Double(pairs) / (Double(max(1, wallNanoseconds)) / 1e9) }
+        /// CPU time per pair, all threads together: steadier than wall time on a shared
+        /// machine (it leaves out the time other processes had the CPUs).
+        package var cpuNanosecondsPerPair: Double { Double(cpuNanoseconds) / Double(max(1, pairs)) }
         package var spawnedTasksPerPair: Double { Double(spawnedTasks) / Double(max(1, pairs)) }
         package var batchesPerPair: Double { Double(batches) / Double(max(1, pairs)) }
     }
@@ -51,11 +57,13 @@ package enum PairBenchmark {
         let (spawnedBefore, batchesBefore) = (node.spawnedTasks, node.statistics.batchesTotal)
         let clock = SystemRuntime.shared
         let started = clock.nowNanoseconds
+        let cpuStarted = processCPUNanoseconds()
         try await pairs(allocators, count: pairsPerTask)
         let wall = clock.nowNanoseconds - started
+        let cpu = processCPUNanoseconds() - cpuStarted
         await node.quiesce()
         return Figures(
-            tasks: tasks, pairs: tasks * pairsPerTask, wallNanoseconds: wall, spawnedTasks: node.spawnedTasks - spawnedBefore,
+            tasks: tasks, pairs: tasks * pairsPerTask, wallNanoseconds: wall, cpuNanoseconds: cpu, spawnedTasks: node.spawnedTasks - spawnedBefore,
             batches: node.statistics.batchesTotal - batchesBefore)
     }
 
