@@ -32,10 +32,15 @@ extension SectionHeader: SearchedHeader {
 extension MemoryNodeLink {
     /// Where to claim `2^countLog2` units of `Header`'s layer: the search of the shard
     /// `home` first, then of the others in turn. A claim or an open (its header marked
-    /// busy) ends it; the shards' other answers rank as within one search (`chooseSpan`):
-    /// read the span headers of an uncached section, else wait for this node's CAS in
-    /// flight, else recheck a header; nil when no shard shows room. Turns of other nodes
-    /// whose time is up (`runtime`'s clock) end first.
+    /// busy) ends it, and so does the home shard's answer to read the span headers of an
+    /// uncached section: the other shards' room belongs to other tasks, and a span this
+    /// node opened at home leaves the rest of its section uncached, so that answer comes
+    /// right after every open (when a claim elsewhere outranked it, the section was never
+    /// read, and the task allocated in another task's shard for good: two tasks on two
+    /// CPUs then shared a shard lock and its spans). The other shards' other answers rank
+    /// as within one search (`chooseSpan`): read the span headers of an uncached section,
+    /// else wait for this node's CAS in flight, else recheck a header; nil when no shard
+    /// shows room. Turns of other nodes whose time is up (`runtime`'s clock) end first.
     func choose<Header: SearchedHeader>(_ type: Header.Type, countLog2: Int, home: Int, runtime: any Runtime) -> HeaderChoice? {
         var other: HeaderChoice?
         for offset in 0..<cache.count {
@@ -45,6 +50,7 @@ extension MemoryNodeLink {
             }
             switch choice {
             case .claim?, .open?: return choice
+            case .readSpans? where offset == 0: return choice
             case nil: continue
             case let answer?: if other.map({ Self.rank(answer) > Self.rank($0) }) ?? true { other = answer }
             }
