@@ -118,5 +118,48 @@ import Testing
         case nil: Issue.record("seed \(seed): the simulation did not finish")
         }
     }
+
+    /// The reads at home are bounded per allocation: a home shard whose sections are all
+    /// full of another node's spans, none of them cached, costs an allocation at most
+    /// `homeReadsMax` reads before room in another shard wins (one round trip per section
+    /// otherwise). B fills sections 0-3 (shard 0 of 2) with 64 KiB blocks; A, holding a
+    /// span in shard 1 (its section cached), learns the section words alone and allocates
+    /// 4 KiB from home shard 0: two reads, then the claim in shard 1.
+    @Test func readsAtHomeAreBoundedWhenOnlyAnotherShardHasRoom() {
+        let seed: UInt64 = 9
+        let result = simulate(seed: seed) { simulator -> (batches: UInt64, block: Block?, problems: [String]) in
+            var configuration = EmbeddedCluster.Configuration(poolBytesPerNode: 16 << 20, computeNodes: 2)
+            configuration.failureDetection = false
+            configuration.allocator.cacheShards = 2
+            let cluster = try await EmbeddedCluster.start(configuration, simulator: simulator)
+            let (a, b) = (cluster.computeNodes[0], cluster.computeNodes[1])
+            var problems: [String] = []
+            for _ in 0..<128 {
+                let block = try await b.allocate(chunkCountLog2: 4, application: ApplicationID(2))
+                if block.firstChunk / PoolGeometry.chunksPerSection >= 4 { problems.append("B's \(block) is not in sections 0-3") }
+            }
+            // The second allocation reads the span headers of the first one's section.
+            for _ in 0..<2 {
+                let own = try await a.allocate(chunkCountLog2: 0, application: ApplicationID(1))
+                if own.firstChunk / PoolGeometry.chunksPerSection < 4 { problems.append("A's block \(own) is not in shard 1") }
+            }
+            await cluster.quiesce()
+            let link = a.links[0]
+            var trace = OperationTrace()
+            try await link.readHeaders((0..<8).map { HeaderSlot.section($0) }, trace: &trace)
+            trace = OperationTrace()
+            let block = try await a.allocate(in: SpanHeader.self, chunkCountLog2: 0, application: ApplicationID(2), on: link, trace: &trace)
+            return (trace.batches, block, problems)
+        }
+        switch result {
+        case .success(let (batches, block, problems))?:
+            #expect(problems == [], "seed \(seed): setup")
+            #expect(block.map { $0.firstChunk / PoolGeometry.chunksPerSection >= 4 } == true, "seed \(seed): A's block \(String(describing: block))")
+            #expect(BlockAllocator.homeReadsMax < 4, "the home shard must hold more uncached sections than the bound")
+            #expect(batches == UInt64(1 + BlockAllocator.homeReadsMax), "seed \(seed): A's allocation took \(batches) round trips")
+        case .failure(let error)?: Issue.record("seed \(seed): \(error)")
+        case nil: Issue.record("seed \(seed): the simulation did not finish")
+        }
+    }
 }
 

@@ -32,16 +32,21 @@ extension SectionHeader: SearchedHeader {
 extension MemoryNodeLink {
     /// Where to claim `2^countLog2` units of `Header`'s layer: the search of the shard
     /// `home` first, then of the others in turn. A claim or an open (its header marked
-    /// busy) ends it, and so does the home shard's answer to read the span headers of an
-    /// uncached section: the other shards' room belongs to other tasks, and a span this
-    /// node opened at home leaves the rest of its section uncached, so that answer comes
-    /// right after every open (when a claim elsewhere outranked it, the section was never
-    /// read, and the task allocated in another task's shard for good: two tasks on two
-    /// CPUs then shared a shard lock and its spans). The other shards' other answers rank
-    /// as within one search (`chooseSpan`): read the span headers of an uncached section,
-    /// else wait for this node's CAS in flight, else recheck a header; nil when no shard
-    /// shows room. Turns of other nodes whose time is up (`runtime`'s clock) end first.
-    func choose<Header: SearchedHeader>(_ type: Header.Type, countLog2: Int, home: Int, runtime: any Runtime) -> HeaderChoice? {
+    /// busy) ends it, and with `readsAtHomeFirst`, so does the home shard's answer to read
+    /// the span headers of an uncached section: the other shards' room belongs to other
+    /// tasks, and a span this node opened at home leaves the rest of its section uncached,
+    /// so that answer comes right after every open (when a claim elsewhere outranked it,
+    /// the section was never read, and the task allocated in another task's shard for
+    /// good: two tasks on two CPUs then shared a shard lock and its spans). The caller
+    /// bounds those reads per operation (`homeReadsMax`): a home shard full of other
+    /// nodes' spans would otherwise cost a round trip per section before the first claim
+    /// elsewhere. The shards' other answers rank as within one search (`chooseSpan`): read
+    /// the span headers of an uncached section, else wait for this node's CAS in flight,
+    /// else recheck a header; nil when no shard shows room. Turns of other nodes whose
+    /// time is up (`runtime`'s clock) end first.
+    func choose<Header: SearchedHeader>(
+        _ type: Header.Type, countLog2: Int, home: Int, readsAtHomeFirst: Bool = true, runtime: any Runtime
+    ) -> HeaderChoice? {
         var other: HeaderChoice?
         for offset in 0..<cache.count {
             let choice = cache.withShard((home + offset) % cache.count) { cache in
@@ -50,7 +55,7 @@ extension MemoryNodeLink {
             }
             switch choice {
             case .claim?, .open?: return choice
-            case .readSpans? where offset == 0: return choice
+            case .readSpans? where offset == 0 && readsAtHomeFirst: return choice
             case nil: continue
             case let answer?: if other.map({ Self.rank(answer) > Self.rank($0) }) ?? true { other = answer }
             }
@@ -79,9 +84,13 @@ extension BlockAllocator {
         let countLog2 = chunkCountLog2 - Header.unitChunkCountLog2
         var search = Search(configuration)
         var failures = LostCASCounts()
+        let home = Int(application.rawValue) % link.cache.count
+        var readsAtHome = 0
         while true {
             try await beginRound(&search, on: link, trace: &trace)
-            switch link.choose(Header.self, countLog2: countLog2, home: Int(application.rawValue) % link.cache.count, runtime: runtime) {
+            let choice = link.choose(Header.self, countLog2: countLog2, home: home, readsAtHomeFirst: readsAtHome < Self.homeReadsMax, runtime: runtime)
+            if case .readSpans(let section) = choice, link.cache.shard(of: section) == home { readsAtHome += 1 }
+            switch choice {
             case nil:
                 if try await noRoomInCache(&search, on: link, trace: &trace) { return nil }
             case .wait:
@@ -128,6 +137,10 @@ extension BlockAllocator {
             }
         }
     }
+
+    /// Most reads of uncached span headers in its home shard that one allocation makes
+    /// before room in another shard may win (`MemoryNodeLink.choose`).
+    static let homeReadsMax = 2
 
     /// Frees `block`, committed on a header of type `Header`: one CAS on that header.
     func free<Header: BlockHeader>(
