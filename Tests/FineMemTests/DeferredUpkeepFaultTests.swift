@@ -55,17 +55,9 @@ private func waitUntil(_ simulator: Simulator, maxNanos: UInt64 = 20_000_000, _ 
 
 extension BlockAllocator {
     /// The upkeep item of this node for `slot` waiting in its queue, as how many times it
-    /// was put back; nil when none waits (none queued, or a worker holds it). Read by
-    /// reflection: the queue's storage is private.
+    /// was put back; nil when none waits (none queued, or a worker holds it).
     func queuedUpkeepDeferrals(of slot: HeaderSlot) -> Int? {
-        upkeep.withLock { queue -> Int? in
-            let mirror = Mirror(reflecting: queue)
-            guard let items = mirror.descendant("items") as? [UpkeepItem], let head = mirror.descendant("head") as? Int else { return nil }
-            for item in items[head...] {
-                if case .header(_, let queued, _, _, let deferrals) = item, queued == slot { return deferrals }
-            }
-            return nil
-        }
+        upkeep.withLock { $0.deferrals(of: slot) }
     }
 
     /// This node's view of its log on `slot`: whether it has one, whether a task holds

@@ -99,6 +99,16 @@ struct UpkeepQueue: Sendable {
         return (nil, earliest)
     }
 
+    /// How many times the item of `slot` waiting in the queue was put back, or nil when
+    /// none waits (none queued, or a worker holds it): for tests that act at a moment of
+    /// the deferral.
+    func deferrals(of slot: HeaderSlot) -> Int? {
+        for item in items[head...] {
+            if case .header(_, let queued, _, _, let deferrals) = item, queued == slot { return deferrals }
+        }
+        return nil
+    }
+
     mutating func finished() { outstanding -= 1 }
     mutating func idle(_ lingering: Bool) { idleWorkers += lingering ? 1 : -1 }
     mutating func workerEnded() { workers -= 1 }
