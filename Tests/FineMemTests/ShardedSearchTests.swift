@@ -161,5 +161,44 @@ import Testing
         case nil: Issue.record("seed \(seed): the simulation did not finish")
         }
     }
-}
 
+    /// With shards, a link opens a connection per shard and one for the upkeep (the
+    /// simulated NIC opens more, `FabricConnection.sibling`): each application posts on its
+    /// lane's, the other task's queue pair untouched, and fencing the compute node breaks
+    /// every lane.
+    @Test func eachApplicationPostsOnItsLaneAndFencingBreaksEveryLane() async throws {
+        var configuration = EmbeddedCluster.Configuration(poolBytesPerNode: 16 << 20, computeNodes: 1)
+        configuration.failureDetection = false
+        configuration.allocator.cacheShards = 2
+        let cluster = try await EmbeddedCluster.start(configuration)
+        let node = cluster.computeNodes[0]
+        let link = node.links[0]
+        let lanes = [0, 1, OperationTrace.upkeepLane].map { link.connection(lane: $0) as? SimulatedConnection }
+        #expect(lanes.allSatisfy { $0 != nil } && lanes[0] !== lanes[1] && lanes[1] !== lanes[2] && lanes[0] !== lanes[2], "two shards, three connections")
+        func batches() -> [UInt64] { lanes.map { $0?.counters.batches ?? 0 } }
+        for (application, lane) in [(ApplicationID(1), 1), (ApplicationID(2), 0), (ApplicationID(3), 1)] {
+            let before = batches()
+            let block = try await node.allocate(chunkCountLog2: 0, application: application)
+            try await node.free(block, application: application)
+            let after = batches()
+            for other in 0..<2 where other != lane {
+                #expect(after[other] == before[other], "application \(application.rawValue) posted on lane \(other): \(before) -> \(after)")
+            }
+            #expect(after[lane] > before[lane], "application \(application.rawValue) did not post on lane \(lane): \(before) -> \(after)")
+        }
+        await cluster.quiesce()
+        try await cluster.fence(computeNode: 0)
+        #expect(lanes.allSatisfy { $0?.isBroken == true }, "fencing left a lane working")
+        for application in [ApplicationID(1), ApplicationID(2)] {
+            do {
+                _ = try await node.allocate(chunkCountLog2: 0, application: application)
+                Issue.record("application \(application.rawValue) allocated on a fenced node")
+            } catch {
+                switch error {
+                case .fabric, .fenced: break
+                default: Issue.record("application \(application.rawValue): \(error)")
+                }
+            }
+        }
+    }
+}

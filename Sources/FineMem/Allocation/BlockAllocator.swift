@@ -104,7 +104,8 @@ package final class BlockAllocator: Sendable {
         for (index, (grant, connection)) in memoryNodes.enumerated() {
             do {
                 links.append(try await MemoryNodeLink.attach(
-                    index: index, grant: grant, connection: connection, owner: owner, cacheShards: configuration.cacheShards ?? runtime.cacheShards))
+                    index: index, grant: grant, connection: connection, owner: owner, cacheShards: configuration.cacheShards ?? runtime.cacheShards,
+                    runtime: runtime))
             } catch {
                 switch error {
                 case .fabric(let error): throw .fabric(error)
@@ -174,7 +175,7 @@ package final class BlockAllocator: Sendable {
         }
         // The turn matters only to the placement among memory nodes (a shared counter).
         let turn = links.count == 1 ? 0 : sequence.loadThenWrappingIncrement(ordering: .relaxed)
-        var trace = OperationTrace()
+        var trace = OperationTrace(lane: Int(application.rawValue))
         var unreachable: FabricError?
         do throws(AllocationError) {
             let first = placement.firstNode(memoryNodeCount: links.count, chunkCountLog2: chunkCountLog2, sequence: turn)
@@ -233,7 +234,7 @@ package final class BlockAllocator: Sendable {
             if holding == wanted { owned[start] = nil }
             return holding
         }
-        var trace = OperationTrace()
+        var trace = OperationTrace(lane: Int(application.rawValue))
         guard holding == wanted else {
             let error: AllocationError
             if let holding {

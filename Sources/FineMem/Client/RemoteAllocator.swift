@@ -54,7 +54,7 @@ public struct RemoteAllocator: Sendable {
     public func write(from source: UnsafeRawBufferPointer, to buffer: RemoteBuffer, at offset: Int = 0) async throws(AllocationError) {
         try check(offset: offset, length: source.count, in: buffer)
         let link = try blocks.link(to: buffer.memoryNode)
-        do { try await link.connection.write(buffer.address + UInt64(offset), rkey: buffer.rkey, from: source) } catch {
+        do { try await link.connection(lane: Int(application.rawValue)).write(buffer.address + UInt64(offset), rkey: buffer.rkey, from: source) } catch {
             throw .fabric(error)
         }
     }
@@ -63,7 +63,7 @@ public struct RemoteAllocator: Sendable {
     public func read(_ buffer: RemoteBuffer, offset: Int = 0, length: Int) async throws(AllocationError) -> [UInt8] {
         try check(offset: offset, length: length, in: buffer)
         let link = try blocks.link(to: buffer.memoryNode)
-        do { return try await link.connection.read(buffer.address + UInt64(offset), length: length, rkey: buffer.rkey) } catch {
+        do { return try await link.connection(lane: Int(application.rawValue)).read(buffer.address + UInt64(offset), length: length, rkey: buffer.rkey) } catch {
             throw .fabric(error)
         }
     }
@@ -74,7 +74,7 @@ public struct RemoteAllocator: Sendable {
     public func read(_ buffer: RemoteBuffer, offset: Int = 0, into destination: UnsafeMutableRawBufferPointer) async throws(AllocationError) {
         try check(offset: offset, length: destination.count, in: buffer)
         let link = try blocks.link(to: buffer.memoryNode)
-        do { try await link.connection.read(buffer.address + UInt64(offset), rkey: buffer.rkey, into: destination) } catch {
+        do { try await link.connection(lane: Int(application.rawValue)).read(buffer.address + UInt64(offset), rkey: buffer.rkey, into: destination) } catch {
             throw .fabric(error)
         }
     }
@@ -105,7 +105,7 @@ public struct RemoteAllocator: Sendable {
 
     private func writeChecked(_ bytes: [UInt8], to buffer: RemoteBuffer, at offset: Int) async throws(AllocationError) {
         let link = try blocks.link(to: buffer.memoryNode)
-        do { try await link.connection.write(buffer.address + UInt64(offset), bytes: bytes, rkey: buffer.rkey) } catch {
+        do { try await link.connection(lane: Int(application.rawValue)).write(buffer.address + UInt64(offset), bytes: bytes, rkey: buffer.rkey) } catch {
             throw .fabric(error)
         }
     }

@@ -35,6 +35,12 @@ package protocol FabricConnection: AnyObject, Sendable {
     /// RDMA WRITE of the bytes of `source` (valid until this returns) at `address`, as
     /// `read(_:rkey:into:)` reads.
     func write(_ address: RemoteAddress, rkey: RKey, from source: UnsafeRawBufferPointer) async throws(FabricError)
+    /// Another connection from the same compute node to the same memory node, with the
+    /// same rights (a queue pair of its own, broken by the same fencing), or nil when this
+    /// backend opens none (the default). A compute node gives each shard of its header
+    /// cache a connection of its own, so that tasks on different CPUs post without sharing
+    /// a queue pair's lock.
+    func sibling() -> (any FabricConnection)?
 }
 
 extension FabricConnection {
@@ -46,6 +52,8 @@ extension FabricConnection {
     package func postAsVerbs(_ batch: inout WordBatch) async throws(FabricError) {
         batch.store(try await post(batch.verbs))
     }
+
+    package func sibling() -> (any FabricConnection)? { nil }
 
     package func read(_ address: RemoteAddress, rkey: RKey, into destination: UnsafeMutableRawBufferPointer) async throws(FabricError) {
         let bytes = try await read(address, length: destination.count, rkey: rkey)

@@ -41,11 +41,6 @@ package struct WordBatch: Sendable {
     /// The word each verb answered: the READ's word, or the original value of an atomic.
     private var answers = InlineArray<4, UInt64>(repeating: 0)
     package private(set) var count = 0
-    /// Bit `i`: verb `i` is a compare-and-swap; and, once answered, it exchanged. Kept
-    /// apart from `entries` so that reading an answer touches no entry (a read of an
-    /// element of the inline array copied the whole array).
-    private var compareAndSwaps: UInt8 = 0
-    private var exchanged: UInt8 = 0
 
     package init() {}
 
@@ -57,7 +52,6 @@ package struct WordBatch: Sendable {
     private mutating func append(_ entry: Entry) -> Int {
         precondition(count < Self.capacity, "a word batch holds \(Self.capacity) verbs")
         entries[count] = entry
-        if entry.kind == .compareAndSwap { compareAndSwaps |= 1 << count }
         count += 1
         return count - 1
     }
@@ -84,14 +78,6 @@ package struct WordBatch: Sendable {
     package mutating func answer(_ index: Int, _ word: UInt64) {
         precondition(index >= 0 && index < count, "verb \(index) of a batch of \(count)")
         answers[index] = word
-        noteExchange(index, word)
-    }
-
-    /// Records whether the compare-and-swap at `index` (if it is one) exchanged, from the
-    /// original value it answered.
-    private mutating func noteExchange(_ index: Int, _ original: UInt64) {
-        guard compareAndSwaps & 1 << index != 0 else { return }
-        if original == entries[index].operand { exchanged |= 1 << index } else { exchanged &= ~(1 << index) }
     }
 
     /// The word a READ answered, or the original value an atomic found.
@@ -102,8 +88,9 @@ package struct WordBatch: Sendable {
 
     /// The answer of the compare-and-swap at `index`, as `VerbResult.compareAndSwap`.
     package func compareAndSwapAnswer(_ index: Int) -> (exchanged: Bool, original: UInt64) {
-        precondition(index >= 0 && index < count && compareAndSwaps & 1 << index != 0, "verb \(index) is not a CAS")
-        return (exchanged & 1 << index != 0, answers[index])
+        let entry = self[index]
+        precondition(entry.kind == .compareAndSwap, "verb \(index) is not a CAS")
+        return (answers[index] == entry.operand, answers[index])
     }
 
     /// Verb `index` as a general `Verb`.
@@ -128,7 +115,6 @@ package struct WordBatch: Sendable {
             case .compareAndSwap(_, let original), .fetchAndAdd(let original): original
             case .written: preconditionFailure("a word batch has no WRITE")
             }
-            noteExchange(index, answers[index])
         }
     }
 }

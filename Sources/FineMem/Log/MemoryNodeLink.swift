@@ -16,7 +16,13 @@ final class MemoryNodeLink: Sendable {
     /// The position of this memory node in the compute node's list.
     let index: Int
     let grant: MemoryNodeGrant
+    /// The connection of the attach, the leases and recovery, and the first lane.
     let connection: any FabricConnection
+    /// A connection per cache shard and one for the upkeep when the backend opens more
+    /// (`FabricConnection.sibling`), else the one: an operation posts on its lane's
+    /// (`connection(for:)`), so that tasks working in different shards, and the upkeep,
+    /// share no queue pair's lock either.
+    private let lanes: [any FabricConnection]
     /// The compute node (its slot in the node table) and its incarnation there.
     let owner: OwnerID
     let incarnation: UInt16
@@ -27,30 +33,40 @@ final class MemoryNodeLink: Sendable {
     let leaseWord: Locked<UInt64>
     /// The owner's callbacks (`onReturnedLog`, `onRoomChange`).
     private let callbacks = OwnerCallbacks()
-    /// The ticket of the next batch: answers of later batches are newer (`HeaderCache`).
+    /// Where the tickets of this link's batches come from (answers of later batches are
+    /// newer, `HeaderCache`): the compute node's runtime, or without one (the links that
+    /// recovery acts through), a counter of the link's own.
+    private let tickets: (any Runtime)?
     private let nextTicket = ManagedAtomic<UInt64>(0)
     /// Whether a full refresh is in flight, and how many have finished.
     private let refreshFlight = Locked<(inFlight: Bool, finished: UInt64)>((false, 0))
 
     private init(
         index: Int, grant: MemoryNodeGrant, connection: any FabricConnection, owner: OwnerID, incarnation: UInt16,
-        sections: [UInt64], cacheShards: Int
+        sections: [UInt64], cacheShards: Int, tickets: (any Runtime)?
     ) {
+        self.tickets = tickets
         self.index = index
         self.grant = grant
         self.connection = connection
         self.owner = owner
         self.incarnation = incarnation
         cache = HeaderCacheShards(sections: sections, shards: cacheShards, cursor: Int(owner.rawValue) &* 7_919)
+        var lanes = [connection]
+        if cache.count > 1 {
+            while lanes.count < cache.count + 1, let sibling = connection.sibling() { lanes.append(sibling) }
+        }
+        self.lanes = lanes
         leaseWord = Locked(NodeSlot(heartbeat: 0, state: .alive, incarnation: incarnation).rawValue)
     }
 
     /// Attaches `owner` to a memory node: reads its superblock, the owner's node-table
     /// slot and every section header in one doorbell, checks the superblock against the
     /// grant, and takes the slot (free to alive, with the next incarnation) by CAS. The
-    /// cache has `cacheShards` shards (fewer on a small pool).
+    /// cache has `cacheShards` shards (fewer on a small pool); the batches' tickets come
+    /// from `runtime` (`Runtime.nextTicket`).
     static func attach(
-        index: Int, grant: MemoryNodeGrant, connection: any FabricConnection, owner: OwnerID, cacheShards: Int = 1
+        index: Int, grant: MemoryNodeGrant, connection: any FabricConnection, owner: OwnerID, cacheShards: Int = 1, runtime: any Runtime
     ) async throws(AttachError) -> MemoryNodeLink {
         let geometry = grant.geometry
         guard grant.endAddress.rawValue <= RemotePointer.addressMask else {
@@ -73,7 +89,7 @@ final class MemoryNodeLink: Sendable {
         guard let registered = NodeSlot(rawValue: slotWord)?.registering() else { throw .slotTaken }
         let link = MemoryNodeLink(
             index: index, grant: grant, connection: connection, owner: owner, incarnation: registered.incarnation,
-            sections: first[2].words, cacheShards: cacheShards)
+            sections: first[2].words, cacheShards: cacheShards, tickets: runtime)
         var trace = OperationTrace()
         let outcome: UpdateOutcome<NodeSlot>
         do {
@@ -91,12 +107,24 @@ final class MemoryNodeLink: Sendable {
     static func acting(for owner: OwnerID, incarnation: UInt16, grant: MemoryNodeGrant, connection: any FabricConnection) -> MemoryNodeLink {
         MemoryNodeLink(
             index: 0, grant: grant, connection: connection, owner: owner, incarnation: incarnation,
-            sections: Array(repeating: SectionHeader.empty.rawValue, count: grant.geometry.sectionCount), cacheShards: 1)
+            sections: Array(repeating: SectionHeader.empty.rawValue, count: grant.geometry.sectionCount), cacheShards: 1, tickets: nil)
     }
 
     var geometry: PoolGeometry { grant.geometry }
     var memoryNode: NodeID { grant.memoryNode }
     var metadataKey: RKey { grant.metadataKey }
+
+    /// The connection that the operation of `trace` posts on.
+    @inline(__always)
+    func connection(for trace: OperationTrace) -> any FabricConnection { connection(lane: trace.lane) }
+
+    /// The connection of `lane`: the upkeep's (`OperationTrace.upkeepLane`), or a task's
+    /// (any other number: they wrap around the others).
+    @inline(__always)
+    func connection(lane: Int) -> any FabricConnection {
+        guard lanes.count > 1 else { return connection }
+        return lane < 0 ? lanes[lanes.count - 1] : lanes[lane % (lanes.count - 1)]
+    }
 
     /// Posts `verbs` as one batch, counting it in `trace`.
     func post(_ verbs: [Verb], trace: inout OperationTrace) async throws(FabricError) -> [VerbResult] {
@@ -115,11 +143,11 @@ final class MemoryNodeLink: Sendable {
         trace.batches += 1
         trace.verbs += UInt64(verbs.count)
         let ticket = drawTicket()
-        return (try await connection.post(verbs), ticket)
+        return (try await connection(for: trace).post(verbs), ticket)
     }
 
     /// The ticket of a batch about to be posted (see `postTicketed`).
-    func drawTicket() -> UInt64 { nextTicket.wrappingIncrementThenLoad(ordering: .relaxed) }
+    func drawTicket() -> UInt64 { tickets?.nextTicket() ?? nextTicket.wrappingIncrementThenLoad(ordering: .relaxed) }
 
     /// The READ of one header word.
     func read(_ slot: HeaderSlot) -> Verb { .readWords(grant.address(of: slot), count: 1, rkey: metadataKey) }

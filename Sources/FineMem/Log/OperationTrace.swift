@@ -1,6 +1,11 @@
 /// What one operation (an allocation, a free, or one piece of upkeep) spent: batches and
 /// verbs posted, CAS failures, search attempts, and the structural events it caused.
 struct OperationTrace: Sendable, Equatable {
+    /// Which of a memory node link's connections the operation posts on
+    /// (`MemoryNodeLink.connection(for:)`): an allocation's or a free's application number
+    /// (as its home shard), `upkeepLane` for everything else.
+    var lane = Self.upkeepLane
+    static let upkeepLane = -1
     /// Batches posted: one doorbell, one network round trip each.
     var batches: UInt64 = 0
     var verbs: UInt64 = 0

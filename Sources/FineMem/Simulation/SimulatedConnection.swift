@@ -108,6 +108,12 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
     /// with `connectionBroken`, including verbs already posted.
     package func breakConnection() { withState { $0.broken = true } }
 
+    /// A new connection from the same node in the same protection domain and time (so
+    /// broken by the same `breakConnections(of:)`), with a lock and a send queue of its own.
+    package func sibling() -> (any FabricConnection)? {
+        nic.connect(from: localNode, protectionDomain: protectionDomain, simulator: simulator)
+    }
+
     package func post(_ verbs: [Verb]) async throws(FabricError) -> [VerbResult] {
         if let simulator {
             let outcome = await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<[VerbResult], FabricError>, Never>) in
