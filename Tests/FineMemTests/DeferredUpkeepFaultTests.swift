@@ -14,23 +14,23 @@ private let application = ApplicationID(1)
 private let aID = EmbeddedCluster.computeNodeID(0)
 private let idleNanos = AllocatorConfiguration().upkeepIdleNanos
 
-/// Runs `body` as the one top-level task of a simulation with `seed`, for at most
-/// `deadlineNanos` of virtual time: nil when it did not answer by then (a hang).
+/// `simulate` bounded in virtual time (30 s by default): nil when it did not answer by then.
 private func simulateBounded<Value: Sendable>(
     seed: UInt64, deadlineNanos: UInt64 = 30_000_000_000, _ body: @escaping @Sendable (Simulator) async throws -> Value
 ) -> Result<Value, any Error>? {
-    let simulator = Simulator(seed: seed)
-    let outcome = Locked<Result<Value, any Error>?>(nil)
-    simulator.spawn {
-        do {
-            let value = try await body(simulator)
-            outcome.withLock { $0 = .success(value) }
-        } catch {
-            outcome.withLock { $0 = .failure(error) }
-        }
+    simulate(seed: seed, deadlineNanos: deadlineNanos, body)
+}
+
+/// At rest (the caller quiesced): the pool checked, then `held` freed by `node` and the
+/// pool checked again (consistent and every header empty); answers the problems.
+private func drain(_ cluster: EmbeddedCluster, freeing held: [Block], by node: BlockAllocator, inspector: PoolInspector) async -> [String] {
+    var problems = inspector.checkAtRest()
+    for block in held {
+        problems += inspector.release(block)
+        do throws(AllocationError) { try await node.free(block, application: application) } catch { problems.append("B's final free of \(block): \(error)") }
     }
-    _ = simulator.run(untilNanoseconds: deadlineNanos)
-    return outcome.withLock { $0 }
+    await cluster.quiesce()
+    return problems + inspector.checkAtRest() + inspector.everyHeaderEmpty()
 }
 
 /// The problems a bounded simulation answered, or why it answered none.
@@ -339,13 +339,7 @@ private func onlyTwoChunksLeft(_ cluster: EmbeddedCluster, _ inspector: PoolInsp
             problems += hammer.problems
             if let error = hammer.error { problems.append("A's pairs: \(error) after \(hammer.done)") }
             await cluster.quiesce()
-            problems += inspector.checkAtRest()
-            for block in bHeld {
-                problems += inspector.release(block)
-                do throws(AllocationError) { try await b.free(block, application: application) } catch { problems.append("B's final free of \(block): \(error)") }
-            }
-            await cluster.quiesce()
-            return problems + inspector.checkAtRest() + inspector.everyHeaderEmpty()
+            return problems + (await drain(cluster, freeing: bHeld, by: b, inspector: inspector))
         })
         #expect(found == [], "seed \(seed), stall \(stallNanos / 1_000_000) ms")
     }
@@ -415,13 +409,7 @@ private func onlyTwoChunksLeft(_ cluster: EmbeddedCluster, _ inspector: PoolInsp
             cluster.stopFailureDetection()
             await cluster.quiesce()
             for (block, owner) in inspector.liveBlocks where owner == a.owner { _ = inspector.release(block) }
-            problems += inspector.checkAtRest()
-            for block in bHeld {
-                problems += inspector.release(block)
-                do throws(AllocationError) { try await b.free(block, application: application) } catch { problems.append("B's final free of \(block): \(error)") }
-            }
-            await cluster.quiesce()
-            return problems + inspector.checkAtRest() + inspector.everyHeaderEmpty()
+            return problems + (await drain(cluster, freeing: bHeld, by: b, inspector: inspector))
         })
         #expect(found == [], "seed \(seed)")
     }

@@ -18,9 +18,10 @@ func recordingErrors(_ context: @autoclosure () -> String, _ body: () async thro
 }
 
 /// Runs `body` as the one top-level task of a simulation with `seed` and answers what it
-/// returned, or the error it threw; nil when the run ended without an answer.
+/// returned, or the error it threw; nil when the run ended without an answer (with
+/// `deadlineNanos`, also when it had none by then: a hang fails instead of hanging).
 func simulate<Value: Sendable>(
-    seed: UInt64, _ body: @escaping @Sendable (Simulator) async throws -> Value
+    seed: UInt64, deadlineNanos: UInt64 = .max, _ body: @escaping @Sendable (Simulator) async throws -> Value
 ) -> Result<Value, any Error>? {
     let simulator = Simulator(seed: seed)
     let outcome = Locked<Result<Value, any Error>?>(nil)
@@ -32,7 +33,7 @@ func simulate<Value: Sendable>(
             outcome.withLock { $0 = .failure(error) }
         }
     }
-    simulator.run()
+    simulator.run(untilNanoseconds: deadlineNanos)
     return outcome.withLock { $0 }
 }
 

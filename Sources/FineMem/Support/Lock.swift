@@ -42,14 +42,7 @@ final class Lock: @unchecked Sendable {
     /// otherwise fall into step, each parking on every other batch).
     @inline(__always)
     func withLockSpinning<Result, Failure: Error>(_ body: () throws(Failure) -> Result) throws(Failure) -> Result {
-        var tries = 0
-        while pthread_mutex_trylock(mutex) != 0 {
-            tries += 1
-            if tries == Self.spinsMax {
-                pthread_mutex_lock(mutex)
-                break
-            }
-        }
+        spinLock(mutex)
         defer { pthread_mutex_unlock(mutex) }
         return try body()
     }
