@@ -150,18 +150,20 @@ struct HeaderCache: Sendable {
         }
     }
 
-    private mutating func storeWord(_ word: UInt64, atLocal section: Int, span: Int?, ticket: UInt64) -> Bool {
+    /// Stores `word` unless the cached one came with a later ticket; with `whatever`, in
+    /// any case (keeping the later ticket).
+    private mutating func storeWord(_ word: UInt64, atLocal section: Int, span: Int?, ticket: UInt64, whatever: Bool = false) -> Bool {
         switch span {
         case nil:
-            guard ticket >= versions[section] else { return false }
-            versions[section] = ticket
+            guard whatever || ticket >= versions[section] else { return false }
+            versions[section] = max(versions[section], ticket)
             sections[section] = word
         case let span?:
             let page = section / SpanPage.sections
             let index = SpanPage.index(section: section, span: span)
             if spanPages[page] == nil { spanPages[page] = SpanPage() }
-            guard ticket >= spanPages[page]!.versions[index] else { return false }
-            spanPages[page]!.versions[index] = ticket
+            guard whatever || ticket >= spanPages[page]!.versions[index] else { return false }
+            spanPages[page]!.versions[index] = max(spanPages[page]!.versions[index], ticket)
             spanPages[page]!.words[index] = word
         }
         return true
@@ -209,15 +211,20 @@ struct HeaderCache: Sendable {
     }
 
     /// Stores every header of the shard as just read: `poolSections` and `poolSpans` are
-    /// the whole pool's.
+    /// the whole pool's. Every word is stored, whatever ticket the cached one came with:
+    /// the answer that the pool is full rests on this read (`noRoomInCache`), and an
+    /// answer with a later ticket may have executed before it (on another queue pair of
+    /// the node, or posted by a thread that drew its ticket first and posted last), so
+    /// dropping the read's word could hide room it saw. A word it overwrites with an older
+    /// one is only stale: a CAS from it fails and brings the current word.
     mutating func storeAll(sections poolSections: [UInt64], spans poolSpans: [UInt64], ticket: UInt64) {
         precondition(poolSections.count >= base + sections.count && poolSpans.count == poolSections.count * PoolGeometry.spansPerSection,
                      "a refresh reads every header")
         spansRead = Array(repeating: true, count: sections.count)
         for local in sections.indices {
-            _ = storeWord(poolSections[base + local], atLocal: local, span: nil, ticket: ticket)
+            _ = storeWord(poolSections[base + local], atLocal: local, span: nil, ticket: ticket, whatever: true)
             for span in 0..<PoolGeometry.spansPerSection {
-                _ = storeWord(poolSpans[(base + local) * PoolGeometry.spansPerSection + span], atLocal: local, span: span, ticket: ticket)
+                _ = storeWord(poolSpans[(base + local) * PoolGeometry.spansPerSection + span], atLocal: local, span: span, ticket: ticket, whatever: true)
             }
             summarize(local)
         }
