@@ -104,8 +104,7 @@ package final class BlockAllocator: Sendable {
         for (index, (grant, connection)) in memoryNodes.enumerated() {
             do {
                 links.append(try await MemoryNodeLink.attach(
-                    index: index, grant: grant, connection: connection, owner: owner, cacheShards: configuration.cacheShards ?? runtime.cacheShards,
-                    runtime: runtime))
+                    index: index, grant: grant, connection: connection, owner: owner, cacheShards: configuration.cacheShards ?? runtime.cacheShards))
             } catch {
                 switch error {
                 case .fabric(let error): throw .fabric(error)

@@ -16,10 +16,6 @@ package protocol Runtime: AnyObject, Sendable {
     /// How many shards a compute node's header cache of one memory node has by default
     /// (`AllocatorConfiguration.cacheShards`).
     var cacheShards: Int { get }
-    /// A ticket for a batch about to be posted: a later draw gets a ticket no smaller
-    /// (`MemoryNodeLink.postTicketed`; the header cache keeps the answers of the larger
-    /// ticket).
-    func nextTicket() -> UInt64
 }
 
 /// Real threads and the monotonic clock.
@@ -52,11 +48,6 @@ package final class SystemRuntime: Runtime {
     }
 
     package var nowNanoseconds: UInt64 { monotonicNanoseconds() }
-
-    /// The monotonic clock: no counter that tasks on several CPUs would pass back and
-    /// forth (a shared atomic drawn before every batch put two tasks of one node into
-    /// step, each waiting for the other's cache line, in about half of the runs).
-    package func nextTicket() -> UInt64 { monotonicNanoseconds() }
 
     /// One shard per CPU (at most 64): as many as tasks that run at the same time.
     package let cacheShards = min(64, max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))

@@ -33,19 +33,15 @@ final class MemoryNodeLink: Sendable {
     let leaseWord: Locked<UInt64>
     /// The owner's callbacks (`onReturnedLog`, `onRoomChange`).
     private let callbacks = OwnerCallbacks()
-    /// Where the tickets of this link's batches come from (answers of later batches are
-    /// newer, `HeaderCache`): the compute node's runtime, or without one (the links that
-    /// recovery acts through), a counter of the link's own.
-    private let tickets: (any Runtime)?
+    /// The ticket of the next batch: answers of later batches are newer (`HeaderCache`).
     private let nextTicket = ManagedAtomic<UInt64>(0)
     /// Whether a full refresh is in flight, and how many have finished.
     private let refreshFlight = Locked<(inFlight: Bool, finished: UInt64)>((false, 0))
 
     private init(
         index: Int, grant: MemoryNodeGrant, connection: any FabricConnection, owner: OwnerID, incarnation: UInt16,
-        sections: [UInt64], cacheShards: Int, tickets: (any Runtime)?
+        sections: [UInt64], cacheShards: Int
     ) {
-        self.tickets = tickets
         self.index = index
         self.grant = grant
         self.connection = connection
@@ -63,10 +59,9 @@ final class MemoryNodeLink: Sendable {
     /// Attaches `owner` to a memory node: reads its superblock, the owner's node-table
     /// slot and every section header in one doorbell, checks the superblock against the
     /// grant, and takes the slot (free to alive, with the next incarnation) by CAS. The
-    /// cache has `cacheShards` shards (fewer on a small pool); the batches' tickets come
-    /// from `runtime` (`Runtime.nextTicket`).
+    /// cache has `cacheShards` shards (fewer on a small pool).
     static func attach(
-        index: Int, grant: MemoryNodeGrant, connection: any FabricConnection, owner: OwnerID, cacheShards: Int = 1, runtime: any Runtime
+        index: Int, grant: MemoryNodeGrant, connection: any FabricConnection, owner: OwnerID, cacheShards: Int = 1
     ) async throws(AttachError) -> MemoryNodeLink {
         let geometry = grant.geometry
         guard grant.endAddress.rawValue <= RemotePointer.addressMask else {
@@ -89,7 +84,7 @@ final class MemoryNodeLink: Sendable {
         guard let registered = NodeSlot(rawValue: slotWord)?.registering() else { throw .slotTaken }
         let link = MemoryNodeLink(
             index: index, grant: grant, connection: connection, owner: owner, incarnation: registered.incarnation,
-            sections: first[2].words, cacheShards: cacheShards, tickets: runtime)
+            sections: first[2].words, cacheShards: cacheShards)
         var trace = OperationTrace()
         let outcome: UpdateOutcome<NodeSlot>
         do {
@@ -107,7 +102,7 @@ final class MemoryNodeLink: Sendable {
     static func acting(for owner: OwnerID, incarnation: UInt16, grant: MemoryNodeGrant, connection: any FabricConnection) -> MemoryNodeLink {
         MemoryNodeLink(
             index: 0, grant: grant, connection: connection, owner: owner, incarnation: incarnation,
-            sections: Array(repeating: SectionHeader.empty.rawValue, count: grant.geometry.sectionCount), cacheShards: 1, tickets: nil)
+            sections: Array(repeating: SectionHeader.empty.rawValue, count: grant.geometry.sectionCount), cacheShards: 1)
     }
 
     var geometry: PoolGeometry { grant.geometry }
@@ -136,9 +131,13 @@ final class MemoryNodeLink: Sendable {
     /// execute in posting order, so a later ticket usually carries newer answers. Not
     /// always: two tasks of a node may draw their tickets in one order and post in the
     /// other (with real threads, and in virtual time too when the runtime suspends a task
-    /// between the two), which leaves the cache staler, never wrong. The cache is a hint:
-    /// a decision to change a word rests on a CAS, a decision not to on a fresh READ
-    /// (`rereadOnRefusal`; found by `fuzz-recovery`: a flush skipped on a stale word).
+    /// between the two), and batches on different lanes (`connection(for:)`) keep no order
+    /// at all, which leaves the cache staler, never wrong. The cache is a hint: a decision
+    /// to change a word rests on a CAS, a decision not to on a fresh READ
+    /// (`rereadOnRefusal`; found by `fuzz-recovery`: a flush skipped on a stale word), and
+    /// the answer that the pool is full on a full refresh, stored whole (`storeAll`).
+    /// (One counter for the lanes of a link: with a queue pair each, the tasks of a node
+    /// no longer fell into step over it; the monotonic clock cost more per batch.)
     func postTicketed(_ verbs: [Verb], trace: inout OperationTrace) async throws(FabricError) -> (results: [VerbResult], ticket: UInt64) {
         trace.batches += 1
         trace.verbs += UInt64(verbs.count)
@@ -147,7 +146,7 @@ final class MemoryNodeLink: Sendable {
     }
 
     /// The ticket of a batch about to be posted (see `postTicketed`).
-    func drawTicket() -> UInt64 { tickets?.nextTicket() ?? nextTicket.wrappingIncrementThenLoad(ordering: .relaxed) }
+    func drawTicket() -> UInt64 { nextTicket.wrappingIncrementThenLoad(ordering: .relaxed) }
 
     /// The READ of one header word.
     func read(_ slot: HeaderSlot) -> Verb { .readWords(grant.address(of: slot), count: 1, rkey: metadataKey) }

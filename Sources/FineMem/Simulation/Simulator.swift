@@ -70,7 +70,6 @@ public final class Simulator: TaskExecutor, Runtime, @unchecked Sendable {
         var verbsExecuted = NodeTable()
         var traceHash = TraceHash()
         var totalVerbs: UInt64 = 0
-        var tickets: UInt64 = 0
         var explorer: PriorityExplorer?
     }
 
@@ -177,12 +176,6 @@ public final class Simulator: TaskExecutor, Runtime, @unchecked Sendable {
     /// One shard by default: runs keep the placement they had before caches had shards
     /// (a test or a soak seed asks for more through `AllocatorConfiguration.cacheShards`).
     package var cacheShards: Int { 1 }
-
-    /// A counter: the virtual clock stands still between events, and one thread draws.
-    package func nextTicket() -> UInt64 {
-        core.pointee.tickets += 1
-        return core.pointee.tickets
-    }
 
     // MARK: Driving
 
