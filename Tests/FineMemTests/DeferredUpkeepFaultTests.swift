@@ -14,12 +14,6 @@ private let application = ApplicationID(1)
 private let aID = EmbeddedCluster.computeNodeID(0)
 private let idleNanos = AllocatorConfiguration().upkeepIdleNanos
 
-/// `simulate` bounded in virtual time (30 s by default): nil when it did not answer by then.
-private func simulateBounded<Value: Sendable>(
-    seed: UInt64, deadlineNanos: UInt64 = 30_000_000_000, _ body: @escaping @Sendable (Simulator) async throws -> Value
-) -> Result<Value, any Error>? {
-    simulate(seed: seed, deadlineNanos: deadlineNanos, body)
-}
 
 /// At rest (the caller quiesced): the pool checked, then `held` freed by `node` and the
 /// pool checked again (consistent and every header empty); answers the problems.
@@ -31,26 +25,6 @@ private func drain(_ cluster: EmbeddedCluster, freeing held: [Block], by node: B
     }
     await cluster.quiesce()
     return problems + inspector.checkAtRest() + inspector.everyHeaderEmpty()
-}
-
-/// The problems a bounded simulation answered, or why it answered none.
-private func problems(of result: Result<[String], any Error>?, deadline: String = "30 s") -> [String] {
-    switch result {
-    case .success(let problems): problems
-    case .failure(let error): ["run threw: \(error)"]
-    case nil: ["no answer within \(deadline) of virtual time (a hang)"]
-    }
-}
-
-/// Waits (polling every 50 virtual nanoseconds, for at most `maxNanos`) until `condition`
-/// holds; answers whether it did.
-private func waitUntil(_ simulator: Simulator, maxNanos: UInt64 = 20_000_000, _ condition: () -> Bool) async -> Bool {
-    let deadline = simulator.nowNanoseconds + maxNanos
-    while simulator.nowNanoseconds < deadline {
-        if condition() { return true }
-        await simulator.sleep(nanoseconds: 50)
-    }
-    return condition()
 }
 
 extension BlockAllocator {

@@ -9,40 +9,52 @@ import Testing
 
 private let aID = EmbeddedCluster.computeNodeID(0)
 
-/// Runs `body` as the one top-level task of a simulation with `seed`, for at most
-/// `deadlineNanos` of virtual time: nil when it did not answer by then (a hang).
-private func simulateBounded<Value: Sendable>(
-    seed: UInt64, deadlineNanos: UInt64 = 30_000_000_000, _ body: @escaping @Sendable (Simulator) async throws -> Value
-) -> Result<Value, any Error>? {
-    let simulator = Simulator(seed: seed)
-    let outcome = Locked<Result<Value, any Error>?>(nil)
-    simulator.spawn {
-        do {
-            let value = try await body(simulator)
-            outcome.withLock { $0 = .success(value) }
-        } catch {
-            outcome.withLock { $0 = .failure(error) }
+/// `churn` of A's applications 1-4 at once, each on its lane, seeded with `seeds[0..<4]`
+/// (the ledger in `held`, stopping at the fence); answers their outcomes in order.
+private func churnA(
+    _ a: BlockAllocator, sizes: [Int], pairs: Int, seeds: [UInt64], simulator: Simulator, inspector: PoolInspector,
+    held: Locked<Set<Block>>, fencing: Locked<Bool>, fenced: Locked<Bool>
+) async -> [(done: Int, error: AllocationError?, problems: [String])] {
+    await withTaskGroup(of: (Int, (done: Int, error: AllocationError?, problems: [String])).self) { group in
+        for index in 0..<4 {
+            group.addTask {
+                (index, await churn(a, application: ApplicationID(UInt16(index + 1)), sizes: sizes, pairs: pairs, seed: seeds[index],
+                                    simulator: simulator, inspector: inspector, held: held, fencing: fencing, fenced: fenced))
+            }
         }
-    }
-    _ = simulator.run(untilNanoseconds: deadlineNanos)
-    return outcome.withLock { $0 }
-}
-
-private func problems(of result: Result<[String], any Error>?) -> [String] {
-    switch result {
-    case .success(let problems): problems
-    case .failure(let error): ["run threw: \(error)"]
-    case nil: ["no answer within 30 s of virtual time (a hang)"]
+        var outcomes: [(Int, (done: Int, error: AllocationError?, problems: [String]))] = []
+        for await outcome in group { outcomes.append(outcome) }
+        return outcomes.sorted { $0.0 < $1.0 }.map(\.1)
     }
 }
 
-private func waitUntil(_ simulator: Simulator, maxNanos: UInt64 = 20_000_000, _ condition: () -> Bool) async -> Bool {
-    let deadline = simulator.nowNanoseconds + maxNanos
-    while simulator.nowNanoseconds < deadline {
-        if condition() { return true }
-        await simulator.sleep(nanoseconds: 50)
+/// Two compute nodes, A and B, on an 8 MiB pool, with 4 cache shards (4 application lanes
+/// and the upkeep's), without failure detection.
+private func twoNodesWithFourLanes(_ simulator: Simulator) async throws -> (EmbeddedCluster, PoolInspector, BlockAllocator, BlockAllocator) {
+    var configuration = EmbeddedCluster.Configuration(poolBytesPerNode: 8 << 20, computeNodes: 2)
+    configuration.failureDetection = false
+    configuration.allocator.cacheShards = 4
+    let cluster = try await EmbeddedCluster.start(configuration, simulator: simulator)
+    return (cluster, PoolInspector(cluster: cluster), cluster.computeNodes[0], cluster.computeNodes[1])
+}
+
+/// Fences compute node 0 (A) and recovers it, raising `fencing` before and `fenced` after
+/// the fence. What A held is nobody's once it is fenced: recovery frees it block by block,
+/// and B may get a freed block before recovery is over, so A's blocks leave the ledger first.
+/// Answers what went wrong, if anything.
+private func fenceAndRecoverA(
+    _ cluster: EmbeddedCluster, _ a: BlockAllocator, inspector: PoolInspector, fencing: Locked<Bool>, fenced: Locked<Bool>
+) async -> String? {
+    do {
+        fencing.withLock { $0 = true }
+        try await cluster.fence(computeNode: 0)
+        fenced.withLock { $0 = true }
+        for (block, owner) in inspector.liveBlocks where owner == a.owner { _ = inspector.release(block) }
+        _ = try await cluster.recover(computeNode: 0)
+        return nil
+    } catch {
+        return "fence or recovery: \(error)"
     }
-    return condition()
 }
 
 /// Allocate+free pairs by `node` for `application` (sizes drawn from `sizes`), keeping the
@@ -165,12 +177,7 @@ private func churn(
     }
 
     private static func crashRun(_ simulator: Simulator, offset: UInt64, late: FaultPlan.LateVerbs) async throws -> [String] {
-        var configuration = EmbeddedCluster.Configuration(poolBytesPerNode: 8 << 20, computeNodes: 2)
-        configuration.failureDetection = false
-        configuration.allocator.cacheShards = 4
-        let cluster = try await EmbeddedCluster.start(configuration, simulator: simulator)
-        let inspector = PoolInspector(cluster: cluster)
-        let (a, b) = (cluster.computeNodes[0], cluster.computeNodes[1])
+        let (cluster, inspector, a, b) = try await twoNodesWithFourLanes(simulator)
         var problems: [String] = []
         let sizes = [0, 0, 0, 1, 2, 4, 5, 6]
         let aHeld = Locked<Set<Block>>([])
@@ -179,10 +186,7 @@ private func churn(
         let startAt = simulator.verbsExecuted(by: aID)
         let fencingFlag = Locked(false)
         let fencedFlag = Locked(false)
-        async let a1 = churn(a, application: ApplicationID(1), sizes: sizes, pairs: 200, seed: seeds[0], simulator: simulator, inspector: inspector, held: aHeld, fencing: fencingFlag, fenced: fencedFlag)
-        async let a2 = churn(a, application: ApplicationID(2), sizes: sizes, pairs: 200, seed: seeds[1], simulator: simulator, inspector: inspector, held: aHeld, fencing: fencingFlag, fenced: fencedFlag)
-        async let a3 = churn(a, application: ApplicationID(3), sizes: sizes, pairs: 200, seed: seeds[2], simulator: simulator, inspector: inspector, held: aHeld, fencing: fencingFlag, fenced: fencedFlag)
-        async let a4 = churn(a, application: ApplicationID(4), sizes: sizes, pairs: 200, seed: seeds[3], simulator: simulator, inspector: inspector, held: aHeld, fencing: fencingFlag, fenced: fencedFlag)
+        async let aOutcomesLater = churnA(a, sizes: sizes, pairs: 200, seeds: seeds, simulator: simulator, inspector: inspector, held: aHeld, fencing: fencingFlag, fenced: fencedFlag)
         async let b1 = churn(b, application: ApplicationID(1), sizes: sizes, pairs: 60, seed: seeds[4], simulator: simulator, inspector: inspector, held: bHeld)
         async let b2 = churn(b, application: ApplicationID(2), sizes: sizes, pairs: 60, seed: seeds[5], simulator: simulator, inspector: inspector, held: bHeld)
         async let crashed: String? = {
@@ -193,20 +197,9 @@ private func churn(
                 simulator.faults.crash(aID, atNanoseconds: simulator.nowNanoseconds)
             }
             await simulator.sleep(nanoseconds: 100_000)
-            do {
-                fencingFlag.withLock { $0 = true }
-                try await cluster.fence(computeNode: 0)
-                fencedFlag.withLock { $0 = true }
-                // What A held is nobody's once it is fenced: recovery frees it block by block, and B
-                // may get a freed block before recovery is over.
-                for (block, owner) in inspector.liveBlocks where owner == a.owner { _ = inspector.release(block) }
-                _ = try await cluster.recover(computeNode: 0)
-                return nil
-            } catch {
-                return "fence or recovery: \(error)"
-            }
+            return await fenceAndRecoverA(cluster, a, inspector: inspector, fencing: fencingFlag, fenced: fencedFlag)
         }()
-        let aOutcomes = await [a1, a2, a3, a4]
+        let aOutcomes = await aOutcomesLater
         let bOutcomes = await [b1, b2]
         let crash = await crashed
         for outcome in aOutcomes { problems += outcome.problems }
@@ -248,41 +241,22 @@ private func churn(
         var failures: [String] = []
         for seed in UInt64(9_300)...9_305 {
             let found = problems(of: simulateBounded(seed: seed) { simulator in
-                var configuration = EmbeddedCluster.Configuration(poolBytesPerNode: 8 << 20, computeNodes: 2)
-                configuration.failureDetection = false
-                configuration.allocator.cacheShards = 4
-                let cluster = try await EmbeddedCluster.start(configuration, simulator: simulator)
-                let inspector = PoolInspector(cluster: cluster)
-                let (a, b) = (cluster.computeNodes[0], cluster.computeNodes[1])
+                let (cluster, inspector, a, b) = try await twoNodesWithFourLanes(simulator)
                 let sizes = [0, 0, 1, 3, 5]
                 let aHeld = Locked<Set<Block>>([])
                 let bHeld = Locked<Set<Block>>([])
                 let seeds = (0..<5).map { _ in simulator.forkSeed() }
                 let startAt = simulator.verbsExecuted(by: aID)
                 let fencingFlag = Locked(false)
-        let fencedFlag = Locked(false)
+                let fencedFlag = Locked(false)
                 var problems: [String] = []
-                async let a1 = churn(a, application: ApplicationID(1), sizes: sizes, pairs: 400, seed: seeds[0], simulator: simulator, inspector: inspector, held: aHeld, fencing: fencingFlag, fenced: fencedFlag)
-                async let a2 = churn(a, application: ApplicationID(2), sizes: sizes, pairs: 400, seed: seeds[1], simulator: simulator, inspector: inspector, held: aHeld, fencing: fencingFlag, fenced: fencedFlag)
-                async let a3 = churn(a, application: ApplicationID(3), sizes: sizes, pairs: 400, seed: seeds[2], simulator: simulator, inspector: inspector, held: aHeld, fencing: fencingFlag, fenced: fencedFlag)
-                async let a4 = churn(a, application: ApplicationID(4), sizes: sizes, pairs: 400, seed: seeds[3], simulator: simulator, inspector: inspector, held: aHeld, fencing: fencingFlag, fenced: fencedFlag)
+                async let aOutcomesLater = churnA(a, sizes: sizes, pairs: 400, seeds: seeds, simulator: simulator, inspector: inspector, held: aHeld, fencing: fencingFlag, fenced: fencedFlag)
                 async let b1 = churn(b, application: ApplicationID(1), sizes: sizes, pairs: 80, seed: seeds[4], simulator: simulator, inspector: inspector, held: bHeld)
                 async let fenced: String? = {
                     _ = await waitUntil(simulator) { simulator.verbsExecuted(by: aID) >= startAt + 300 + seed % 7 * 37 }
-                    do {
-                        fencingFlag.withLock { $0 = true }
-                        try await cluster.fence(computeNode: 0)
-                        fencedFlag.withLock { $0 = true }
-                        // What A held is nobody's once it is fenced: recovery frees it block by block, and B
-                        // may get a freed block before recovery is over.
-                        for (block, owner) in inspector.liveBlocks where owner == a.owner { _ = inspector.release(block) }
-                        _ = try await cluster.recover(computeNode: 0)
-                        return nil
-                    } catch {
-                        return "fence or recovery: \(error)"
-                    }
+                    return await fenceAndRecoverA(cluster, a, inspector: inspector, fencing: fencingFlag, fenced: fencedFlag)
                 }()
-                let aOutcomes = await [a1, a2, a3, a4]
+                let aOutcomes = await aOutcomesLater
                 let bOutcome = await b1
                 if let error = await fenced { problems.append(error) }
                 for outcome in aOutcomes { problems += outcome.problems }

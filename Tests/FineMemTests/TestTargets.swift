@@ -37,6 +37,34 @@ func simulate<Value: Sendable>(
     return outcome.withLock { $0 }
 }
 
+/// `simulate` bounded in virtual time (30 s by default): nil when it did not answer by then
+/// (a hang fails the test instead of hanging it).
+func simulateBounded<Value: Sendable>(
+    seed: UInt64, deadlineNanos: UInt64 = 30_000_000_000, _ body: @escaping @Sendable (Simulator) async throws -> Value
+) -> Result<Value, any Error>? {
+    simulate(seed: seed, deadlineNanos: deadlineNanos, body)
+}
+
+/// The problems a bounded simulation answered, or why it answered none.
+func problems(of result: Result<[String], any Error>?, deadline: String = "30 s") -> [String] {
+    switch result {
+    case .success(let problems): problems
+    case .failure(let error): ["run threw: \(error)"]
+    case nil: ["no answer within \(deadline) of virtual time (a hang)"]
+    }
+}
+
+/// Waits (polling every 50 virtual nanoseconds, for at most `maxNanos`) until `condition`
+/// holds; answers whether it did.
+func waitUntil(_ simulator: Simulator, maxNanos: UInt64 = 20_000_000, _ condition: () -> Bool) async -> Bool {
+    let deadline = simulator.nowNanoseconds + maxNanos
+    while simulator.nowNanoseconds < deadline {
+        if condition() { return true }
+        await simulator.sleep(nanoseconds: 50)
+    }
+    return condition()
+}
+
 extension Simulator {
     /// Stalls compute node `index` of an embedded cluster for `nanoseconds` as soon as
     /// `reached` holds (looked at every 50 virtual nanoseconds, at most 100,000 times): the
