@@ -553,3 +553,33 @@ private func casRace(seed: UInt64, exploration: ScheduleExploration, headStartNa
         }
     }
 }
+
+/// A queue pair's completions come in posting order: a small batch posted after a large
+/// READ finishes first at the NIC, but its completion waits for the READ's, whose payload
+/// crosses back first. (The completion used to be scheduled from its own finish alone when
+/// the READ's was scheduled in an earlier turn, and came back first.)
+@Suite struct CompletionOrderTests {
+    @Test func aSmallBatchAfterALargeReadCompletesAfterIt() throws {
+        let seed: UInt64 = 3
+        let simulator = Simulator(seed: seed, latency: exactLatency())
+        let (nic, pd, region) = try makeTarget(node: 0, regionBytes: 64 << 10)
+        let connection = nic.connect(from: NodeID(1), protectionDomain: pd, simulator: simulator)
+        let completions = Locked<[(String, UInt64)]>([])
+        simulator.spawn {
+            await recordingErrors("seed \(seed): the READ") {
+                _ = try await connection.read(region.address, length: 64 << 10, rkey: region.rkey)
+                completions.withLock { $0.append(("read", simulator.nowNanoseconds)) }
+            }
+        }
+        simulator.spawn {
+            await recordingErrors("seed \(seed): the CAS") {
+                _ = try await connection.compareAndSwap(region.address, expected: 0, desired: 1, rkey: region.rkey)
+                completions.withLock { $0.append(("cas", simulator.nowNanoseconds)) }
+            }
+        }
+        simulator.run()
+        let order = completions.withLock { $0 }
+        #expect(order.map(\.0) == ["read", "cas"], "seed \(seed): completions \(order)")
+        #expect(order.count == 2 && order[1].1 >= order[0].1, "seed \(seed): completions \(order)")
+    }
+}

@@ -366,6 +366,9 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
         var busyUntil: UInt64 = 0
         /// Arrival time of the previous batch: the network does not reorder a QP's packets.
         var lastArrival: UInt64 = 0
+        /// When the completion scheduled last is delivered: a QP's completions come in
+        /// posting order, so no later batch's is delivered before it.
+        var lastDelivery: UInt64 = 0
         /// When the last READ or atomic of the connection finished (for fenced verbs).
         var lastReadOrAtomicFinish: UInt64?
         /// The verb picked to execute next, whose NIC time is reserved.
@@ -665,10 +668,11 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
     }
 
     /// Schedules the completions of the finished batches at the head of the queue, in
-    /// posting order: a batch that finished before an earlier one waits for it.
+    /// posting order: a batch that finished before an earlier one waits for it, whether or
+    /// not that one's completion was scheduled in the same call (a small batch after a
+    /// large READ finishes first at the NIC, but the READ's payload crosses back first).
     private func deliverFinishedBatches(simulator: Simulator) {
         let queue = queue
-        var previousDelivery: UInt64 = 0
         while queue.pointee.pendingFrom < queue.pointee.nextSerial, let finished = queue.pointee[batch: queue.pointee.pendingFrom].finished {
             let serial = queue.pointee.pendingFrom
             queue.pointee.pendingFrom += 1
@@ -677,8 +681,8 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
             queue.pointee[batch: serial].waiter = .none
             let back = finished.at + simulator.jittered(simulator.latency.oneWayNanos) + simulator.explorationDelay(of: localNode)
                 + UInt64(Double(batch.readBytes) / simulator.latency.bytesPerNanosecond)
-            let delivery = max(simulator.faults.unstalled(localNode, at: back), previousDelivery)
-            previousDelivery = delivery
+            let delivery = max(simulator.faults.unstalled(localNode, at: back), queue.pointee.lastDelivery)
+            queue.pointee.lastDelivery = delivery
             simulator.schedule(at: delivery, .deliver(self, Delivery(waiter: batch.waiter, outcome: batch.outcome, executedVerbs: batch.executedCount)))
         }
         queue.pointee.dropHandedOverBatches()
