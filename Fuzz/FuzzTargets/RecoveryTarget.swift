@@ -101,12 +101,12 @@ private func runRecoveryProgram(_ input: inout FuzzInput, simulator: Simulator, 
             simulator.faults.crash(recoverer, afterVerbs: UInt64(how / 4 % 48), late: .all)
             var accesses: [(MemoryNode, RecoveryAccess)] = []
             for memoryNode in cluster.memoryNodes {
-                guard let access = try? memoryNode.recoveryAccess(from: recoverer) else {
+                guard let access = try? memoryNode.recoveryAccess(for: owner, from: recoverer) else {
                     failures.add(["no recovery access on \(memoryNode.id)"])
                     return
                 }
                 accesses.append((memoryNode, access))
-                _ = try? await PoolRecovery(owner: owner, grant: access.grant, connection: access.connection, runtime: simulator).run()
+                _ = try? await PoolRecovery(access: access, runtime: simulator).run()
             }
             await simulator.sleep(nanoseconds: 20_000)
             // The crashed recoverer is fenced: its late verbs stop here.
@@ -117,8 +117,12 @@ private func runRecoveryProgram(_ input: inout FuzzInput, simulator: Simulator, 
         let helper = (0..<3).first { $0 != node && nodes.state[$0] == .live && !cluster.computeNodes[$0].isFenced }
         do {
             if how % 2 == 1, let helper {
-                for (grant, connection) in cluster.computeNodes[helper].metadataAccess {
-                    _ = try await PoolRecovery(owner: owner, grant: grant, connection: connection, runtime: simulator).run()
+                // A live compute node lends its CPU: the memory node grants it a
+                // recoverer's access of its own (a new one fences any earlier recoverer).
+                for memoryNode in cluster.memoryNodes {
+                    let access = try memoryNode.recoveryAccess(for: owner, from: EmbeddedCluster.computeNodeID(helper))
+                    _ = try await PoolRecovery(access: access, runtime: simulator).run()
+                    try memoryNode.revoke(access)
                 }
             }
             _ = try await cluster.recover(computeNode: node)

@@ -13,7 +13,7 @@ import Glibc
 /// A recoverer's connection that runs `hook` before each of its batches (with the batch's
 /// number, from 1, and its verbs): the recoverer's CPU being slow between two doorbells,
 /// while the rest of the cluster goes on. The verbs themselves go unchanged to `inner`.
-private final class PausingConnection: FabricConnection, @unchecked Sendable {
+final class PausingConnection: FabricConnection, @unchecked Sendable {
     let inner: any FabricConnection
     let hook: @Sendable (Int, [Verb]) async -> Void
     private let count = Locked(0)
@@ -78,9 +78,9 @@ private let application = ApplicationID(1)
             await cluster.quiesce()
             try await cluster.fence(computeNode: 0)
             let memoryNode = cluster.memoryNodes[0]
-            let access = try memoryNode.recoveryAccess(from: NodeID(900))
-            let (grant, raw) = (access.grant, access.connection)
-            let intentsRead = grant.intentAddress(owner: x.owner, slot: 0)
+            let access = try memoryNode.recoveryAccess(for: EmbeddedCluster.owner(ofComputeNode: 0), from: NodeID(900))
+            let raw = access.connection
+            let intentsRead = access.grant.intentAddress(owner: x.owner, slot: 0)
             let reads = Locked(0)
             let yBlock = Locked<Block?>(nil)
             let problems = Locked<[String]>([])
@@ -104,7 +104,7 @@ private let application = ApplicationID(1)
             }
             var report = RecoveryReport()
             var recoveryError: String?
-            do { report = try await PoolRecovery(owner: x.owner, grant: grant, connection: connection, runtime: simulator).run() } catch {
+            do { report = try await PoolRecovery(access: access.interposing { _ in connection }, runtime: simulator).run() } catch {
                 recoveryError = "recovery of X failed: \(error)"
             }
             await cluster.quiesce()
@@ -159,9 +159,8 @@ private func naturalStaleIndexRun(seed: UInt64, liveSize: Int) -> [String] {
                     // compute node's" connection): a real round trip per doorbell. (The
                     // simulated loopback runs a batch in zero virtual time, which hides
                     // every window between two of recovery's doorbells.)
-                    let access = try cluster.memoryNodes[0].recoveryAccess(from: NodeID(900))
-                    let (grant, connection) = (access.grant, access.connection)
-                    _ = try await PoolRecovery(owner: x.owner, grant: grant, connection: connection, runtime: simulator).run()
+                    let access = try cluster.memoryNodes[0].recoveryAccess(for: EmbeddedCluster.owner(ofComputeNode: 0), from: NodeID(900))
+                    _ = try await PoolRecovery(access: access, runtime: simulator).run()
                 } catch { found.withLock { $0.append("fence or recovery: \(error)") } }
             }
             group.addTask {
@@ -218,15 +217,15 @@ private func naturalStaleIndexRun(seed: UInt64, liveSize: Int) -> [String] {
             _ = try await x.allocate(chunkCountLog2: 10, application: application)
             await cluster.quiesce()
             try await cluster.fence(computeNode: 0)
-            let access = try cluster.memoryNodes[0].recoveryAccess(from: NodeID(900))
-            let (grant, raw) = (access.grant, access.connection)
+            let access = try cluster.memoryNodes[0].recoveryAccess(for: EmbeddedCluster.owner(ofComputeNode: 0), from: NodeID(900))
+            let raw = access.connection
             let seen = Locked<[String]>([])
             // Before each doorbell of the recoverer, the inspector checks L5.
             let connection = PausingConnection(raw) { number, _ in
                 let problems = inspector.checkIntents()
                 if !problems.isEmpty { seen.withLock { $0.append("before doorbell \(number): \(problems)") } }
             }
-            _ = try await PoolRecovery(owner: x.owner, grant: grant, connection: connection, runtime: simulator).run()
+            _ = try await PoolRecovery(access: access.interposing { _ in connection }, runtime: simulator).run()
             return seen.withLock { $0 }
         }
         let problems = try #require(result, "seed \(seed): no answer").get()
@@ -285,12 +284,12 @@ private func naturalStaleIndexRun(seed: UInt64, liveSize: Int) -> [String] {
             try await cluster.fence(computeNode: 0)
             let memoryNode = cluster.memoryNodes[0]
             let recoverer = NodeID(900)
-            let access = try memoryNode.recoveryAccess(from: recoverer)
-            let (grant, raw) = (access.grant, access.connection)
+            let access = try memoryNode.recoveryAccess(for: EmbeddedCluster.owner(ofComputeNode: 0), from: recoverer)
+            let raw = access.connection
             // Verbs: slot READ, slot CAS, the pass's READ (intents, sections, spans,
             // records), the reclaim CAS on X's span; then it crashes.
             simulator.faults.crash(recoverer, afterVerbs: 7, late: .all)
-            _ = try? await PoolRecovery(owner: x.owner, grant: grant, connection: raw, runtime: simulator).run()
+            _ = try? await PoolRecovery(access: access.interposing { _ in raw }, runtime: simulator).run()
             let pendingAfterCrash = PoolInspector(cluster: cluster).span(on: NodeID(0), section: block.section, span: block.spanInSection)?.logPending ?? false
             // Fence the crashed recoverer with the NIC's control path.
             try memoryNode.revoke(access)
@@ -383,11 +382,11 @@ private func exploreRecovery(seed: UInt64, crashRecoverer: Bool, pauses: Bool, p
                 }
                 let memoryNode = cluster.memoryNodes[0]
                 let recovererID = NodeID(900)
-                guard let access = try? memoryNode.recoveryAccess(from: recovererID) else {
+                guard let access = try? memoryNode.recoveryAccess(for: EmbeddedCluster.owner(ofComputeNode: 0), from: recovererID) else {
                     note(["no recovery access"])
                     return
                 }
-                let (grant, raw) = (access.grant, access.connection)
+                let raw = access.connection
                 let pauseRandom = Locked(SeededRandom(seed: pauseSeed))
                 let connection = PausingConnection(raw) { _, _ in
                     guard pauses else { return }
@@ -395,9 +394,8 @@ private func exploreRecovery(seed: UInt64, crashRecoverer: Bool, pauses: Bool, p
                     if pause > 0 { await simulator.sleep(nanoseconds: pause) }
                 }
                 if crashRecoverer { simulator.faults.crash(recovererID, afterVerbs: crashAt, late: crashLate) }
-                let owner = EmbeddedCluster.owner(ofComputeNode: 0)
                 do {
-                    _ = try await PoolRecovery(owner: owner, grant: grant, connection: connection, runtime: simulator).run()
+                    _ = try await PoolRecovery(access: access.interposing { _ in connection }, runtime: simulator).run()
                 } catch {
                     if !crashRecoverer { note(["recovery: \(error)"]) }
                 }
@@ -407,9 +405,8 @@ private func exploreRecovery(seed: UInt64, crashRecoverer: Bool, pauses: Bool, p
                     do {
                         // The rerun goes over the fabric too (a fresh connection), so that its
                         // doorbells leave windows to the live nodes like the first run's.
-                        let rerunAccess = try memoryNode.recoveryAccess(from: NodeID(901))
-                        let (grant, rerun) = (rerunAccess.grant, rerunAccess.connection)
-                        _ = try await PoolRecovery(owner: owner, grant: grant, connection: rerun, runtime: simulator).run()
+                        let rerunAccess = try memoryNode.recoveryAccess(for: EmbeddedCluster.owner(ofComputeNode: 0), from: NodeID(901))
+                        _ = try await PoolRecovery(access: rerunAccess, runtime: simulator).run()
                     } catch { note(["recovery rerun: \(error)"]) }
                 }
             }

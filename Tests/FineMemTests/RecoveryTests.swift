@@ -123,11 +123,12 @@ private func metadataSnapshot(_ cluster: EmbeddedCluster) -> [UInt64] {
             for size in sizes { _ = try await dead.allocate(chunkCountLog2: size, application: application) }
             await cluster.quiesce()
             try await cluster.fence(computeNode: 0)
-            let link = cluster.computeNodes[1].links[0]
-            let report = try await PoolRecovery(owner: dead.owner, grant: link.grant, connection: link.connection, runtime: simulator).run()
+            let memoryNode = cluster.memoryNodes[0]
+            let access = try memoryNode.recoveryAccess(for: dead.owner, from: EmbeddedCluster.computeNodeID(1))
+            let report = try await PoolRecovery(access: access, runtime: simulator).run()
             #expect(report.blocksReclaimed == sizes.count, "seed \(seed): \(report)")
             #expect(report.blocksByLayer == [8, 6, 4], "seed \(seed): \(report)")
-            let again = try await PoolRecovery(owner: dead.owner, grant: link.grant, connection: link.connection, runtime: simulator).run()
+            let again = try await PoolRecovery(access: memoryNode.recoveryAccess(for: dead.owner, from: EmbeddedCluster.computeNodeID(1)), runtime: simulator).run()
             #expect(again.alreadyRecovered)
             let inspector = PoolInspector(cluster: cluster)
             #expect(inspector.checkAtRest() == [], "seed \(seed)")

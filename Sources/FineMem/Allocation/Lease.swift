@@ -69,10 +69,6 @@ extension BlockAllocator {
     /// Stops renewing (the loop ends at its next wake-up, or when the allocator is released).
     package func stopLeaseRenewal() { leaseRenewal.withLock { $0 = false } }
 
-    /// The grant and connection of each memory node: the metadata access a live node
-    /// lends to recovery (`PoolRecovery` runs through any connection with it).
-    package var metadataAccess: [(grant: MemoryNodeGrant, connection: any FabricConnection)] { links.map { ($0.grant, $0.connection) } }
-
     /// Whether this node found itself fenced (or cut off) on some memory node.
     package var isFenced: Bool { !fencedOn.withLock { $0.isEmpty } }
 

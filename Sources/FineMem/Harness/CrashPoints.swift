@@ -268,13 +268,13 @@ package struct CrashPointEnumeration: Sendable {
         let memoryNode = cluster.memoryNodes[0]
         if operation == .recovery {
             let access: RecoveryAccess
-            do { access = try memoryNode.recoveryAccess(from: Self.recovererID) } catch {
+            do { access = try memoryNode.recoveryAccess(for: owner, from: Self.recovererID) } catch {
                 note(["recovery access: \(error)"])
                 return
             }
             if let crashAfter { simulator.faults.crash(Self.recovererID, afterVerbs: crashAfter, late: late) }
             do {
-                let report = try await PoolRecovery(owner: owner, grant: access.grant, connection: access.connection, runtime: simulator).run()
+                let report = try await PoolRecovery(access: access, runtime: simulator).run()
                 outcome.withLock { $0.blocksReclaimed += report.blocksReclaimed }
             } catch {
                 if crashAfter == nil { note(["recovery failed: \(error)"]) }

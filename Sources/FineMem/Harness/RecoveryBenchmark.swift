@@ -144,10 +144,15 @@ package struct RecoveryBenchmark: Sendable {
             let report: RecoveryReport
             if simulator == nil {
                 // Immediate mode: time the NIC's part apart from recovery's own.
-                let access = try memoryNode.recoveryAccess(from: NodeID(991))
-                let timed = TimedConnection(access.connection)
-                report = try await PoolRecovery(owner: dead.owner, grant: access.grant, connection: timed, runtime: runtime).run()
-                result.withLock { $0.fabricNanos = timed.nanoseconds }
+                var timed: TimedConnection?
+                let access = try memoryNode.recoveryAccess(for: dead.owner, from: NodeID(991)).interposing { connection in
+                    let timing = TimedConnection(connection)
+                    timed = timing
+                    return timing
+                }
+                report = try await PoolRecovery(access: access, runtime: runtime).run()
+                try memoryNode.revoke(access)
+                result.withLock { $0.fabricNanos = timed?.nanoseconds ?? 0 }
             } else {
                 report = try await memoryNode.recover(computeNode: dead.owner, runtime: runtime)
             }
@@ -183,7 +188,8 @@ package struct RecoveryBenchmark: Sendable {
     /// Writes the dead node's holdings: headers, records, through a connection to the
     /// memory node's NIC, in doorbells of whole header arrays and record runs.
     private static func layDown(_ plan: [SectionKind], owner: OwnerID, memoryNode: MemoryNode) async throws {
-        let access = try memoryNode.recoveryAccess(from: NodeID(990))
+        let access = try memoryNode.recoveryAccess(for: owner, from: NodeID(990))
+        defer { try? memoryNode.revoke(access) }
         let (grant, connection) = (access.grant, access.connection)
         let log = TemporaryLog(offset: 0, sizeCode: 0, owner: owner, sequence: LogSequence(rawValue: 1))
         let fullSpan = SpanHeader(bitmap: ~0, mode: .open, contended: false, logPending: false, log: log).rawValue

@@ -41,8 +41,14 @@ package final class MemoryNode: Sendable {
     /// other (in virtual time, with the latency model's crossings), so that recovery
     /// interleaves with the live nodes' verbs as it does on hardware.
     private let recoveryConnection: any FabricConnection
-    private let recoveriesInFlight = Locked<Set<OwnerID>>([])
-    private let attachments = Locked<[OwnerID: (metadata: MemoryRegion, data: MemoryRegion)]>([:])
+    /// The recoverer of each compute node being recovered: at most one at a time per node
+    /// (`recover`, `recoveryAccess(for:from:)`).
+    private let recoverers = Locked<[OwnerID: Recoverer]>([:])
+    /// Every attachment ever granted to each compute node and not yet fenced: one per
+    /// attach, whether the node then took its slot or not (a restart that found the slot
+    /// still held by the old incarnation leaves both incarnations' regions here). A fence
+    /// breaks and deregisters all of them.
+    private let attachments = Locked<[OwnerID: [(metadata: MemoryRegion, data: MemoryRegion)]]>([:])
 
     package var id: NodeID { nic.node }
 
@@ -94,7 +100,7 @@ package final class MemoryNode: Sendable {
             try? nic.deregister(data)
             throw .nic(error)
         }
-        attachments.withLock { $0[owner] = (metadata, data) }
+        attachments.withLock { $0[owner, default: []].append((metadata, data)) }
         let grant = MemoryNodeGrant(memoryNode: id, geometry: geometry, baseAddress: nic.baseAddress, metadataKey: metadata.rkey, dataKey: data.rkey)
         return (grant, connection)
     }
@@ -104,28 +110,73 @@ package final class MemoryNode: Sendable {
         MemoryNodeGrant(memoryNode: id, geometry: geometry, baseAddress: nic.baseAddress, metadataKey: loopbackRegion.rkey, dataKey: loopbackRegion.rkey)
     }
 
-    /// Metadata access for a recoverer that runs elsewhere than on the memory node (a live
-    /// compute node lending its CPU, or a test's crashing recoverer): a protection domain,
-    /// metadata region and connection of its own, so that `revoke` stops that recoverer
-    /// (its queue pairs to the error state, its key deregistered) and nothing else.
-    package func recoveryAccess(from node: NodeID) throws(MemoryNodeError) -> RecoveryAccess {
-        do {
+    /// Metadata access for a recoverer of compute node `owner` that runs elsewhere than on
+    /// the memory node (a live compute node lending its CPU, or a test's crashing
+    /// recoverer): a protection domain, metadata region and connection of its own.
+    ///
+    /// This is the recoverer's lease, and there is one at a time per node: an earlier
+    /// recoverer of `owner` (another access, whether it finished, crashed or is only
+    /// stalled) is fenced before the new access is granted, its queue pairs moved to the
+    /// error state and its key deregistered, so that nothing it posted or posts reaches
+    /// the pool; a recovery on the memory node itself that is running refuses the new one
+    /// (`recoveryInProgress`). A recoverer that resumes after any stall decides nothing
+    /// from then on: its verbs fail.
+    package func recoveryAccess(for owner: OwnerID, from node: NodeID) throws(MemoryNodeError) -> RecoveryAccess {
+        guard Int(owner.rawValue) < geometry.computeNodeSlots else { throw .computeNodeSlotOutOfRange(owner) }
+        let access: RecoveryAccess
+        do throws(NICControlError) {
             let pd = try nic.allocateProtectionDomain()
             let region = try nic.registerRegion(pd: pd, address: nic.baseAddress, length: geometry.metadataBytes, access: .all)
-            let connection = try nic.openConnection(from: node, protectionDomain: pd)
+            let connection: any FabricConnection
+            do { connection = try nic.openConnection(from: node, protectionDomain: pd) } catch {
+                try? nic.deregister(region)
+                throw error
+            }
             let grant = MemoryNodeGrant(memoryNode: id, geometry: geometry, baseAddress: nic.baseAddress, metadataKey: region.rkey, dataKey: region.rkey)
-            return RecoveryAccess(grant: grant, connection: connection, region: region)
+            access = RecoveryAccess(owner: owner, grant: grant, connection: connection, region: region)
         } catch {
             throw .nic(error)
         }
+        let earlier = recoverers.withLock { recoverers -> Result<RecoveryAccess?, MemoryNodeError> in
+            switch recoverers[owner] {
+            case .local?: return .failure(.recoveryInProgress(owner))
+            case .remote(let earlier)?:
+                recoverers[owner] = .remote(access)
+                return .success(earlier)
+            case nil:
+                recoverers[owner] = .remote(access)
+                return .success(nil)
+            }
+        }
+        switch earlier {
+        case .failure(let error):
+            try? fenceRecoverer(access)
+            throw error
+        case .success(let earlier?):
+            try fenceRecoverer(earlier)
+        case .success(nil):
+            break
+        }
+        return access
     }
 
-    /// Fences a recoverer: nothing it posted or posts reaches the pool after this returns.
+    /// Ends recoverer `access` (its recovery finished or was given up): fences it as a new
+    /// recoverer would, and frees its place.
     package func revoke(_ access: RecoveryAccess) throws(MemoryNodeError) {
+        recoverers.withLock { recoverers in
+            if case .remote(let current)? = recoverers[access.owner], current.region == access.region { recoverers[access.owner] = nil }
+        }
+        try fenceRecoverer(access)
+    }
+
+    /// Moves a recoverer's queue pairs to the error state, then deregisters its key.
+    /// Fencing one twice does nothing more.
+    private func fenceRecoverer(_ access: RecoveryAccess) throws(MemoryNodeError) {
         do {
             try nic.breakConnections(of: access.region.protectionDomain)
             try nic.deregister(access.region)
         } catch {
+            if case .noSuchRegion = error { return }
             throw .nic(error)
         }
     }
@@ -141,14 +192,17 @@ package final class MemoryNode: Sendable {
     /// attached only makes sure its slot is not alive.
     package func fence(computeNode owner: OwnerID) async throws(MemoryNodeError) {
         guard Int(owner.rawValue) < geometry.computeNodeSlots else { throw .computeNodeSlotOutOfRange(owner) }
-        if let regions = attachments.withLock({ $0.removeValue(forKey: owner) }) {
-            do {
-                try nic.breakConnections(of: regions.metadata.protectionDomain)
+        // Every incarnation's queue pairs first (none of their verbs executes from now
+        // on), then their keys.
+        let granted = attachments.withLock { $0.removeValue(forKey: owner) ?? [] }
+        do {
+            for regions in granted { try nic.breakConnections(of: regions.metadata.protectionDomain) }
+            for regions in granted {
                 try nic.deregister(regions.metadata)
                 try nic.deregister(regions.data)
-            } catch {
-                throw .nic(error)
             }
+        } catch {
+            throw .nic(error)
         }
         let address = loopbackGrant.nodeSlotAddress(owner)
         let link = MemoryNodeLink.acting(for: owner, incarnation: 0, grant: loopbackGrant, connection: loopback)
@@ -186,13 +240,36 @@ package final class MemoryNode: Sendable {
     private static let slotAttemptsMax = 16
 
     /// Recovers fenced compute node `owner` through the memory node's own queue pair
-    /// (`PoolRecovery`): settles its logs, frees its blocks, frees its slot.
+    /// (`PoolRecovery`): settles its logs, frees its blocks, frees its slot. This takes the
+    /// node's recoverer lease: a remote recoverer of `owner` is fenced first (whatever it
+    /// was doing), and a second recovery of `owner` here is refused while one runs.
     package func recover(computeNode owner: OwnerID, runtime: any Runtime) async throws(MemoryNodeError) -> RecoveryReport {
-        // One recovery of a node at a time here: two would decide from each other's words.
-        guard recoveriesInFlight.withLock({ $0.insert(owner).inserted }) else { throw .recoveryInProgress(owner) }
-        defer { recoveriesInFlight.withLock { _ = $0.remove(owner) } }
+        guard Int(owner.rawValue) < geometry.computeNodeSlots else { throw .computeNodeSlotOutOfRange(owner) }
+        let earlier = recoverers.withLock { recoverers -> Result<RecoveryAccess?, MemoryNodeError> in
+            switch recoverers[owner] {
+            case .local?: return .failure(.recoveryInProgress(owner))
+            case .remote(let earlier)?:
+                recoverers[owner] = .local
+                return .success(earlier)
+            case nil:
+                recoverers[owner] = .local
+                return .success(nil)
+            }
+        }
+        let remote: RecoveryAccess?
+        switch earlier {
+        case .failure(let error): throw error
+        case .success(let access): remote = access
+        }
+        defer {
+            recoverers.withLock { recoverers in
+                if case .local? = recoverers[owner] { recoverers[owner] = nil }
+            }
+        }
+        if let remote { try fenceRecoverer(remote) }
+        let access = RecoveryAccess(owner: owner, grant: loopbackGrant, connection: recoveryConnection, region: loopbackRegion)
         do {
-            return try await PoolRecovery(owner: owner, grant: loopbackGrant, connection: recoveryConnection, runtime: runtime).run()
+            return try await PoolRecovery(access: access, runtime: runtime).run()
         } catch {
             throw .recovery(error)
         }
@@ -205,9 +282,26 @@ package final class MemoryNode: Sendable {
     }
 }
 
-/// A recoverer's access to a memory node's metadata (`MemoryNode.recoveryAccess`).
+/// A recoverer's access to a memory node's metadata for the recovery of one compute node
+/// (`MemoryNode.recoveryAccess(for:from:)`): the only way to run `PoolRecovery`.
 package struct RecoveryAccess: Sendable {
+    /// The compute node this access recovers.
+    package let owner: OwnerID
     package let grant: MemoryNodeGrant
     package let connection: any FabricConnection
     let region: MemoryRegion
+
+    /// The same access with its connection seen through `interpose` (a test's pausing or
+    /// crashing wrapper, a benchmark's timer); fencing the access still stops it.
+    package func interposing(_ interpose: (any FabricConnection) -> any FabricConnection) -> RecoveryAccess {
+        RecoveryAccess(owner: owner, grant: grant, connection: interpose(connection), region: region)
+    }
+}
+
+/// Who is recovering a compute node on a memory node.
+private enum Recoverer: Sendable {
+    /// The memory node itself (`MemoryNode.recover`).
+    case local
+    /// A recoverer elsewhere, through this access.
+    case remote(RecoveryAccess)
 }

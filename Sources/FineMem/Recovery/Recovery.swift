@@ -53,9 +53,10 @@ package struct RecoveryReport: Sendable, Hashable {
 /// Recovery of one fenced compute node on one memory node: settles every pending log it
 /// left, frees every block it owned (every layer, multi-section blocks, half-done claims
 /// and releases), finishes or undoes its span opens and closes, clears its intents, and
-/// frees its node-table slot. Everything goes through one connection with metadata access
-/// (the memory node's loopback, or any live compute node's) as one-sided verbs: the same
-/// code either way, never a CPU store.
+/// frees its node-table slot. Everything goes through the connection of a recoverer's
+/// access (`RecoveryAccess`: the memory node's own queue pair, or one the memory node
+/// granted a recoverer elsewhere) as one-sided verbs: the same code either way, never a
+/// CPU store.
 ///
 /// Recovery acts in the dead node's name, by its rules: a header that held the node's
 /// blocks is committed by one CAS that frees them all and leaves a pending log naming the
@@ -66,13 +67,21 @@ package struct RecoveryReport: Sendable, Hashable {
 /// nothing. Live nodes go on allocating: they wait only on the headers recovery holds
 /// pending, for the two doorbells between its commit and its clear.
 ///
+/// A CAS that loses is not tried again on the word it found: the transition was judged on
+/// the words this run read (the header, the records, the section entry), and the word the
+/// CAS found was not among them. The section is read again in the next pass.
+///
 /// Preconditions: the node is fenced (slot `dead`, or `recovering` from an earlier run):
 /// nothing it posted can execute any more. One recoverer at a time per node and memory
-/// node (the memory node's monitor serializes its own runs).
+/// node: the memory node grants the access, and granting a new one fences the earlier
+/// recoverer (`MemoryNode.recoveryAccess(for:from:)`), so that a recoverer that stalled
+/// and resumes changes nothing.
 ///
 /// ```swift
-/// try memoryNode.fence(computeNode: OwnerID(3))
-/// let report = try await PoolRecovery(owner: OwnerID(3), grant: grant, connection: connection, runtime: runtime).run()
+/// try await memoryNode.fence(computeNode: OwnerID(3))
+/// let access = try memoryNode.recoveryAccess(for: OwnerID(3), from: NodeID(1002))
+/// let report = try await PoolRecovery(access: access, runtime: runtime).run()
+/// try memoryNode.revoke(access)
 /// ```
 package final class PoolRecovery: Sendable {
     package let owner: OwnerID
@@ -89,10 +98,10 @@ package final class PoolRecovery: Sendable {
     /// The pause between passes that lost a CAS or waited on another node's pending log.
     private static let pauseNanos: ClosedRange<UInt64> = 1_000...1_000_000
 
-    package init(owner: OwnerID, grant: MemoryNodeGrant, connection: any FabricConnection, runtime: any Runtime, idlePassesMax: Int = 64) {
-        self.owner = owner
-        self.grant = grant
-        self.connection = connection
+    package init(access: RecoveryAccess, runtime: any Runtime, idlePassesMax: Int = 64) {
+        owner = access.owner
+        grant = access.grant
+        connection = access.connection
         self.runtime = runtime
         self.idlePassesMax = idlePassesMax
     }

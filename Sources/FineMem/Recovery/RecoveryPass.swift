@@ -146,7 +146,7 @@ struct RecoveryPass {
         if !spanSlots.isEmpty {
             let before = spanSlots.map { span($0.section, spanIndex($0)) }
             let outcomes: [UpdateOutcome<SpanHeader>] = try await link.updateEachInDoorbells(
-                spanSlots, UpdatePolicy(attemptsMax: 2), known: spanSlots.map { pool[$0] }, trace: &trace
+                spanSlots, UpdatePolicy(attemptsMax: 1), known: spanSlots.map { pool[$0] }, trace: &trace
             ) { slot, header in header.reclaiming(runsBySlot[slot] ?? [], of: owner) }
             for (index, (slot, outcome)) in zip(spanSlots, outcomes).enumerated() {
                 store(outcome, at: slot)
@@ -160,7 +160,7 @@ struct RecoveryPass {
         }
         if !sectionSlots.isEmpty {
             let outcomes: [UpdateOutcome<SectionHeader>] = try await link.updateEachInDoorbells(
-                sectionSlots, UpdatePolicy(attemptsMax: 2), known: sectionSlots.map { pool[$0] }, trace: &trace
+                sectionSlots, UpdatePolicy(attemptsMax: 1), known: sectionSlots.map { pool[$0] }, trace: &trace
             ) { slot, header in header.reclaiming(sectionRunBySlot[slot], inMultiSectionBlock: multi.contains(slot), of: owner) }
             for (slot, outcome) in zip(sectionSlots, outcomes) {
                 store(outcome, at: slot)
@@ -269,7 +269,7 @@ struct RecoveryPass {
         let sequences = Dictionary(uniqueKeysWithValues: (spanClears + sectionClears).map { ($0, logSequence(of: $0)) })
         if !spanClears.isEmpty {
             let outcomes: [UpdateOutcome<SpanHeader>] = try await link.updateEachInDoorbells(
-                spanClears, UpdatePolicy(attemptsMax: 4), known: spanClears.map { pool[$0] }, trace: &trace
+                spanClears, UpdatePolicy(attemptsMax: 1), known: spanClears.map { pool[$0] }, trace: &trace
             ) { slot, header in header.isPending(by: owner, sequence: sequences[slot]!) ? header.flushed() : nil }
             for (slot, outcome) in zip(spanClears, outcomes) {
                 store(outcome, at: slot)
@@ -278,7 +278,7 @@ struct RecoveryPass {
         }
         if !sectionClears.isEmpty {
             let outcomes: [UpdateOutcome<SectionHeader>] = try await link.updateEachInDoorbells(
-                sectionClears, UpdatePolicy(attemptsMax: 4), known: sectionClears.map { pool[$0] }, trace: &trace
+                sectionClears, UpdatePolicy(attemptsMax: 1), known: sectionClears.map { pool[$0] }, trace: &trace
             ) { slot, header in header.isPending(by: owner, sequence: sequences[slot]!) ? header.flushed() : nil }
             for (slot, outcome) in zip(sectionClears, outcomes) {
                 store(outcome, at: slot)
@@ -320,7 +320,7 @@ struct RecoveryPass {
         if !entries.isEmpty {
             let slots = entries.keys.sorted { $0.section < $1.section }
             let outcomes: [UpdateOutcome<SectionHeader>] = try await link.updateEachInDoorbells(
-                slots, UpdatePolicy(attemptsMax: 4), known: slots.map { pool[$0] }, trace: &trace
+                slots, UpdatePolicy(attemptsMax: 1), known: slots.map { pool[$0] }, trace: &trace
             ) { slot, header in
                 var changed = header
                 for spanIndex in entries[slot]! { changed = changed.closingSpan(spanIndex) ?? changed }
@@ -335,7 +335,7 @@ struct RecoveryPass {
         }
         if !closable.isEmpty {
             let outcomes: [UpdateOutcome<SpanHeader>] = try await link.updateEachInDoorbells(
-                closable, UpdatePolicy(attemptsMax: 4), known: closable.map { pool[$0] }, trace: &trace
+                closable, UpdatePolicy(attemptsMax: 1), known: closable.map { pool[$0] }, trace: &trace
             ) { _, header in
                 switch header.mode {
                 case .opening: header.abandoningOpening(owner: owner)
