@@ -27,7 +27,8 @@ import Atomics
 /// 4. Every decision that changes remote state rests on a CAS whose expected value is the
 ///    word it was made on; a decision not to change it rests on a fresh READ.
 /// 5. Contention never ends an allocation while room may exist (only `waitCountMax`
-///    pauses do); no room is answered after a fresh read of the headers.
+///    pauses do); no room is answered only on two equal full reads made during the call
+///    whose words have no room for the request (DESIGN.md invariant 7).
 ///
 /// ```swift
 /// let allocator = try await BlockAllocator.start(
@@ -318,17 +319,24 @@ package final class BlockAllocator: Sendable {
     // MARK: Searching and waiting
 
     /// The state of one allocation's search on one memory node. Room and contention end a
-    /// search differently: no room is answered after a fresh read of the headers shows
-    /// none (`noRoomInCache`); contention (commits lost to other nodes, choices the cache
-    /// made stale) never ends it while room may exist: after `operationAttemptsMax` spent
-    /// choices it pauses and reads afresh (`beginRound`), and only `waitCountMax` pauses in
-    /// all make it answer `retryLimitExceeded`.
+    /// search differently: no room is answered only when two full reads made during the
+    /// call, one after the other, read the same words and those words have no room for
+    /// the request (`noRoomInCache`); contention (commits lost to other nodes, choices the
+    /// cache made stale) never ends it while room may exist: after `operationAttemptsMax`
+    /// spent choices it pauses and reads afresh (`beginRound`), and only `waitCountMax`
+    /// pauses in all make it answer `retryLimitExceeded`.
     struct Search {
-        /// Whether this search looked through the room summary, and read every header.
+        /// The size asked for, as log2 of chunks.
+        let chunkCountLog2: Int
+        /// Whether this search looked through the room summary.
         var lookedInSummary = false
-        var refreshed = false
+        /// The last full read this search made or shared (begun after the call began).
+        var lastRead: FullRead?
         var backoff: Backoff
-        init(_ configuration: AllocatorConfiguration) { backoff = Backoff(configuration) }
+        init(_ configuration: AllocatorConfiguration, chunkCountLog2: Int) {
+            self.chunkCountLog2 = chunkCountLog2
+            backoff = Backoff(configuration)
+        }
     }
 
     /// Starts a round of the search: after `operationAttemptsMax` spent choices, pause and
@@ -337,23 +345,30 @@ package final class BlockAllocator: Sendable {
         guard trace.attempts >= configuration.operationAttemptsMax else { return }
         trace.attempts = 0
         try await search.backoff.pause(runtime)
-        try await refresh(link, trace: &trace)
-        search.refreshed = true
+        search.lastRead = try await refresh(link, trace: &trace)
     }
 
     /// The cache shows no room: look through the room summary for sections with room the
     /// cache does not know of (a few KiB), and when it shows none, read every header
-    /// (answers false: search again); when this search already did both, conclude there
-    /// is none (answers true), unless a multi-section claim in flight holds sections. The
-    /// summary is a hint: "no room" rests on the full read.
+    /// (answers false: search again). After a full read, answers true (no room) only when
+    /// another full read, posted after it, reads the same words (the pool was in that
+    /// state at an instant between the two, during the call) and those words hold no room
+    /// for the request (`FullRead.hasRoom`); otherwise the search goes on from the newer
+    /// read, counting an attempt: room may have appeared, or moved, since the first (a
+    /// lost race right after a full read shows no room in the cache, and a full read is
+    /// four READs, not one instant). A multi-section claim in flight that holds sections
+    /// may yet roll back: the search waits for it (with backoff) instead.
     func noRoomInCache(_ search: inout Search, on link: MemoryNodeLink, trace: inout OperationTrace) async throws(AllocationError) -> Bool {
-        if search.refreshed {
-            // Sections held whole by a multi-section claim in flight are not "no room": the
-            // claim may lose a race on another section and roll back. Wait (with backoff,
-            // bounded by `waitCountMax`) for it to settle, read again, and search again.
-            guard link.holdsRunClaimInFlight else { return true }
-            try await search.backoff.pause(runtime)
-            try await refresh(link, trace: &trace)
+        if let previous = search.lastRead {
+            if link.holdsRunClaimInFlight {
+                try await search.backoff.pause(runtime)
+                search.lastRead = try await refresh(link, trace: &trace)
+                return false
+            }
+            let current = try await refresh(link, trace: &trace)
+            search.lastRead = current
+            if current == previous, !current.hasRoom(chunkCountLog2: search.chunkCountLog2) { return true }
+            trace.attempts += 1
             return false
         }
         if !search.lookedInSummary {
@@ -364,8 +379,7 @@ package final class BlockAllocator: Sendable {
             } catch { throw .fabric(error) }
             if found > 0 { return false }
         }
-        search.refreshed = true
-        try await refresh(link, trace: &trace)
+        search.lastRead = try await refresh(link, trace: &trace)
         return false
     }
 
@@ -374,11 +388,12 @@ package final class BlockAllocator: Sendable {
     static let summaryWordsMax = 4
     static let summarySectionsMax = 8
 
-    /// Reads every header of `link` into its cache (shared with other tasks' reads in
-    /// flight).
-    func refresh(_ link: MemoryNodeLink, trace: inout OperationTrace) async throws(AllocationError) {
+    /// Reads every header of `link` into its cache (or shares another task's read begun
+    /// after this call), and answers the words read.
+    @discardableResult
+    func refresh(_ link: MemoryNodeLink, trace: inout OperationTrace) async throws(AllocationError) -> FullRead {
         do {
-            try await link.refresh(trace: &trace, runtime: runtime, pauseNanos: configuration.backoffNanosMin...configuration.backoffNanosMax)
+            return try await link.refresh(trace: &trace, runtime: runtime, pauseNanos: configuration.backoffNanosMin...configuration.backoffNanosMax)
         } catch { throw .fabric(error) }
     }
 

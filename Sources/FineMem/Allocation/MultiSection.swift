@@ -29,7 +29,7 @@ extension BlockAllocator {
         let intentSlot = try await takeIntentSlot()
         var intentSlotHandedOver = false
         defer { if !intentSlotHandedOver { freeIntentSlots.withLock { $0.append(intentSlot) } } }
-        var search = Search(configuration)
+        var search = Search(configuration, chunkCountLog2: chunkCountLog2)
         // The room summary tells where a chunk may be found, not where whole sections are
         // empty: a run of sections goes straight to the full refresh.
         search.lookedInSummary = true

@@ -82,7 +82,7 @@ extension BlockAllocator {
         in layer: Header.Type, chunkCountLog2: Int, application: ApplicationID, on link: MemoryNodeLink, trace: inout OperationTrace
     ) async throws(AllocationError) -> Block? {
         let countLog2 = chunkCountLog2 - Header.unitChunkCountLog2
-        var search = Search(configuration)
+        var search = Search(configuration, chunkCountLog2: chunkCountLog2)
         var failures = LostCASCounts()
         let home = Int(application.rawValue) % link.cache.count
         var readsAtHome = 0

@@ -35,8 +35,9 @@ final class MemoryNodeLink: Sendable {
     private let callbacks = OwnerCallbacks()
     /// The ticket of the next batch: answers of later batches are newer (`HeaderCache`).
     private let nextTicket = ManagedAtomic<UInt64>(0)
-    /// Whether a full refresh is in flight, and how many have finished.
-    private let refreshFlight = Locked<(inFlight: Bool, finished: UInt64)>((false, 0))
+    /// The full refreshes of this link: one in flight at a time, shared by the tasks that
+    /// ask for one while it is (`refresh`).
+    private let refreshFlight = Locked(RefreshFlight())
 
     private init(
         index: Int, grant: MemoryNodeGrant, connection: any FabricConnection, owner: OwnerID, incarnation: UInt16,
@@ -151,27 +152,74 @@ final class MemoryNodeLink: Sendable {
     /// The READ of one header word.
     func read(_ slot: HeaderSlot) -> Verb { .readWords(grant.address(of: slot), count: 1, rkey: metadataKey) }
 
-    /// Reads every section and span header into the cache (one doorbell), or, when another
-    /// task of this compute node is already doing so, waits for that refresh and uses its
-    /// answer: one full read per memory node at a time, however many tasks run out of
-    /// room together (no refresh storm near a full pool). The wait is bounded by the
-    /// refresh it waits for, which completes or fails.
-    func refresh(trace: inout OperationTrace, runtime: any Runtime, pauseNanos: ClosedRange<UInt64>) async throws(FabricError) {
-        let (leads, finished) = refreshFlight.withLock { flight -> (Bool, UInt64) in
-            if flight.inFlight { return (false, flight.finished) }
-            flight.inFlight = true
-            return (true, flight.finished)
-        }
-        guard leads else {
-            trace.refreshesShared += 1
-            var delay = pauseNanos.lowerBound
-            while refreshFlight.withLock({ $0.inFlight && $0.finished == finished }) {
-                await runtime.sleep(nanoseconds: delay)
-                delay = min(delay * 2, pauseNanos.upperBound)
+    /// Reads every section and span header into the cache (one doorbell) and answers the
+    /// words read; or, when another task of this compute node started such a read after
+    /// this call began, waits for it and answers its words: one full read per memory node
+    /// at a time, however many tasks run out of room together (no refresh storm near a
+    /// full pool).
+    ///
+    /// Whatever it answers was read after this call began: a read already in flight when
+    /// the call began may have executed before the caller's operation did, and an answer
+    /// that the pool is full must not rest on it. So a task that finds such a read in
+    /// flight waits for it to end, then leads a read of its own or joins one started since.
+    /// A shared read that failed is not an answer either: the task reads itself. The waits
+    /// are bounded by the reads they wait for (each completes or fails), the attempts by
+    /// `refreshAttemptsMax`.
+    @discardableResult
+    func refresh(trace: inout OperationTrace, runtime: any Runtime, pauseNanos: ClosedRange<UInt64>) async throws(FabricError) -> FullRead {
+        let arrival = refreshFlight.withLock { $0.started }
+        var lastFailure: FabricError?
+        for _ in 0..<Self.refreshAttemptsMax {
+            let step = refreshFlight.withLock { flight -> RefreshFlight.Step in
+                if let generation = flight.inFlight {
+                    return generation > arrival ? .join(generation) : .outlast(generation)
+                }
+                flight.started += 1
+                flight.inFlight = flight.started
+                return .lead(flight.started)
             }
-            return
+            switch step {
+            case .lead(let generation):
+                return try await leadRefresh(generation, trace: &trace)
+            case .outlast(let generation), .join(let generation):
+                var delay = pauseNanos.lowerBound
+                while refreshFlight.withLock({ $0.finished < generation }) {
+                    await runtime.sleep(nanoseconds: delay)
+                    delay = min(delay * 2, pauseNanos.upperBound)
+                }
+                guard case .join = step else { continue }
+                // Generations finish in order, one at a time: the last one finished began
+                // no earlier than the one joined, so after this call began too.
+                switch refreshFlight.withLock({ $0.outcome }) {
+                case .success(let read)?:
+                    trace.refreshesShared += 1
+                    return read
+                case .failure(let error)?:
+                    lastFailure = error
+                case nil:
+                    preconditionFailure("a finished refresh left no outcome")
+                }
+            }
         }
-        defer { refreshFlight.withLock { $0 = (false, $0.finished + 1) } }
+        throw lastFailure ?? .connectionBroken(memoryNode)
+    }
+
+    /// Most steps of one `refresh`: outlast a read begun before the call, then join reads
+    /// that fail, before the last failure is answered. Each step waits for one read.
+    static let refreshAttemptsMax = 4
+
+    /// The full read of refresh `generation`, stored in the cache and kept as the flight's
+    /// outcome for the tasks that joined it.
+    private func leadRefresh(_ generation: UInt64, trace: inout OperationTrace) async throws(FabricError) -> FullRead {
+        var outcome: Result<FullRead, FabricError> = .failure(.connectionBroken(memoryNode))
+        defer {
+            refreshFlight.withLock { flight in
+                precondition(flight.inFlight == generation, "refresh \(generation) ended while \(String(describing: flight.inFlight)) was in flight")
+                flight.inFlight = nil
+                flight.finished = generation
+                flight.outcome = outcome
+            }
+        }
         trace.refreshes += 1
         let sectionCount = geometry.sectionCount
         let verbs: [Verb] = [
@@ -180,14 +228,21 @@ final class MemoryNodeLink: Sendable {
             .readWords(grant.roomSummaryAddress(word: 0), count: RoomSummary.wordCount(sections: sectionCount), rkey: metadataKey),
             .readWords(grant.roomSummaryTopAddress(word: 0), count: RoomSummary.topWordCount(sections: sectionCount), rkey: metadataKey),
         ]
-        let (results, ticket) = try await postTicketed(verbs, trace: &trace)
+        let (results, ticket): ([VerbResult], UInt64)
+        do {
+            (results, ticket) = try await postTicketed(verbs, trace: &trace)
+        } catch {
+            outcome = .failure(error)
+            throw error
+        }
         trace.refreshBytes += verbs.reduce(0) { $0 + UInt64($1.payloadBytes) }
-        let sections = results[0].words
-        let spans = results[1].words
-        cache.forEachShard { $0.storeAll(sections: sections, spans: spans, ticket: ticket) }
-        if let stale = RoomSummary.staleSections(sections: sections, words: results[2].words, topWords: results[3].words) {
+        let read = FullRead(sections: results[0].words, spans: results[1].words)
+        cache.forEachShard { $0.storeAll(sections: read.sections, spans: read.spans, ticket: ticket) }
+        if let stale = RoomSummary.staleSections(sections: read.sections, words: results[2].words, topWords: results[3].words) {
             roomChanged(stale)
         }
+        outcome = .success(read)
+        return read
     }
 
     /// Sets what happens to sections whose room (`SectionHeader.hasRoom`) a CAS of this
@@ -247,6 +302,35 @@ final class MemoryNodeLink: Sendable {
     /// (`HeaderCache.holdsRunClaimInFlight`).
     var holdsRunClaimInFlight: Bool {
         (0..<cache.count).contains { index in cache.withShard(index) { $0.holdsRunClaimInFlight } }
+    }
+}
+
+/// Every section and span header word of a memory node, as one full refresh read them
+/// (`MemoryNodeLink.refresh`). Two reads with equal words, the second posted after the
+/// first completed, show a state the pool was in at an instant between them (a header
+/// word that changed and came back would carry another log sequence).
+struct FullRead: Sendable, Equatable {
+    let sections: [UInt64]
+    let spans: [UInt64]
+}
+
+/// The full refreshes of a link: generations numbered from 1, one in flight at a time.
+private struct RefreshFlight: Sendable {
+    /// Generations started, and the one in flight.
+    var started: UInt64 = 0
+    var inFlight: UInt64?
+    /// The last generation finished, and its outcome.
+    var finished: UInt64 = 0
+    var outcome: Result<FullRead, FabricError>?
+
+    /// What a task asking for a refresh does next.
+    enum Step {
+        /// Read: no refresh is in flight.
+        case lead(UInt64)
+        /// Wait for this refresh, begun before the task asked, to end; then look again.
+        case outlast(UInt64)
+        /// Wait for this refresh, begun after the task asked, and take its words.
+        case join(UInt64)
     }
 }
 

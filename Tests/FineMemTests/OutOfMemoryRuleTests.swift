@@ -1,0 +1,240 @@
+import Testing
+@testable import FineMem
+
+// DESIGN.md invariant 7: out of memory is answered only when the pool had no room for the
+// request at some instant during the call, as a read made during the call shows (issue
+// "Soundness at the edges", defects 3 and 4). Each test is one interleaving written out in
+// virtual time with a fixed seed, printed in every expectation.
+
+/// A compute node's connection whose batches go through `hook` before they are posted
+/// (answer true to fail the batch with `connectionBroken` instead) and `after` once they
+/// executed, before their answers return: the node's CPU slow between two doorbells, or
+/// an answer still on its way back.
+private final class GatedConnection: FabricConnection, @unchecked Sendable {
+    let inner: any FabricConnection
+    let before: @Sendable ([Verb]) async -> Bool
+    let after: @Sendable ([Verb]) async -> Void
+
+    init(_ inner: any FabricConnection, before: @escaping @Sendable ([Verb]) async -> Bool = { _ in false },
+         after: @escaping @Sendable ([Verb]) async -> Void = { _ in }) {
+        self.inner = inner
+        self.before = before
+        self.after = after
+    }
+
+    var remoteNode: NodeID { inner.remoteNode }
+
+    func post(_ verbs: [Verb]) async throws(FabricError) -> [VerbResult] {
+        if await before(verbs) { throw .connectionBroken(inner.remoteNode) }
+        let results = try await inner.post(verbs)
+        await after(verbs)
+        return results
+    }
+}
+
+/// Compute node A of the tests: owner 9, attached to `cluster`'s memory node through
+/// `gate`, started after the cluster's own nodes (its cache holds the section words of
+/// that moment).
+private func startNodeA(
+    _ cluster: EmbeddedCluster, simulator: Simulator, gate: (any FabricConnection) -> any FabricConnection
+) async throws -> BlockAllocator {
+    let memoryNode = cluster.memoryNodes[0]
+    let owner = OwnerID(9)
+    let (grant, connection) = try memoryNode.attach(computeNode: owner, from: NodeID(1900))
+    return try await BlockAllocator.start(owner: owner, memoryNodes: [(grant, gate(connection))], runtime: simulator)
+}
+
+/// Whether `verbs` are a full refresh (they start with the READ of every section header).
+private func isFullRead(_ verbs: [Verb], grant: MemoryNodeGrant) -> Bool {
+    guard case .read = verbs.first, verbs.count == 4 else { return false }
+    return verbs[0].address == grant.address(of: .section(0)) && verbs[0].payloadBytes == grant.geometry.sectionCount * 8
+}
+
+private func casOn(_ address: RemoteAddress, in verbs: [Verb]) -> Bool {
+    verbs.contains { verb in
+        if case .compareAndSwap = verb { verb.address == address } else { false }
+    }
+}
+
+@Suite struct OutOfMemoryRuleTests {
+    /// Regression test for defect 3. A's first task (asking for the whole pool) leads a
+    /// full refresh whose READs execute (no 4 MiB run free) and whose answer is still on its way back; B frees its
+    /// 4 MiB run and quiesces; A's second task starts, finds the refresh in flight and,
+    /// before, joined it and answered out of memory although the run was free for its
+    /// whole call. With `leaderFails`, the leader's refresh fails instead, and the joiner
+    /// returned as if it had read. Now a refresh begun before the call is outlasted, not
+    /// used, and a failed one is no answer: the second task reads itself and gets the run.
+    @Test(arguments: [false, true])
+    func aRefreshBegunBeforeTheCallIsNotItsAnswer(leaderFails: Bool) throws {
+        let seed: UInt64 = 191
+        let result = simulateBounded(seed: seed) { simulator -> [String] in
+            let cluster = try await EmbeddedCluster.start(.init(poolBytesPerNode: 8 << 20, computeNodes: 1), simulator: simulator)
+            let b = cluster.computeNodes[0]
+            let grant = cluster.memoryNodes[0].loopbackGrant
+            let armed = Locked(false)
+            let gateOpen = Locked(false)
+            // The first full read after `armed` is held: failed once the gate opens (the
+            // leader fails), or executed and its answer held until then.
+            @Sendable func holds(_ verbs: [Verb]) -> Bool {
+                isFullRead(verbs, grant: grant) && armed.withLock { armed in defer { armed = false }; return armed }
+            }
+            @Sendable func waitForGate() async {
+                while !gateOpen.withLock({ $0 }) { await simulator.sleep(nanoseconds: 1_000) }
+            }
+            let a = try await startNodeA(cluster, simulator: simulator) { connection in
+                GatedConnection(connection, before: { verbs in
+                    guard leaderFails, holds(verbs) else { return false }
+                    await waitForGate()
+                    return true
+                }, after: { verbs in
+                    guard !leaderFails, holds(verbs) else { return }
+                    await waitForGate()
+                })
+            }
+            let inspector = PoolInspector(cluster: cluster)
+            let runs = [try await a.allocate(chunkCountLog2: 10, application: ApplicationID(1)),
+                        try await b.allocate(chunkCountLog2: 10, application: ApplicationID(1))]
+            for (run, node) in zip(runs, [a, b]) { _ = inspector.admit(run, owner: node.owner) }
+            await cluster.quiesce()
+            await a.quiesce()
+            armed.withLock { $0 = true }
+            let first = Locked<String?>(nil)
+            simulator.spawn {
+                // 8 MiB, the whole pool: never there while A holds a run.
+                do { _ = try await a.allocate(chunkCountLog2: 11, application: ApplicationID(1)) } catch { first.withLock { $0 = "\(error)" } }
+            }
+            guard await waitUntil(simulator, { !armed.withLock { $0 } }) else { return ["set-up: the first task never read"] }
+            try await b.free(runs[1], application: ApplicationID(1))
+            _ = inspector.release(runs[1])
+            await b.quiesce()
+            let second = Locked<Result<Block, AllocationError>?>(nil)
+            simulator.spawn {
+                do throws(AllocationError) {
+                    let block = try await a.allocate(chunkCountLog2: 10, application: ApplicationID(2))
+                    second.withLock { $0 = .success(block) }
+                } catch {
+                    second.withLock { $0 = .failure(error) }
+                }
+            }
+            await simulator.sleep(nanoseconds: 200_000)
+            gateOpen.withLock { $0 = true }
+            guard await waitUntil(simulator, { second.withLock { $0 != nil } }) else {
+                return ["the second task never answered"]
+            }
+            await a.quiesce()
+            switch second.withLock({ $0 })! {
+            case .success(let block): return inspector.admit(block, owner: a.owner)
+            case .failure(let error):
+                return ["the second task answered \(error) although a 4 MiB run was free for its whole call (the first answered \(first.withLock { $0 } ?? "a block"))"]
+            }
+        }
+        #expect(problems(of: result) == [], "seed \(seed), leader fails: \(leaderFails)")
+    }
+
+    /// Regression test for defect 4, on the 4 KiB path and for a run of sections. A
+    /// makes its full read (one free place P), and stalls before its claim; meanwhile B
+    /// frees another place Q and then takes P: room existed at every instant. A's claim
+    /// loses; before, the cache then showed no room and A answered out of memory at once
+    /// because it had made its full read. Now no room rests on two equal full reads: the
+    /// second differs, and A takes Q.
+    @Test(arguments: [0, 10])
+    func aLostRaceAfterTheFullReadIsNotOutOfMemory(chunkCountLog2: Int) throws {
+        let seed: UInt64 = 192
+        let result = simulateBounded(seed: seed) { simulator -> [String] in
+            let poolBytes: UInt64 = chunkCountLog2 == 0 ? 2 << 20 : 8 << 20
+            let cluster = try await EmbeddedCluster.start(.init(poolBytesPerNode: poolBytes, computeNodes: 1), simulator: simulator)
+            let b = cluster.computeNodes[0]
+            let grant = cluster.memoryNodes[0].loopbackGrant
+            let inspector = PoolInspector(cluster: cluster)
+            let application = ApplicationID(1)
+            let armed = Locked(false)
+            let fullReads = Locked(0)
+            let target = Locked<RemoteAddress?>(nil)
+            let bMoves = Locked<(() async -> [String])?>(nil)
+            let found = Locked<[String]>([])
+            let a = try await startNodeA(cluster, simulator: simulator) { connection in
+                GatedConnection(connection, before: { verbs in
+                    guard armed.withLock({ $0 }) else { return false }
+                    if isFullRead(verbs, grant: grant) { fullReads.withLock { $0 += 1 } }
+                    guard fullReads.withLock({ $0 }) > 0, let address = target.withLock({ $0 }), casOn(address, in: verbs),
+                          let moves = bMoves.withLock({ moves in defer { moves = nil }; return moves }) else { return false }
+                    let problems = await moves()
+                    found.withLock { $0 += problems }
+                    return false
+                })
+            }
+            // Fill the pool with B's blocks of the size asked for, then free P.
+            var held: [Block] = []
+            while let block = try? await b.allocate(chunkCountLog2: chunkCountLog2, application: application) { held.append(block) }
+            for block in held { _ = inspector.admit(block, owner: b.owner) }
+            guard held.count >= 2 else { return ["set-up: B holds \(held.count) blocks"] }
+            // A learns that the pool is full (its cache then holds a full read's words).
+            if let block = try? await a.allocate(chunkCountLog2: chunkCountLog2, application: application) { return ["set-up: A got \(block) from a full pool"] }
+            // P: the 8th block (chunk 7), or the top run (runs are taken from the top).
+            let p = chunkCountLog2 == 0 ? held.first { $0.firstChunk == 7 }! : held.max { $0.firstChunk < $1.firstChunk }!
+            let q = chunkCountLog2 == 0 ? held.first { $0.firstChunk == 163 }! : held.min { $0.firstChunk < $1.firstChunk }!
+            try await b.free(p, application: application)
+            _ = inspector.release(p)
+            await b.quiesce()
+            target.withLock { $0 = grant.address(of: HeaderSlot(committing: p)) }
+            armed.withLock { $0 = true }
+            let bTook = Locked<Block?>(nil)
+            bMoves.withLock {
+                $0 = {
+                    do throws(AllocationError) {
+                        try await b.free(q, application: application)
+                        await b.quiesce()
+                        let taken = try await b.allocate(chunkCountLog2: chunkCountLog2, application: application)
+                        await b.quiesce()
+                        bTook.withLock { $0 = taken }
+                        return taken == p ? [] : ["set-up: B took \(taken), not P \(p)"]
+                    } catch {
+                        return ["B: \(error)"]
+                    }
+                }
+            }
+            var problems: [String] = []
+            do {
+                let block = try await a.allocate(chunkCountLog2: chunkCountLog2, application: application)
+                _ = inspector.release(q)
+                if let taken = bTook.withLock({ $0 }) { problems += inspector.admit(taken, owner: b.owner) }
+                problems += inspector.admit(block, owner: a.owner)
+                if block != q { problems.append("A got \(block), not Q \(q)") }
+            } catch {
+                problems.append("A answered \(error) although P or Q was free at every instant of its call")
+            }
+            if bTook.withLock({ $0 }) == nil { problems.append("set-up: A's claim on P never came after its full read") }
+            return found.withLock { $0 } + problems
+        }
+        #expect(problems(of: result) == [], "seed \(seed), 2^\(chunkCountLog2) chunks")
+    }
+
+    /// Out of memory on a pool that is full rests on two equal full reads, each with no
+    /// room for the request: A answers `outOfMemory`, having made two full reads.
+    @Test func aFullPoolIsOutOfMemoryAfterTwoEqualReads() throws {
+        let seed: UInt64 = 193
+        let result = simulateBounded(seed: seed) { simulator -> [String] in
+            let cluster = try await EmbeddedCluster.start(.init(poolBytesPerNode: 2 << 20, computeNodes: 1), simulator: simulator)
+            let b = cluster.computeNodes[0]
+            let grant = cluster.memoryNodes[0].loopbackGrant
+            let fullReads = Locked(0)
+            let a = try await startNodeA(cluster, simulator: simulator) { connection in
+                GatedConnection(connection, before: { verbs in
+                    if isFullRead(verbs, grant: grant) { fullReads.withLock { $0 += 1 } }
+                    return false
+                })
+            }
+            _ = try await b.allocate(chunkCountLog2: 9, application: ApplicationID(1))
+            await b.quiesce()
+            do throws(AllocationError) {
+                let block = try await a.allocate(chunkCountLog2: 0, application: ApplicationID(1))
+                return ["A got \(block) from a full pool"]
+            } catch {
+                guard case .outOfMemory = error else { return ["A answered \(error)"] }
+            }
+            let reads = fullReads.withLock { $0 }
+            return reads == 2 ? [] : ["A answered out of memory after \(reads) full reads"]
+        }
+        #expect(problems(of: result) == [], "seed \(seed)")
+    }
+}
