@@ -237,4 +237,119 @@ private func casOn(_ address: RemoteAddress, in verbs: [Verb]) -> Bool {
         }
         #expect(problems(of: result) == [], "seed \(seed)")
     }
+
+    /// `MemoryNodeLink.refresh` answers only words read after its call began. Task 1's
+    /// full read executes (4 MiB run R held by B) and its answer is held back; B frees R;
+    /// task 2 asks for a refresh while task 1's is in flight. It must not take task 1's
+    /// words: it outlasts that read and reads itself, and sees R free.
+    @Test func aSharedRefreshIsOneBegunAfterTheCall() throws {
+        let seed: UInt64 = 194
+        let result = simulateBounded(seed: seed) { simulator -> [String] in
+            let cluster = try await EmbeddedCluster.start(.init(poolBytesPerNode: 8 << 20, computeNodes: 1), simulator: simulator)
+            let b = cluster.computeNodes[0]
+            let grant = cluster.memoryNodes[0].loopbackGrant
+            let armed = Locked(false)
+            let gateOpen = Locked(false)
+            let a = try await startNodeA(cluster, simulator: simulator) { connection in
+                GatedConnection(connection, after: { verbs in
+                    guard isFullRead(verbs, grant: grant), armed.withLock({ armed in defer { armed = false }; return armed }) else { return }
+                    while !gateOpen.withLock({ $0 }) { await simulator.sleep(nanoseconds: 1_000) }
+                })
+            }
+            _ = try await a.allocate(chunkCountLog2: 10, application: ApplicationID(1))
+            let run = try await b.allocate(chunkCountLog2: 10, application: ApplicationID(1))
+            await cluster.quiesce()
+            await a.quiesce()
+            let link = a.links[0]
+            armed.withLock { $0 = true }
+            let reads = Locked<[Int: Result<FullRead, FabricError>]>([:])
+            @Sendable func refresh(_ task: Int) async {
+                var trace = OperationTrace()
+                do throws(FabricError) {
+                    let read = try await link.refresh(trace: &trace, runtime: simulator, pauseNanos: 500...128_000)
+                    reads.withLock { $0[task] = .success(read) }
+                } catch {
+                    reads.withLock { $0[task] = .failure(error) }
+                }
+            }
+            simulator.spawn { await refresh(1) }
+            guard await waitUntil(simulator, { !armed.withLock { $0 } }) else { return ["set-up: task 1 never read"] }
+            try await b.free(run, application: ApplicationID(1))
+            await b.quiesce()
+            simulator.spawn { await refresh(2) }
+            await simulator.sleep(nanoseconds: 100_000)
+            gateOpen.withLock { $0 = true }
+            guard await waitUntil(simulator, { reads.withLock { $0.count == 2 } }) else { return ["the refreshes never answered"] }
+            var found: [String] = []
+            if case .success(let first)? = reads.withLock({ $0[1] }), first.hasRoom(chunkCountLog2: 10) { found.append("set-up: task 1 read after the free") }
+            switch reads.withLock({ $0[2] })! {
+            case .success(let second):
+                if !second.hasRoom(chunkCountLog2: 10) { found.append("task 2 answered words read before its call: no 4 MiB run, although B freed one before it asked") }
+            case .failure(let error): found.append("task 2: \(error)")
+            }
+            return found
+        }
+        #expect(problems(of: result) == [], "seed \(seed)")
+    }
+
+    /// A shared refresh that failed is no answer. Task 1's full read is held; tasks 2
+    /// and 3 ask meanwhile and outlast it; the first of them to look again leads the next
+    /// read, which fails after a while, and the other joins it in the meantime. The leader
+    /// answers the failure; the joiner must read itself and answer real words.
+    @Test func aFailedSharedRefreshIsNoAnswer() throws {
+        let seed: UInt64 = 195
+        let result = simulateBounded(seed: seed) { simulator -> [String] in
+            let cluster = try await EmbeddedCluster.start(.init(poolBytesPerNode: 8 << 20, computeNodes: 1), simulator: simulator)
+            let grant = cluster.memoryNodes[0].loopbackGrant
+            let fullReads = Locked(0)
+            let gateOpen = Locked(false)
+            let a = try await startNodeA(cluster, simulator: simulator) { connection in
+                GatedConnection(connection, before: { verbs in
+                    guard isFullRead(verbs, grant: grant) else { return false }
+                    let number = fullReads.withLock { reads -> Int in
+                        reads += 1
+                        return reads
+                    }
+                    guard number == 2 else { return false }
+                    await simulator.sleep(nanoseconds: 2_000_000)
+                    return true
+                }, after: { verbs in
+                    guard isFullRead(verbs, grant: grant), fullReads.withLock({ $0 }) == 1 else { return }
+                    while !gateOpen.withLock({ $0 }) { await simulator.sleep(nanoseconds: 1_000) }
+                })
+            }
+            let link = a.links[0]
+            let reads = Locked<[Int: Result<FullRead, FabricError>]>([:])
+            @Sendable func refresh(_ task: Int) async {
+                var trace = OperationTrace()
+                do throws(FabricError) {
+                    let read = try await link.refresh(trace: &trace, runtime: simulator, pauseNanos: 500...128_000)
+                    reads.withLock { $0[task] = .success(read) }
+                } catch {
+                    reads.withLock { $0[task] = .failure(error) }
+                }
+            }
+            simulator.spawn { await refresh(1) }
+            guard await waitUntil(simulator, { fullReads.withLock { $0 } == 1 }) else { return ["set-up: task 1 never read"] }
+            simulator.spawn { await refresh(2) }
+            simulator.spawn { await refresh(3) }
+            await simulator.sleep(nanoseconds: 10_000)
+            gateOpen.withLock { $0 = true }
+            guard await waitUntil(simulator, { reads.withLock { $0.count == 3 } }) else { return ["the refreshes never answered"] }
+            let answers = reads.withLock { $0 }
+            let failed = [2, 3].filter { if case .failure = answers[$0]! { true } else { false } }
+            guard failed.count == 1, let joiner = [2, 3].first(where: { !failed.contains($0) }) else {
+                return ["set-up: \(failed.count) of tasks 2 and 3 failed, not the leader of the failing read alone: \(answers)"]
+            }
+            guard case .success(let read) = answers[joiner]! else { return [] }
+            var found: [String] = []
+            if read.sections.count != grant.geometry.sectionCount || read.spans.count != grant.geometry.spanCount {
+                found.append("the joiner of a failed refresh answered \(read.sections.count) section words")
+            }
+            let reread = fullReads.withLock { $0 }
+            if reread != 3 { found.append("the joiner of a failed refresh did not read itself (\(reread) full reads)") }
+            return found
+        }
+        #expect(problems(of: result) == [], "seed \(seed)")
+    }
 }
