@@ -302,4 +302,49 @@ private func isFullRead(_ verbs: [Verb], grant: MemoryNodeGrant) -> Bool {
         }
         #expect(problems(of: result) == [], "seed \(seed)")
     }
+
+    /// Finding 5 (minor: a wrong kind of answer, slow). `noRoomInCache` never answers no
+    /// room while the cache shows any section held whole under a pending multi-section
+    /// claim (`holdsRunClaimInFlight`), of any owner: it pauses and reads again. A node
+    /// that died (or stalls) between its multi-section claim and the flush of it leaves
+    /// such sections until its lease lapses and it is recovered (seconds). Meanwhile every
+    /// allocation on that memory node that finds no room waits out all `waitCountMax`
+    /// pauses (about 1.3 s of backoff) and answers `retryLimitExceeded`, although two
+    /// equal full reads show no room and the dead node's claim will never roll back.
+    ///
+    /// Interleaving (two 2 MiB sections):
+    /// 1. X claims both sections for 4 MiB (one doorbell: intent, two CASes, record READ)
+    ///    and crashes before its flush: both sections whole, X's multi-section log pending.
+    /// 2. A asks for 4 KiB: no room anywhere, yet A answers `retryLimitExceeded` after
+    ///    10,000 pauses instead of `outOfMemory`.
+    ///
+    /// Suggested fix: wait only on a claim that may still roll back: one of this node's
+    /// own in flight, or another node's whose sections' words changed between the two
+    /// full reads; a run claim whose words stayed equal over two reads is as held as any
+    /// block, and the answer is no room.
+    @Test func aDeadNodesRunClaimIsNotRetryLimitExceeded() throws {
+        let seed: UInt64 = 805
+        let result = simulateBounded(seed: seed, deadlineNanos: 60_000_000_000) { simulator -> [String] in
+            let cluster = try await EmbeddedCluster.start(.init(poolBytesPerNode: 4 << 20, computeNodes: 2), simulator: simulator)
+            let (x, a) = (cluster.computeNodes[0], cluster.computeNodes[1])
+            let inspector = PoolInspector(cluster: cluster)
+            let xNode = EmbeddedCluster.computeNodeID(0)
+            simulator.faults.crash(xNode, afterVerbs: simulator.verbsExecuted(by: xNode) + 4, late: .none)
+            simulator.spawn { _ = try? await x.allocate(chunkCountLog2: 10, application: application) }
+            guard await waitUntil(simulator, { simulator.faults.isCrashed(xNode) }) else { return ["set-up: X did not crash"] }
+            let sections = (0..<2).map { inspector.section(on: cluster.memoryNodes[0].id, $0) }
+            guard sections.allSatisfy({ $0?.isAllWhole == true && $0?.logPending == true && $0?.log.owner == x.owner }) else {
+                return ["set-up: X did not die between its claim and its flush: \(sections)"]
+            }
+            let start = simulator.nowNanoseconds
+            do throws(AllocationError) {
+                let block = try await a.allocate(chunkCountLog2: 0, application: application)
+                return ["A got \(block) from a pool held whole by X's claim"]
+            } catch {
+                if case .outOfMemory = error { return [] }
+                return ["A answered \(error) after \((simulator.nowNanoseconds - start) / 1_000_000) ms, not outOfMemory, from a pool that two equal reads show full"]
+            }
+        }
+        #expect(problems(of: result) == [], "seed \(seed)")
+    }
 }
