@@ -207,4 +207,40 @@ private func casOn(_ address: RemoteAddress, in verbs: [Verb]) -> Bool {
         }
         #expect(problems(of: result) == [], "seed \(seed)")
     }
+
+    /// The lease monitor decides to fence from a table read; the fence applies to the
+    /// incarnation that missed its renewals. Here X's first incarnation is fenced,
+    /// recovered and restarted (incarnation 2) after the decision: fencing "the expired
+    /// incarnation 1" leaves incarnation 2, which never missed a renewal, alone; fencing
+    /// incarnation 2 fences it.
+    @Test func aFenceDecidedForOneIncarnationSparesTheNext() throws {
+        let seed: UInt64 = 185
+        let result = simulateBounded(seed: seed) { simulator -> [String] in
+            let cluster = try await EmbeddedCluster.start(.init(poolBytesPerNode: 2 << 20, computeNodes: 1), simulator: simulator)
+            let memoryNode = cluster.memoryNodes[0]
+            let owner = cluster.computeNodes[0].owner
+            let inspector = PoolInspector(cluster: cluster)
+            guard let first = inspector.nodeSlot(on: memoryNode.id, owner: owner)?.incarnation else { return ["no slot"] }
+            try await cluster.fence(computeNode: 0)
+            _ = try await cluster.recover(computeNode: 0)
+            let reborn = try await cluster.restart(computeNode: 0)
+            var found: [String] = []
+            if try await memoryNode.fenceExpired(computeNode: owner, incarnation: first) {
+                found.append("the fence of incarnation \(first) fenced its successor")
+            }
+            do throws(AllocationError) {
+                let block = try await reborn.allocate(chunkCountLog2: 0, application: application)
+                try await reborn.free(block, application: application)
+            } catch {
+                found.append("the new incarnation cannot allocate: \(error)")
+            }
+            await cluster.quiesce()
+            if try await !memoryNode.fenceExpired(computeNode: owner, incarnation: first &+ 1) {
+                found.append("the fence of the live incarnation did nothing")
+            }
+            if inspector.nodeSlot(on: memoryNode.id, owner: owner)?.state != .dead { found.append("the slot is not dead after the fence") }
+            return found
+        }
+        #expect(problems(of: result) == [], "seed \(seed)")
+    }
 }

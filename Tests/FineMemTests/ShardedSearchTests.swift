@@ -148,7 +148,8 @@ import Testing
             var trace = OperationTrace()
             try await link.readHeaders((0..<8).map { HeaderSlot.section($0) }, trace: &trace)
             trace = OperationTrace()
-            let block = try await a.allocate(in: SpanHeader.self, chunkCountLog2: 0, application: ApplicationID(2), on: link, trace: &trace)
+            var noRoomRead: FullRead?
+            let block = try await a.allocate(in: SpanHeader.self, chunkCountLog2: 0, application: ApplicationID(2), on: link, noRoomRead: &noRoomRead, trace: &trace)
             return (trace.batches, block, problems)
         }
         switch result {

@@ -163,10 +163,17 @@ package final class BlockAllocator: Sendable {
 
     /// Allocates a block of `2^chunkCountLog2` chunks for `application`, on the first
     /// memory node that has room, from the one the placement policy names first.
+    ///
+    /// Out of memory is answered when no reachable memory node had room at one instant
+    /// of the call: each node's search ends on two equal full reads without room; with
+    /// several nodes, one more read of each must equal what its search ended on (room
+    /// may have moved from a node not yet asked to one already asked). When it does not,
+    /// the nodes are asked again, at most `noRoomRoundsMax` times in all.
     package func allocate(chunkCountLog2: Int, application: ApplicationID) async throws(AllocationError) -> Block {
         guard chunkCountLog2 >= 0 else { throw .zeroSize }
-        let outOfReach = fencedCount.load(ordering: .acquiring) == 0 ? [] : fencedOn.withLock { $0 }
-        guard outOfReach.count < links.count else { throw .fenced(memoryNode: outOfReach.min()!) }
+        let fencedThere = fencedCount.load(ordering: .acquiring) == 0 ? [] : fencedOn.withLock { $0 }
+        func reachable(_ link: MemoryNodeLink) -> Bool { !fencedThere.contains(link.memoryNode) && !link.isBroken }
+        guard links.contains(where: reachable) else { throw .fenced(memoryNode: links.map(\.memoryNode).min()!) }
         let chunkBytes = PoolGeometry.chunkBytes
         guard chunkCountLog2 <= chunkCountLog2Max else {
             recordStatistics(application) { $0.recordFailedAllocation(OperationTrace()) }
@@ -179,36 +186,34 @@ package final class BlockAllocator: Sendable {
         var unreachable: FabricError?
         do throws(AllocationError) {
             let first = placement.firstNode(memoryNodeCount: links.count, chunkCountLog2: chunkCountLog2, sequence: turn)
-            for offset in 0..<links.count {
-                let link = links[(first + offset) % links.count]
-                guard !outOfReach.contains(link.memoryNode) else { continue }
-                let block: Block?
-                do throws(AllocationError) {
-                    block = switch Block.layer(chunkCountLog2: chunkCountLog2) {
-                    case .chunk: try await allocate(in: SpanHeader.self, chunkCountLog2: chunkCountLog2, application: application, on: link, trace: &trace)
-                    case .section: try await allocate(in: SectionHeader.self, chunkCountLog2: chunkCountLog2, application: application, on: link, trace: &trace)
-                    case .multiSection: try await allocateSections(chunkCountLog2: chunkCountLog2, application: application, on: link, trace: &trace)
+            for round in 1...Self.noRoomRoundsMax {
+                var noRoom: [(link: MemoryNodeLink, read: FullRead?)] = []
+                for offset in 0..<links.count {
+                    let link = links[(first + offset) % links.count]
+                    guard reachable(link) else { continue }
+                    var read: FullRead?
+                    let block: Block?
+                    do throws(AllocationError) {
+                        block = try await allocate(chunkCountLog2: chunkCountLog2, application: application, on: link, noRoomRead: &read, trace: &trace)
+                    } catch {
+                        // A broken connection stays broken: that memory node is out of reach
+                        // (fenced, or dead) for this incarnation; the others may have room.
+                        guard case .fabric(let fabricError) = error else { throw error }
+                        markUnusable(link)
+                        unreachable = unreachable ?? fabricError
+                        continue
                     }
-                } catch {
-                    // A broken connection stays broken: that memory node is out of reach
-                    // (fenced, or dead) for this incarnation; the others may have room.
-                    guard case .fabric(let fabricError) = error else { throw error }
-                    markUnusable(link)
-                    unreachable = unreachable ?? fabricError
-                    continue
-                }
-                link.checkInvariants()
-                if let block {
-                    precondition(block.chunkCountLog2 == chunkCountLog2 && block.fits(link.geometry), "allocated \(block) for 2^\(chunkCountLog2) chunks")
-                    let start = BlockStart(block, on: link, links: links.count).key
-                    let previous = withOwnedBlocks(start) { owned in
-                        defer { owned[start] = Holding(chunkCountLog2: chunkCountLog2, application: application) }
-                        return owned[start]
+                    link.checkInvariants()
+                    guard let block else {
+                        noRoom.append((link, read))
+                        continue
                     }
-                    precondition(previous == nil, "\(block) handed out twice by \(owner)")
+                    handOut(block, chunkCountLog2: chunkCountLog2, application: application, on: link)
                     recordStatistics(application) { $0.recordAllocation(trace) }
                     return block
                 }
+                if try await noRoomStands(noRoom, unreachable: &unreachable, trace: &trace) { break }
+                guard round < Self.noRoomRoundsMax else { throw .retryLimitExceeded(attempts: round) }
             }
         } catch {
             recordStatistics(application) { $0.recordFailedAllocation(trace) }
@@ -217,6 +222,59 @@ package final class BlockAllocator: Sendable {
         recordStatistics(application) { $0.recordFailedAllocation(trace) }
         if let unreachable { throw .fabric(unreachable) }
         throw .outOfMemory(requestedBytes: chunkBytes << UInt64(chunkCountLog2))
+    }
+
+    /// Rounds over the memory nodes before a search that keeps finding room moved
+    /// elsewhere answers `retryLimitExceeded`.
+    static let noRoomRoundsMax = 8
+
+    /// Allocates on one memory node, in the layer of the size; nil when it has no room,
+    /// with `noRoomRead` the full read its answer rests on (nil when the node cannot hold
+    /// the size at all).
+    private func allocate(
+        chunkCountLog2: Int, application: ApplicationID, on link: MemoryNodeLink, noRoomRead: inout FullRead?, trace: inout OperationTrace
+    ) async throws(AllocationError) -> Block? {
+        switch Block.layer(chunkCountLog2: chunkCountLog2) {
+        case .chunk:
+            try await allocate(in: SpanHeader.self, chunkCountLog2: chunkCountLog2, application: application, on: link, noRoomRead: &noRoomRead, trace: &trace)
+        case .section:
+            try await allocate(in: SectionHeader.self, chunkCountLog2: chunkCountLog2, application: application, on: link, noRoomRead: &noRoomRead, trace: &trace)
+        case .multiSection:
+            try await allocateSections(chunkCountLog2: chunkCountLog2, application: application, on: link, noRoomRead: &noRoomRead, trace: &trace)
+        }
+    }
+
+    /// Whether the memory nodes' answers of no room hold together: with one node, its two
+    /// equal reads are the instant; with several, a further read of each node must equal
+    /// the one its search ended on, so that all held at once, between the last search and
+    /// the first of these reads. A node whose read fails is out of reach from then on.
+    private func noRoomStands(
+        _ answers: [(link: MemoryNodeLink, read: FullRead?)], unreachable: inout FabricError?, trace: inout OperationTrace
+    ) async throws(AllocationError) -> Bool {
+        guard answers.count > 1 else { return true }
+        for (link, read) in answers {
+            guard let read else { continue }
+            do throws(AllocationError) {
+                guard try await refresh(link, trace: &trace) == read else { return false }
+            } catch {
+                guard case .fabric(let fabricError) = error else { throw error }
+                markUnusable(link)
+                unreachable = unreachable ?? fabricError
+            }
+        }
+        return true
+    }
+
+    /// Records `block` as handed out to `application`, after checking that it is what was
+    /// asked and that this node did not hand it out already.
+    private func handOut(_ block: Block, chunkCountLog2: Int, application: ApplicationID, on link: MemoryNodeLink) {
+        precondition(block.chunkCountLog2 == chunkCountLog2 && block.fits(link.geometry), "allocated \(block) for 2^\(chunkCountLog2) chunks")
+        let start = BlockStart(block, on: link, links: links.count).key
+        let previous = withOwnedBlocks(start) { owned in
+            defer { owned[start] = Holding(chunkCountLog2: chunkCountLog2, application: application) }
+            return owned[start]
+        }
+        precondition(previous == nil, "\(block) handed out twice by \(owner)")
     }
 
     // MARK: Free
@@ -354,21 +412,24 @@ package final class BlockAllocator: Sendable {
     /// another full read, posted after it, reads the same words (the pool was in that
     /// state at an instant between the two, during the call) and those words hold no room
     /// for the request (`FullRead.hasRoom`); otherwise the search goes on from the newer
-    /// read, counting an attempt: room may have appeared, or moved, since the first (a
+    /// read. When the reads differ, room may have appeared or moved since the first (a
     /// lost race right after a full read shows no room in the cache, and a full read is
-    /// four READs, not one instant). A multi-section claim in flight that holds sections
-    /// may yet roll back: the search waits for it (with backoff) instead.
+    /// four READs, not one instant): that counts an attempt. When they are equal and
+    /// hold room the search cannot take yet (in the middle of another node's operation:
+    /// a span being closed, a free's log pending), the search pauses first (`backoff`,
+    /// bounded by `waitCountMax`). A section held whole by a multi-section claim still in
+    /// flight is held at that instant, like any block: if the claim rolls back between
+    /// the two reads, they differ.
     func noRoomInCache(_ search: inout Search, on link: MemoryNodeLink, trace: inout OperationTrace) async throws(AllocationError) -> Bool {
         if let previous = search.lastRead {
-            if link.holdsRunClaimInFlight {
-                try await search.backoff.pause(runtime)
-                search.lastRead = try await refresh(link, trace: &trace)
-                return false
-            }
             let current = try await refresh(link, trace: &trace)
             search.lastRead = current
-            if current == previous, !current.hasRoom(chunkCountLog2: search.chunkCountLog2) { return true }
-            trace.attempts += 1
+            guard current == previous else {
+                trace.attempts += 1
+                return false
+            }
+            if !current.hasRoom(chunkCountLog2: search.chunkCountLog2) { return true }
+            try await search.backoff.pause(runtime)
             return false
         }
         if !search.lookedInSummary {

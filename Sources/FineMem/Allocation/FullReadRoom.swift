@@ -7,9 +7,11 @@ extension FullRead {
     /// - 1-16 chunks: an empty span entry in a section (a span to open), or a chunk-mode
     ///   entry over a span with a free aligned run, or over a span being opened or closed
     ///   (its chunks are free);
-    /// - 1-16 spans: an aligned run of empty entries in one section header;
-    /// - whole sections: an aligned run of wholly empty sections (a section held whole by
-    ///   a multi-section claim still in flight is held at that instant).
+    /// - 1-16 spans: an aligned run of free entries in one section header, where an entry
+    ///   is free when it is empty or in chunk mode over a span with no chunk in use (one
+    ///   being closed, or opened: no block holds it);
+    /// - whole sections: an aligned run of sections whose entries are all free (a section
+    ///   held whole by a multi-section claim still in flight is held at that instant).
     func hasRoom(chunkCountLog2: Int) -> Bool {
         precondition(chunkCountLog2 >= 0 && spans.count == sections.count * PoolGeometry.spansPerSection, "a full read of \(sections.count) sections")
         switch Block.layer(chunkCountLog2: chunkCountLog2) {
@@ -28,13 +30,30 @@ extension FullRead {
             return false
         case .section:
             let spanCountLog2 = chunkCountLog2 - SectionHeader.unitChunkCountLog2
-            return sections.contains { SectionHeader(rawValue: $0)?.settled.firstFreeRun(countLog2: spanCountLog2) != nil }
+            return sections.indices.contains { hasFreeRun(ofSpans: spanCountLog2, in: $0) }
         case .multiSection:
             let count = 1 << (chunkCountLog2 - Block.sectionLayerCountLog2Max)
             guard count <= sections.count else { return false }
+            let wholeSection = PoolGeometry.spansPerSection.trailingZeroBitCount
             return stride(from: 0, through: sections.count - count, by: count).contains { first in
-                sections[first..<first + count].allSatisfy { SectionHeader(rawValue: $0)?.settled.isAllEmpty == true }
+                (first..<first + count).allSatisfy { hasFreeRun(ofSpans: wholeSection, in: $0) }
             }
         }
+    }
+
+    /// Whether section `index` has an aligned run of `2^spanCountLog2` free entries (see
+    /// `hasRoom`).
+    private func hasFreeRun(ofSpans spanCountLog2: Int, in index: Int) -> Bool {
+        guard let section = SectionHeader(rawValue: sections[index])?.settled else { return false }
+        var free = 0
+        for spanIndex in 0..<PoolGeometry.spansPerSection {
+            let state = section.state(ofSpan: spanIndex)
+            let isFree = state == .empty
+                || state.isChunkMode && SpanHeader(rawValue: spans[index * PoolGeometry.spansPerSection + spanIndex])?.settled.bitmap == 0
+            if isFree { free |= 1 << spanIndex }
+        }
+        let runLength = 1 << spanCountLog2
+        let runMask = (1 << runLength) - 1
+        return stride(from: 0, to: PoolGeometry.spansPerSection, by: runLength).contains { free >> $0 & runMask == runMask }
     }
 }

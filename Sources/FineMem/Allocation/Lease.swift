@@ -72,9 +72,10 @@ extension BlockAllocator {
     /// Whether this node found itself fenced (or cut off) on some memory node.
     package var isFenced: Bool { !fencedOn.withLock { $0.isEmpty } }
 
-    /// Whether `link`'s memory node is still in reach for this incarnation.
+    /// Whether `link`'s memory node is still in reach for this incarnation: no renewal
+    /// found the node fenced there, and no batch of the link failed.
     func isUsable(_ link: MemoryNodeLink) -> Bool {
-        fencedCount.load(ordering: .acquiring) == 0 || !fencedOn.withLock { $0.contains(link.memoryNode) }
+        !link.isBroken && (fencedCount.load(ordering: .acquiring) == 0 || !fencedOn.withLock { $0.contains(link.memoryNode) })
     }
 
     func markUnusable(_ link: MemoryNodeLink) {

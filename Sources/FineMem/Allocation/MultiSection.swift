@@ -19,9 +19,10 @@ extension BlockAllocator {
     }
 
     /// Allocates `2^chunkCountLog2` chunks (more than one section) as an aligned run of
-    /// whole sections; nil when the node has no such run.
+    /// whole sections; nil when the node has no such run, with `noRoomRead` the full read
+    /// that says so (nil when the pool is smaller than the run).
     func allocateSections(
-        chunkCountLog2: Int, application: ApplicationID, on link: MemoryNodeLink, trace: inout OperationTrace
+        chunkCountLog2: Int, application: ApplicationID, on link: MemoryNodeLink, noRoomRead: inout FullRead?, trace: inout OperationTrace
     ) async throws(AllocationError) -> Block? {
         let sectionCountLog2 = chunkCountLog2 - Block.sectionLayerCountLog2Max
         let sectionCount = 1 << sectionCountLog2
@@ -42,7 +43,10 @@ extension BlockAllocator {
                 return chooseRun(count: sectionCount, cache: &cache)
             }) {
             case nil:
-                if try await noRoomInCache(&search, on: link, trace: &trace) { return nil }
+                if try await noRoomInCache(&search, on: link, trace: &trace) {
+                    noRoomRead = search.lastRead
+                    return nil
+                }
                 continue
             case .wait:
                 try await search.backoff.pause(runtime)

@@ -76,10 +76,11 @@ extension MemoryNodeLink {
 
 extension BlockAllocator {
     /// Allocates `2^chunkCountLog2` chunks on `link` in `layer`; nil when the node has no
-    /// room. Each choice of the search gets one commit CAS; a lost one refreshes the cache
+    /// room, with `noRoomRead` the full read that says so. Each choice of the search gets one commit CAS; a lost one refreshes the cache
     /// from its answer and the search chooses again (see `Search` for the bounds).
     func allocate<Header: SearchedHeader>(
-        in layer: Header.Type, chunkCountLog2: Int, application: ApplicationID, on link: MemoryNodeLink, trace: inout OperationTrace
+        in layer: Header.Type, chunkCountLog2: Int, application: ApplicationID, on link: MemoryNodeLink, noRoomRead: inout FullRead?,
+        trace: inout OperationTrace
     ) async throws(AllocationError) -> Block? {
         let countLog2 = chunkCountLog2 - Header.unitChunkCountLog2
         var search = Search(configuration, chunkCountLog2: chunkCountLog2)
@@ -92,7 +93,10 @@ extension BlockAllocator {
             if case .readSpans(let section) = choice, link.cache.shard(of: section) == home { readsAtHome += 1 }
             switch choice {
             case nil:
-                if try await noRoomInCache(&search, on: link, trace: &trace) { return nil }
+                if try await noRoomInCache(&search, on: link, trace: &trace) {
+                    noRoomRead = search.lastRead
+                    return nil
+                }
             case .wait:
                 try await search.backoff.pause(runtime)
             case .recheck(let slots):

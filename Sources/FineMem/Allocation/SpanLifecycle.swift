@@ -110,18 +110,33 @@ extension BlockAllocator {
     }
 
     /// The last two steps of returning an emptied span: its section entry back to empty,
-    /// then the span header from `closing` to `closed`.
+    /// then the span header from `closing` to `closed`. A live node never abandons a
+    /// close, as it never abandons a flush: until the entry is back, the span is `closing`
+    /// in this node's name and nobody else may finish it (L6), so a return that lost
+    /// `spanStateAttemptsMax` CASes (a hot section) goes on in rounds with backoff between
+    /// them; its bound is the node's life (once fenced, its verbs fail). Nobody but this
+    /// node changes a `closing` span's word, so its last CAS loses only to a stale word,
+    /// read again.
     private func finishClosing(section: Int, span: Int, closing: SpanHeader, on link: MemoryNodeLink, trace: inout OperationTrace) async {
-        do {
-            try await returnSpanToSection(section: section, span: span, on: link, trace: &trace)
-        } catch {
-            trace.upkeepErrors += 1
-            return
+        var delay = configuration.backoffNanosMin
+        while true {
+            do {
+                try await returnSpanToSection(section: section, span: span, on: link, trace: &trace)
+                break
+            } catch .retryLimitExceeded {
+                trace.flushRounds += 1
+                await runtime.sleep(nanoseconds: delay)
+                delay = min(delay * 2, configuration.backoffNanosMax)
+            } catch {
+                trace.upkeepErrors += 1
+                return
+            }
         }
         let slot = HeaderSlot.span(section: section, span: span)
+        let owner = owner
         let outcome: UpdateOutcome<SpanHeader>? = try? await link.update(
-            .header(slot, known: closing.rawValue), UpdatePolicy(attemptsMax: 1), trace: &trace
-        ) { $0.closed() }
+            .header(slot, known: closing.rawValue), UpdatePolicy(attemptsMax: configuration.spanStateAttemptsMax, rereadOnRefusal: true), trace: &trace
+        ) { $0.log.owner == owner ? $0.closed() : nil }
         if case .updated? = outcome { trace.spansClosed += 1 } else { trace.upkeepErrors += 1 }
     }
 }

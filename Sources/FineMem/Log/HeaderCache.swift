@@ -231,16 +231,6 @@ struct HeaderCache: Sendable {
         debugOnly { checkInvariants() }
     }
 
-    /// Whether a cached section is held whole under a pending multi-section claim: a claim
-    /// in flight, which may yet lose a race on another of its sections and roll back,
-    /// giving this one back. (A scan of every section: for the "no room" answer only.)
-    var holdsRunClaimInFlight: Bool {
-        sections.contains { word in
-            guard let header = SectionHeader(rawValue: word), header.logPending else { return false }
-            return header.log.sizeCode == SectionHeader.multiSectionSizeCode && header.logDescribesAllocation
-        }
-    }
-
     /// The settled header at `slot`, or nil when the cached word does not decode.
     func settled<Header: LoggedHeader>(_ type: Header.Type, _ slot: HeaderSlot) -> Header? {
         Header(rawValue: self[slot])?.settled

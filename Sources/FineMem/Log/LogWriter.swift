@@ -68,13 +68,20 @@ extension MemoryNodeLink {
     /// between rounds of `attemptsMax`: a live node never abandons a flush (its bound is
     /// the node's life: once fenced, its verbs fail). A cached word that does not show the
     /// log is read once. Answers the header written, or nil (no job, the connection failed,
-    /// or the log is not there: recovery owns it).
+    /// or the log is not there: recovery owns it). A flush whose connection failed keeps
+    /// the log in the table (the link is broken: the log is the node's until recovery
+    /// settles it, never dropped).
     func flush<Header: LoggedHeader>(
         _ type: Header.Type, _ slot: HeaderSlot, attemptsMax: Int, backoffNanos: ClosedRange<UInt64>, runtime: any Runtime,
         trace: inout OperationTrace, then transform: (Header) -> Header = { $0 }
     ) async -> Header? {
         guard let log = cache.withShard(of: slot, { $0.pending.take(slot) }) else { return nil }
-        defer { cache.withShard(of: slot) { $0.pending.remove(slot, serial: log.serial) } }
+        var failed = false
+        defer {
+            cache.withShard(of: slot) { cache in
+                if failed { cache.pending.release(slot, serial: log.serial) } else { cache.pending.remove(slot, serial: log.serial) }
+            }
+        }
         var handling = LogHandling.flush(log)
         var delay = backoffNanos.lowerBound
         while true {
@@ -87,6 +94,7 @@ extension MemoryNodeLink {
                     return transform(flushed)
                 }
             } catch {
+                failed = true
                 return nil
             }
             switch outcome {
@@ -148,7 +156,10 @@ extension MemoryNodeLink {
                     header.isPending(by: owner, sequence: sequences[slot]!) ? header.flushed() : nil
                 }
             } catch {
-                break
+                // The link is broken: the logs stay the node's (in the table) and the intent
+                // stays, for recovery.
+                for ((slot, _), serial) in zip(headers, serials) { cache.withShard(of: slot) { $0.pending.release(slot, serial: serial) } }
+                return
             }
             remaining = zip(remaining, outcomes).compactMap { slot, outcome in
                 if case .lost = outcome { slot } else { nil }

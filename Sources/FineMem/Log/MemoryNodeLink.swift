@@ -38,6 +38,11 @@ final class MemoryNodeLink: Sendable {
     /// The full refreshes of this link: one in flight at a time, shared by the tasks that
     /// ask for one while it is (`refresh`).
     private let refreshFlight = Locked(RefreshFlight())
+    /// Whether a batch of this link failed on any lane: its queue pair is in the error
+    /// state (RC), and the memory node is out of reach for this incarnation (fenced,
+    /// dead, or the link broke; reconnecting is not done yet). The owner stops using the
+    /// link, its lease there lapses, and recovery settles the logs it left pending.
+    private let brokenFlag = ManagedAtomic<Bool>(false)
 
     private init(
         index: Int, grant: MemoryNodeGrant, connection: any FabricConnection, owner: OwnerID, incarnation: UInt16,
@@ -143,8 +148,19 @@ final class MemoryNodeLink: Sendable {
         trace.batches += 1
         trace.verbs += UInt64(verbs.count)
         let ticket = drawTicket()
-        return (try await connection(for: trace).post(verbs), ticket)
+        do {
+            return (try await connection(for: trace).post(verbs), ticket)
+        } catch {
+            markBroken()
+            throw error
+        }
     }
+
+    /// Whether a batch of this link failed (see `brokenFlag`).
+    var isBroken: Bool { brokenFlag.load(ordering: .relaxed) }
+
+    /// A batch of this link failed: the link is out of reach from now on.
+    func markBroken() { brokenFlag.store(true, ordering: .relaxed) }
 
     /// The ticket of a batch about to be posted (see `postTicketed`).
     func drawTicket() -> UInt64 { nextTicket.wrappingIncrementThenLoad(ordering: .relaxed) }
@@ -297,18 +313,17 @@ final class MemoryNodeLink: Sendable {
     func tryAcquire(_ slot: HeaderSlot) -> Bool { cache.withShard(of: slot) { $0.busy.insert(slot) } }
 
     func releaseBusy(_ slot: HeaderSlot) { cache.withShard(of: slot) { $0.busy.remove(slot) } }
-
-    /// Whether any cached section is held whole under a pending multi-section claim
-    /// (`HeaderCache.holdsRunClaimInFlight`).
-    var holdsRunClaimInFlight: Bool {
-        (0..<cache.count).contains { index in cache.withShard(index) { $0.holdsRunClaimInFlight } }
-    }
 }
 
 /// Every section and span header word of a memory node, as one full refresh read them
 /// (`MemoryNodeLink.refresh`). Two reads with equal words, the second posted after the
-/// first completed, show a state the pool was in at an instant between them (a header
-/// word that changed and came back would carry another log sequence).
+/// first completed, show the pool with no room for a request at an instant between them
+/// when their words show none: each word held its value from its first READ to its
+/// second, unless it changed and came back. Words come back exactly after hints, a
+/// rolled-back claim, or a span closed and opened again; for room to hide between two
+/// equal reads, a header that held room in between must come back to a word without
+/// it, and room is taken by a block operation, which changes the header's log sequence
+/// (6 bits): 64 commits on one header between two reads of it.
 struct FullRead: Sendable, Equatable {
     let sections: [UInt64]
     let spans: [UInt64]

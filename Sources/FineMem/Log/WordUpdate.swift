@@ -147,6 +147,7 @@ extension MemoryNodeLink {
         trace.verbs += UInt64(batch.count)
         let ticket = drawTicket()
         do { try await connection(for: trace).post(&batch) } catch {
+            markBroken()
             settle(prepared, committed: false)
             throw error
         }
@@ -198,7 +199,10 @@ extension MemoryNodeLink {
         trace.batches += 1
         trace.verbs += UInt64(batch.count)
         let ticket = drawTicket()
-        try await connection(for: trace).post(&batch)
+        do { try await connection(for: trace).post(&batch) } catch {
+            markBroken()
+            throw error
+        }
         if let recordCAS, let flushLog { checkRecordUpdate(flushLog, batch.compareAndSwapAnswer(recordCAS)) }
         let (exchanged, original) = batch.compareAndSwapAnswer(headerCAS)
         cache.withShard(of: slot) { $0.store(exchanged ? target.rawValue : original, at: slot, ticket: ticket) }

@@ -52,7 +52,7 @@ package final class LeaseMonitor: Sendable {
         let words: [UInt64]
         do { words = try await memoryNode.readNodeTable() } catch { return [] }
         var events: [LeaseEvent] = []
-        var expired: [OwnerID] = []
+        var expired: [(owner: OwnerID, incarnation: UInt16)] = []
         var unrecovered: [OwnerID] = []
         for (index, word) in words.enumerated() {
             let owner = OwnerID(UInt16(index))
@@ -72,7 +72,7 @@ package final class LeaseMonitor: Sendable {
                     return entry.missed
                 }
                 if missed >= missedRenewalsMax {
-                    expired.append(owner)
+                    expired.append((owner, slot.incarnation))
                 } else if missed >= 1, slot.state == .alive {
                     if (try? await memoryNode.markSuspected(owner, known: word)) == true { events.append(.suspected(owner)) }
                 }
@@ -80,10 +80,15 @@ package final class LeaseMonitor: Sendable {
         }
         // Every expired node is fenced before any recovery starts: nodes that died together
         // may hold each other's headers (one's recovery waits on the other's pending log).
-        for owner in expired {
+        // A fence applies to the incarnation that missed its renewals, not to one that
+        // took the slot since.
+        for (owner, incarnation) in expired {
             do {
-                try await memoryNode.fence(computeNode: owner)
-                unrecovered.append(owner)
+                if try await memoryNode.fenceExpired(computeNode: owner, incarnation: incarnation) {
+                    unrecovered.append(owner)
+                } else {
+                    seen.withLock { $0[owner] = nil }
+                }
             } catch {
                 events.append(.failed(owner, error))
             }

@@ -221,6 +221,25 @@ package final class MemoryNode: Sendable {
         }
     }
 
+    /// Fences compute node `owner` if its slot still holds incarnation `incarnation`,
+    /// alive or suspected: the lease monitor decides from a table read, and a node that
+    /// was fenced, recovered and restarted as a new incarnation since (which never missed
+    /// a renewal) is left alone. Answers whether it fenced.
+    package func fenceExpired(computeNode owner: OwnerID, incarnation: UInt16) async throws(MemoryNodeError) -> Bool {
+        guard Int(owner.rawValue) < geometry.computeNodeSlots else { throw .computeNodeSlotOutOfRange(owner) }
+        let word: UInt64
+        do {
+            word = try await loopback.readWords(loopbackGrant.nodeSlotAddress(owner), count: 1, rkey: loopbackRegion.rkey)[0]
+        } catch {
+            throw .fabric(error)
+        }
+        guard let slot = NodeSlot(rawValue: word), slot.incarnation == incarnation, slot.state == .alive || slot.state == .suspected else {
+            return false
+        }
+        try await fence(computeNode: owner)
+        return true
+    }
+
     /// Every slot of the node table, read through the loopback.
     package func readNodeTable() async throws(FabricError) -> [UInt64] {
         try await loopback.readWords(loopbackGrant.nodeSlotAddress(OwnerID(0)), count: geometry.computeNodeSlots, rkey: loopbackRegion.rkey)
