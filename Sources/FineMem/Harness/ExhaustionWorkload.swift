@@ -34,6 +34,8 @@ package struct ExhaustionWorkload: Sendable {
         package var allocationLatencies: [UInt64] = []
         package var virtualNanoseconds: UInt64 = 0
         package var traceHash = TraceHash()
+        package var cacheShards = 0
+        package var lanes = 0
 
         package init(seed: UInt64) { self.seed = seed }
 
