@@ -50,8 +50,12 @@ struct Soak: ParsableCommand {
     var jobs: Int?
 
     func validate() throws {
-        guard seeds >= 1, computeNodes >= 1, tasks >= 1, operations >= 1, memoryNodes >= 0, changePoints >= 0, (jobs ?? 1) >= 1 else {
+        guard seeds >= 1, computeNodes >= 1, tasks >= 1, operations >= 1, memoryNodes >= 0, changePoints >= 0, (jobs ?? 1) >= 1, cacheShards >= 1 else {
             throw ValidationError("counts must be positive")
+        }
+        // A shard holds at least 4 sections: a smaller pool silently gets fewer shards.
+        guard poolSize.bytes >= UInt64(cacheShards) * 4 * (2 << 20) else {
+            throw ValidationError("--cache-shards \(cacheShards) needs a pool of at least \(Format.bytes(UInt64(cacheShards) * 8 << 20)) (4 sections of 2 MiB per shard)")
         }
         guard maxBlock.bytes >= 4096, maxBlock.bytes.nonzeroBitCount == 1 else { throw ValidationError("--max-block must be a power of two from 4KiB") }
     }
@@ -69,7 +73,7 @@ struct Soak: ParsableCommand {
         configuration.chunkCountLog2Range = 0...Block.chunkCountLog2(forBytes: maxBlock.bytes)
         configuration.allocator.cacheShards = cacheShards
         configuration.exploration = explore ? .randomPriorities(changePoints: changePoints) : .none
-        print("schedule exploration: \(configuration.exploration)")
+        print("schedule exploration: \(configuration.exploration)\(cacheShards > 1 ? ", \(cacheShards) cache shards and \(cacheShards + 1) queue pairs per compute node" : "")")
         let clock = SystemRuntime.shared
         let start = clock.nowNanoseconds
         let workers = min(jobs ?? Self.processorCount, seeds)
@@ -117,7 +121,11 @@ struct Soak: ParsableCommand {
             let seed = report.seed
             allocations += report.allocations
             if soak.traces { print("seed \(seed): trace \(report.traceHash), \(report.virtualNanoseconds) ns virtual") }
-            if !report.violations.isEmpty {
+            if report.cacheShards != soak.cacheShards {
+                // The mark: a soak that asks for shards must run on them.
+                failed.append(seed)
+                print("FAILED \(report): set-up: \(report.cacheShards) cache shards and \(report.lanes) lanes, not \(soak.cacheShards)")
+            } else if !report.violations.isEmpty {
                 failed.append(seed)
                 print("FAILED \(report)")
                 for violation in report.violations.prefix(10) { print("  \(violation)") }
@@ -159,9 +167,11 @@ struct Soak: ParsableCommand {
             statistics = statistics + report.statistics
             latencies += report.allocationLatencies
             outOfMemory += report.outOfMemory
-            if !report.wrongAnswers.isEmpty || !report.violations.isEmpty {
+            let setUp = report.cacheShards == cacheShards ? [] : ["set-up: \(report.cacheShards) cache shards and \(report.lanes) lanes, not \(cacheShards)"]
+            if !report.wrongAnswers.isEmpty || !report.violations.isEmpty || !setUp.isEmpty {
                 failed.append(seed)
                 print("FAILED \(report)")
+                for problem in setUp { print("  \(problem)") }
                 for problem in (report.wrongAnswers + report.violations).prefix(10) { print("  \(problem)") }
                 print("  replay: \(replayCommand(seed: seed))")
             }
