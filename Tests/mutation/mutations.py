@@ -89,4 +89,27 @@ MUTATIONS = [
      "Sources/FineMem/MemoryNode/MemoryNode.swift",
      "                try nic.breakConnections(of: regions.metadata.protectionDomain)\n",
      ""),
+    # Killed by LeaseMonitorThresholdTests.
+    ("the lease monitor fences a node one missed renewal early",
+     "Sources/FineMem/MemoryNode/LeaseMonitor.swift",
+     "                if missed >= missedRenewalsMax {",
+     "                if missed >= missedRenewalsMax - 1 {"),
+    ("the lease monitor fences a node one missed renewal late",
+     "Sources/FineMem/MemoryNode/LeaseMonitor.swift",
+     "                if missed >= missedRenewalsMax {",
+     "                if missed > missedRenewalsMax {"),
+    # Killed by RecoveredRoomSummaryTests.
+    ("recovery leaves the room summary bits of the sections it freed stale",
+     "Sources/FineMem/Recovery/Recovery.swift",
+     "                    if let sections = roomChanged.withLock({ $0 }) {",
+     "                    if let sections = roomChanged.withLock({ $0 }), sections.isEmpty {"),
+    # Killed by TicketOrderTests.
+    ("a READ's ticket is drawn after its batch completes, not before it is posted",
+     "Sources/FineMem/Log/MemoryNodeLink.swift",
+     "        let ticket = drawTicket()\n        return (try await connection(for: trace).post(verbs), ticket)",
+     "        let results = try await connection(for: trace).post(verbs)\n        return (results, drawTicket())"),
+    ("a state change's ticket is drawn after its CAS completes, not before it is posted",
+     "Sources/FineMem/Log/WordUpdate.swift",
+     "        let ticket = drawTicket()\n        try await connection(for: trace).post(&batch)\n        if let recordCAS",
+     "        try await connection(for: trace).post(&batch)\n        let ticket = drawTicket()\n        if let recordCAS"),
 ]
