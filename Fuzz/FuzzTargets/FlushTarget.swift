@@ -9,15 +9,17 @@ package func fuzzFlush(_ bytes: [UInt8]) {
 }
 
 /// Runs a program of operations whose flushes come late, and answers the violations found.
-/// The first 8 bytes seed the simulation (top byte: schedule exploration); then each step
-/// takes 2 bytes, an operation and its argument, on compute node `op % 3` of one memory
-/// node with a small pool (so headers are shared and logs collide):
+/// The first 8 bytes seed the simulation (top byte: schedule exploration and cache shards,
+/// `FuzzShape`); then each step takes 2 bytes, an operation and its argument, on compute
+/// node `op % 3` of one memory node with a small pool (so headers are shared and logs
+/// collide; 32 MiB with 4 shards):
 ///
 /// - allocate or free with the node stalled `argument` x 100 ns after the operation
 ///   starts: between its commit and its flush, or inside the flush's doorbell, or during
 ///   a span open or close, by the argument;
 /// - a burst: every node allocates and frees small blocks on the same spans at once, so
-///   commits fold other logs' flushes and wait on pending ones;
+///   commits fold other logs' flushes and wait on pending ones (applications 1-4: on
+///   their lanes with 4 shards);
 /// - fence and recover a node in the middle of a stall (its late flush must be discarded);
 ///   it restarts as a new incarnation at its next operation;
 /// - free held blocks of a node in one burst (flushes folded into the next commit on
@@ -26,7 +28,7 @@ package func fuzzFlush(_ bytes: [UInt8]) {
 /// After every step the structure and intents are checked; at the end everything is freed
 /// and the pool must be at rest and empty, every record agreeing with the bitmaps.
 package func flushFindings(_ bytes: [UInt8]) -> [String] {
-    simulateProgram(bytes) { input, simulator, failures in await runFlushProgram(&input, simulator: simulator, failures: failures) }
+    simulateProgram(bytes) { input, simulator, failures, shape in await runFlushProgram(&input, simulator: simulator, failures: failures, shape: shape) }
 }
 
 /// Nodes fenced in a flush program, and each node's incarnation (the simulation is
@@ -36,30 +38,30 @@ private final class FencedNodes: @unchecked Sendable {
     var incarnation = [0, 0, 0]
 }
 
-private func runFlushProgram(_ input: inout FuzzInput, simulator: Simulator, failures: Failures) async {
+private func runFlushProgram(_ input: inout FuzzInput, simulator: Simulator, failures: Failures, shape: FuzzShape) async {
     let cluster: EmbeddedCluster
     do {
-        cluster = try await EmbeddedCluster.start(.init(memoryNodes: 1, poolBytesPerNode: 8 << 20, computeNodes: 3), simulator: simulator)
+        cluster = try await EmbeddedCluster.start(shape.configuration(memoryNodes: 1, poolBytesPerNode: 8 << 20, computeNodes: 3), simulator: simulator)
     } catch {
         failures.add(["cluster did not start: \(error)"])
         return
     }
+    failures.add(shape.check(cluster))
     let inspector = PoolInspector(cluster: cluster)
-    let application = ApplicationID(1)
     let holdings = Holdings()
     let fenced = FencedNodes()
 
     // A node fenced while its operation was stalled may still see the operation's answer
     // when it resumes: what it then holds is nobody's (recovery took it back), and its
     // errors are expected. Only operations of the incarnation that started them count.
-    @Sendable func allocate(node: Int, chunkCountLog2: Int) async {
+    @Sendable func allocate(node: Int, chunkCountLog2: Int, application: ApplicationID = ApplicationID(1)) async {
         let blocks = cluster.computeNodes[node]
         let incarnation = fenced.incarnation[node]
         do throws(AllocationError) {
             let block = try await blocks.allocate(chunkCountLog2: chunkCountLog2, application: application)
             guard fenced.incarnation[node] == incarnation else { return }
             failures.add(inspector.admit(block, owner: blocks.owner))
-            holdings.blocks.append((block, node))
+            holdings.append(block, node: node, application: application)
         } catch {
             if case .outOfMemory = error { return }
             if fenced.incarnation[node] == incarnation { failures.add(["allocate 2^\(chunkCountLog2) chunks on node \(node): \(error)"]) }
@@ -69,7 +71,7 @@ private func runFlushProgram(_ input: inout FuzzInput, simulator: Simulator, fai
     @Sendable func free(_ block: Block, node: Int) async {
         failures.add(inspector.release(block))
         let incarnation = fenced.incarnation[node]
-        do throws(AllocationError) { try await cluster.computeNodes[node].free(block, application: application) } catch {
+        do throws(AllocationError) { try await cluster.computeNodes[node].free(block, application: holdings.application(of: block)) } catch {
             if fenced.incarnation[node] == incarnation { failures.add(["free \(block): \(error)"]) }
         }
     }
@@ -112,7 +114,7 @@ private func runFlushProgram(_ input: inout FuzzInput, simulator: Simulator, fai
         case 2:
             await withTaskGroup(of: Void.self) { group in
                 for i in 0..<(argument % 6 + 3) where !fenced.nodes.contains((node + i) % 3) {
-                    group.addTask { await allocate(node: (node + i) % 3, chunkCountLog2: (argument >> i) % 3) }
+                    group.addTask { await allocate(node: (node + i) % 3, chunkCountLog2: (argument >> i) % 3, application: ApplicationID(UInt16(i % 4 + 1))) }
                 }
             }
         case 3:

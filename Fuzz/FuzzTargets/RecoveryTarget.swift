@@ -9,9 +9,9 @@ package func fuzzRecovery(_ bytes: [UInt8]) {
 }
 
 /// Runs a crash-and-recovery program and answers the invariant violations it found. The
-/// first 8 bytes seed the simulation (its top byte picks the schedule exploration, as in
-/// `allocatorFindings`); then each step takes 2 bytes, an operation and its argument, on
-/// compute node `op % 3` of two memory nodes:
+/// first 8 bytes seed the simulation (its top byte picks the schedule exploration and the
+/// cache shards, as in `allocatorFindings`); then each step takes 2 bytes, an operation
+/// and its argument, on compute node `op % 3` of two memory nodes:
 ///
 /// - allocate 2^(argument % 12) chunks;
 /// - free a held block;
@@ -22,13 +22,14 @@ package func fuzzRecovery(_ bytes: [UInt8]) {
 ///   `argument / 4 % 48` of its verbs and then again through the loopback;
 /// - restart a recovered node as a new incarnation;
 /// - stall the node for `argument` microseconds;
-/// - a burst of small allocations from every live node.
+/// - a burst of small allocations from every live node, of applications 1-4 (on their
+///   lanes when there are 4 shards).
 ///
 /// The structural invariants and intents are checked after every step. At the end every
 /// node not yet recovered is fenced and recovered, everyone frees, and the pool must be at
 /// rest and empty.
 package func recoveryFindings(_ bytes: [UInt8]) -> [String] {
-    simulateProgram(bytes) { input, simulator, failures in await runRecoveryProgram(&input, simulator: simulator, failures: failures) }
+    simulateProgram(bytes) { input, simulator, failures, shape in await runRecoveryProgram(&input, simulator: simulator, failures: failures, shape: shape) }
 }
 
 /// The state of one compute node in a recovery program.
@@ -56,25 +57,26 @@ private func isNotSettled(_ error: any Error) -> Bool {
     return false
 }
 
-private func runRecoveryProgram(_ input: inout FuzzInput, simulator: Simulator, failures: Failures) async {
+private func runRecoveryProgram(_ input: inout FuzzInput, simulator: Simulator, failures: Failures, shape: FuzzShape) async {
     let cluster: EmbeddedCluster
     do {
-        cluster = try await EmbeddedCluster.start(.init(memoryNodes: 2, poolBytesPerNode: 16 << 20, computeNodes: 3), simulator: simulator)
+        cluster = try await EmbeddedCluster.start(shape.configuration(memoryNodes: 2, poolBytesPerNode: 16 << 20, computeNodes: 3), simulator: simulator)
     } catch {
         failures.add(["cluster did not start: \(error)"])
         return
     }
+    failures.add(shape.check(cluster))
     let inspector = PoolInspector(cluster: cluster)
     let application = ApplicationID(1)
     let holdings = Holdings()
     let nodes = Nodes()
 
-    @Sendable func allocate(node: Int, chunkCountLog2: Int) async {
+    @Sendable func allocate(node: Int, chunkCountLog2: Int, application: ApplicationID = ApplicationID(1)) async {
         let blocks = cluster.computeNodes[node]
         do throws(AllocationError) {
             let block = try await blocks.allocate(chunkCountLog2: chunkCountLog2, application: application)
             failures.add(inspector.admit(block, owner: blocks.owner))
-            holdings.blocks.append((block, node))
+            holdings.append(block, node: node, application: application)
         } catch {
             if case .outOfMemory = error { return }
             if case .retryLimitExceeded = error, nodes.someoneDead { return }  // waited on a dead node's log
@@ -153,7 +155,7 @@ private func runRecoveryProgram(_ input: inout FuzzInput, simulator: Simulator, 
             if !candidates.isEmpty {
                 let (block, holder) = holdings.blocks.remove(at: candidates[argument % candidates.count])
                 failures.add(inspector.release(block))
-                do throws(AllocationError) { try await cluster.computeNodes[holder].free(block, application: application) } catch {
+                do throws(AllocationError) { try await cluster.computeNodes[holder].free(block, application: holdings.application(of: block)) } catch {
                     if case .retryLimitExceeded = error, nodes.someoneDead {
                         // It waited on a dead node's pending log and changed nothing: still held.
                         failures.add(inspector.admit(block, owner: cluster.computeNodes[holder].owner))
@@ -175,13 +177,13 @@ private func runRecoveryProgram(_ input: inout FuzzInput, simulator: Simulator, 
             // ledger until recovery takes it back.
             if let index = holdings.blocks.firstIndex(where: { $0.node == node }), argument % 2 == 0 {
                 let block = holdings.blocks[index].block
-                if (try? await cluster.computeNodes[node].free(block, application: application)) != nil {
+                if (try? await cluster.computeNodes[node].free(block, application: holdings.application(of: block))) != nil {
                     holdings.blocks.removeAll { $0.block == block }
                     failures.add(inspector.release(block))
                 }
             } else if let block = try? await cluster.computeNodes[node].allocate(chunkCountLog2: argument % 11, application: application) {
                 failures.add(inspector.admit(block, owner: cluster.computeNodes[node].owner))
-                holdings.blocks.append((block, node))
+                holdings.append(block, node: node, application: application)
             }
         case 4:
             if nodes.state[node] != .recovered { await recover(node, how: argument) }
@@ -198,7 +200,7 @@ private func runRecoveryProgram(_ input: inout FuzzInput, simulator: Simulator, 
         default:
             await withTaskGroup(of: Void.self) { group in
                 for i in 0..<(argument % 6 + 2) where nodes.state[(node + i) % 3] == .live {
-                    group.addTask { await allocate(node: (node + i) % 3, chunkCountLog2: (argument + i) % 5) }
+                    group.addTask { await allocate(node: (node + i) % 3, chunkCountLog2: (argument + i) % 5, application: ApplicationID(UInt16(i % 4 + 1))) }
                 }
             }
         }
@@ -212,7 +214,7 @@ private func runRecoveryProgram(_ input: inout FuzzInput, simulator: Simulator, 
     }
     for (block, holder) in holdings.blocks {
         failures.add(inspector.release(block))
-        do throws(AllocationError) { try await cluster.computeNodes[holder].free(block, application: application) } catch {
+        do throws(AllocationError) { try await cluster.computeNodes[holder].free(block, application: holdings.application(of: block)) } catch {
             failures.add(["final free \(block): \(error)"])
         }
     }

@@ -24,24 +24,34 @@ struct Soak: ParsableCommand {
             2 MiB blocks, two memory nodes by default): every answer must be a block or \
             an `outOfMemory` that the full pool confirms; it prints CAS retries, \
             refreshes and latency.
+
+            `--workload churn` keeps one pool near exhaustion (1 memory node, 4 compute \
+            nodes by default; 60 % of requests 4 KiB-1 MiB, 30 % 2 MiB): every task fills \
+            until out of memory, then frees and allocates for --operations steps while the \
+            others do, so that room appears during allocations; every out-of-memory \
+            answer must come from a call during which the pool, as its header words show \
+            after each change, had no room for the request at some instant (DESIGN.md \
+            invariant 7). Keep the pool small (16-32 MiB): the check looks at every header \
+            after every change.
             """
     )
 
     enum Workload: String, ExpressibleByArgument, CaseIterable {
-        case mixed, exhaustion
+        case mixed, exhaustion, churn
     }
 
     @Option(help: "How many seeds to run.") var seeds = 20
     @Option(help: "The first seed.") var startSeed: UInt64 = 1
     @Option(help: "Memory nodes (0: alternate 1 and 3 by seed).") var memoryNodes = 0
     @Option(help: "Pool size of each memory node.") var poolSize = ByteCount(bytes: 64 << 20)
-    @Option(help: "Compute nodes.") var computeNodes = 16
+    @Option(help: "Compute nodes (16; 4 with --workload churn).") var computeNodes: Int?
     @Option(help: "Tasks per compute node.") var tasks = 8
-    @Option(help: "Operations per task.") var operations = 40
+    @Option(help: "Operations per task (with --workload churn: steps after the fill).") var operations = 40
     @Option(help: "Largest block.") var maxBlock = ByteCount(bytes: 8 << 20)
     @Flag(help: "Explore schedules with random node priorities (PCT-style).") var explore = false
     @Option(help: "Priority change points per run with --explore.") var changePoints = 3
-    @Option(help: "mixed (allocate and free at random) or exhaustion (fill every pool, then free).") var workload = Workload.mixed
+    @Option(help: "mixed (allocate and free at random), exhaustion (fill every pool, then free) or churn (free and allocate near exhaustion, each out-of-memory answer checked during its call).")
+    var workload = Workload.mixed
     @Option(help: "Rounds of fill and free per seed, with --workload exhaustion.") var rounds = 2
     @Option(help: "Shards of each compute node's header cache (of at least 4 sections each; 1 by default in virtual time).") var cacheShards = 1
     @Flag(help: "Print each seed's trace hash and virtual time (to tell whether two builds run the same simulation).")
@@ -50,26 +60,30 @@ struct Soak: ParsableCommand {
     var jobs: Int?
 
     func validate() throws {
-        guard seeds >= 1, computeNodes >= 1, tasks >= 1, operations >= 1, memoryNodes >= 0, changePoints >= 0, (jobs ?? 1) >= 1 else {
+        guard seeds >= 1, (computeNodes ?? 1) >= 1, tasks >= 1, operations >= 1, memoryNodes >= 0, changePoints >= 0, (jobs ?? 1) >= 1, cacheShards >= 1 else {
             throw ValidationError("counts must be positive")
+        }
+        // A shard holds at least 4 sections: a smaller pool silently gets fewer shards.
+        guard poolSize.bytes >= UInt64(cacheShards) * 4 * (2 << 20) else {
+            throw ValidationError("--cache-shards \(cacheShards) needs a pool of at least \(Format.bytes(UInt64(cacheShards) * 8 << 20)) (4 sections of 2 MiB per shard)")
         }
         guard maxBlock.bytes >= 4096, maxBlock.bytes.nonzeroBitCount == 1 else { throw ValidationError("--max-block must be a power of two from 4KiB") }
     }
 
     func run() throws {
-        if workload == .exhaustion {
+        if workload != .mixed {
             try runExhaustion()
             return
         }
         var configuration = SimulatedWorkload.Configuration()
         configuration.poolBytesPerNode = poolSize.bytes
-        configuration.computeNodes = computeNodes
+        configuration.computeNodes = computeNodes ?? 16
         configuration.tasksPerComputeNode = tasks
         configuration.operationsPerTask = operations
         configuration.chunkCountLog2Range = 0...Block.chunkCountLog2(forBytes: maxBlock.bytes)
         configuration.allocator.cacheShards = cacheShards
         configuration.exploration = explore ? .randomPriorities(changePoints: changePoints) : .none
-        print("schedule exploration: \(configuration.exploration)")
+        print("schedule exploration: \(configuration.exploration)\(cacheShards > 1 ? ", \(cacheShards) cache shards and \(cacheShards + 1) queue pairs per compute node" : "")")
         let clock = SystemRuntime.shared
         let start = clock.nowNanoseconds
         let workers = min(jobs ?? Self.processorCount, seeds)
@@ -117,7 +131,11 @@ struct Soak: ParsableCommand {
             let seed = report.seed
             allocations += report.allocations
             if soak.traces { print("seed \(seed): trace \(report.traceHash), \(report.virtualNanoseconds) ns virtual") }
-            if !report.violations.isEmpty {
+            if report.cacheShards != soak.cacheShards {
+                // The mark: a soak that asks for shards must run on them.
+                failed.append(seed)
+                print("FAILED \(report): set-up: \(report.cacheShards) cache shards and \(report.lanes) lanes, not \(soak.cacheShards)")
+            } else if !report.violations.isEmpty {
                 failed.append(seed)
                 print("FAILED \(report)")
                 for violation in report.violations.prefix(10) { print("  \(violation)") }
@@ -134,23 +152,28 @@ struct Soak: ParsableCommand {
     /// Processors online: the default number of seeds run at once.
     private static var processorCount: Int { max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))) }
 
-    /// The exhaustion workload for every seed, with its figures.
+    /// The exhaustion or churn workload for every seed, with its figures.
     private func runExhaustion() throws {
-        var configuration = ExhaustionWorkload.Configuration()
-        configuration.memoryNodes = memoryNodes > 0 ? memoryNodes : 2
+        let churn = workload == .churn
+        var configuration = churn ? ExhaustionWorkload.Configuration.churn() : ExhaustionWorkload.Configuration()
+        configuration.memoryNodes = memoryNodes > 0 ? memoryNodes : (churn ? 1 : 2)
         configuration.poolBytesPerNode = poolSize.bytes
-        configuration.computeNodes = computeNodes
+        configuration.computeNodes = computeNodes ?? (churn ? 4 : 16)
         configuration.tasksPerComputeNode = tasks
         configuration.rounds = rounds
+        configuration.churnOperations = operations
         configuration.allocator.cacheShards = cacheShards
         configuration.exploration = explore ? .randomPriorities(changePoints: changePoints) : .none
-        print("exhaustion workload: \(configuration.memoryNodes) x \(Format.bytes(poolSize.bytes)), \(computeNodes) x \(tasks) tasks, \(rounds) rounds, schedule exploration: \(configuration.exploration)")
+        let shape = churn ? "\(operations) churn steps per task" : "\(rounds) rounds"
+        print("\(workload.rawValue) workload: \(configuration.memoryNodes) x \(Format.bytes(poolSize.bytes)), \(configuration.computeNodes) x \(tasks) tasks, "
+              + "\(cacheShards) cache shards, \(shape), schedule exploration: \(configuration.exploration)")
         let clock = SystemRuntime.shared
         let start = clock.nowNanoseconds
         var failed: [UInt64] = []
         var statistics = AllocatorStatistics()
         var latencies: [UInt64] = []
         var outOfMemory = 0
+        var outOfMemoryChecked = 0
         var wrongAnswers = 0
         for seed in startSeed..<startSeed + UInt64(seeds) {
             let report = ExhaustionWorkload(configuration).run(seed: seed)
@@ -159,9 +182,12 @@ struct Soak: ParsableCommand {
             statistics = statistics + report.statistics
             latencies += report.allocationLatencies
             outOfMemory += report.outOfMemory
-            if !report.wrongAnswers.isEmpty || !report.violations.isEmpty {
+            outOfMemoryChecked += report.outOfMemoryChecked
+            let setUp = report.cacheShards == cacheShards ? [] : ["set-up: \(report.cacheShards) cache shards and \(report.lanes) lanes, not \(cacheShards)"]
+            if !report.wrongAnswers.isEmpty || !report.violations.isEmpty || !setUp.isEmpty {
                 failed.append(seed)
                 print("FAILED \(report)")
+                for problem in setUp { print("  \(problem)") }
                 for problem in (report.wrongAnswers + report.violations).prefix(10) { print("  \(problem)") }
                 print("  replay: \(replayCommand(seed: seed))")
             }
@@ -171,7 +197,7 @@ struct Soak: ParsableCommand {
         let p99 = latencies.isEmpty ? 0 : latencies[min(latencies.count - 1, latencies.count * 99 / 100)]
         print(Format.table([
             ("seeds", "\(seeds), \(failed.count) failed, \(Format.fixed(Double(clock.nowNanoseconds - start) / 1e9, 1)) s wall"),
-            ("allocations", "\(statistics.allocations) (\(outOfMemory) answered out of memory)"),
+            ("allocations", "\(statistics.allocations) (\(outOfMemory) answered out of memory\(churn ? ", \(outOfMemoryChecked) checked during the call" : ""))"),
             ("retry-limit and other wrong answers", "\(wrongAnswers)"),
             ("CAS retries avg/max", "\(Format.fixed(statistics.casRetriesAverage, 3)) / \(statistics.casRetriesMax)"),
             ("full refreshes / shared", "\(statistics.refreshes) / \(statistics.refreshesShared)"),
@@ -188,11 +214,12 @@ struct Soak: ParsableCommand {
     private func replayCommand(seed: UInt64) -> String {
         var flags = [
             "--start-seed \(seed)", "--seeds 1", "--memory-nodes \(memoryNodes)", "--pool-size \(poolSize.bytes)",
-            "--compute-nodes \(computeNodes)", "--tasks \(tasks)", "--operations \(operations)", "--max-block \(maxBlock.bytes)",
+            "--compute-nodes \(computeNodes ?? (workload == .churn ? 4 : 16))", "--tasks \(tasks)", "--operations \(operations)", "--max-block \(maxBlock.bytes)",
         ]
         if cacheShards != 1 { flags.append("--cache-shards \(cacheShards)") }
         if explore { flags += ["--explore", "--change-points \(changePoints)"] }
         if workload == .exhaustion { flags += ["--workload exhaustion", "--rounds \(rounds)"] }
+        if workload == .churn { flags.append("--workload churn") }
         return "swift run -c release finemem soak " + flags.joined(separator: " ")
     }
 }

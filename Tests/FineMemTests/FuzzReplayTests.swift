@@ -47,6 +47,15 @@ import Testing
         }
     }
 
+    /// The seeded inputs of the tests above run on both shard counts (bit 58 of the seed
+    /// word, `FuzzShape`): 4 cache shards with a queue pair each in some, 1 in others
+    /// (each program also fails when its nodes lack the shards it picked).
+    @Test func seededInputsRunOnOneShardAndOnFour() {
+        let shards = (UInt64(1)...16).map { fuzzCacheShards(Self.input(seed: $0, length: 8)) }
+        #expect(Set(shards) == [1, 4], "shards by input seed 1-16: \(shards)")
+        #expect(shards.prefix(12).contains(4), "no allocator program of input seeds 1-12 runs on 4 shards: \(shards)")
+    }
+
     @Test func emptyAndTinyProgramsAreValid() {
         #expect(allocatorFindings([]).isEmpty)
         #expect(allocatorFindings([1, 2, 3]).isEmpty)

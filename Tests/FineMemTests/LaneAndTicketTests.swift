@@ -28,14 +28,20 @@ private func churnA(
     }
 }
 
-/// Two compute nodes, A and B, on an 8 MiB pool, with 4 cache shards (4 application lanes
-/// and the upkeep's), without failure detection.
+/// The pool of `twoNodesWithFourLanes`: 16 sections, 4 per shard (a shard needs 4).
+private let fourLanePoolBytes: UInt64 = 32 << 20
+
+/// Two compute nodes, A and B, on a 32 MiB pool, with 4 cache shards (4 application lanes
+/// and the upkeep's), without failure detection. Throws when either node has fewer.
 private func twoNodesWithFourLanes(_ simulator: Simulator) async throws -> (EmbeddedCluster, PoolInspector, BlockAllocator, BlockAllocator) {
-    var configuration = EmbeddedCluster.Configuration(poolBytesPerNode: 8 << 20, computeNodes: 2)
+    var configuration = EmbeddedCluster.Configuration(poolBytesPerNode: fourLanePoolBytes, computeNodes: 2)
     configuration.failureDetection = false
     configuration.allocator.cacheShards = 4
     let cluster = try await EmbeddedCluster.start(configuration, simulator: simulator)
-    return (cluster, PoolInspector(cluster: cluster), cluster.computeNodes[0], cluster.computeNodes[1])
+    let (a, b) = (cluster.computeNodes[0], cluster.computeNodes[1])
+    let problems = laneProblems(a, shards: 4) + laneProblems(b, shards: 4)
+    guard problems.isEmpty else { throw SetUpError(problems: problems) }
+    return (cluster, PoolInspector(cluster: cluster), a, b)
 }
 
 /// Fences compute node 0 (A) and recovers it, raising `fencing` before and `fenced` after
@@ -105,7 +111,8 @@ private func churn(
     // MARK: Lanes and tickets under explored schedules
 
     /// Many seeds of a contended workload (4 compute nodes x 8 applications, 4-64 KiB and
-    /// some 128 KiB-1 MiB blocks in 16 MiB) whose caches have 2, 3 or 4 shards: every
+    /// some 128 KiB-1 MiB blocks in 32 MiB: 16 sections, so that 4 shards of at least 4
+    /// sections fit) whose caches have 2, 3 or 4 shards, as each run asserts: every
     /// application posts on its lane and the upkeep on its own, so answers of one word come
     /// back on several queue pairs out of ticket order, under random priority schedules
     /// (`ScheduleExploration.randomPriorities`) that reorder the lanes' verbs far more than
@@ -119,19 +126,22 @@ private func churn(
             configuration.computeNodes = 4
             configuration.tasksPerComputeNode = 8
             configuration.operationsPerTask = 24
-            configuration.poolBytesPerNode = 16 << 20
+            configuration.poolBytesPerNode = 32 << 20
             configuration.chunkCountLog2Range = 0...8
             configuration.allocator.cacheShards = shards
             configuration.exploration = seed % 2 == 0 ? .randomPriorities(changePoints: 4) : .none
             let report = SimulatedWorkload(configuration).run(seed: 7_000 + seed)
             failures += report.violations.prefix(3).map { "\(shards) shards, seed \(7_000 + seed) (\(configuration.exploration)): \($0)" }
             if report.allocations < 200 { failures.append("\(shards) shards, seed \(7_000 + seed): only \(report.allocations) allocations") }
+            if report.cacheShards != shards || report.lanes != lanesOfShards(shards) {
+                failures.append("\(shards) shards, seed \(7_000 + seed): set-up: the nodes have \(report.cacheShards) shards and \(report.lanes) lanes")
+            }
         }
         for failure in failures.prefix(12) { Issue.record("\(failure)") }
     }
 
-    /// Pools run to exhaustion and back with 2 and 4 shards per cache, under explored
-    /// schedules too: every answer is a block or an `outOfMemory` that a look at the pool
+    /// Pools run to exhaustion and back with 2 and 4 shards per cache (32 MiB: 16
+    /// sections, as each run asserts), under explored schedules too: every answer is a block or an `outOfMemory` that a look at the pool
     /// confirms (the home shard's bounded reads never answer out of memory while another
     /// shard has room, nor `retryLimitExceeded`).
     @Test(arguments: [2, 4])
@@ -139,7 +149,7 @@ private func churn(
         var failures: [String] = []
         for seed in UInt64(11)...13 {
             var configuration = ExhaustionWorkload.Configuration()
-            configuration.poolBytesPerNode = 16 << 20
+            configuration.poolBytesPerNode = 32 << 20
             configuration.memoryNodes = 1
             configuration.computeNodes = 4
             configuration.allocator.cacheShards = shards
@@ -148,6 +158,9 @@ private func churn(
             failures += report.wrongAnswers.prefix(3).map { "\(shards) shards, seed \(seed): wrong answer \($0)" }
             failures += report.violations.prefix(3).map { "\(shards) shards, seed \(seed): \($0)" }
             if report.allocations == 0 { failures.append("\(shards) shards, seed \(seed): no allocation") }
+            if report.cacheShards != shards || report.lanes != lanesOfShards(shards) {
+                failures.append("\(shards) shards, seed \(seed): set-up: the nodes have \(report.cacheShards) shards and \(report.lanes) lanes")
+            }
         }
         for failure in failures.prefix(12) { Issue.record("\(failure)") }
     }
@@ -155,14 +168,15 @@ private func churn(
     // MARK: Crashes with late verbs on several lanes
 
     /// Node A (4 shards: 4 application lanes and the upkeep's) runs 4 applications that
-    /// allocate and free 4 KiB-256 KiB blocks in an 8 MiB pool while node B does the same;
+    /// allocate and free 4 KiB-256 KiB blocks in a 32 MiB pool while node B does the same;
     /// A crashes after 0-40 more of its verbs, its unexecuted verbs on every lane dropped,
     /// all run late, or a seeded prefix of each lane's run late (a later batch of one lane
     /// may execute while an earlier one of another lane is dropped: impossible with one
     /// queue pair). A is fenced (by protection domain: every lane) and recovered. Then
     /// nothing of A's is allocated, no log, span state or intent is left, B's blocks are
     /// intact, and once B is done every header is empty and A's next incarnation gets the
-    /// whole pool (8 MiB) in one block.
+    /// whole pool (32 MiB) in one block. The set-up asserts that both nodes have 4 shards
+    /// and 5 lanes.
     @Test(arguments: [FaultPlan.LateVerbs.none, .all, .seeded])
     func crashWithLateVerbsOnSeveralLanesIsRecovered(late: FaultPlan.LateVerbs) {
         var failures: [String] = []
@@ -220,11 +234,11 @@ private func churn(
         simulator.faults.revive(aID)
         let reborn = try await cluster.restart(computeNode: 0)
         do throws(AllocationError) {
-            let whole = try await reborn.allocate(chunkCountLog2: 11, application: ApplicationID(1))
+            let whole = try await reborn.allocate(chunkCountLog2: 13, application: ApplicationID(1))
             problems += inspector.admit(whole, owner: reborn.owner)
             problems += inspector.release(whole)
             try await reborn.free(whole, application: ApplicationID(1))
-        } catch { problems.append("the whole pool (8 MiB) after recovery: \(error)") }
+        } catch { problems.append("the whole pool (32 MiB) after recovery: \(error)") }
         await cluster.quiesce()
         problems += inspector.everyHeaderEmpty().map { "reborn end: \($0)" }
         return problems
@@ -236,7 +250,7 @@ private func churn(
     /// middle of its work (no crash: its tasks keep posting, on every lane). Every
     /// operation of A after the fence fails; nothing A posts after the fence lands: after
     /// recovery nothing is A's, every header of B's-free pool is at rest, and B's blocks
-    /// are intact.
+    /// are intact. The set-up asserts that A has 4 shards and 5 lanes.
     @Test func fencingALiveNodeStopsEveryLane() {
         var failures: [String] = []
         for seed in UInt64(9_300)...9_305 {
@@ -279,8 +293,9 @@ private func churn(
     // MARK: Out of memory only when there is none
 
     /// An out-of-memory answer must rest on a read made after the allocation began. Node B
-    /// fills a 4 MiB pool (2 sections: A's cache has 2 shards, so A's application and its
-    /// upkeep post on different lanes) with 64 KiB blocks, then frees some of them one at
+    /// fills the pool (4 MiB with 1 shard; 16 MiB, 8 sections, with 2, so that A's
+    /// application and its upkeep post on different lanes, as the run asserts) with 64 KiB
+    /// blocks, then frees some of them one at
     /// a time, while A's one application takes 4 KiB blocks until it is answered out of
     /// memory, again and again until B is done. Only A allocates, so a chunk that B freed
     /// before one of A's allocations began and that is still free at the end was free all
@@ -310,13 +325,14 @@ private func churn(
     }
 
     private static func outOfMemoryRun(_ simulator: Simulator, shards: Int) async throws -> [String] {
-        var configuration = EmbeddedCluster.Configuration(poolBytesPerNode: 4 << 20, computeNodes: 2)
+        var configuration = EmbeddedCluster.Configuration(poolBytesPerNode: shards == 1 ? 4 << 20 : UInt64(shards) * (8 << 20), computeNodes: 2)
         configuration.failureDetection = false
         configuration.allocator.cacheShards = shards
         let cluster = try await EmbeddedCluster.start(configuration, simulator: simulator)
         let inspector = PoolInspector(cluster: cluster)
         let (a, b) = (cluster.computeNodes[0], cluster.computeNodes[1])
-        var problems: [String] = []
+        var problems: [String] = laneProblems(a, shards: shards)
+        guard problems.isEmpty else { return problems }
         var bBlocks: [Block] = []
         while true {
             do throws(AllocationError) { bBlocks.append(try await b.allocate(chunkCountLog2: 4, application: ApplicationID(1))) } catch {

@@ -25,6 +25,8 @@ import Testing
             let (a, b) = (cluster.computeNodes[0], cluster.computeNodes[1])
             let app = ApplicationID(2)  // home shard 0 with 2 shards
             let inspector = PoolInspector(cluster: cluster)
+            let lanes = laneProblems(a, shards: shards)
+            guard lanes.isEmpty else { return ("set-up", 0, nil, lanes) }
             var wholes: [Block] = []
             for _ in 0..<8 { wholes.append(try await b.allocate(chunkCountLog2: 9, application: app)) }
             await cluster.quiesce()
@@ -99,7 +101,7 @@ import Testing
             configuration.allocator.cacheShards = 2
             let cluster = try await EmbeddedCluster.start(configuration, simulator: simulator)
             let node = cluster.computeNodes[0]
-            var problems: [String] = []
+            var problems: [String] = laneProblems(node, shards: 2)
             for (app, home) in [(ApplicationID(1), 4..<8), (ApplicationID(2), 0..<4), (ApplicationID(1), 4..<8)] {
                 var held: [Block] = []
                 for _ in 0..<3 { held.append(try await node.allocate(chunkCountLog2: 0, application: app)) }
@@ -133,7 +135,7 @@ import Testing
             configuration.allocator.cacheShards = 2
             let cluster = try await EmbeddedCluster.start(configuration, simulator: simulator)
             let (a, b) = (cluster.computeNodes[0], cluster.computeNodes[1])
-            var problems: [String] = []
+            var problems: [String] = laneProblems(a, shards: 2)
             for _ in 0..<128 {
                 let block = try await b.allocate(chunkCountLog2: 4, application: ApplicationID(2))
                 if block.firstChunk / PoolGeometry.chunksPerSection >= 4 { problems.append("B's \(block) is not in sections 0-3") }
@@ -173,6 +175,7 @@ import Testing
         configuration.allocator.cacheShards = 2
         let cluster = try await EmbeddedCluster.start(configuration)
         let node = cluster.computeNodes[0]
+        #expect(laneProblems(node, shards: 2) == [])
         let link = node.links[0]
         let lanes = [0, 1, OperationTrace.upkeepLane].map { link.connection(lane: $0) as? SimulatedConnection }
         #expect(lanes.allSatisfy { $0 != nil } && lanes[0] !== lanes[1] && lanes[1] !== lanes[2] && lanes[0] !== lanes[2], "two shards, three connections")

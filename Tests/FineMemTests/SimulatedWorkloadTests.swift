@@ -35,6 +35,7 @@ import Testing
         var configuration = SimulatedWorkload.Configuration()
         configuration.allocator.cacheShards = 3
         let report = SimulatedWorkload(configuration).run(seed: seed)
+        #expect(report.cacheShards == 3 && report.lanes == 4, "seed \(seed): set-up: \(report.cacheShards) shards, \(report.lanes) lanes")
         #expect(report.violations.isEmpty, "seed \(seed): \(report.violations.prefix(5))")
         #expect(report.allocations > 1_000, "seed \(seed): only \(report.allocations) allocations")
     }
@@ -71,6 +72,7 @@ import Testing
         configuration.poolBytesPerNode = 32 << 20
         configuration.allocator.cacheShards = 4
         let report = ExhaustionWorkload(configuration).run(seed: seed)
+        #expect(report.cacheShards == 4 && report.lanes == 5, "seed \(seed): set-up: \(report.cacheShards) shards, \(report.lanes) lanes")
         #expect(report.wrongAnswers == [], "seed \(seed): \(report.wrongAnswers.prefix(3))")
         #expect(report.violations == [], "seed \(seed): \(report.violations.prefix(5))")
         #expect(report.outOfMemory >= 16 * 8 * 2, "seed \(seed): every task must be answered out of memory each round")

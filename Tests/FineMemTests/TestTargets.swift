@@ -80,3 +80,24 @@ extension Simulator {
         return false
     }
 }
+
+/// The lanes a compute node with `shards` cache shards has on the simulated NIC: a
+/// connection per shard and one for the upkeep, or the one connection with one shard.
+func lanesOfShards(_ shards: Int) -> Int { shards > 1 ? shards + 1 : 1 }
+
+/// What is wrong with `node`'s cache shards and lanes on memory node `memoryNode` for a
+/// test that means to run on `shards` shards: the test's mark that the path it claims to
+/// reach is there (a shard needs 4 sections of 2 MiB, so a small pool silently gets one
+/// shard and one lane). Empty when they are as meant.
+func laneProblems(_ node: BlockAllocator, shards: Int, memoryNode: Int = 0) -> [String] {
+    let (hasShards, hasLanes) = (node.cacheShards(memoryNode: memoryNode), node.lanes(memoryNode: memoryNode))
+    guard hasShards != shards || hasLanes != lanesOfShards(shards) else { return [] }
+    return ["set-up: \(node.owner) has \(hasShards) cache shards and \(hasLanes) lanes on memory node \(memoryNode); "
+        + "the test means \(shards) and \(lanesOfShards(shards)) (a shard needs 4 sections of 2 MiB)"]
+}
+
+/// A set-up that does not give a test what it means to test.
+struct SetUpError: Error, CustomStringConvertible {
+    let problems: [String]
+    var description: String { problems.joined(separator: "; ") }
+}

@@ -117,6 +117,17 @@ package final class BlockAllocator: Sendable {
         return BlockAllocator(owner: owner, links: links, runtime: runtime, configuration: configuration, placement: placement)
     }
 
+    /// Shards of this node's header cache of memory node `index` (its position in the
+    /// node's list): as configured (`AllocatorConfiguration.cacheShards`), or fewer on a
+    /// small pool, since a shard holds at least 4 sections. A test that means to run on
+    /// several shards asserts that it has them.
+    package func cacheShards(memoryNode index: Int = 0) -> Int { links[index].cache.count }
+
+    /// Connections ("lanes") this node posts on to memory node `index`: a connection per
+    /// cache shard and one for the upkeep where the backend opens more (the simulated
+    /// NIC) and the cache has several shards, else one.
+    package func lanes(memoryNode index: Int = 0) -> Int { links[index].laneCount }
+
     /// Tasks this node has spawned so far.
     package var spawnedTasks: UInt64 { spawned.load(ordering: .relaxed) }
 

@@ -8,6 +8,12 @@
 /// is empty. `recovery` crashes the recoverer instead, at each of its verbs, and runs
 /// recovery again.
 ///
+/// With `cacheShards` above 1 every compute node has that many cache shards, each with a
+/// connection of its own, and one for the upkeep (the pool grows to 4 sections a shard):
+/// the victim's operation and its upkeep post on different queue pairs, so late verbs of
+/// one may execute while the other's are dropped. Each run checks that the victim has
+/// those lanes.
+///
 /// ```swift
 /// let summary = CrashPointEnumeration(seed: 1).run(.freeMultiSection)
 /// print(summary)  // "free 4 MiB: 38 crash points x 2 late-verb policies, 76 runs, 0 violations"
@@ -29,6 +35,7 @@ package struct CrashPointEnumeration: Sendable {
     package struct Summary: Sendable, CustomStringConvertible {
         package let operation: Operation
         package let seed: UInt64
+        package var cacheShards = 1
         /// Verb positions enumerated (0 = before the first verb ... the last = after all).
         package var crashPoints = 0
         package var runs = 0
@@ -40,7 +47,7 @@ package struct CrashPointEnumeration: Sendable {
         package var traces = TraceHash()
 
         package var description: String {
-            "\(operation.rawValue) (seed \(seed)): \(crashPoints) crash points x \(FaultPlan.LateVerbs.enumerated.count) late-verb policies, "
+            "\(operation.rawValue) (seed \(seed)\(cacheShards > 1 ? ", \(cacheShards) shards" : "")): \(crashPoints) crash points x \(FaultPlan.LateVerbs.enumerated.count) late-verb policies, "
                 + "\(runs) runs, \(blocksReclaimed) blocks reclaimed, \(violations.count) violations, traces \(traces)"
         }
     }
@@ -48,15 +55,23 @@ package struct CrashPointEnumeration: Sendable {
     package let seed: UInt64
     /// Operations of each live compute node running during the crash and the recovery.
     package var loadOperations = 12
+    /// Shards of every compute node's header cache (and lanes: one connection each, and
+    /// one for the upkeep, when above 1).
+    package var cacheShards = 1
 
-    package init(seed: UInt64, loadOperations: Int = 12) {
+    package init(seed: UInt64, loadOperations: Int = 12, cacheShards: Int = 1) {
         self.seed = seed
         self.loadOperations = loadOperations
+        self.cacheShards = cacheShards
     }
+
+    /// The pool: 16 MiB, or 4 sections of 2 MiB per shard when that is more.
+    package static func poolBytes(cacheShards: Int) -> UInt64 { max(16 << 20, UInt64(cacheShards) * 4 * PoolGeometry.sectionBytes) }
 
     /// Enumerates every crash point of `operation` under both late-verb policies.
     package func run(_ operation: Operation, latePolicies: [FaultPlan.LateVerbs] = FaultPlan.LateVerbs.enumerated) -> Summary {
         var summary = Summary(operation: operation, seed: seed)
+        summary.cacheShards = cacheShards
         let reference = runOnce(operation, crashAfter: nil, late: .none)
         summary.traces.mix(reference.traceHash.value)
         summary.violations += reference.violations.map { "no crash: \($0)" }
@@ -91,9 +106,10 @@ package struct CrashPointEnumeration: Sendable {
     package func runOnce(_ operation: Operation, crashAfter: UInt64?, late: FaultPlan.LateVerbs) -> Outcome {
         let simulator = Simulator(seed: seed)
         let outcome = Locked(Outcome())
-        let loadOperations = loadOperations
+        let (loadOperations, cacheShards) = (loadOperations, cacheShards)
         simulator.spawn {
-            await Self.drive(operation, crashAfter: crashAfter, late: late, loadOperations: loadOperations, simulator: simulator, outcome: outcome)
+            await Self.drive(
+                operation, crashAfter: crashAfter, late: late, loadOperations: loadOperations, cacheShards: cacheShards, simulator: simulator, outcome: outcome)
         }
         simulator.run()
         return outcome.withLock { outcome in
@@ -103,18 +119,26 @@ package struct CrashPointEnumeration: Sendable {
     }
 
     private static func drive(
-        _ operation: Operation, crashAfter: UInt64?, late: FaultPlan.LateVerbs, loadOperations: Int, simulator: Simulator, outcome: Locked<Outcome>
+        _ operation: Operation, crashAfter: UInt64?, late: FaultPlan.LateVerbs, loadOperations: Int, cacheShards: Int, simulator: Simulator,
+        outcome: Locked<Outcome>
     ) async {
         let note: @Sendable ([String]) -> Void = { problems in if !problems.isEmpty { outcome.withLock { $0.violations += problems } } }
         let cluster: EmbeddedCluster
         do {
-            cluster = try await EmbeddedCluster.start(.init(memoryNodes: 1, poolBytesPerNode: 16 << 20, computeNodes: 3), simulator: simulator)
+            var configuration = EmbeddedCluster.Configuration(memoryNodes: 1, poolBytesPerNode: poolBytes(cacheShards: cacheShards), computeNodes: 3)
+            configuration.allocator.cacheShards = cacheShards
+            cluster = try await EmbeddedCluster.start(configuration, simulator: simulator)
         } catch {
             note(["cluster did not start: \(error)"])
             return
         }
         let inspector = PoolInspector(cluster: cluster)
         let victim = cluster.computeNodes[Self.victim]
+        let lanes = cacheShards > 1 ? cacheShards + 1 : 1
+        if victim.cacheShards() != cacheShards || victim.lanes() != lanes {
+            note(["set-up: the victim has \(victim.cacheShards()) cache shards and \(victim.lanes()) lanes, not \(cacheShards) and \(lanes)"])
+            return
+        }
         let victimID = EmbeddedCluster.computeNodeID(Self.victim)
         let application = ApplicationID(1)
         do throws(AllocationError) {

@@ -30,6 +30,8 @@ package struct SimulatedWorkload: Sendable {
         package var outOfMemory = 0
         package var virtualNanoseconds: UInt64 = 0
         package var traceHash = TraceHash()
+        package var cacheShards = 0
+        package var lanes = 0
         package var statistics = AllocatorStatistics()
         package var violations: [String] = []
         package var allocationLatencies: [UInt64] = []

@@ -5,6 +5,10 @@ protocol WorkloadReport: Sendable {
     var violations: [String] { get set }
     var virtualNanoseconds: UInt64 { get set }
     var traceHash: TraceHash { get set }
+    /// The fewest cache shards and lanes that any compute node has to any memory node
+    /// (`BlockAllocator.cacheShards`, `lanes`): what a run that asks for several got.
+    var cacheShards: Int { get set }
+    var lanes: Int { get set }
 }
 
 extension WorkloadReport {
@@ -32,7 +36,15 @@ func startCluster<Report: WorkloadReport>(
     _ configuration: EmbeddedCluster.Configuration, simulator: Simulator, report: Locked<Report>
 ) async -> EmbeddedCluster? {
     do {
-        return try await EmbeddedCluster.start(configuration, simulator: simulator)
+        let cluster = try await EmbeddedCluster.start(configuration, simulator: simulator)
+        let links = cluster.computeNodes.flatMap { node in (0..<configuration.memoryNodes).map { (node, $0) } }
+        let shards = links.map { $0.0.cacheShards(memoryNode: $0.1) }.min() ?? 0
+        let lanes = links.map { $0.0.lanes(memoryNode: $0.1) }.min() ?? 0
+        report.withLock { report in
+            report.cacheShards = shards
+            report.lanes = lanes
+        }
+        return cluster
     } catch {
         report.withLock { $0.violations.append("cluster did not start: \(error)") }
         return nil

@@ -111,6 +111,10 @@ final class MemoryNodeLink: Sendable {
             sections: Array(repeating: SectionHeader.empty.rawValue, count: grant.geometry.sectionCount), cacheShards: 1)
     }
 
+    /// How many connections the link posts on: one per cache shard and one for the
+    /// upkeep when the backend opens more (and the cache has more than one shard), else 1.
+    var laneCount: Int { lanes.count }
+
     var geometry: PoolGeometry { grant.geometry }
     var memoryNode: NodeID { grant.memoryNode }
     var metadataKey: RKey { grant.metadataKey }

@@ -589,10 +589,22 @@ package final class SimulatedConnection: FabricConnection, @unchecked Sendable {
             if queue.pointee[batch: picked.batch].isWords {
                 let word = try withState { (s) throws(FabricError) in try executeOne(verb, index: picked.index, state: &s) { nic.performWord($0) } }
                 simulator.record(verb, by: localNode, word: word)
+                let changed = switch verb {
+                case .compareAndSwap(_, let expected, _, _, _): word == expected
+                case .read: false
+                case .write, .fetchAndAdd: true
+                }
+                simulator.executed(verb, on: nic.node, changed: changed)
                 queue.pointee[batch: picked.batch].words[picked.index] = word
             } else {
                 let result = try withState { (s) throws(FabricError) in try executeOne(verb, index: picked.index, state: &s) { nic.perform($0) } }
                 simulator.record(verb, by: localNode, result: .success(result))
+                let changed = switch result {
+                case .compareAndSwap(let exchanged, _): exchanged
+                case .read: false
+                case .written, .fetchAndAdd: true
+                }
+                simulator.executed(verb, on: nic.node, changed: changed)
                 queue.pointee[batch: picked.batch].results[picked.index] = result
             }
             if case .read(_, let length, _, _) = verb { queue.pointee[batch: picked.batch].readBytes += length }

@@ -71,6 +71,7 @@ public final class Simulator: TaskExecutor, Runtime, @unchecked Sendable {
         var traceHash = TraceHash()
         var totalVerbs: UInt64 = 0
         var explorer: PriorityExplorer?
+        var changeObserver: ((Verb, NodeID) -> Void)?
     }
 
     private struct JobQueue {
@@ -363,6 +364,26 @@ public final class Simulator: TaskExecutor, Runtime, @unchecked Sendable {
 
     /// Verbs that `node` has had executed so far.
     package func verbsExecuted(by node: NodeID) -> UInt64 { core.pointee.verbsExecuted[node] }
+
+    /// Calls `observer` on the simulator's thread right after each verb of a virtual-time
+    /// connection that changed the memory of a simulated NIC (a WRITE, a fetch-and-add, a
+    /// compare-and-swap that exchanged), with the verb and the memory node, before
+    /// anything else happens in the run: what a checker needs to look at the pool at every
+    /// instant it changes (`OutOfMemoryOracle`). Verbs of immediate-mode connections (a
+    /// memory node's loopback) are not seen. One observer per run; set it before the run
+    /// starts, or from a task of the run. It draws nothing from the run's random stream, so
+    /// the run is the same with it as without.
+    package func observeChanges(_ observer: @escaping (Verb, NodeID) -> Void) {
+        core.pointee.changeObserver = observer
+    }
+
+    /// A verb of a virtual-time connection executed on memory node `memoryNode`'s NIC;
+    /// `changed`: whether it changed memory.
+    @inline(__always)
+    func executed(_ verb: Verb, on memoryNode: NodeID, changed: Bool) {
+        guard changed, let observer = core.pointee.changeObserver else { return }
+        observer(verb, memoryNode)
+    }
 }
 
 /// A counter per simulated node, indexed by the node's number (no hashing: memory nodes
