@@ -27,8 +27,9 @@ import Atomics
 /// 4. Every decision that changes remote state rests on a CAS whose expected value is the
 ///    word it was made on; a decision not to change it rests on a fresh READ.
 /// 5. Contention never ends an allocation while room may exist (only `waitCountMax`
-///    pauses do); no room is answered only on two equal full reads made during the call
-///    whose words have no room for the request (DESIGN.md invariant 7).
+///    pauses do); no room is answered only on two full reads made during the call
+///    that show the same allocations and no room for the request (DESIGN.md
+///    invariant 7).
 ///
 /// ```swift
 /// let allocator = try await BlockAllocator.start(
@@ -176,10 +177,11 @@ package final class BlockAllocator: Sendable {
     /// memory node that has room, from the one the placement policy names first.
     ///
     /// Out of memory is answered when no reachable memory node had room at one instant
-    /// of the call: each node's search ends on two equal full reads without room; with
-    /// several nodes, one more read of each must equal what its search ended on (room
+    /// of the call: each node's search ends on two full reads that show the same
+    /// allocations and no room; with several nodes, one more read of each must show the
+    /// allocations its search ended on (room
     /// may have moved from a node not yet asked to one already asked). When it does not,
-    /// the nodes are asked again, at most `noRoomRoundsMax` times in all.
+    /// the nodes are asked again after a pause, at most `noRoomRoundsMax` times in all.
     package func allocate(chunkCountLog2: Int, application: ApplicationID) async throws(AllocationError) -> Block {
         guard chunkCountLog2 >= 0 else { throw .zeroSize }
         let fencedThere = fencedCount.load(ordering: .acquiring) == 0 ? [] : fencedOn.withLock { $0 }
@@ -197,6 +199,7 @@ package final class BlockAllocator: Sendable {
         var unreachable: FabricError?
         do throws(AllocationError) {
             let first = placement.firstNode(memoryNodeCount: links.count, chunkCountLog2: chunkCountLog2, sequence: turn)
+            var roundsBackoff = Backoff(configuration)
             for round in 1...Self.noRoomRoundsMax {
                 var noRoom: [(link: MemoryNodeLink, read: FullRead?)] = []
                 for offset in 0..<links.count {
@@ -225,6 +228,7 @@ package final class BlockAllocator: Sendable {
                 }
                 if try await noRoomStands(noRoom, unreachable: &unreachable, trace: &trace) { break }
                 guard round < Self.noRoomRoundsMax else { throw .retryLimitExceeded(attempts: round) }
+                try await roundsBackoff.pause(runtime)
             }
         } catch {
             recordStatistics(application) { $0.recordFailedAllocation(trace) }
@@ -256,8 +260,8 @@ package final class BlockAllocator: Sendable {
     }
 
     /// Whether the memory nodes' answers of no room hold together: with one node, its two
-    /// equal reads are the instant; with several, a further read of each node must equal
-    /// the one its search ended on, so that all held at once, between the last search and
+    /// reads are the instant; with several, a further read of each node must show the
+    /// allocations of the one its search ended on, so that all held at once, between the last search and
     /// the first of these reads. A node whose read fails is out of reach from then on.
     private func noRoomStands(
         _ answers: [(link: MemoryNodeLink, read: FullRead?)], unreachable: inout FabricError?, trace: inout OperationTrace
@@ -266,7 +270,7 @@ package final class BlockAllocator: Sendable {
         for (link, read) in answers {
             guard let read else { continue }
             do throws(AllocationError) {
-                guard try await refresh(link, trace: &trace) == read else { return false }
+                guard try await refresh(link, trace: &trace).showsSameAllocations(as: read) else { return false }
             } catch {
                 guard case .fabric(let fabricError) = error else { throw error }
                 markUnusable(link)
@@ -389,8 +393,8 @@ package final class BlockAllocator: Sendable {
 
     /// The state of one allocation's search on one memory node. Room and contention end a
     /// search differently: no room is answered only when two full reads made during the
-    /// call, one after the other, read the same words and those words have no room for
-    /// the request (`noRoomInCache`); contention (commits lost to other nodes, choices the
+    /// call, one after the other, show the same allocations and no room for the request
+    /// (`noRoomInCache`); contention (commits lost to other nodes, choices the
     /// cache made stale) never ends it while room may exist: after `operationAttemptsMax`
     /// spent choices it pauses and reads afresh (`beginRound`), and only `waitCountMax`
     /// pauses in all make it answer `retryLimitExceeded`.
@@ -420,12 +424,13 @@ package final class BlockAllocator: Sendable {
     /// The cache shows no room: look through the room summary for sections with room the
     /// cache does not know of (a few KiB), and when it shows none, read every header
     /// (answers false: search again). After a full read, answers true (no room) only when
-    /// another full read, posted after it, reads the same words (the pool was in that
-    /// state at an instant between the two, during the call) and those words hold no room
-    /// for the request (`FullRead.hasRoom`); otherwise the search goes on from the newer
+    /// another full read, posted after it, shows the same allocations (the pool was in
+    /// that state at an instant between the two, during the call:
+    /// `FullRead.showsSameAllocations`) and those words hold no room for the request
+    /// (`FullRead.hasRoom`); otherwise the search goes on from the newer
     /// read. When the reads differ, room may have appeared or moved since the first (a
     /// lost race right after a full read shows no room in the cache, and a full read is
-    /// four READs, not one instant): that counts an attempt. When they are equal and
+    /// four READs, not one instant): that counts an attempt. When they agree and
     /// hold room the search cannot take yet (in the middle of another node's operation:
     /// a span being closed, a free's log pending), the search pauses first (`backoff`,
     /// bounded by `waitCountMax`). A section held whole by a multi-section claim still in
@@ -435,7 +440,7 @@ package final class BlockAllocator: Sendable {
         if let previous = search.lastRead {
             let current = try await refresh(link, trace: &trace)
             search.lastRead = current
-            guard current == previous else {
+            guard current.showsSameAllocations(as: previous) else {
                 trace.attempts += 1
                 return false
             }

@@ -56,4 +56,40 @@ extension FullRead {
         let runMask = (1 << runLength) - 1
         return stride(from: 0, to: PoolGeometry.spansPerSection, by: runLength).contains { free >> $0 & runMask == runMask }
     }
+
+    /// Whether `other` shows the same allocations as these words: every header word equal
+    /// once the bits that never add or take room are left out (a pending bit a flush
+    /// clears, the contention mark, the avoid hint of a chunk-mode entry). What stays
+    /// (bitmaps, span modes, entry states, the temporary log with its sequence) changes
+    /// with every block operation and span open or close, so two reads that show the
+    /// same allocations show a state the pool was in at an instant between them (see
+    /// `FullRead`). Flushes and hints go on all the time near a full pool; a comparison of
+    /// the raw words would rarely find two reads equal.
+    func showsSameAllocations(as other: FullRead) -> Bool {
+        guard sections.count == other.sections.count, spans.count == other.spans.count else { return false }
+        for index in sections.indices where Self.allocations(ofSection: sections[index]) != Self.allocations(ofSection: other.sections[index]) {
+            return false
+        }
+        for index in spans.indices where Self.allocations(ofSpan: spans[index]) != Self.allocations(ofSpan: other.spans[index]) {
+            return false
+        }
+        return true
+    }
+
+    /// A section word without its pending bit, contention mark and avoid hints.
+    private static func allocations(ofSection word: UInt64) -> UInt64 {
+        guard let header = SectionHeader(rawValue: word) else { return word }
+        // An entry's states: 00 empty, 01 chunks, 10 chunks but avoid, 11 whole; avoid
+        // becomes chunks.
+        let states = header.states
+        let avoid = states & ~(states << 1) & 0xAAAA_AAAA
+        let normalized = states & ~avoid | avoid >> 1
+        return SectionHeader(states: normalized, contended: false, logPending: false, log: header.log).rawValue
+    }
+
+    /// A span word without its pending bit and contention mark.
+    private static func allocations(ofSpan word: UInt64) -> UInt64 {
+        guard let header = SpanHeader(rawValue: word) else { return word }
+        return SpanHeader(bitmap: header.bitmap, mode: header.mode, contended: false, logPending: false, log: header.log).rawValue
+    }
 }

@@ -320,9 +320,10 @@ final class MemoryNodeLink: Sendable {
 }
 
 /// Every section and span header word of a memory node, as one full refresh read them
-/// (`MemoryNodeLink.refresh`). Two reads with equal words, the second posted after the
-/// first completed, show the pool with no room for a request at an instant between them
-/// when their words show none: each word held its value from its first READ to its
+/// (`MemoryNodeLink.refresh`). Two reads with equal words (or equal but for bits that
+/// never add room: `showsSameAllocations`), the second posted after the first completed,
+/// show the pool with no room for a request at an instant between them when their words
+/// show none: each word held its value from its first READ to its
 /// second, unless it changed and came back. Words come back exactly after hints, a
 /// rolled-back claim, or a span closed and opened again; for room to hide between two
 /// equal reads, a header that held room in between must come back to a word without
