@@ -178,8 +178,8 @@ package final class BlockAllocator: Sendable {
     ///
     /// Out of memory is answered when no reachable memory node had room at one instant
     /// of the call: each node's search ends on two full reads that show the same
-    /// allocations and no room; with several nodes, one more read of each must show the
-    /// allocations its search ended on (room
+    /// allocations and no room; with several nodes, two more reads of each, all first
+    /// ones before any second, must show the same allocations and no room (room
     /// may have moved from a node not yet asked to one already asked). When it does not,
     /// the nodes are asked again after a pause, at most `noRoomRoundsMax` times in all.
     package func allocate(chunkCountLog2: Int, application: ApplicationID) async throws(AllocationError) -> Block {
@@ -226,7 +226,7 @@ package final class BlockAllocator: Sendable {
                     recordStatistics(application) { $0.recordAllocation(trace) }
                     return block
                 }
-                if try await noRoomStands(noRoom, unreachable: &unreachable, trace: &trace) { break }
+                if try await noRoomStands(noRoom, chunkCountLog2: chunkCountLog2, unreachable: &unreachable, trace: &trace) { break }
                 guard round < Self.noRoomRoundsMax else { throw .retryLimitExceeded(attempts: round) }
                 try await roundsBackoff.pause(runtime)
             }
@@ -241,7 +241,7 @@ package final class BlockAllocator: Sendable {
 
     /// Rounds over the memory nodes before a search that keeps finding room moved
     /// elsewhere answers `retryLimitExceeded`.
-    static let noRoomRoundsMax = 8
+    static let noRoomRoundsMax = 16
 
     /// Allocates on one memory node, in the layer of the size; nil when it has no room,
     /// with `noRoomRead` the full read its answer rests on (nil when the node cannot hold
@@ -260,21 +260,34 @@ package final class BlockAllocator: Sendable {
     }
 
     /// Whether the memory nodes' answers of no room hold together: with one node, its two
-    /// reads are the instant; with several, a further read of each node must show the
-    /// allocations of the one its search ended on, so that all held at once, between the last search and
-    /// the first of these reads. A node whose read fails is out of reach from then on.
+    /// reads are the instant; with several, room may have moved from a node not yet asked
+    /// to one already asked, so every node is read twice more, all first reads before any
+    /// second: when each node's two show the same allocations and no room, every node had
+    /// none at one instant, between the last first read and the first second read. A
+    /// node whose read fails is out of reach from then on.
     private func noRoomStands(
-        _ answers: [(link: MemoryNodeLink, read: FullRead?)], unreachable: inout FabricError?, trace: inout OperationTrace
+        _ answers: [(link: MemoryNodeLink, read: FullRead?)], chunkCountLog2: Int, unreachable: inout FabricError?, trace: inout OperationTrace
     ) async throws(AllocationError) -> Bool {
-        guard answers.count > 1 else { return true }
-        for (link, read) in answers {
-            guard let read else { continue }
-            do throws(AllocationError) {
-                guard try await refresh(link, trace: &trace).showsSameAllocations(as: read) else { return false }
-            } catch {
-                guard case .fabric(let fabricError) = error else { throw error }
-                markUnusable(link)
-                unreachable = unreachable ?? fabricError
+        let links = answers.filter { $0.read != nil }.map(\.link)
+        guard answers.count > 1, !links.isEmpty else { return true }
+        var first: [FullRead?] = []
+        for pass in 0..<2 {
+            for (index, link) in links.enumerated() {
+                let read: FullRead
+                do throws(AllocationError) {
+                    read = try await refresh(link, trace: &trace)
+                } catch {
+                    guard case .fabric(let fabricError) = error else { throw error }
+                    markUnusable(link)
+                    unreachable = unreachable ?? fabricError
+                    if pass == 0 { first.append(nil) }
+                    continue
+                }
+                if pass == 0 {
+                    first.append(read)
+                } else if let earlier = first[index], !read.showsSameAllocations(as: earlier) || read.hasRoom(chunkCountLog2: chunkCountLog2) {
+                    return false
+                }
             }
         }
         return true
