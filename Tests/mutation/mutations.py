@@ -15,6 +15,25 @@ EQUIVALENT = [
      "newest), and a flush that finds the log not its own reads afresh, so the header a flush "
      "changes is pending under its own log. Recovery settles logs only of fenced nodes, whose "
      "flushes no longer execute (their queue pairs are in the error state)."),
+    ("an allocation's search does not wait for a span under a pending log",
+     "Sources/FineMem/Allocation/HeaderSearch.swift",
+     "                if rawSection.pendingLogCovers(span: span) {\n                    if transient == nil { transient = (.section(section), nil) }\n                    continue\n                }",
+     "                if rawSection.pendingLogCovers(span: span) {\n                    continue\n                }",
+     "The recheck of a span under a section's pending log is a shortcut: without it the search "
+     "finds no room, and the out-of-memory answer rests on two full reads that show the same "
+     "allocations and no room, where FullRead.hasRoom counts an empty entry under a pending log "
+     "as room; the search pauses and looks again (bounded by waitCountMax) instead of reading "
+     "the two headers again. The same answers after more round trips."),
+    ("recovery tries a lost reclaim CAS again on the word the CAS found",
+     "Sources/FineMem/Recovery/RecoveryPass.swift",
+     "                spanSlots, UpdatePolicy(attemptsMax: 1), known: spanSlots.map { pool[$0] }, trace: &trace",
+     "                spanSlots, UpdatePolicy(attemptsMax: 2), known: spanSlots.map { pool[$0] }, trace: &trace",
+     "With one recoverer of a node at a time (enforced: MemoryNode fences an earlier recoverer "
+     "before it grants or runs another), only recovery changes the dead node's runs in a header, "
+     "so a reclaim CAS loses only to other nodes' operations on their own runs, and applying the "
+     "dead node's runs to the word it found frees exactly them. The single attempt is defence in "
+     "depth (the review's interleaving of two recoverers, RecovererLeaseTests, needs both the "
+     "lease and the retry removed)."),
 ]
 
 MUTATIONS = [
@@ -73,10 +92,6 @@ MUTATIONS = [
      "Sources/FineMem/Allocation/MultiSection.swift",
      "after: [link.intentWrite(.none, slot: intentSlot).fenced()]",
      "after: [link.intentWrite(.none, slot: intentSlot)]"),
-    ("an allocation's search does not wait for a span under a pending log",
-     "Sources/FineMem/Allocation/HeaderSearch.swift",
-     "                if rawSection.pendingLogCovers(span: span) {\n                    if transient == nil { transient = (.section(section), nil) }\n                    continue\n                }",
-     "                if rawSection.pendingLogCovers(span: span) {\n                    continue\n                }"),
     ("recovery leaves the dead node's records allocated",
      "Sources/FineMem/Recovery/RecoveryPass.swift",
      "                for run in runs where header.marksFree(run) { freedRecord(first + run.offset, layer: .chunk, sequence: header.log.sequence) }",
@@ -106,7 +121,7 @@ MUTATIONS = [
     ("out of memory right after a full read, with no second read (a lost race after it)",
      "Sources/FineMem/Allocation/BlockAllocator.swift",
      "            let current = try await refresh(link, trace: &trace)\n            search.lastRead = current\n            guard current.showsSameAllocations(as: previous) else {",
-     "            _ = previous\n            return true\n            guard true else {"),
+     "            if previous.sections.count >= 0 { return true }\n            let current = try await refresh(link, trace: &trace)\n            search.lastRead = current\n            guard current.showsSameAllocations(as: previous) else {"),
     ("a refresh shares a full read begun before its call",
      "Sources/FineMem/Log/MemoryNodeLink.swift",
      "return generation > arrival ? .join(generation) : .outlast(generation)",
