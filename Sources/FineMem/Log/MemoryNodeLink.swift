@@ -173,27 +173,22 @@ final class MemoryNodeLink: Sendable {
     func read(_ slot: HeaderSlot) -> Verb { .readWords(grant.address(of: slot), count: 1, rkey: metadataKey) }
 
     /// Reads every section and span header into the cache (one doorbell) and answers the
-    /// words read; or, when another task of this compute node started such a read after
-    /// this call began, waits for it and answers its words: one full read per memory node
-    /// at a time, however many tasks run out of room together (no refresh storm near a
-    /// full pool).
+    /// words read; or, when another task of this compute node is already doing so, waits
+    /// for that read and answers its words: one full read per memory node at a time,
+    /// however many tasks run out of room together (no refresh storm near a full pool).
     ///
-    /// Whatever it answers was read after this call began: a read already in flight when
-    /// the call began may have executed before the caller's operation did, and an answer
-    /// that the pool is full must not rest on it. So a task that finds such a read in
-    /// flight waits for it to end, then leads a read of its own or joins one started since.
-    /// A shared read that failed is not an answer either: the task reads itself. The waits
-    /// are bounded by the reads they wait for (each completes or fails), the attempts by
-    /// `refreshAttemptsMax`.
+    /// A shared read may have begun before this call did: the caller's operation must not
+    /// conclude from it alone. The search never does: its answer that the pool is full
+    /// rests on two reads (`BlockAllocator.noRoomInCache`), and as reads run one at a time,
+    /// the second of them begins after the first ended, during the call. A shared read
+    /// that failed is no answer: the task reads itself. The waits are bounded by the reads
+    /// they wait for (each completes or fails), the steps by `refreshAttemptsMax`.
     @discardableResult
     func refresh(trace: inout OperationTrace, runtime: any Runtime, pauseNanos: ClosedRange<UInt64>) async throws(FabricError) -> FullRead {
-        let arrival = refreshFlight.withLock { $0.started }
         var lastFailure: FabricError?
         for _ in 0..<Self.refreshAttemptsMax {
             let step = refreshFlight.withLock { flight -> RefreshFlight.Step in
-                if let generation = flight.inFlight {
-                    return generation > arrival ? .join(generation) : .outlast(generation)
-                }
+                if let generation = flight.inFlight { return .join(generation) }
                 flight.started += 1
                 flight.inFlight = flight.started
                 return .lead(flight.started)
@@ -201,15 +196,14 @@ final class MemoryNodeLink: Sendable {
             switch step {
             case .lead(let generation):
                 return try await leadRefresh(generation, trace: &trace)
-            case .outlast(let generation), .join(let generation):
+            case .join(let generation):
                 var delay = pauseNanos.lowerBound
                 while refreshFlight.withLock({ $0.finished < generation }) {
                     await runtime.sleep(nanoseconds: delay)
                     delay = min(delay * 2, pauseNanos.upperBound)
                 }
-                guard case .join = step else { continue }
-                // Generations finish in order, one at a time: the last one finished began
-                // no earlier than the one joined, so after this call began too.
+                // Reads finish in order, one at a time: the last one finished is the one
+                // joined or a later one.
                 switch refreshFlight.withLock({ $0.outcome }) {
                 case .success(let read)?:
                     trace.refreshesShared += 1
@@ -224,8 +218,8 @@ final class MemoryNodeLink: Sendable {
         throw lastFailure ?? .connectionBroken(memoryNode)
     }
 
-    /// Most steps of one `refresh`: outlast a read begun before the call, then join reads
-    /// that fail, before the last failure is answered. Each step waits for one read.
+    /// Most steps of one `refresh`: shared reads that failed, before the last failure is
+    /// answered. Each step waits for one read.
     static let refreshAttemptsMax = 4
 
     /// The full read of refresh `generation`, stored in the cache and kept as the flight's
@@ -347,9 +341,7 @@ private struct RefreshFlight: Sendable {
     enum Step {
         /// Read: no refresh is in flight.
         case lead(UInt64)
-        /// Wait for this refresh, begun before the task asked, to end; then look again.
-        case outlast(UInt64)
-        /// Wait for this refresh, begun after the task asked, and take its words.
+        /// Wait for this refresh and take its words.
         case join(UInt64)
     }
 }
