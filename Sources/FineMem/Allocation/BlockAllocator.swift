@@ -28,7 +28,7 @@ import Atomics
 ///    word it was made on; a decision not to change it rests on a fresh READ.
 /// 5. Contention never ends an allocation while room may exist (only `waitCountMax`
 ///    pauses do); no room is answered only on two full reads made during the call
-///    that show the same allocations and no room for the request (DESIGN.md
+///    that show no room for the request throughout the time between them (DESIGN.md
 ///    invariant 7).
 ///
 /// ```swift
@@ -177,9 +177,10 @@ package final class BlockAllocator: Sendable {
     /// memory node that has room, from the one the placement policy names first.
     ///
     /// Out of memory is answered when no reachable memory node had room at one instant
-    /// of the call: each node's search ends on two full reads that show the same
-    /// allocations and no room; with several nodes, two more reads of each, all first
-    /// ones before any second, must show the same allocations and no room (room
+    /// of the call: each node's search ends on two full reads that show no room
+    /// throughout the time between them (`FullRead.noRoomThroughout`); with several
+    /// nodes, two more reads of each, all first ones before any second, must show the
+    /// same (room
     /// may have moved from a node not yet asked to one already asked). When it does not,
     /// the nodes are asked again after a pause, at most `noRoomRoundsMax` times in all.
     package func allocate(chunkCountLog2: Int, application: ApplicationID) async throws(AllocationError) -> Block {
@@ -262,8 +263,8 @@ package final class BlockAllocator: Sendable {
     /// Whether the memory nodes' answers of no room hold together: with one node, its two
     /// reads are the instant; with several, room may have moved from a node not yet asked
     /// to one already asked, so every node is read twice more, all first reads before any
-    /// second: when each node's two show the same allocations and no room, every node had
-    /// none at one instant, between the last first read and the first second read. A
+    /// second: when each node's two show no room throughout the time between them, every
+    /// node had none at one instant, between the last first read and the first second read. A
     /// node whose read fails is out of reach from then on.
     private func noRoomStands(
         _ answers: [(link: MemoryNodeLink, read: FullRead?)], chunkCountLog2: Int, unreachable: inout FabricError?, trace: inout OperationTrace
@@ -285,7 +286,7 @@ package final class BlockAllocator: Sendable {
                 }
                 if pass == 0 {
                     first.append(read)
-                } else if let earlier = first[index], !read.showsSameAllocations(as: earlier) || read.hasRoom(chunkCountLog2: chunkCountLog2) {
+                } else if let earlier = first[index], !read.noRoomThroughout(since: earlier, chunkCountLog2: chunkCountLog2) {
                     return false
                 }
             }
@@ -406,8 +407,8 @@ package final class BlockAllocator: Sendable {
 
     /// The state of one allocation's search on one memory node. Room and contention end a
     /// search differently: no room is answered only when two full reads made during the
-    /// call, one after the other, show the same allocations and no room for the request
-    /// (`noRoomInCache`); contention (commits lost to other nodes, choices the
+    /// call, one after the other, show no room for the request throughout the time
+    /// between them (`noRoomInCache`); contention (commits lost to other nodes, choices the
     /// cache made stale) never ends it while room may exist: after `operationAttemptsMax`
     /// spent choices it pauses and reads afresh (`beginRound`), and only `waitCountMax`
     /// pauses in all make it answer `retryLimitExceeded`.
@@ -437,28 +438,27 @@ package final class BlockAllocator: Sendable {
     /// The cache shows no room: look through the room summary for sections with room the
     /// cache does not know of (a few KiB), and when it shows none, read every header
     /// (answers false: search again). After a full read, answers true (no room) only when
-    /// another full read, posted after it, shows the same allocations (the pool was in
-    /// that state at an instant between the two, during the call:
-    /// `FullRead.showsSameAllocations`) and those words hold no room for the request
-    /// (`FullRead.hasRoom`); otherwise the search goes on from the newer
-    /// read. When the reads differ, room may have appeared or moved since the first (a
-    /// lost race right after a full read shows no room in the cache, and a full read is
-    /// four READs, not one instant): that counts an attempt. When they agree and
-    /// hold room the search cannot take yet (in the middle of another node's operation:
-    /// a span being closed, a free's log pending), the search pauses first (`backoff`,
-    /// bounded by `waitCountMax`). A section held whole by a multi-section claim still in
-    /// flight is held at that instant, like any block: if the claim rolls back between
-    /// the two reads, they differ.
+    /// another full read, posted after it, shows every place the request could take held
+    /// throughout the time between the two, by words that did not change
+    /// (`FullRead.noRoomThroughout`): then the pool had no room at an instant of the call.
+    /// Otherwise the search goes on from the newer read. When the two reads show other
+    /// allocations, room may have appeared or moved since the first (a lost race right
+    /// after a full read shows no room in the cache, and a full read is four READs, not
+    /// one instant): that counts an attempt. When they show the same allocations and room
+    /// the search cannot take yet (in the middle of another node's operation: a span
+    /// being closed, a free's log pending), the search pauses first (`backoff`, bounded by
+    /// `waitCountMax`). A section held whole by a multi-section claim still in flight is
+    /// held at that instant, like any block.
     func noRoomInCache(_ search: inout Search, on link: MemoryNodeLink, trace: inout OperationTrace) async throws(AllocationError) -> Bool {
         if let previous = search.lastRead {
             let current = try await refresh(link, trace: &trace)
             search.lastRead = current
-            guard current.showsSameAllocations(as: previous) else {
+            if current.noRoomThroughout(since: previous, chunkCountLog2: search.chunkCountLog2) { return true }
+            if current.showsSameAllocations(as: previous) {
+                try await search.backoff.pause(runtime)
+            } else {
                 trace.attempts += 1
-                return false
             }
-            if !current.hasRoom(chunkCountLog2: search.chunkCountLog2) { return true }
-            try await search.backoff.pause(runtime)
             return false
         }
         if !search.lookedInSummary {

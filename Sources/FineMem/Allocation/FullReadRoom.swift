@@ -92,4 +92,70 @@ extension FullRead {
         guard let header = SpanHeader(rawValue: word) else { return word }
         return SpanHeader(bitmap: header.bitmap, mode: header.mode, contended: false, logPending: false, log: header.log).rawValue
     }
+
+    /// Whether the pool had no room for `2^chunkCountLog2` chunks throughout the time from
+    /// `first` (an earlier full read) to these words, and so at every instant between the
+    /// end of `first` and the start of this read. Every place the request could take must
+    /// be held, in both reads, by a unit whose words did not change between them (a unit
+    /// whose words changed may have been free in between):
+    /// - a span whose section entry is whole, with the section's log the same in both (a
+    ///   whole entry becomes free only by a block operation on the section, which changes
+    ///   its log's sequence);
+    /// - a chunk-mode span that is open with the same log and bitmap in both, with chunks
+    ///   in use (for whole spans), or with no free aligned run of the size (for chunks).
+    ///
+    /// A place is a span (chunk requests), an aligned run of spans in a section, or an
+    /// aligned run of sections: for the latter two one held unit holds the place. So a
+    /// pool that churns elsewhere still shows a run of sections held throughout, where
+    /// comparing every word (`showsSameAllocations`) would not. (The log sequence has 6
+    /// bits: 64 block operations on one header between the two reads could bring it back.)
+    func noRoomThroughout(since first: FullRead, chunkCountLog2: Int) -> Bool {
+        guard sections.count == first.sections.count, spans.count == first.spans.count else { return false }
+        let spansPerSection = PoolGeometry.spansPerSection
+        switch Block.layer(chunkCountLog2: chunkCountLog2) {
+        case .chunk:
+            for section in sections.indices {
+                for span in 0..<spansPerSection where !held(section, span, since: first, forChunks: chunkCountLog2) { return false }
+            }
+            return true
+        case .section:
+            let runLength = 1 << (chunkCountLog2 - SectionHeader.unitChunkCountLog2)
+            for section in sections.indices {
+                for start in stride(from: 0, to: spansPerSection, by: runLength)
+                where !(start..<start + runLength).contains(where: { held(section, $0, since: first, forChunks: nil) }) {
+                    return false
+                }
+            }
+            return true
+        case .multiSection:
+            let count = 1 << (chunkCountLog2 - Block.sectionLayerCountLog2Max)
+            guard count <= sections.count else { return true }
+            for start in stride(from: 0, through: sections.count - count, by: count) {
+                let isHeld = (start..<start + count).contains { section in
+                    (0..<spansPerSection).contains { held(section, $0, since: first, forChunks: nil) }
+                }
+                if !isHeld { return false }
+            }
+            return true
+        }
+    }
+
+    /// Whether span `span` of `section` was held throughout, from `first` to these words,
+    /// as `noRoomThroughout` says: for whole spans (`forChunks` nil), or for a run of
+    /// `2^forChunks` chunks.
+    private func held(_ section: Int, _ span: Int, since first: FullRead, forChunks chunkCountLog2: Int?) -> Bool {
+        guard let before = SectionHeader(rawValue: first.sections[section]), let after = SectionHeader(rawValue: sections[section]) else {
+            return false
+        }
+        let (entryBefore, entryAfter) = (before.settled.state(ofSpan: span), after.settled.state(ofSpan: span))
+        if entryBefore == .whole, entryAfter == .whole { return before.log == after.log }
+        guard entryBefore.isChunkMode, entryAfter.isChunkMode else { return false }
+        let index = section * PoolGeometry.spansPerSection + span
+        guard let spanBefore = SpanHeader(rawValue: first.spans[index]), let spanAfter = SpanHeader(rawValue: spans[index]),
+              spanBefore.mode == .open, spanAfter.mode == .open, spanBefore.log == spanAfter.log, spanBefore.bitmap == spanAfter.bitmap else {
+            return false
+        }
+        guard let chunkCountLog2 else { return spanAfter.bitmap != 0 }
+        return spanAfter.firstFreeRun(countLog2: chunkCountLog2) == nil
+    }
 }
