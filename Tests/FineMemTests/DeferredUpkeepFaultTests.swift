@@ -232,12 +232,13 @@ private func onlyTwoChunksLeft(_ cluster: EmbeddedCluster, _ inspector: PoolInsp
     /// its log is pending on span H, the flush deferred (A keeps allocating and freeing
     /// there), and H holds the pool's only free chunks (B holds the rest). B asks for 4 KiB
     /// and frees a block of H meanwhile (two tasks). A stall shorter than B's bound
-    /// (`waitCountMax` pauses, about 1.3 s) ends with B's block and free done; a longer
-    /// one with `retryLimitExceeded` for both, within about that bound, never
+    /// (`waitCountMax` pauses, which the cluster sizes to outlast a lapsed lease and its
+    /// recovery: about 5 s) ends with B's block and free done; a longer one with
+    /// `retryLimitExceeded` for both, within about that bound, never
     /// `outOfMemory` (the room is there, under A's log), a hang or a changed word: B's
     /// free leaves the block B's, and both succeed once A is back. Then everything drains,
     /// the pool is consistent at rest, and every header empty once all is freed.
-    @Test(arguments: [UInt64(400_000_000), 3_000_000_000])
+    @Test(arguments: [UInt64(400_000_000), 6_000_000_000])
     func aStalledNodesDeferredLogHoldsAnotherNodeBoundedly(stallNanos: UInt64) {
         let seed: UInt64 = 600
         let found = problems(of: simulateBounded(seed: seed) { simulator -> [String] in
@@ -268,19 +269,21 @@ private func onlyTwoChunksLeft(_ cluster: EmbeddedCluster, _ inspector: PoolInsp
             }()
             let ((allocation, allocatedAt), (freeError, freedAt)) = await (allocated, freed)
             problems += inspector.checkStructure().map { "while A is stalled: \($0)" }
-            let long = stallNanos > 2_000_000_000
+            let bound = EmbeddedCluster.allocatorConfiguration(cluster.configuration)
+            let boundNanos = UInt64(bound.waitCountMax) * bound.backoffNanosMax
+            let long = stallNanos > boundNanos
             switch allocation {
             case .success(let block):
                 problems += inspector.admit(block, owner: b.owner)
                 bHeld.append(block)
                 if long { problems.append("B's allocation committed under A's pending log at \(allocatedAt), stall \(stallStart)-\(stallEnd)") }
             case .failure(let error):
-                if !long || error != .retryLimitExceeded(attempts: AllocatorConfiguration().waitCountMax) {
+                if !long || error != .retryLimitExceeded(attempts: bound.waitCountMax) {
                     problems.append("B's allocation failed at +\((allocatedAt - stallStart) / 1_000) us of a \(stallNanos / 1_000_000) ms stall: \(error)")
                 }
             }
             if let freeError {
-                if !long || freeError != .retryLimitExceeded(attempts: AllocatorConfiguration().waitCountMax) {
+                if !long || freeError != .retryLimitExceeded(attempts: bound.waitCountMax) {
                     problems.append("B's free failed at +\((freedAt - stallStart) / 1_000) us of a \(stallNanos / 1_000_000) ms stall: \(freeError)")
                 }
                 problems += inspector.marked(victim).map { "B's block after its failed free: \($0)" }
@@ -289,7 +292,7 @@ private func onlyTwoChunksLeft(_ cluster: EmbeddedCluster, _ inspector: PoolInsp
                 bHeld.removeAll { $0 == victim }
                 if long { problems.append("B's free committed under A's pending log at \(freedAt), stall \(stallStart)-\(stallEnd)") }
             }
-            for (what, at) in [("allocation", allocatedAt), ("free", freedAt)] where at > stallStart + 2_000_000_000 {
+            for (what, at) in [("allocation", allocatedAt), ("free", freedAt)] where at > stallStart + boundNanos + boundNanos / 2 {
                 problems.append("B's \(what) answered \((at - stallStart) / 1_000_000) ms into the stall: beyond its bound")
             }
             // After the stall: B's failed operations go through.

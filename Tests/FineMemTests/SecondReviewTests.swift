@@ -76,14 +76,24 @@ private func startGatedNode(
     ///    span word's log sequence.
     /// 4. After 20 ms of virtual time (thousands of full reads) A has no answer.
     ///
-    /// Expected: `outOfMemory` within a few full reads. Suggested fix: decide no room on
+    /// Fixed in part: no room now rests on every place the request could take being held
+    /// throughout by a unit whose words did not change (`FullRead.noRoomThroughout`), so
+    /// churn elsewhere no longer hides it (section 0, whole under an unchanged log, shows
+    /// held). Here the only unit that blocks section 1 is the span that churns, and no two
+    /// reads can show that it never went empty between them (that would take a count of
+    /// span opens in the layout: issue "Full pools and big blocks"). So A answers within a
+    /// bounded number of full reads (`BlockAllocator.unprovenNoRoomMax` pairs), with
+    /// `outOfMemory` when it can show it, else `retryLimitExceeded` ("busy"), never hangs
+    /// and never answers out of memory falsely.
+    ///
+    /// Expected before: `outOfMemory` within a few full reads. Suggested fix: decide no room on
     /// what the request can use: compare only the words that can hold room for its size
     /// (for a section-layer or multi-section request: section words, and the span words
     /// only under entries that are in chunk mode and could turn free), or, when reads keep
     /// differing, fall back on a stronger proof (e.g. a read of those words only, which
     /// a smaller READ makes equal far more often), and bound the time a search may spend
     /// on reads that differ before it answers with a kind that says "busy", not hang.
-    @Test func aFullPoolUnderSmallBlockChurnNeverAnswersOutOfMemory() throws {
+    @Test func aFullPoolUnderSmallBlockChurnAnswersWithinABound() throws {
         let seed: UInt64 = 901
         let result = simulateBounded(seed: seed) { simulator -> [String] in
             let cluster = try await EmbeddedCluster.start(
@@ -141,9 +151,11 @@ private func startGatedNode(
                 found.append("A's 2 MiB allocation on a pool with no free section had no answer after 20 ms of virtual time "
                     + "(\(reads) full reads; \(churned.withLock { $0 }) churn pairs by C and D)")
             } else {
+                let readsMax = 2 * BlockAllocator.unprovenNoRoomMax + 4
                 switch answer.withLock({ $0 })! {
                 case .success(let block): found.append("A got \(block) although B held a block in each section")
-                case .failure(.outOfMemory): break
+                case .failure(.outOfMemory), .failure(.retryLimitExceeded):
+                    if reads > readsMax { found.append("A answered after \(reads) full reads, more than \(readsMax)") }
                 case .failure(let error):
                     found.append("A answered \(error) after \((answeredAt.withLock { $0 }! - start) / 1_000) us, not outOfMemory")
                 }
@@ -267,7 +279,8 @@ private func startGatedNode(
                     + "(full reads of M0, M1: \(fullReads.withLock { $0 }); M0 now held by \(dBlock.withLock { $0 }.map { "\($0)" } ?? "nobody"), "
                     + "M1 by \(cBlock.withLock { $0 }.map { "\($0)" } ?? "nobody"))")
             }
-            if fullReads.withLock({ $0 }) != [4, 4] { found.append("set-up: full reads of M0, M1 \(fullReads.withLock { $0 }), not [4, 4]") }
+            // U's read is M0's 4th; A's second read of M0 is its own now (the 5th).
+            if fullReads.withLock({ $0[0] }) < 4 { found.append("set-up: full reads of M0, M1 \(fullReads.withLock { $0 }), U's never came") }
             return problems.withLock { $0 } + found
         }
         #expect(problems(of: result) == [], "seed \(seed)")

@@ -272,11 +272,15 @@ package final class BlockAllocator: Sendable {
         let links = answers.filter { $0.read != nil }.map(\.link)
         guard answers.count > 1, !links.isEmpty else { return true }
         var first: [FullRead?] = []
+        var firstsEnded: [UInt64] = []
         for pass in 0..<2 {
+            // A second read must begin after every first read ended: a shared read that
+            // began before that is not one (`beginningAfter`).
+            if pass == 1 { firstsEnded = links.map(\.refreshesStarted) }
             for (index, link) in links.enumerated() {
                 let read: FullRead
                 do throws(AllocationError) {
-                    read = try await refresh(link, trace: &trace)
+                    read = try await refresh(link, beginningAfter: pass == 1 ? firstsEnded[index] : nil, trace: &trace)
                 } catch {
                     guard case .fabric(let fabricError) = error else { throw error }
                     markUnusable(link)
@@ -417,8 +421,10 @@ package final class BlockAllocator: Sendable {
         let chunkCountLog2: Int
         /// Whether this search looked through the room summary.
         var lookedInSummary = false
-        /// The last full read this search made or shared (begun after the call began).
+        /// The last full read this search made or shared.
         var lastRead: FullRead?
+        /// Second reads that could not show the pool without room (`noRoomInCache`).
+        var unprovenNoRoom = 0
         var backoff: Backoff
         init(_ configuration: AllocatorConfiguration, chunkCountLog2: Int) {
             self.chunkCountLog2 = chunkCountLog2
@@ -444,21 +450,23 @@ package final class BlockAllocator: Sendable {
     /// Otherwise the search goes on from the newer read. When the two reads show other
     /// allocations, room may have appeared or moved since the first (a lost race right
     /// after a full read shows no room in the cache, and a full read is four READs, not
-    /// one instant): that counts an attempt. When they show the same allocations and room
+    /// one instant): that counts an attempt, and after `unprovenNoRoomMax` such pairs the
+    /// search answers `retryLimitExceeded`. When they show the same allocations and room
     /// the search cannot take yet (in the middle of another node's operation: a span
-    /// being closed, a free's log pending), the search pauses first (`backoff`, bounded by
-    /// `waitCountMax`). A section held whole by a multi-section claim still in flight is
-    /// held at that instant, like any block.
+    /// being closed, a free's log pending) it waits for that node. Either way it pauses
+    /// first (`backoff`, bounded by `waitCountMax`). A section held whole by a
+    /// multi-section claim still in flight is held at that instant, like any block.
     func noRoomInCache(_ search: inout Search, on link: MemoryNodeLink, trace: inout OperationTrace) async throws(AllocationError) -> Bool {
         if let previous = search.lastRead {
             let current = try await refresh(link, trace: &trace)
             search.lastRead = current
             if current.noRoomThroughout(since: previous, chunkCountLog2: search.chunkCountLog2) { return true }
-            if current.showsSameAllocations(as: previous) {
-                try await search.backoff.pause(runtime)
-            } else {
+            if !current.showsSameAllocations(as: previous) {
                 trace.attempts += 1
+                search.unprovenNoRoom += 1
+                guard search.unprovenNoRoom < Self.unprovenNoRoomMax else { throw .retryLimitExceeded(attempts: search.unprovenNoRoom) }
             }
+            try await search.backoff.pause(runtime)
             return false
         }
         if !search.lookedInSummary {
@@ -473,6 +481,13 @@ package final class BlockAllocator: Sendable {
         return false
     }
 
+    /// Pairs of full reads that differ, a search finding no room after each, before it
+    /// answers `retryLimitExceeded`: a pool that
+    /// stays full while a span that blocks the only candidate churns (its blocks change
+    /// all the time, so no read shows it held throughout) would otherwise keep the search
+    /// reading. Each pair costs a round trip or two and a pause of the search's backoff.
+    static let unprovenNoRoomMax = 64
+
     /// How far a look through the room summary goes: summary words read, and sections
     /// whose headers are read.
     static let summaryWordsMax = 4
@@ -481,9 +496,10 @@ package final class BlockAllocator: Sendable {
     /// Reads every header of `link` into its cache (or shares another task's read begun
     /// after this call), and answers the words read.
     @discardableResult
-    func refresh(_ link: MemoryNodeLink, trace: inout OperationTrace) async throws(AllocationError) -> FullRead {
+    func refresh(_ link: MemoryNodeLink, beginningAfter generation: UInt64? = nil, trace: inout OperationTrace) async throws(AllocationError) -> FullRead {
         do {
-            return try await link.refresh(trace: &trace, runtime: runtime, pauseNanos: configuration.backoffNanosMin...configuration.backoffNanosMax)
+            return try await link.refresh(
+                beginningAfter: generation, trace: &trace, runtime: runtime, pauseNanos: configuration.backoffNanosMin...configuration.backoffNanosMax)
         } catch { throw .fabric(error) }
     }
 

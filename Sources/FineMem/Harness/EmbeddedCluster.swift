@@ -188,10 +188,23 @@ public final class EmbeddedCluster: Sendable {
             }
         }
         do {
-            return try await BlockAllocator.start(owner: owner, memoryNodes: links, runtime: runtime, configuration: configuration.allocator)
+            return try await BlockAllocator.start(owner: owner, memoryNodes: links, runtime: runtime, configuration: allocatorConfiguration(configuration))
         } catch {
             throw .allocation(error)
         }
+    }
+
+    /// The allocator's configuration, its waits long enough to outlast a lease: a node
+    /// that stops renewing (dead, or cut off by a broken link) leaves pending logs that
+    /// others wait on until its memory nodes fence and recover it, after
+    /// `missedRenewalsMax` intervals and one more check; a search that gave up before that
+    /// would answer `retryLimitExceeded` for room a recovery already under way releases.
+    static func allocatorConfiguration(_ configuration: Configuration) -> AllocatorConfiguration {
+        var allocator = configuration.allocator
+        let leaseNanos = UInt64(configuration.missedRenewalsMax + 2) * configuration.leaseIntervalNanos
+        let waits = leaseNanos / max(allocator.backoffNanosMax, 1) + 1
+        allocator.waitCountMax = max(allocator.waitCountMax, Int(min(waits, UInt64(Int.max))))
+        return allocator
     }
 
     /// An allocator for `application` on compute node `computeNode` (0-based).

@@ -163,6 +163,9 @@ final class MemoryNodeLink: Sendable {
     /// Whether a batch of this link failed (see `brokenFlag`).
     var isBroken: Bool { brokenFlag.load(ordering: .relaxed) }
 
+    /// Full reads begun on this link so far (`refresh(beginningAfter:)`).
+    var refreshesStarted: UInt64 { refreshFlight.withLock { $0.started } }
+
     /// A batch of this link failed: the link is out of reach from now on.
     func markBroken() { brokenFlag.store(true, ordering: .relaxed) }
 
@@ -181,14 +184,21 @@ final class MemoryNodeLink: Sendable {
     /// conclude from it alone. The search never does: its answer that the pool is full
     /// rests on two reads (`BlockAllocator.noRoomInCache`), and as reads run one at a time,
     /// the second of them begins after the first ended, during the call. A shared read
-    /// that failed is no answer: the task reads itself. The waits are bounded by the reads
-    /// they wait for (each completes or fails), the steps by `refreshAttemptsMax`.
+    /// that failed is no answer: the task reads itself. With `beginningAfter` (a count of
+    /// `refreshesStarted` taken earlier), only a read begun after that many is shared: a
+    /// read in flight that began before is outlasted, not taken. The waits are bounded by
+    /// the reads they wait for (each completes or fails), the steps by
+    /// `refreshAttemptsMax`.
     @discardableResult
-    func refresh(trace: inout OperationTrace, runtime: any Runtime, pauseNanos: ClosedRange<UInt64>) async throws(FabricError) -> FullRead {
+    func refresh(
+        beginningAfter earliest: UInt64? = nil, trace: inout OperationTrace, runtime: any Runtime, pauseNanos: ClosedRange<UInt64>
+    ) async throws(FabricError) -> FullRead {
         var lastFailure: FabricError?
         for _ in 0..<Self.refreshAttemptsMax {
             let step = refreshFlight.withLock { flight -> RefreshFlight.Step in
-                if let generation = flight.inFlight { return .join(generation) }
+                if let generation = flight.inFlight {
+                    return generation > (earliest ?? 0) ? .join(generation) : .outlast(generation)
+                }
                 flight.started += 1
                 flight.inFlight = flight.started
                 return .lead(flight.started)
@@ -196,12 +206,13 @@ final class MemoryNodeLink: Sendable {
             switch step {
             case .lead(let generation):
                 return try await leadRefresh(generation, trace: &trace)
-            case .join(let generation):
+            case .join(let generation), .outlast(let generation):
                 var delay = pauseNanos.lowerBound
                 while refreshFlight.withLock({ $0.finished < generation }) {
                     await runtime.sleep(nanoseconds: delay)
                     delay = min(delay * 2, pauseNanos.upperBound)
                 }
+                guard case .join = step else { continue }
                 // Reads finish in order, one at a time: the last one finished is the one
                 // joined or a later one.
                 switch refreshFlight.withLock({ $0.outcome }) {
@@ -218,8 +229,8 @@ final class MemoryNodeLink: Sendable {
         throw lastFailure ?? .connectionBroken(memoryNode)
     }
 
-    /// Most steps of one `refresh`: shared reads that failed, before the last failure is
-    /// answered. Each step waits for one read.
+    /// Most steps of one `refresh`: a read outlasted, shared reads that failed, before the
+    /// last failure is answered. Each step waits for one read.
     static let refreshAttemptsMax = 4
 
     /// The full read of refresh `generation`, stored in the cache and kept as the flight's
@@ -343,6 +354,8 @@ private struct RefreshFlight: Sendable {
         case lead(UInt64)
         /// Wait for this refresh and take its words.
         case join(UInt64)
+        /// Wait for this refresh, begun too early to be shared, to end; then look again.
+        case outlast(UInt64)
     }
 }
 
