@@ -450,23 +450,27 @@ package final class BlockAllocator: Sendable {
     /// Otherwise the search goes on from the newer read. When the two reads show other
     /// allocations, room may have appeared or moved since the first (a lost race right
     /// after a full read shows no room in the cache, and a full read is four READs, not
-    /// one instant): that counts an attempt, and after `unprovenNoRoomMax` such pairs the
-    /// search answers `retryLimitExceeded`. When they show the same allocations and room
+    /// one instant): that counts an attempt (and, after a few, a pause), and after
+    /// `unprovenNoRoomMax` such pairs the search answers `retryLimitExceeded`. When they show the same allocations and room
     /// the search cannot take yet (in the middle of another node's operation: a span
-    /// being closed, a free's log pending) it waits for that node. Either way it pauses
-    /// first (`backoff`, bounded by `waitCountMax`). A section held whole by a
-    /// multi-section claim still in flight is held at that instant, like any block.
+    /// being closed, a free's log pending), the search pauses first (`backoff`, bounded by
+    /// `waitCountMax`). A section held whole by a multi-section claim still in flight is
+    /// held at that instant, like any block.
     func noRoomInCache(_ search: inout Search, on link: MemoryNodeLink, trace: inout OperationTrace) async throws(AllocationError) -> Bool {
         if let previous = search.lastRead {
             let current = try await refresh(link, trace: &trace)
             search.lastRead = current
             if current.noRoomThroughout(since: previous, chunkCountLog2: search.chunkCountLog2) { return true }
-            if !current.showsSameAllocations(as: previous) {
+            if current.showsSameAllocations(as: previous) {
+                try await search.backoff.pause(runtime)
+            } else {
                 trace.attempts += 1
                 search.unprovenNoRoom += 1
                 guard search.unprovenNoRoom < Self.unprovenNoRoomMax else { throw .retryLimitExceeded(attempts: search.unprovenNoRoom) }
+                // Room that moved is found at once; reads that keep differing wait for the
+                // pool to settle a little.
+                if search.unprovenNoRoom > Self.unprovenNoRoomUnpaused { try await search.backoff.pause(runtime) }
             }
-            try await search.backoff.pause(runtime)
             return false
         }
         if !search.lookedInSummary {
@@ -485,8 +489,10 @@ package final class BlockAllocator: Sendable {
     /// answers `retryLimitExceeded`: a pool that
     /// stays full while a span that blocks the only candidate churns (its blocks change
     /// all the time, so no read shows it held throughout) would otherwise keep the search
-    /// reading. Each pair costs a round trip or two and a pause of the search's backoff.
+    /// reading. Each pair is a round trip or two; after the first
+    /// `unprovenNoRoomUnpaused`, each also pauses (the search's backoff).
     static let unprovenNoRoomMax = 64
+    static let unprovenNoRoomUnpaused = 8
 
     /// How far a look through the room summary goes: summary words read, and sections
     /// whose headers are read.
