@@ -243,4 +243,31 @@ private func casOn(_ address: RemoteAddress, in verbs: [Verb]) -> Bool {
         }
         #expect(problems(of: result) == [], "seed \(seed)")
     }
+
+    /// An attachment the node could not use is given back: `detach` breaks its queue pair
+    /// and deregisters its keys, and leaves the node's other attachment working.
+    @Test func anUnusedAttachmentIsGivenBack() throws {
+        let seed: UInt64 = 186
+        let result = simulateBounded(seed: seed) { simulator -> [String] in
+            let cluster = try await EmbeddedCluster.start(.init(poolBytesPerNode: 2 << 20, computeNodes: 1), simulator: simulator)
+            let memoryNode = cluster.memoryNodes[0]
+            let node = cluster.computeNodes[0]
+            let (grant, connection) = try memoryNode.attach(computeNode: node.owner, from: NodeID(1950))
+            var found: [String] = []
+            _ = try await connection.readWords(grant.nodeSlotAddress(node.owner), count: 1, rkey: grant.metadataKey)
+            try memoryNode.detach(computeNode: node.owner, grant: grant)
+            do {
+                _ = try await connection.readWords(grant.nodeSlotAddress(node.owner), count: 1, rkey: grant.metadataKey)
+                found.append("a detached attachment still reads")
+            } catch {}
+            do throws(AllocationError) {
+                let block = try await node.allocate(chunkCountLog2: 0, application: application)
+                try await node.free(block, application: application)
+            } catch {
+                found.append("the node's own attachment stopped working: \(error)")
+            }
+            return found
+        }
+        #expect(problems(of: result) == [], "seed \(seed)")
+    }
 }

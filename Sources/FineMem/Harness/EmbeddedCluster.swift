@@ -190,6 +190,8 @@ public final class EmbeddedCluster: Sendable {
         do {
             return try await BlockAllocator.start(owner: owner, memoryNodes: links, runtime: runtime, configuration: allocatorConfiguration(configuration))
         } catch {
+            // The attachments were never used: give them back.
+            for (memoryNode, (grant, _)) in zip(memoryNodes, links) { try? memoryNode.detach(computeNode: owner, grant: grant) }
             throw .allocation(error)
         }
     }

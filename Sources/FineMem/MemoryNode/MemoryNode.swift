@@ -105,6 +105,26 @@ package final class MemoryNode: Sendable {
         return (grant, connection)
     }
 
+    /// Takes back an attachment of `owner` that was never used: the one `grant` came
+    /// with, when the node could not take its slot (a restart while the old incarnation
+    /// holds it, two nodes configured with one slot). Its queue pairs go to the error state
+    /// and its keys are deregistered; other attachments of the node stay. A grant this
+    /// memory node no longer holds (fenced since) is ignored.
+    package func detach(computeNode owner: OwnerID, grant: MemoryNodeGrant) throws(MemoryNodeError) {
+        let regions = attachments.withLock { attachments -> (metadata: MemoryRegion, data: MemoryRegion)? in
+            guard let index = attachments[owner]?.firstIndex(where: { $0.metadata.rkey == grant.metadataKey }) else { return nil }
+            return attachments[owner]!.remove(at: index)
+        }
+        guard let regions else { return }
+        do {
+            try nic.breakConnections(of: regions.metadata.protectionDomain)
+            try nic.deregister(regions.metadata)
+            try nic.deregister(regions.data)
+        } catch {
+            throw .nic(error)
+        }
+    }
+
     /// The grant of the memory node's own loopback access (metadata only).
     package var loopbackGrant: MemoryNodeGrant {
         MemoryNodeGrant(memoryNode: id, geometry: geometry, baseAddress: nic.baseAddress, metadataKey: loopbackRegion.rkey, dataKey: loopbackRegion.rkey)
