@@ -6,56 +6,6 @@ import Testing
 // "Soundness at the edges", defects 3 and 4). Each test is one interleaving written out in
 // virtual time with a fixed seed, printed in every expectation.
 
-/// A compute node's connection whose batches go through `hook` before they are posted
-/// (answer true to fail the batch with `connectionBroken` instead) and `after` once they
-/// executed, before their answers return: the node's CPU slow between two doorbells, or
-/// an answer still on its way back.
-private final class GatedConnection: FabricConnection, @unchecked Sendable {
-    let inner: any FabricConnection
-    let before: @Sendable ([Verb]) async -> Bool
-    let after: @Sendable ([Verb]) async -> Void
-
-    init(_ inner: any FabricConnection, before: @escaping @Sendable ([Verb]) async -> Bool = { _ in false },
-         after: @escaping @Sendable ([Verb]) async -> Void = { _ in }) {
-        self.inner = inner
-        self.before = before
-        self.after = after
-    }
-
-    var remoteNode: NodeID { inner.remoteNode }
-
-    func post(_ verbs: [Verb]) async throws(FabricError) -> [VerbResult] {
-        if await before(verbs) { throw .connectionBroken(inner.remoteNode) }
-        let results = try await inner.post(verbs)
-        await after(verbs)
-        return results
-    }
-}
-
-/// Compute node A of the tests: owner 9, attached to `cluster`'s memory node through
-/// `gate`, started after the cluster's own nodes (its cache holds the section words of
-/// that moment).
-private func startNodeA(
-    _ cluster: EmbeddedCluster, simulator: Simulator, gate: (any FabricConnection) -> any FabricConnection
-) async throws -> BlockAllocator {
-    let memoryNode = cluster.memoryNodes[0]
-    let owner = OwnerID(9)
-    let (grant, connection) = try memoryNode.attach(computeNode: owner, from: NodeID(1900))
-    return try await BlockAllocator.start(owner: owner, memoryNodes: [(grant, gate(connection))], runtime: simulator)
-}
-
-/// Whether `verbs` are a full refresh (they start with the READ of every section header).
-private func isFullRead(_ verbs: [Verb], grant: MemoryNodeGrant) -> Bool {
-    guard case .read = verbs.first, verbs.count == 4 else { return false }
-    return verbs[0].address == grant.address(of: .section(0)) && verbs[0].payloadBytes == grant.geometry.sectionCount * 8
-}
-
-private func casOn(_ address: RemoteAddress, in verbs: [Verb]) -> Bool {
-    verbs.contains { verb in
-        if case .compareAndSwap = verb { verb.address == address } else { false }
-    }
-}
-
 @Suite struct OutOfMemoryRuleTests {
     /// Regression test for defect 3. A's first task (asking for the whole pool) leads a
     /// full refresh whose READs execute (no 4 MiB run free) and whose answer is still on
@@ -82,8 +32,8 @@ private func casOn(_ address: RemoteAddress, in verbs: [Verb]) -> Bool {
             @Sendable func waitForGate() async {
                 while !gateOpen.withLock({ $0 }) { await simulator.sleep(nanoseconds: 1_000) }
             }
-            let a = try await startNodeA(cluster, simulator: simulator) { connection in
-                GatedConnection(connection, before: { verbs in
+            let a = try await startGatedNode(cluster, owner: OwnerID(9), id: NodeID(1900)) { _, connection in
+                GatedConnection(connection, failsWhen: { verbs in
                     guard leaderFails, holds(verbs) else { return false }
                     await waitForGate()
                     return true
@@ -153,8 +103,8 @@ private func casOn(_ address: RemoteAddress, in verbs: [Verb]) -> Bool {
             let target = Locked<RemoteAddress?>(nil)
             let bMoves = Locked<(() async -> [String])?>(nil)
             let found = Locked<[String]>([])
-            let a = try await startNodeA(cluster, simulator: simulator) { connection in
-                GatedConnection(connection, before: { verbs in
+            let a = try await startGatedNode(cluster, owner: OwnerID(9), id: NodeID(1900)) { _, connection in
+                GatedConnection(connection, failsWhen: { verbs in
                     guard armed.withLock({ $0 }) else { return false }
                     if isFullRead(verbs, grant: grant) { fullReads.withLock { $0 += 1 } }
                     guard fullReads.withLock({ $0 }) > 0, let address = target.withLock({ $0 }), casOn(address, in: verbs),
@@ -210,17 +160,17 @@ private func casOn(_ address: RemoteAddress, in verbs: [Verb]) -> Bool {
         #expect(problems(of: result) == [], "seed \(seed), 2^\(chunkCountLog2) chunks")
     }
 
-    /// Out of memory on a pool that is full rests on two equal full reads, each with no
-    /// room for the request: A answers `outOfMemory`, having made two full reads.
-    @Test func aFullPoolIsOutOfMemoryAfterTwoEqualReads() throws {
+    /// Out of memory on a pool that is full rests on two full reads that show it held
+    /// throughout: A answers `outOfMemory`, having made exactly two full reads.
+    @Test func aFullPoolIsOutOfMemoryAfterTwoReads() throws {
         let seed: UInt64 = 193
         let result = simulateBounded(seed: seed) { simulator -> [String] in
             let cluster = try await EmbeddedCluster.start(.init(poolBytesPerNode: 2 << 20, computeNodes: 1), simulator: simulator)
             let b = cluster.computeNodes[0]
             let grant = cluster.memoryNodes[0].loopbackGrant
             let fullReads = Locked(0)
-            let a = try await startNodeA(cluster, simulator: simulator) { connection in
-                GatedConnection(connection, before: { verbs in
+            let a = try await startGatedNode(cluster, owner: OwnerID(9), id: NodeID(1900)) { _, connection in
+                GatedConnection(connection, failsWhen: { verbs in
                     if isFullRead(verbs, grant: grant) { fullReads.withLock { $0 += 1 } }
                     return false
                 })
@@ -252,7 +202,7 @@ private func casOn(_ address: RemoteAddress, in verbs: [Verb]) -> Bool {
             let grant = cluster.memoryNodes[0].loopbackGrant
             let armed = Locked(false)
             let gateOpen = Locked(false)
-            let a = try await startNodeA(cluster, simulator: simulator) { connection in
+            let a = try await startGatedNode(cluster, owner: OwnerID(9), id: NodeID(1900)) { _, connection in
                 GatedConnection(connection, after: { verbs in
                     guard isFullRead(verbs, grant: grant), armed.withLock({ armed in defer { armed = false }; return armed }) else { return }
                     while !gateOpen.withLock({ $0 }) { await simulator.sleep(nanoseconds: 1_000) }
@@ -304,8 +254,8 @@ private func casOn(_ address: RemoteAddress, in verbs: [Verb]) -> Bool {
             let grant = cluster.memoryNodes[0].loopbackGrant
             let fullReads = Locked(0)
             let gateOpen = Locked(false)
-            let a = try await startNodeA(cluster, simulator: simulator) { connection in
-                GatedConnection(connection, before: { verbs in
+            let a = try await startGatedNode(cluster, owner: OwnerID(9), id: NodeID(1900)) { _, connection in
+                GatedConnection(connection, failsWhen: { verbs in
                     guard isFullRead(verbs, grant: grant) else { return false }
                     let number = fullReads.withLock { reads -> Int in
                         reads += 1

@@ -7,13 +7,6 @@ import Testing
 
 private let application = ApplicationID(1)
 
-/// Whether `verbs` hold a CAS on the word at `address`.
-private func casOn(_ address: RemoteAddress, in verbs: [Verb]) -> Bool {
-    verbs.contains { verb in
-        if case .compareAndSwap = verb { verb.address == address } else { false }
-    }
-}
-
 @Suite struct RecovererLeaseTests {
     /// Regression test for defect 1 (two recoverers at once), the shape in which only
     /// fencing the earlier recoverer helps: a CAS whose expected word is back to what the

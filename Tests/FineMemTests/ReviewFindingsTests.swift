@@ -8,45 +8,6 @@ import Testing
 
 private let application = ApplicationID(1)
 
-/// A compute node's connection whose batches go through `before` before they are posted
-/// and `after` once they executed, before their answers return (the node's CPU slow
-/// between two doorbells, or an answer still on its way back). It opens no siblings, so
-/// every lane of a link over it is this connection.
-private final class ReviewGate: FabricConnection, @unchecked Sendable {
-    let inner: any FabricConnection
-    let before: @Sendable ([Verb]) async -> Void
-    let after: @Sendable ([Verb]) async -> Void
-
-    init(_ inner: any FabricConnection, before: @escaping @Sendable ([Verb]) async -> Void = { _ in },
-         after: @escaping @Sendable ([Verb]) async -> Void = { _ in }) {
-        self.inner = inner
-        self.before = before
-        self.after = after
-    }
-
-    var remoteNode: NodeID { inner.remoteNode }
-
-    func post(_ verbs: [Verb]) async throws(FabricError) -> [VerbResult] {
-        await before(verbs)
-        let results = try await inner.post(verbs)
-        await after(verbs)
-        return results
-    }
-}
-
-/// Whether `verbs` hold a CAS on the word at `address`.
-private func casOn(_ address: RemoteAddress, in verbs: [Verb]) -> Bool {
-    verbs.contains { verb in
-        if case .compareAndSwap = verb { verb.address == address } else { false }
-    }
-}
-
-/// Whether `verbs` are a full refresh (they start with the READ of every section header).
-private func isFullRead(_ verbs: [Verb], grant: MemoryNodeGrant) -> Bool {
-    guard case .read = verbs.first, verbs.count == 4 else { return false }
-    return verbs[0].address == grant.address(of: .section(0)) && verbs[0].payloadBytes == grant.geometry.sectionCount * 8
-}
-
 @Suite struct ReviewFindingsTests {
     /// Finding 1 (liveness; also a permanent wrong answer). `finishClosing` gives up after
     /// `spanStateAttemptsMax` lost CASes on the section word (`returnSpanToSection` throws
@@ -103,7 +64,7 @@ private func isFullRead(_ verbs: [Verb], grant: MemoryNodeGrant) -> Bool {
                 }
             }
             let (grant, connection) = try memoryNode.attach(computeNode: OwnerID(9), from: NodeID(1900))
-            let x = try await BlockAllocator.start(owner: OwnerID(9), memoryNodes: [(grant, ReviewGate(connection, before: { verbs in
+            let x = try await BlockAllocator.start(owner: OwnerID(9), memoryNodes: [(grant, GatedConnection(connection, before: { verbs in
                 // Y beats more than one round of X's CASes, then lets it be.
                 guard armed.withLock({ $0 }), losses.withLock({ $0 }) < 300, casOn(sectionWord, in: verbs) else { return }
                 losses.withLock { $0 += 1 }
@@ -282,7 +243,7 @@ private func isFullRead(_ verbs: [Verb], grant: MemoryNodeGrant) -> Bool {
             let owner = OwnerID(9)
             let (g0, c0) = try cluster.memoryNodes[0].attach(computeNode: owner, from: NodeID(1900))
             let (g1, c1) = try cluster.memoryNodes[1].attach(computeNode: owner, from: NodeID(1900))
-            let gated = ReviewGate(c0, after: { verbs in
+            let gated = GatedConnection(c0, after: { verbs in
                 guard isFullRead(verbs, grant: grant0) else { return }
                 let count = fullReads.withLock { value -> Int in
                     value += 1

@@ -8,50 +8,6 @@ import Testing
 
 private let application = ApplicationID(1)
 
-/// A compute node's connection whose batches go through `before` before they are posted
-/// and `after` once they executed, before their answers return. It opens no siblings.
-private final class SecondReviewGate: FabricConnection, @unchecked Sendable {
-    let inner: any FabricConnection
-    let before: @Sendable ([Verb]) async -> Void
-    let after: @Sendable ([Verb]) async -> Void
-
-    init(_ inner: any FabricConnection, before: @escaping @Sendable ([Verb]) async -> Void = { _ in },
-         after: @escaping @Sendable ([Verb]) async -> Void = { _ in }) {
-        self.inner = inner
-        self.before = before
-        self.after = after
-    }
-
-    var remoteNode: NodeID { inner.remoteNode }
-
-    func post(_ verbs: [Verb]) async throws(FabricError) -> [VerbResult] {
-        await before(verbs)
-        let results = try await inner.post(verbs)
-        await after(verbs)
-        return results
-    }
-}
-
-/// Whether `verbs` are a full refresh (they start with the READ of every section header).
-private func isFullRead(_ verbs: [Verb], grant: MemoryNodeGrant) -> Bool {
-    guard case .read = verbs.first, verbs.count == 4 else { return false }
-    return verbs[0].address == grant.address(of: .section(0)) && verbs[0].payloadBytes == grant.geometry.sectionCount * 8
-}
-
-/// A compute node of `cluster` with owner `owner`, attached to every memory node through
-/// `gate`, started after the cluster's own nodes.
-private func startGatedNode(
-    _ cluster: EmbeddedCluster, owner: OwnerID, id: NodeID, only: [Int]? = nil,
-    gate: (Int, any FabricConnection) -> any FabricConnection = { $1 }
-) async throws -> BlockAllocator {
-    var links: [(MemoryNodeGrant, any FabricConnection)] = []
-    for (index, memoryNode) in cluster.memoryNodes.enumerated() where only?.contains(index) ?? true {
-        let (grant, connection) = try memoryNode.attach(computeNode: owner, from: id)
-        links.append((grant, gate(index, connection)))
-    }
-    return try await BlockAllocator.start(owner: owner, memoryNodes: links, runtime: cluster.runtime)
-}
-
 @Suite struct SecondReviewTests {
     /// Finding A (liveness, and the wrong answer kind): a pool that has no room for a
     /// request at any instant never answers `outOfMemory` while other compute nodes keep
@@ -102,7 +58,7 @@ private func startGatedNode(
             let grant = cluster.memoryNodes[0].loopbackGrant
             let fullReads = Locked(0)
             let a = try await startGatedNode(cluster, owner: OwnerID(9), id: NodeID(1900)) { _, connection in
-                SecondReviewGate(connection, before: { verbs in
+                GatedConnection(connection, before: { verbs in
                     if isFullRead(verbs, grant: grant) { fullReads.withLock { $0 += 1 } }
                 })
             }
@@ -230,7 +186,7 @@ private func startGatedNode(
                 }
             }
             let a = try await startGatedNode(cluster, owner: OwnerID(9), id: NodeID(1900)) { index, connection in
-                SecondReviewGate(connection, before: { verbs in
+                GatedConnection(connection, before: { verbs in
                     guard armed.withLock({ $0 }) else { return }
                     if index == 1, firstOnM1.withLock({ first in defer { first = false }; return first }) {
                         await move(free: d, dBlock, take: c, cBlock)  // step 2

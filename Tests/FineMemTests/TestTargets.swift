@@ -101,3 +101,63 @@ struct SetUpError: Error, CustomStringConvertible {
     let problems: [String]
     var description: String { problems.joined(separator: "; ") }
 }
+
+/// A compute node's connection whose batches go through `before` before they are posted,
+/// `failsWhen` (true: the batch fails with `connectionBroken` instead, nothing posted),
+/// and `after` once they executed, before their answers return: the node's CPU slow
+/// between two doorbells, or an answer still on its way back. It opens no siblings, so
+/// every lane of a link over it is this connection.
+final class GatedConnection: FabricConnection, @unchecked Sendable {
+    let inner: any FabricConnection
+    let before: @Sendable ([Verb]) async -> Void
+    let failsWhen: @Sendable ([Verb]) async -> Bool
+    let after: @Sendable ([Verb]) async -> Void
+
+    init(
+        _ inner: any FabricConnection, before: @escaping @Sendable ([Verb]) async -> Void = { _ in },
+        failsWhen: @escaping @Sendable ([Verb]) async -> Bool = { _ in false }, after: @escaping @Sendable ([Verb]) async -> Void = { _ in }
+    ) {
+        self.inner = inner
+        self.before = before
+        self.failsWhen = failsWhen
+        self.after = after
+    }
+
+    var remoteNode: NodeID { inner.remoteNode }
+
+    func post(_ verbs: [Verb]) async throws(FabricError) -> [VerbResult] {
+        await before(verbs)
+        if await failsWhen(verbs) { throw .connectionBroken(inner.remoteNode) }
+        let results = try await inner.post(verbs)
+        await after(verbs)
+        return results
+    }
+}
+
+/// Whether `verbs` hold a CAS on the word at `address`.
+func casOn(_ address: RemoteAddress, in verbs: [Verb]) -> Bool {
+    verbs.contains { verb in
+        if case .compareAndSwap = verb { verb.address == address } else { false }
+    }
+}
+
+/// Whether `verbs` are a full refresh (they start with the READ of every section header).
+func isFullRead(_ verbs: [Verb], grant: MemoryNodeGrant) -> Bool {
+    guard case .read = verbs.first, verbs.count == 4 else { return false }
+    return verbs[0].address == grant.address(of: .section(0)) && verbs[0].payloadBytes == grant.geometry.sectionCount * 8
+}
+
+/// A compute node of `cluster` with owner `owner`, attached to every memory node (or those
+/// at `only`) through `gate`, started after the cluster's own nodes (its cache holds the
+/// section words of that moment).
+func startGatedNode(
+    _ cluster: EmbeddedCluster, owner: OwnerID, id: NodeID, only: [Int]? = nil,
+    gate: (Int, any FabricConnection) -> any FabricConnection = { $1 }
+) async throws -> BlockAllocator {
+    var links: [(MemoryNodeGrant, any FabricConnection)] = []
+    for (index, memoryNode) in cluster.memoryNodes.enumerated() where only?.contains(index) ?? true {
+        let (grant, connection) = try memoryNode.attach(computeNode: owner, from: id)
+        links.append((grant, gate(index, connection)))
+    }
+    return try await BlockAllocator.start(owner: owner, memoryNodes: links, runtime: cluster.runtime)
+}
