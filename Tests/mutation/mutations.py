@@ -20,10 +20,11 @@ EQUIVALENT = [
      "                if rawSection.pendingLogCovers(span: span) {\n                    if transient == nil { transient = (.section(section), nil) }\n                    continue\n                }",
      "                if rawSection.pendingLogCovers(span: span) {\n                    continue\n                }",
      "The recheck of a span under a section's pending log is a shortcut: without it the search "
-     "finds no room, and the out-of-memory answer rests on two full reads that show the same "
-     "allocations and no room, where FullRead.hasRoom counts an empty entry under a pending log "
-     "as room; the search pauses and looks again (bounded by waitCountMax) instead of reading "
-     "the two headers again. The same answers after more round trips."),
+     "finds no room, and the out-of-memory answer rests on two full reads that show every place "
+     "held throughout (FullRead.noRoomThroughout: an empty entry under a pending log is held by "
+     "nothing); with the same allocations in both, the search pauses and looks again (bounded by "
+     "waitCountMax) instead of reading the two headers again. The same answers after more round "
+     "trips."),
     ("recovery tries a lost reclaim CAS again on the word the CAS found",
      "Sources/FineMem/Recovery/RecoveryPass.swift",
      "                spanSlots, UpdatePolicy(attemptsMax: 1), known: spanSlots.map { pool[$0] }, trace: &trace",
