@@ -33,10 +33,20 @@ let package = Package(
             ],
             swiftSettings: [.enableUpcomingFeature("NonisolatedNonsendingByDefault")]
         ),
+        // What exists to test, explore, fuzz, benchmark and demonstrate: workloads, the pool
+        // inspector, crash points, exhaustive exploration, the hardware suite, the pair and
+        // recovery benchmarks. The tests, the fuzz targets and the tool use it; it is no
+        // product, so an application that depends on FineMem never compiles it.
+        .target(
+            name: "FineMemHarness",
+            dependencies: ["FineMem", "CVerbs"],
+            swiftSettings: [.enableUpcomingFeature("NonisolatedNonsendingByDefault")]
+        ),
         .executableTarget(
             name: "finemem",
             dependencies: [
                 "FineMem",
+                "FineMemHarness",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -44,6 +54,7 @@ let package = Package(
             name: "FineMemTests",
             dependencies: [
                 "FineMem",
+                "FineMemHarness",
                 "FuzzTargets",
                 .product(name: "PropertyBased", package: "swift-property-based"),
             ]
@@ -51,7 +62,7 @@ let package = Package(
         // libFuzzer targets: the bodies live in FuzzTargets (the tests replay inputs through
         // them); the executables hand them to LLVMFuzzerRunDriver in -DFUZZING builds.
         .systemLibrary(name: "CFuzzerDriver", path: "Fuzz/CFuzzerDriver"),
-        .target(name: "FuzzTargets", dependencies: ["FineMem", "CFuzzerDriver"], path: "Fuzz/FuzzTargets"),
+        .target(name: "FuzzTargets", dependencies: ["FineMem", "FineMemHarness", "CFuzzerDriver"], path: "Fuzz/FuzzTargets"),
         .executableTarget(name: "AllocatorFuzzer", dependencies: ["FuzzTargets"], path: "Fuzz/AllocatorFuzzer"),
         .executableTarget(name: "LayoutFuzzer", dependencies: ["FuzzTargets"], path: "Fuzz/LayoutFuzzer"),
         .executableTarget(name: "RecoveryFuzzer", dependencies: ["FuzzTargets"], path: "Fuzz/RecoveryFuzzer"),

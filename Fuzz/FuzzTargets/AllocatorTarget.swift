@@ -1,4 +1,5 @@
 import FineMem
+import FineMemHarness
 
 /// Runs the allocator on a program the fuzzer wrote, in virtual time, and traps on any
 /// broken invariant (a finding). See `allocatorFindings` for the program's form.

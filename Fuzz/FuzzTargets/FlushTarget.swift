@@ -1,4 +1,5 @@
 import FineMem
+import FineMemHarness
 
 /// Runs the write-ahead log's flushes against stalls a fuzzer placed, and traps on any
 /// broken invariant. See `flushFindings` for the program's form.

@@ -1,4 +1,5 @@
 import FineMem
+import FineMemHarness
 
 /// Reads a fuzzer's bytes as a stream of small numbers; past the end it answers zeros, so
 /// every input is a valid program.

@@ -1,4 +1,5 @@
 import FineMem
+import FineMemHarness
 
 /// Decodes arbitrary words as every metadata type and applies every transition: a word
 /// that decodes must encode to itself, and every transition must give a word that decodes

@@ -1,4 +1,5 @@
 import FineMem
+import FineMemHarness
 
 /// Runs crashes, stalls, fences and recoveries at points a fuzzer chose, and traps on any
 /// broken invariant. See `recoveryFindings` for the program's form.

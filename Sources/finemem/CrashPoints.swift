@@ -1,5 +1,6 @@
 import ArgumentParser
 import FineMem
+import FineMemHarness
 
 struct CrashPoints: ParsableCommand {
     static let configuration = CommandConfiguration(

@@ -1,5 +1,6 @@
 import ArgumentParser
 import FineMem
+import FineMemHarness
 import Synchronization
 
 struct Demo: AsyncParsableCommand {

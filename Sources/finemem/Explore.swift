@@ -1,5 +1,6 @@
 import ArgumentParser
 import FineMem
+import FineMemHarness
 
 struct Explore: ParsableCommand {
     static let configuration = CommandConfiguration(

@@ -1,5 +1,6 @@
 import ArgumentParser
 import FineMem
+import FineMemHarness
 
 @main
 struct FineMemCommand: AsyncParsableCommand {

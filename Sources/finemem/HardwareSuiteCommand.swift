@@ -1,5 +1,6 @@
 import ArgumentParser
 import FineMem
+import FineMemHarness
 #if canImport(Glibc)
 import Glibc
 #endif

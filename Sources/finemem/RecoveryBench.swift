@@ -1,5 +1,6 @@
 import ArgumentParser
 import FineMem
+import FineMemHarness
 
 struct RecoveryBench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(

@@ -6,6 +6,7 @@ import Darwin
 import ArgumentParser
 import Dispatch
 import FineMem
+import FineMemHarness
 import Synchronization
 
 struct Soak: ParsableCommand {

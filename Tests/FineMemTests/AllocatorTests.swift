@@ -1,5 +1,6 @@
 import Testing
 @testable import FineMem
+import FineMemHarness
 
 private func cluster(memoryNodes: Int = 1, poolMiB: UInt64 = 64, computeNodes: Int = 1) async throws -> EmbeddedCluster {
     try await EmbeddedCluster.start(.init(memoryNodes: memoryNodes, poolBytesPerNode: poolMiB << 20, computeNodes: computeNodes))

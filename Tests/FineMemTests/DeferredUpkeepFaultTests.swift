@@ -3,6 +3,7 @@ import Testing
 import Glibc
 #endif
 @testable import FineMem
+import FineMemHarness
 
 // Adversarial tests of the upkeep deferral (`Upkeep.swift`, `HeaderCache.pickUpkeep`,
 // `BusyHeaders.beginTurn`): crashes, stalls and fabric errors while a node's log flush is

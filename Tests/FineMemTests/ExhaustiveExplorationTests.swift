@@ -1,5 +1,6 @@
 import Testing
 @testable import FineMem
+import FineMemHarness
 
 // Exhaustive interleaving exploration: scripted runs (the NIC's order of verbs between
 // connections comes from a choice sequence) and the depth-first search over every choice

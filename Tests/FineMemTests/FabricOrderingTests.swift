@@ -1,5 +1,6 @@
 import Testing
 @testable import FineMem
+import FineMemHarness
 
 // The RDMA orderings that real NICs do not give, in virtual time: unfenced WRITEs that pass
 // earlier READs and atomics, verbs that outlive a crashed host until it is fenced, and

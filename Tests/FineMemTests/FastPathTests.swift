@@ -1,5 +1,6 @@
 import Testing
 @testable import FineMem
+import FineMemHarness
 
 /// The allocation fast path: no task spawned per operation, word batches that answer as
 /// the general post does, and the cache's summary level.

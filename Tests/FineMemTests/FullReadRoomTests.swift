@@ -1,5 +1,6 @@
 import Testing
 @testable import FineMem
+import FineMemHarness
 
 /// The pure rules of the out-of-memory answer on full reads (`FullRead.hasRoom`,
 /// `showsSameAllocations`, `noRoomThroughout`), on hand-made words of a one-section pool.

@@ -1,5 +1,6 @@
 import Foundation
 import FineMem
+import FineMemHarness
 import FuzzTargets
 import Testing
 

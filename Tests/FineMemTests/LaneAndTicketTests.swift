@@ -1,5 +1,6 @@
 import Testing
 @testable import FineMem
+import FineMemHarness
 
 // Adversarial tests of a compute node's lanes (a connection per cache shard plus one for
 // the upkeep, `MemoryNodeLink.connection(for:)`), of the runtime's tickets (answers of

@@ -1,6 +1,7 @@
 import PropertyBased
 import Testing
 @testable import FineMem
+import FineMemHarness
 
 private let ownerGen = Gen.uint16(in: 0...OwnerID.maxRawValue).map { OwnerID($0) }
 private let sequenceGen = Gen.uint8(in: 0...63).map { LogSequence(rawValue: $0) }

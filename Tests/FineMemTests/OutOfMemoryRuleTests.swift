@@ -1,5 +1,6 @@
 import Testing
 @testable import FineMem
+import FineMemHarness
 
 // DESIGN.md invariant 7: out of memory is answered only when the pool had no room for the
 // request at some instant during the call, as a read made during the call shows (issue

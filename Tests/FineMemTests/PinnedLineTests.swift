@@ -1,5 +1,6 @@
 import Testing
 @testable import FineMem
+import FineMemHarness
 
 // Tests that pin lines mutation testing showed unpinned (Tests/mutation/mutations.py names
 // the mutants each one kills): how many missed renewals fence a node, the room summary

@@ -1,5 +1,6 @@
 import Testing
 @testable import FineMem
+import FineMemHarness
 
 // One recoverer of a node at a time, and a fence that reaches every incarnation (issue
 // "Soundness at the edges", defects 1 and 2). Each test is one interleaving written out in

@@ -3,6 +3,7 @@ import Testing
 import Glibc
 #endif
 @testable import FineMem
+import FineMemHarness
 
 // Adversarial tests of the crash-recovery protocol (PoolRecovery, RecoveryPass, fencing,
 // leases). Each test is one interleaving written out in virtual time with a fixed seed

@@ -1,5 +1,6 @@
 import Testing
 @testable import FineMem
+import FineMemHarness
 
 /// Runs `body` in a simulation with `seed` (`simulate`); answers its result or throws.
 private func simulated<Value: Sendable>(seed: UInt64, _ body: @escaping @Sendable (Simulator) async throws -> Value) throws -> Value {

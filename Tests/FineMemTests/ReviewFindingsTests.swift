@@ -1,5 +1,6 @@
 import Testing
 @testable import FineMem
+import FineMemHarness
 
 // Adversarial review of recovery/fencing, the out-of-memory rule (DESIGN.md invariant 7)
 // and the span close / upkeep paths. Each test is one interleaving written out in virtual

@@ -1,5 +1,6 @@
 import Testing
 @testable import FineMem
+import FineMemHarness
 
 /// The room summary (`RoomSummary`): a compute node whose cache shows no room finds room
 /// another node freed by reading a few KiB, whatever the pool size; a stale summary costs

@@ -1,5 +1,6 @@
 import Testing
 @testable import FineMem
+import FineMemHarness
 
 // Second adversarial review (changes 4f46bc9..b738e40: one recoverer per node, the
 // out-of-memory rule, broken links, span closes). Each test is one interleaving in

@@ -1,5 +1,6 @@
 import Testing
 @testable import FineMem
+import FineMemHarness
 
 /// The sharded search ranks the shards' answers as one search of the whole cache would.
 /// The unsharded `chooseSpan` ranks `.readSpans` above `.recheck` (an uncached chunk-mode

@@ -4,6 +4,7 @@ import Glibc
 import Dispatch
 import Testing
 @testable import FineMem
+import FineMemHarness
 
 /// A NIC with a 1 MiB pool, one region over the first 64 KiB, and a connection.
 private struct Bench {

@@ -1,5 +1,6 @@
 import Testing
 @testable import FineMem
+import FineMemHarness
 
 /// 16 compute nodes x 8 tasks, mixed sizes 4 KiB-8 MiB, invariants 1 and 3 after every
 /// operation and the at-rest checks at the end. A failure names its seed; rerun one with

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Testing
 @testable import FineMem
+import FineMemHarness
 
 /// Runs `taskCount` simulated tasks, each posting random batches of verbs to one of four
 /// memory nodes, and answers the trace hash and final virtual time.

@@ -1,5 +1,6 @@
 import Testing
 @testable import FineMem
+import FineMemHarness
 
 /// A simulated NIC with a 1 MiB pool and one region at its start: the target most NIC and
 /// simulation tests post to.

@@ -4,6 +4,7 @@ import Glibc
 import CVerbs
 import Testing
 @testable import FineMem
+import FineMemHarness
 
 /// The device the hardware suite runs on, from `FINEMEM_RDMA_DEVICE`; nil without one.
 private let rdmaDevice: String? = getenv("FINEMEM_RDMA_DEVICE").map { String(cString: $0) }.flatMap { $0.isEmpty ? nil : $0 }

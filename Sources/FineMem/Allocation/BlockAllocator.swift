@@ -40,7 +40,7 @@ import Atomics
 package final class BlockAllocator: Sendable {
     package let owner: OwnerID
     let configuration: AllocatorConfiguration
-    let links: [MemoryNodeLink]
+    package let links: [MemoryNodeLink]
     let runtime: any Runtime
     let placement: any PlacementPolicy
     /// The largest block one memory node can hold, as log2 of chunks.
@@ -502,7 +502,7 @@ package final class BlockAllocator: Sendable {
     /// Reads every header of `link` into its cache (or shares another task's read begun
     /// after this call), and answers the words read.
     @discardableResult
-    func refresh(_ link: MemoryNodeLink, beginningAfter generation: UInt64? = nil, trace: inout OperationTrace) async throws(AllocationError) -> FullRead {
+    package func refresh(_ link: MemoryNodeLink, beginningAfter generation: UInt64? = nil, trace: inout OperationTrace) async throws(AllocationError) -> FullRead {
         do {
             return try await link.refresh(
                 beginningAfter: generation, trace: &trace, runtime: runtime, pauseNanos: configuration.backoffNanosMin...configuration.backoffNanosMax)

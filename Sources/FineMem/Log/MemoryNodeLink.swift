@@ -12,7 +12,7 @@ enum AttachError: Error, Sendable {
 /// the header words, and its own pending logs there. Every remote metadata access of the
 /// protocol goes through a link: reads of headers, the one update primitive
 /// (`update`, `updateEach`), and the write-ahead log (`flush`, `flushRun`).
-final class MemoryNodeLink: Sendable {
+package final class MemoryNodeLink: Sendable {
     /// The position of this memory node in the compute node's list.
     let index: Int
     let grant: MemoryNodeGrant
@@ -190,7 +190,7 @@ final class MemoryNodeLink: Sendable {
     /// the reads they wait for (each completes or fails), the steps by
     /// `refreshAttemptsMax`.
     @discardableResult
-    func refresh(
+    package func refresh(
         beginningAfter earliest: UInt64? = nil, trace: inout OperationTrace, runtime: any Runtime, pauseNanos: ClosedRange<UInt64>
     ) async throws(FabricError) -> FullRead {
         var lastFailure: FabricError?
@@ -334,7 +334,7 @@ final class MemoryNodeLink: Sendable {
 /// equal reads, a header that held room in between must come back to a word without
 /// it, and room is taken by a block operation, which changes the header's log sequence
 /// (6 bits): 64 commits on one header between two reads of it.
-struct FullRead: Sendable, Equatable {
+package struct FullRead: Sendable, Equatable {
     let sections: [UInt64]
     let spans: [UInt64]
 }

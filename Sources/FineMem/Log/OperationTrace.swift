@@ -1,36 +1,39 @@
 /// What one operation (an allocation, a free, or one piece of upkeep) spent: batches and
 /// verbs posted, CAS failures, search attempts, and the structural events it caused.
-struct OperationTrace: Sendable, Equatable {
+package struct OperationTrace: Sendable, Equatable {
     /// Which of a memory node link's connections the operation posts on
     /// (`MemoryNodeLink.connection(for:)`): an allocation's or a free's application number
     /// (as its home shard), `upkeepLane` for everything else.
-    var lane = Self.upkeepLane
-    static let upkeepLane = -1
+    package var lane = Self.upkeepLane
+
+    package init(lane: Int = Self.upkeepLane) { self.lane = lane }
+
+    package static let upkeepLane = -1
     /// Batches posted: one doorbell, one network round trip each.
-    var batches: UInt64 = 0
-    var verbs: UInt64 = 0
+    package var batches: UInt64 = 0
+    package var verbs: UInt64 = 0
     /// Compare-and-swaps that did not exchange.
-    var retries: UInt64 = 0
+    package var retries: UInt64 = 0
     /// The part of `retries` lost to a pending log rather than to another commit.
-    var pendingLosses: UInt64 = 0
+    package var pendingLosses: UInt64 = 0
     /// Choices the search made and spent (a lost commit, a transition that no longer
     /// applied); bounded by `AllocatorConfiguration.operationAttemptsMax`.
-    var attempts = 0
+    package var attempts = 0
     /// Full re-reads of a memory node's headers.
-    var refreshes: UInt64 = 0
+    package var refreshes: UInt64 = 0
     /// Refreshes this operation wanted and took from another task's read in flight.
-    var refreshesShared: UInt64 = 0
+    package var refreshesShared: UInt64 = 0
     /// Looks through the room summary (`MemoryNodeLink.refreshFromSummary`).
-    var summaryRefreshes: UInt64 = 0
+    package var summaryRefreshes: UInt64 = 0
     /// Bytes read by refreshes, full or through the summary.
-    var refreshBytes: UInt64 = 0
+    package var refreshBytes: UInt64 = 0
     /// Syncs of room summary bits after a section's room changed.
-    var summarySyncs: UInt64 = 0
-    var spansOpened: UInt64 = 0
-    var spansClosed: UInt64 = 0
+    package var summarySyncs: UInt64 = 0
+    package var spansOpened: UInt64 = 0
+    package var spansClosed: UInt64 = 0
     /// Rounds a flush waited out (with backoff) because its header kept changing.
-    var flushRounds: UInt64 = 0
+    package var flushRounds: UInt64 = 0
     /// Background upkeep that ended in an error (a fabric error, or a metadata word the
     /// protocol does not allow).
-    var upkeepErrors: UInt64 = 0
+    package var upkeepErrors: UInt64 = 0
 }

@@ -8,21 +8,21 @@
 /// operation can change a header while its log is pending, no span under a section's
 /// pending log can enter chunk mode, and the record update is a CAS from the value read
 /// right after the commit: a record never goes backwards.
-struct PendingLog: Sendable {
-    let recordAddress: RemoteAddress
+package struct PendingLog: Sendable {
+    package let recordAddress: RemoteAddress
     /// The record; it carries the sequence of the header that committed the block (the
     /// first section's, for a multi-section block).
-    let record: FullLogRecord
+    package let record: FullLogRecord
     /// The record's value right after the commit (read in its doorbell): what the flush's
     /// CAS expects to replace.
-    let recordBefore: UInt64
+    package let recordBefore: UInt64
     /// The header's log sequence of this log (what a flush expects to find pending).
-    let sequence: LogSequence
+    package let sequence: LogSequence
     /// Which entry of the table this is, unique for the table's life: a job finishing late
     /// must not touch the entry of a newer log on the same header, and the 6-bit sequence
     /// cannot tell them apart (64 commits on one header take some 40 us).
-    let serial: UInt64
-    var taken: Bool
+    package let serial: UInt64
+    package var taken: Bool
 }
 
 /// The pending logs of one compute node on one memory node, by header.

@@ -1,13 +1,13 @@
 /// Where an update finds the word it changes and keeps the answers: a header in the
 /// link's cache (starting from the cached word, or from one the caller just learned), or
 /// a word outside the cache that the caller knows (a node-table slot).
-enum WordHome: Sendable {
+package enum WordHome: Sendable {
     case header(HeaderSlot, known: UInt64? = nil)
     case word(RemoteAddress, known: UInt64)
 }
 
 /// How an update treats a header's temporary log and the full log.
-enum LogHandling: Sendable {
+package enum LogHandling: Sendable {
     /// A state change (span open or close, a hint, a node slot): expect the cached word
     /// and keep its log as it is.
     case keep
@@ -25,24 +25,30 @@ enum LogHandling: Sendable {
 }
 
 /// The bound and manner of one update.
-struct UpdatePolicy: Sendable {
+package struct UpdatePolicy: Sendable {
     /// CAS attempts before the update answers `lost`.
-    var attemptsMax: Int
-    var log: LogHandling = .keep
+    package var attemptsMax: Int
+    package var log: LogHandling = .keep
     /// When the transition refuses the word as cached, read the word once and try again:
     /// a decision not to change remote state rests on a fresh READ, not on the cache.
-    var rereadOnRefusal = false
+    package var rereadOnRefusal = false
+
+    package init(attemptsMax: Int, log: LogHandling = .keep, rereadOnRefusal: Bool = false) {
+        self.attemptsMax = attemptsMax
+        self.log = log
+        self.rereadOnRefusal = rereadOnRefusal
+    }
 }
 
 /// A metadata word of no particular type: what the update loop works on.
-struct RawWord: MetadataWord {
-    let rawValue: UInt64
-    init(rawValue: UInt64) { self.rawValue = rawValue }
-    init(_ rawValue: UInt64) { self.rawValue = rawValue }
+package struct RawWord: MetadataWord {
+    package let rawValue: UInt64
+    package init(rawValue: UInt64) { self.rawValue = rawValue }
+    package init(_ rawValue: UInt64) { self.rawValue = rawValue }
 }
 
 /// The answer of an update.
-enum UpdateOutcome<Word: MetadataWord>: Sendable {
+package enum UpdateOutcome<Word: MetadataWord>: Sendable {
     /// A state change's CAS (or a flush's) committed this word.
     case updated(Word)
     /// A block operation's CAS committed this word; `recordBefore` is the block's full-log
@@ -54,7 +60,7 @@ enum UpdateOutcome<Word: MetadataWord>: Sendable {
     case lost(current: UInt64)
 
     /// The same answer with its word decoded as `type` (which the transition produced).
-    func map<Other: MetadataWord>(_ type: Other.Type) -> UpdateOutcome<Other> {
+    package func map<Other: MetadataWord>(_ type: Other.Type) -> UpdateOutcome<Other> {
         switch self {
         case .updated(let word): .updated(Other(rawValue: word.rawValue)!)
         case .committed(let word, let recordBefore): .committed(Other(rawValue: word.rawValue)!, recordBefore: recordBefore)
@@ -64,7 +70,7 @@ enum UpdateOutcome<Word: MetadataWord>: Sendable {
     }
 
     /// The word a CAS of this update committed, whichever kind.
-    var committedWord: Word? {
+    package var committedWord: Word? {
         switch self {
         case .updated(let word), .committed(let word, _): word
         case .refused, .lost: nil
@@ -95,7 +101,7 @@ extension MemoryNodeLink {
     /// `update` of a header: the same, with the header type's own `flushed()` (no dynamic
     /// cast per call), and a block operation's single-attempt commit on the fast path
     /// (`commitFast`).
-    func update<Header: LoggedHeader>(
+    package func update<Header: LoggedHeader>(
         _ home: WordHome, _ policy: UpdatePolicy, alsoRead: [HeaderSlot] = [],
         trace: inout OperationTrace, _ transition: (Header) -> Header?
     ) async throws(FabricError) -> UpdateOutcome<Header> {

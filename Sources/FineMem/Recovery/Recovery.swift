@@ -46,6 +46,8 @@ package struct RecoveryReport: Sendable, Hashable {
     /// Whether the run found the slot already free (an earlier run finished the job).
     package var alreadyRecovered = false
 
+    package init() {}
+
     /// Changes made so far (a pass that adds none made no progress).
     var progress: Int { headersReclaimed + recordsFreed + logsSettled + spansClosed + intentsCleared }
 }

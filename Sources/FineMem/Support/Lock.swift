@@ -11,10 +11,10 @@ import Darwin
 /// The mutex has a cache line of its own (`cacheLineBytes`): locks allocated one after the
 /// other would otherwise share lines, and tasks on two CPUs taking two different locks
 /// would still pass a line back and forth.
-final class Lock: @unchecked Sendable {
+package final class Lock: @unchecked Sendable {
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
 
-    init() {
+    package init() {
         mutex = UnsafeMutableRawPointer.allocate(byteCount: cacheLineRounded(MemoryLayout<pthread_mutex_t>.stride), alignment: cacheLineBytes)
             .bindMemory(to: pthread_mutex_t.self, capacity: 1)
         mutex.initialize(to: pthread_mutex_t())
@@ -29,7 +29,7 @@ final class Lock: @unchecked Sendable {
     }
 
     @inline(__always)
-    func withLock<Result, Failure: Error>(_ body: () throws(Failure) -> Result) throws(Failure) -> Result {
+    package func withLock<Result, Failure: Error>(_ body: () throws(Failure) -> Result) throws(Failure) -> Result {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
         return try body()
@@ -41,25 +41,25 @@ final class Lock: @unchecked Sendable {
     /// (the simulated NIC's per-connection lock: two tasks of one node posting at once
     /// otherwise fall into step, each parking on every other batch).
     @inline(__always)
-    func withLockSpinning<Result, Failure: Error>(_ body: () throws(Failure) -> Result) throws(Failure) -> Result {
+    package func withLockSpinning<Result, Failure: Error>(_ body: () throws(Failure) -> Result) throws(Failure) -> Result {
         spinLock(mutex)
         defer { pthread_mutex_unlock(mutex) }
         return try body()
     }
 
     /// Tries before `withLockSpinning` parks.
-    static let spinsMax = 200
+    package static let spinsMax = 200
 }
 
 /// A value guarded by a `Lock`. The value lives behind a pointer of its own rather than in
 /// a stored `var`: the lock already excludes concurrent access, and a class's stored `var`
 /// would add the run time's dynamic exclusivity check to every access (a measurable share
 /// of an allocation's CPU time).
-final class Locked<Value>: @unchecked Sendable {
+package final class Locked<Value>: @unchecked Sendable {
     private let lock = Lock()
     private let value: UnsafeMutablePointer<Value>
 
-    init(_ value: Value) {
+    package init(_ value: Value) {
         self.value = UnsafeMutableRawPointer.allocate(byteCount: cacheLineRounded(MemoryLayout<Value>.stride), alignment: cacheLineBytes)
             .bindMemory(to: Value.self, capacity: 1)
         self.value.initialize(to: value)
@@ -71,7 +71,7 @@ final class Locked<Value>: @unchecked Sendable {
     }
 
     @inline(__always)
-    func withLock<Result, Failure: Error>(_ body: (inout Value) throws(Failure) -> Result) throws(Failure) -> Result {
+    package func withLock<Result, Failure: Error>(_ body: (inout Value) throws(Failure) -> Result) throws(Failure) -> Result {
         try lock.withLock { () throws(Failure) -> Result in try body(&value.pointee) }
     }
 }
@@ -80,14 +80,14 @@ final class Locked<Value>: @unchecked Sendable {
 /// cache-line-aligned slot that no other stripe touches, so tasks on different CPUs that
 /// work in different stripes share neither a lock nor a cache line. No reference counting
 /// on access (the slots are raw memory).
-final class LockedStripes<Value>: @unchecked Sendable {
-    let count: Int
+package final class LockedStripes<Value>: @unchecked Sendable {
+    package let count: Int
     private let slots: UnsafeMutableRawPointer
     private let slotBytes: Int
     private let valueOffset = cacheLineRounded(MemoryLayout<pthread_mutex_t>.stride)
 
     /// `count` stripes, stripe `i` holding `make(i)`.
-    init(count: Int, _ make: (Int) -> Value) {
+    package init(count: Int, _ make: (Int) -> Value) {
         precondition(count >= 1, "at least one stripe")
         self.count = count
         slotBytes = valueOffset + cacheLineRounded(MemoryLayout<Value>.stride)
@@ -116,20 +116,20 @@ final class LockedStripes<Value>: @unchecked Sendable {
 
     /// Stripe `index`'s value; only under its lock (or every lock, `withEveryLock`).
     @inline(__always)
-    func value(_ index: Int) -> UnsafeMutablePointer<Value> {
+    package func value(_ index: Int) -> UnsafeMutablePointer<Value> {
         (slots + index * slotBytes + valueOffset).assumingMemoryBound(to: Value.self)
     }
 
     /// Runs `body` on stripe `index`'s value, under its lock.
     @inline(__always)
-    func withLock<Result, Failure: Error>(_ index: Int, _ body: (inout Value) throws(Failure) -> Result) throws(Failure) -> Result {
+    package func withLock<Result, Failure: Error>(_ index: Int, _ body: (inout Value) throws(Failure) -> Result) throws(Failure) -> Result {
         spinLock(mutex(index))
         defer { pthread_mutex_unlock(mutex(index)) }
         return try body(&value(index).pointee)
     }
 
     /// Runs `body` with every stripe locked (taken in index order, released in reverse).
-    func withEveryLock<Result>(_ body: () -> Result) -> Result {
+    package func withEveryLock<Result>(_ body: () -> Result) -> Result {
         for index in 0..<count { pthread_mutex_lock(mutex(index)) }
         defer { for index in (0..<count).reversed() { pthread_mutex_unlock(mutex(index)) } }
         return body()

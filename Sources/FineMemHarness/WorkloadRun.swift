@@ -1,3 +1,5 @@
+import FineMem
+
 /// What the seeded workloads share: a report that the simulation fills, the cluster they
 /// start, and the run itself.
 protocol WorkloadReport: Sendable {

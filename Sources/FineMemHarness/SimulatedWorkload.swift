@@ -1,3 +1,5 @@
+import FineMem
+
 /// A seeded allocate/free workload of many compute nodes and tasks in virtual time, with
 /// the invariants checked after every operation and at the end. `swift test` runs it for
 /// many seeds; `finemem soak` runs as many as asked; `finemem bench` measures with it.

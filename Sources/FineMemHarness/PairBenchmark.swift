@@ -1,3 +1,5 @@
+import FineMem
+
 /// The CPU cost of the allocation fast path: tasks of one compute node on real threads
 /// (immediate mode: simulated NIC, real atomics, no virtual time) allocate a 4 KiB buffer
 /// through the public API and free it, again and again. What it measures is everything

@@ -1,3 +1,5 @@
+import FineMem
+
 /// A seeded workload that runs pools to exhaustion and back, in virtual time: in each
 /// round every task allocates (mostly 2 MiB blocks, as the paper's tcmalloc traces) until
 /// it is answered `outOfMemory`; once every task is, the answers are checked against the

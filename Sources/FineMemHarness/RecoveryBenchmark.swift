@@ -1,3 +1,5 @@
+import FineMem
+
 /// The recovery benchmark: a dead compute node holding about `blocks` blocks of mixed
 /// sizes on one memory node is fenced and recovered through the memory node's loopback.
 ///

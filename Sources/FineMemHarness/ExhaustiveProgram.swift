@@ -1,3 +1,5 @@
+import FineMem
+
 /// A tiny program for `ExhaustiveExploration`: compute nodes on one memory node of a small
 /// pool, each running a short fixed list of operations at the same time as the others.
 ///

@@ -1,3 +1,5 @@
+import FineMem
+
 /// Checks DESIGN.md's invariants on memory nodes by reading their words (never writing).
 ///
 /// - Invariant 1: no two live blocks overlap (`admit` keeps a chunk map of the ledger).

@@ -1,4 +1,7 @@
 import CVerbs
+
+import FineMem
+
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -1,3 +1,5 @@
+import FineMem
+
 /// Crash-point enumeration: for one operation kind, crash the node running it after each
 /// of its verbs (every executed prefix of every batch, the background flush and span
 /// upkeep that follow the operation included), with its posted but unexecuted verbs

@@ -1,3 +1,5 @@
+import FineMem
+
 /// DESIGN.md invariant 7, checked from the pool's own words: "Out of memory is answered
 /// only when the pool had no room for the request at some instant during the call".
 ///

@@ -1,3 +1,5 @@
+import FineMem
+
 /// What one scripted run gave: its choice points (how many options each had and which was
 /// taken), its trace, its violations and a short summary of its answers.
 package struct ScriptedRun: Sendable {
