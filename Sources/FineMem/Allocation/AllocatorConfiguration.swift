@@ -51,8 +51,8 @@ public struct AllocatorConfiguration: Sendable, Hashable {
     public var upkeepDeferralsMax = 4
     /// Shards of a compute node's header cache of each memory node (consecutive sections,
     /// each under its own lock; at least 4 sections each): tasks on different CPUs search
-    /// and commit in different shards. nil: one per CPU on real threads, one in virtual
-    /// time.
+    /// and commit in different shards. nil: one per task the runtime runs at the same time
+    /// (`Runtime.parallelism`: one per CPU on real threads, one in virtual time).
     public var cacheShards: Int?
     /// The first and the longest backoff between waits, in nanoseconds.
     public var backoffNanosMin: UInt64 = 500

@@ -106,7 +106,7 @@ package final class BlockAllocator: Sendable {
         for (index, (grant, connection)) in memoryNodes.enumerated() {
             do {
                 links.append(try await MemoryNodeLink.attach(
-                    index: index, grant: grant, connection: connection, owner: owner, cacheShards: configuration.cacheShards ?? runtime.cacheShards))
+                    index: index, grant: grant, connection: connection, owner: owner, cacheShards: configuration.cacheShards ?? runtime.parallelism))
             } catch {
                 switch error {
                 case .fabric(let error): throw .fabric(error)

@@ -13,9 +13,9 @@ package protocol Runtime: AnyObject, Sendable {
     func sleep(nanoseconds: UInt64) async
     /// Monotonic time in nanoseconds.
     var nowNanoseconds: UInt64 { get }
-    /// How many shards a compute node's header cache of one memory node has by default
-    /// (`AllocatorConfiguration.cacheShards`).
-    var cacheShards: Int { get }
+    /// How many of its tasks run at the same time: the CPUs of real threads (at most 64),
+    /// one in virtual time.
+    var parallelism: Int { get }
 }
 
 /// Real threads and the monotonic clock.
@@ -49,6 +49,5 @@ package final class SystemRuntime: Runtime {
 
     package var nowNanoseconds: UInt64 { monotonicNanoseconds() }
 
-    /// One shard per CPU (at most 64): as many as tasks that run at the same time.
-    package let cacheShards = min(64, max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))
+    package let parallelism = min(64, max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))
 }

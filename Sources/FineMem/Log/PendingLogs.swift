@@ -1,3 +1,33 @@
+// The write-ahead log of one compute node on one memory node.
+//
+// Rules (DESIGN.md section 5, "Flush"), each kept by the code below and checked from
+// outside by the pool inspector:
+//
+// - L1 (commit point). A block operation commits its temporary log (offset, size code,
+//   owner, sequence) in the same CAS that changes the bitmap, and sets the header's
+//   pending bit; no other block operation commits on that header while the bit is set.
+// - L2 (exclusion of the record). While a header's log is pending, nobody but its
+//   committer (or recovery, after fencing the committer) writes the record the log
+//   describes: other operations on that header wait, a span covered by a section's
+//   pending log cannot enter chunk mode (`SectionHeader.pendingLogCovers`), and a
+//   multi-section block's sections are all pending until its record is written.
+// - L3 (records never go backwards). The commit reads the block's record in its own
+//   doorbell, after the CAS; the flush replaces exactly that value by CAS, before it
+//   clears the bit in the same doorbell. A flush that comes late (a stalled node) finds
+//   another value and changes nothing; its header CAS, expecting its own pending word,
+//   fails too.
+// - L4 (flush). Only the committer clears the bit, after the record (one doorbell, the
+//   record CAS first): by `flush`, or folded into its next commit on the same header. A
+//   live node never abandons a flush.
+// - L5 (multi-section). A multi-section claim or release announces itself in an intent
+//   record first (same doorbell, before the CASes) and logs on every section header;
+//   its record is written once, before the bits are cleared (`flushRun`), and the intent
+//   is cleared last. Between any two verbs the intent names the node in the middle of it.
+// - L6 (intermediate states name their owner). A span being opened is `opening` with
+//   the opener in its log's owner field before its section entry is flipped (the mark is
+//   the right to flip it); a span being closed is `closing` with the closer there until
+//   its entry is back to empty. So no chunk-mode entry is ever over a `closed` span.
+
 /// A temporary log that this compute node committed and has not yet flushed: the full-log
 /// record to write for it, and whether some task has taken the job of flushing it.
 ///
@@ -131,4 +161,30 @@ struct PreparedWord: Sendable {
     let foldedLog: (slot: HeaderSlot, log: PendingLog)?
 
     static func plain(_ word: UInt64) -> PreparedWord { PreparedWord(expected: word, base: word, foldedLog: nil) }
+}
+
+/// The settle rules: how a block operation's commit treats the header's pending log, and
+/// what becomes of a log it folded in (`LogHandling.commit`).
+extension PendingLogTable {
+    /// Decides the expected word and the transition's base of a block operation's header
+    /// `word`, whose flushed self is `flushed` (nil: no log pending). This node's own
+    /// queued log is taken to fold in (its record CAS rides before the commit CAS, which
+    /// expects the pending word); anyone else's is predicted flushed (the CAS expects the
+    /// flushed word). The caller holds the cache's lock.
+    mutating func prepare(_ slot: HeaderSlot, _ word: UInt64, flushed: UInt64?) -> PreparedWord {
+        guard let flushed else { return .plain(word) }
+        if let own = take(slot) {
+            return PreparedWord(expected: word, base: flushed, foldedLog: (slot, own))
+        }
+        return PreparedWord(expected: flushed, base: flushed, foldedLog: nil)
+    }
+
+    /// After the CAS of a prepared word: a folded log is flushed if the CAS committed;
+    /// otherwise it goes back to the table (released) and someone must flush it. The
+    /// caller holds the cache's lock, and hands a log given back to the link's owner once
+    /// it has let go of it.
+    mutating func settle(_ prepared: PreparedWord, committed: Bool) {
+        guard let (slot, log) = prepared.foldedLog else { return }
+        if committed { remove(slot, serial: log.serial) } else { release(slot, serial: log.serial) }
+    }
 }

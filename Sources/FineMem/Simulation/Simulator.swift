@@ -174,9 +174,8 @@ public final class Simulator: TaskExecutor, Runtime, @unchecked Sendable {
 
     public var nowNanoseconds: UInt64 { core.pointee.now }
 
-    /// One shard by default: runs keep the placement they had before caches had shards
-    /// (a test or a soak seed asks for more through `AllocatorConfiguration.cacheShards`).
-    package var cacheShards: Int { 1 }
+    /// One task runs at a time in virtual time.
+    package var parallelism: Int { 1 }
 
     // MARK: Driving
 

@@ -142,7 +142,7 @@ extension MemoryNodeLink {
             let word = cache[slot]
             let flushed = Header(rawValue: word)?.flushed()?.rawValue
             guard let target = Header(rawValue: flushed ?? word).flatMap(transition) else { return nil }
-            return (target, Self.prepare(slot, word, flushed: flushed, pending: &cache.pending))
+            return (target, cache.pending.prepare(slot, word, flushed: flushed))
         }
         guard let (target, prepared) = decided else { return nil }
         var batch = WordBatch()
@@ -162,7 +162,7 @@ extension MemoryNodeLink {
         // The answer and the folded log's end, in one critical section.
         cache.withShard(of: slot) { cache in
             cache.store(exchanged ? target.rawValue : original, at: slot, ticket: ticket)
-            Self.settle(prepared, committed: exchanged, pending: &cache.pending)
+            cache.pending.settle(prepared, committed: exchanged)
         }
         if !exchanged, prepared.foldedLog != nil { logReturned(slot) }
         if exchanged {
@@ -397,31 +397,15 @@ extension MemoryNodeLink {
     private func prepare(_ home: WordHome, _ word: UInt64, flushed: UInt64?, _ handling: LogHandling) -> PreparedWord {
         guard case .commit = handling else { return .plain(word) }
         guard case .header(let slot, _) = home else { preconditionFailure("block operations commit on headers") }
-        return cache.withShard(of: slot) { Self.prepare(slot, word, flushed: flushed, pending: &$0.pending) }
+        return cache.withShard(of: slot) { $0.pending.prepare(slot, word, flushed: flushed) }
     }
 
-    /// `prepare` of a block operation's header, with the pending table in hand (its
-    /// caller holds the cache's lock).
-    private static func prepare(_ slot: HeaderSlot, _ word: UInt64, flushed: UInt64?, pending: inout PendingLogTable) -> PreparedWord {
-        guard let flushed else { return .plain(word) }
-        if let own = pending.take(slot) {
-            return PreparedWord(expected: word, base: flushed, foldedLog: (slot, own))
-        }
-        return PreparedWord(expected: flushed, base: flushed, foldedLog: nil)
-    }
 
     /// After the CAS of a prepared word: a folded log is flushed if the CAS committed;
     /// otherwise the job goes back to the table and someone must flush it.
     private func settle(_ prepared: PreparedWord, committed: Bool) {
         guard let slot = prepared.foldedLog?.slot else { return }
-        cache.withShard(of: slot) { Self.settle(prepared, committed: committed, pending: &$0.pending) }
+        cache.withShard(of: slot) { $0.pending.settle(prepared, committed: committed) }
         if !committed { logReturned(slot) }
-    }
-
-    /// `settle` with the pending table in hand; the caller hands a log given back to
-    /// `logReturned` once it has let go of the cache's lock.
-    private static func settle(_ prepared: PreparedWord, committed: Bool, pending: inout PendingLogTable) {
-        guard let (slot, log) = prepared.foldedLog else { return }
-        if committed { pending.remove(slot, serial: log.serial) } else { pending.release(slot, serial: log.serial) }
     }
 }
