@@ -17,8 +17,8 @@ EQUIVALENT = [
      "flushes no longer execute (their queue pairs are in the error state)."),
     ("an allocation's search does not wait for a span under a pending log",
      "Sources/FineMem/Allocation/HeaderSearch.swift",
-     "                if rawSection.pendingLogCovers(span: span) {\n                    if transient == nil { transient = (.section(section), nil) }\n                    continue\n                }",
-     "                if rawSection.pendingLogCovers(span: span) {\n                    continue\n                }",
+     "                    if rawSection.pendingLogCovers(span: span) {\n                        if transient == nil { transient = (.section(section), nil) }\n                        continue\n                    }",
+     "                    if rawSection.pendingLogCovers(span: span) {\n                        continue\n                    }",
      "The recheck of a span under a section's pending log is a shortcut: without it the search "
      "finds no room, and the out-of-memory answer rests on two full reads that show every place "
      "held throughout (FullRead.noRoomThroughout: an empty entry under a pending log is held by "
@@ -46,9 +46,9 @@ MUTATIONS = [
             let exchanged = original == expected
             if exchanged { atomicWord(address).store(desired, ordering: .relaxed) }"""),
     ("a folded log whose commit CAS lost is dropped instead of handed back",
-     "Sources/FineMem/Link/WordUpdate.swift",
-     "        if committed { pending.remove(slot, serial: log.serial) } else { pending.release(slot, serial: log.serial) }",
-     "        pending.remove(slot, serial: log.serial)"),
+     "Sources/FineMem/Log/PendingLogs.swift",
+     "        if committed { remove(slot, serial: log.serial) } else { release(slot, serial: log.serial) }",
+     "        remove(slot, serial: log.serial)"),
     ("a foreign free of a block allocated a moment ago is not recognised",
      "Sources/FineMem/Allocation/BlockAllocator.swift",
      "        if justAllocatedByAnother(block, header: headerWord) { return .notOwner(pointer) }\n",
@@ -95,8 +95,8 @@ MUTATIONS = [
      "after: [link.intentWrite(.none, slot: intentSlot)]"),
     ("recovery leaves the dead node's records allocated",
      "Sources/FineMem/Recovery/RecoveryPass.swift",
-     "                for run in runs where header.marksFree(run) { freedRecord(first + run.offset, layer: .chunk, sequence: header.log.sequence) }",
-     "                for run in runs where header.marksFree(run) && false { freedRecord(first + run.offset, layer: .chunk, sequence: header.log.sequence) }"),
+     "            for run in runs where header.marksFree(run) { freedRecord(first + run.offset, layer: .chunk, sequence: header.log.sequence, into: &work) }",
+     "            for run in runs where header.marksFree(run) && false { freedRecord(first + run.offset, layer: .chunk, sequence: header.log.sequence, into: &work) }"),
     ("recovery keeps multi-section blocks it already freed in its index (review finding F1)",
      "Sources/FineMem/Recovery/Recovery.swift",
      "        multiSectionBlock.removeAll(keepingCapacity: true)\n",
@@ -143,8 +143,8 @@ MUTATIONS = [
     # Killed by RecoveredRoomSummaryTests.
     ("recovery leaves the room summary bits of the sections it freed stale",
      "Sources/FineMem/Recovery/Recovery.swift",
-     "                    if let sections = roomChanged.withLock({ $0 }) {",
-     "                    if let sections = roomChanged.withLock({ $0 }), sections.isEmpty {"),
+     "            if let sections = roomChanged {",
+     "            if let sections = roomChanged, sections.isEmpty {"),
     # Killed by TicketOrderTests.
     ("a READ's ticket is drawn after its batch completes, not before it is posted",
      "Sources/FineMem/Link/MemoryNodeLink.swift",

@@ -58,6 +58,9 @@ public struct AllocatorConfiguration: Sendable, Hashable {
     public var backoffNanosMin: UInt64 = 500
     public var backoffNanosMax: UInt64 = 128_000
 
+    /// The backoff's range, first to longest pause.
+    var backoffNanos: ClosedRange<UInt64> { backoffNanosMin...backoffNanosMax }
+
     public init() {}
 }
 

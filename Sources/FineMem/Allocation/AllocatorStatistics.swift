@@ -44,6 +44,9 @@ public struct AllocatorStatistics: Sendable, Hashable {
     /// Room summary syncs after a section's room changed (or a full refresh found the
     /// summary stale).
     public package(set) var summarySyncs: UInt64 = 0
+    /// Room summary syncs given up under contention that outlasted their bound (the bits
+    /// stay stale until a full refresh finds them).
+    public package(set) var summarySyncsAbandoned: UInt64 = 0
     /// Rounds log flushes waited out (with backoff) because their header kept changing.
     public package(set) var flushRounds: UInt64 = 0
     /// Background upkeep (flushes, span closes, hints) that ended in an error.
@@ -95,11 +98,13 @@ public struct AllocatorStatistics: Sendable, Hashable {
     }
 
     private mutating func recordEvents(_ trace: OperationTrace) {
+        assert(trace.effects.isEmpty, "an operation ended with effects of its link calls not taken: \(trace.effects)")
         refreshes += trace.refreshes
         refreshesShared += trace.refreshesShared
         summaryRefreshes += trace.summaryRefreshes
         refreshBytes += trace.refreshBytes
         summarySyncs += trace.summarySyncs
+        summarySyncsAbandoned += trace.summarySyncsAbandoned
         spansOpened += trace.spansOpened
         spansClosed += trace.spansClosed
         flushRounds += trace.flushRounds
@@ -129,6 +134,7 @@ public struct AllocatorStatistics: Sendable, Hashable {
         sum.summaryRefreshes += rhs.summaryRefreshes
         sum.refreshBytes += rhs.refreshBytes
         sum.summarySyncs += rhs.summarySyncs
+        sum.summarySyncsAbandoned += rhs.summarySyncsAbandoned
         sum.flushRounds += rhs.flushRounds
         sum.upkeepErrors += rhs.upkeepErrors
         return sum

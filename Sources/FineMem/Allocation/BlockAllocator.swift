@@ -88,10 +88,6 @@ package final class BlockAllocator: Sendable {
         chunkCountLog2Max = Block.sectionLayerCountLog2Max + (Int.bitWidth - 1 - sections.leadingZeroBitCount)
         let slots = links.map(\.geometry.intentSlotsPerNode).min()!
         freeIntentSlots = Locked(Array((0..<slots).reversed()))
-        for link in links {
-            link.onReturnedLog { [weak self, unowned link] slot in self?.startUpkeep(of: slot, on: link) }
-            link.onRoomChange { [weak self, unowned link] sections in self?.startRoomSummaryUpkeep(of: sections, on: link) }
-        }
     }
 
     /// Attaches to every memory node (checks its superblock against the grant, takes this
@@ -503,9 +499,10 @@ package final class BlockAllocator: Sendable {
     /// after this call), and answers the words read.
     @discardableResult
     package func refresh(_ link: MemoryNodeLink, beginningAfter generation: UInt64? = nil, trace: inout OperationTrace) async throws(AllocationError) -> FullRead {
+        defer { takeEffects(of: &trace, on: link) }
         do {
             return try await link.refresh(
-                beginningAfter: generation, trace: &trace, runtime: runtime, pauseNanos: configuration.backoffNanosMin...configuration.backoffNanosMax)
+                beginningAfter: generation, trace: &trace, runtime: runtime, pauseNanos: configuration.backoffNanos)
         } catch { throw .fabric(error) }
     }
 
@@ -541,30 +538,41 @@ package final class BlockAllocator: Sendable {
     func flush<Header: LoggedHeader>(
         _ type: Header.Type, _ slot: HeaderSlot, on link: MemoryNodeLink, trace: inout OperationTrace, then transform: (Header) -> Header = { $0 }
     ) async -> Header? {
-        await link.flush(
-            type, slot, attemptsMax: configuration.flushAttemptsMax, backoffNanos: configuration.backoffNanosMin...configuration.backoffNanosMax,
+        defer { takeEffects(of: &trace, on: link) }
+        return await link.flush(
+            type, slot, attemptsMax: configuration.flushAttemptsMax, backoffNanos: configuration.backoffNanos,
             runtime: runtime, trace: &trace, then: transform)
+    }
+
+    /// Acts on what a call of `link` left in `trace` (`LinkEffects`): a log given back is
+    /// queued to be flushed, a change of room to have its summary bits synced. Every
+    /// call of the allocator that can leave effects is followed by this; an operation's
+    /// trace ends with none (`AllocatorStatistics` checks).
+    @inline(__always)
+    func takeEffects(of trace: inout OperationTrace, on link: MemoryNodeLink) {
+        guard !trace.effects.isEmpty else { return }
+        let effects = trace.effects.take()
+        for slot in effects.returnedLogs { startUpkeep(of: slot, on: link) }
+        if let sections = effects.roomChanged { startRoomSummaryUpkeep(of: sections, on: link) }
     }
 }
 
 /// Bounded exponential backoff for waits on someone else's progress: a pending log another
 /// task or node is flushing, a busy header or intent slot, an own flush in flight.
 struct Backoff {
-    private let configuration: AllocatorConfiguration
-    private var delay: UInt64
-    private(set) var waits = 0
+    private let waitCountMax: Int
+    private var pause: Pause
+    var waits: Int { pause.count }
 
     init(_ configuration: AllocatorConfiguration) {
-        self.configuration = configuration
-        delay = configuration.backoffNanosMin
+        waitCountMax = configuration.waitCountMax
+        pause = Pause(configuration.backoffNanos)
     }
 
     /// Sleeps the current delay and doubles it (up to `backoffNanosMax`); fails after
     /// `waitCountMax` pauses.
     mutating func pause(_ runtime: any Runtime) async throws(AllocationError) {
-        guard waits < configuration.waitCountMax else { throw .retryLimitExceeded(attempts: waits) }
-        waits += 1
-        await runtime.sleep(nanoseconds: delay)
-        delay = min(delay * 2, configuration.backoffNanosMax)
+        guard waits < waitCountMax else { throw .retryLimitExceeded(attempts: waits) }
+        await pause.sleep(on: runtime)
     }
 }

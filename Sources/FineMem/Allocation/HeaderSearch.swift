@@ -23,88 +23,119 @@ enum HeaderChoice: Sendable {
 /// or closing, or in a chunk-mode span whose cached header is not open (the section word
 /// came from a later answer than the span word), nil when there is none.
 func chooseSpan(chunkCountLog2: Int, cache: inout HeaderCache, link: MemoryNodeLink) -> HeaderChoice? {
-    var avoided: (slot: HeaderSlot, run: HeaderRun)?
-    var unknownSection: Int?
-    var skippedBusy = false
-    var found: HeaderSlot?
-    var foundRun: HeaderRun?
-    // The headers to read again when the only room is in the middle of an operation (a
-    // section, and maybe one of its spans); an array only when it is the answer.
-    var transient: (HeaderSlot, HeaderSlot?)?
-    // The summary's chunk-mode candidates, from the cursor: a normal span with room ends
-    // the search; the first uncached section and the first span to avoid are kept.
-    // (Loops over an iterator, not closures: a closure capturing the inout cache copies
-    // the whole struct, retaining each of its arrays, on every method call.)
-    var chunkCandidates = cache.chunkCandidateSections
-    search: while let section = chunkCandidates.next() {
-        guard let sectionHeader = SectionHeader(rawValue: cache[.section(section)])?.settled else { continue }
-        for span in 0..<PoolGeometry.spansPerSection {
-            let state = sectionHeader.state(ofSpan: span)
-            guard state == .chunks || state == .chunksAvoid else { continue }
-            guard cache.spansKnown(section) else {
-                if unknownSection == nil { unknownSection = section }
-                break
-            }
-            let slot = HeaderSlot.span(section: section, span: span)
-            guard let spanHeader = cache.settled(SpanHeader.self, slot) else { continue }
-            // A chunk-mode entry over a span header not open: the span is being opened or
-            // closed, or (far more often) the cache holds the section word from a later
-            // answer than the span word (a span another node opened after this node read
-            // it). Its room is real or about to be: read the span again, never "no room".
-            guard spanHeader.mode == .open else {
-                if transient == nil { transient = (.section(section), slot) }
-                continue
-            }
-            guard let run = spanHeader.firstFreeRun(countLog2: chunkCountLog2) else { continue }
-            if cache.busy.contains(slot) { skippedBusy = true; continue }
-            if state == .chunks, !spanHeader.contended, !cache.waitsForFlush(SpanHeader.self, slot) {
-                (found, foundRun) = (slot, run)
-                break search
-            }
-            if avoided == nil { avoided = (slot, run) }
-        }
+    var scan = SpanScan()
+    scan.chunkSpans(chunkCountLog2: chunkCountLog2, cache: &cache)
+    if let (slot, run) = scan.found {
+        cache.cursor = slot.section
+        cache.busy.insert(slot)
+        return .claim(slot, run)
     }
-    if let found, let foundRun {
-        cache.cursor = found.section
-        cache.busy.insert(found)
-        return .claim(found, foundRun)
-    }
-    if let unknownSection { return .readSpans(section: unknownSection) }
-    // An empty span to open: in a section already in use, else in a wholly empty one.
-    var open: (section: Int, span: Int)?
-    search: for pass in 0..<2 {
-        var candidates = cache.sectionCandidateSections(used: pass == 0)
-        while let section = candidates.next() {
-            guard let rawSection = SectionHeader(rawValue: cache[.section(section)]) else { continue }
-            let sectionHeader = rawSection.settled
-            for span in 0..<PoolGeometry.spansPerSection where sectionHeader.state(ofSpan: span) == .empty {
-                // A span under the section's pending log waits for its record (L2); one
-                // still being closed or opened by someone waits for them.
-                if rawSection.pendingLogCovers(span: span) {
-                    if transient == nil { transient = (.section(section), nil) }
-                    continue
-                }
-                if cache.spansKnown(section), SpanHeader(rawValue: cache[.span(section: section, span: span)])?.canBeOpened != true {
-                    if transient == nil { transient = (.section(section), .span(section: section, span: span)) }
-                    continue
-                }
-                if cache.busy.contains(.section(section)) { skippedBusy = true; break }
-                open = (section, span)
-                break search
-            }
-        }
-    }
-    if let (section, span) = open {
+    if let unknownSection = scan.unknownSection { return .readSpans(section: unknownSection) }
+    scan.emptySpan(cache: &cache)
+    if let (section, span) = scan.open {
         cache.busy.insert(.section(section))
         cache.cursor = section
         return .open(section: section, span: span)
     }
-    if let avoided {
+    if let avoided = scan.avoided {
         cache.busy.insert(avoided.slot)
         return .claim(avoided.slot, avoided.run)
     }
-    if skippedBusy { return .wait }
-    return transient.map { section, span in .recheck(span.map { [section, $0] } ?? [section]) }
+    if scan.skippedBusy { return .wait }
+    return scan.transient.map { section, span in .recheck(span.map { [section, $0] } ?? [section]) }
+}
+
+/// What `chooseSpan` found in the cache, in the order it ranks the answers.
+private struct SpanScan {
+    /// A normal open span with room: the answer.
+    var found: (slot: HeaderSlot, run: HeaderRun)?
+    /// The first chunk-mode section whose span headers are not cached.
+    var unknownSection: Int?
+    /// An empty span to open.
+    var open: (section: Int, span: Int)?
+    /// The first span with room to avoid (contended, hinted full, or waiting for a flush).
+    var avoided: (slot: HeaderSlot, run: HeaderRun)?
+    /// Room was passed by because this node has a CAS in flight on it.
+    var skippedBusy = false
+    /// The headers to read again when the only room is in the middle of an operation (a
+    /// section, and maybe one of its spans); an array only when it is the answer.
+    var transient: (HeaderSlot, HeaderSlot?)?
+
+    /// The summary's chunk-mode candidates, from the cursor: a normal span with room ends
+    /// the scan; the first uncached section and the first span to avoid are kept. (Loops
+    /// over an iterator, not closures: a closure capturing the inout cache copies the
+    /// whole struct, retaining each of its arrays, on every method call.)
+    @inline(__always)
+    mutating func chunkSpans(chunkCountLog2: Int, cache: inout HeaderCache) {
+        var chunkCandidates = cache.chunkCandidateSections
+        while let section = chunkCandidates.next() {
+            guard let sectionHeader = SectionHeader(rawValue: cache[.section(section)])?.settled else { continue }
+            for span in 0..<PoolGeometry.spansPerSection {
+                let state = sectionHeader.state(ofSpan: span)
+                guard state == .chunks || state == .chunksAvoid else { continue }
+                guard cache.spansKnown(section) else {
+                    if unknownSection == nil { unknownSection = section }
+                    break
+                }
+                if chunkSpan(.span(section: section, span: span), state: state, chunkCountLog2: chunkCountLog2, cache: &cache) { return }
+            }
+        }
+    }
+
+    /// One chunk-mode span of `chunkSpans`: true when it is the answer.
+    @inline(__always)
+    private mutating func chunkSpan(_ slot: HeaderSlot, state: SectionHeader.SpanState, chunkCountLog2: Int, cache: inout HeaderCache) -> Bool {
+        guard let spanHeader = cache.settled(SpanHeader.self, slot) else { return false }
+        // A chunk-mode entry over a span header not open: the span is being opened or
+        // closed, or (far more often) the cache holds the section word from a later answer
+        // than the span word (a span another node opened after this node read it). Its
+        // room is real or about to be: read the span again, never "no room".
+        guard spanHeader.mode == .open else {
+            if transient == nil { transient = (.section(slot.section), slot) }
+            return false
+        }
+        guard let run = spanHeader.firstFreeRun(countLog2: chunkCountLog2) else { return false }
+        if cache.busy.contains(slot) {
+            skippedBusy = true
+            return false
+        }
+        if state == .chunks, !spanHeader.contended, !cache.waitsForFlush(SpanHeader.self, slot) {
+            found = (slot, run)
+            return true
+        }
+        if avoided == nil { avoided = (slot, run) }
+        return false
+    }
+
+    /// An empty span to open: in a section already in use, else in a wholly empty one.
+    @inline(__always)
+    mutating func emptySpan(cache: inout HeaderCache) {
+        for pass in 0..<2 {
+            var candidates = cache.sectionCandidateSections(used: pass == 0)
+            while let section = candidates.next() {
+                guard let rawSection = SectionHeader(rawValue: cache[.section(section)]) else { continue }
+                let sectionHeader = rawSection.settled
+                for span in 0..<PoolGeometry.spansPerSection where sectionHeader.state(ofSpan: span) == .empty {
+                    // A span under the section's pending log waits for its record (L2); one
+                    // still being closed or opened by someone waits for them.
+                    if rawSection.pendingLogCovers(span: span) {
+                        if transient == nil { transient = (.section(section), nil) }
+                        continue
+                    }
+                    if cache.spansKnown(section), SpanHeader(rawValue: cache[.span(section: section, span: span)])?.canBeOpened != true {
+                        if transient == nil { transient = (.section(section), .span(section: section, span: span)) }
+                        continue
+                    }
+                    if cache.busy.contains(.section(section)) {
+                        skippedBusy = true
+                        break
+                    }
+                    open = (section, span)
+                    return
+                }
+            }
+        }
+    }
 }
 
 /// Picks a section with an aligned run of `2^spanCountLog2` empty spans: a normal section

@@ -36,65 +36,93 @@ extension BlockAllocator {
         search.lookedInSummary = true
         while true {
             try await beginRound(&search, on: link, trace: &trace)
-            let sections: Range<Int>
             let now = runtime.nowNanoseconds
-            switch link.cache.withEveryShardLocked({ cache in
+            let choice = link.cache.withEveryShardLocked { cache in
                 cache.endTurns(through: now)
                 return chooseRun(count: sectionCount, cache: &cache)
-            }) {
+            }
+            let sections: Range<Int>
+            switch choice {
             case nil:
-                if try await noRoomInCache(&search, on: link, trace: &trace) {
+                if try await follow(.noRoom, &search, on: link, trace: &trace) {
                     noRoomRead = search.lastRead
                     return nil
                 }
                 continue
             case .wait:
-                try await search.backoff.pause(runtime)
+                _ = try await follow(.wait, &search, on: link, trace: &trace)
                 continue
             case .recheck(let slots):
-                trace.attempts += 1
-                try await search.backoff.pause(runtime)
-                do { try await link.readHeaders(slots, trace: &trace) } catch { throw .fabric(error) }
+                _ = try await follow(.recheck(slots), &search, on: link, trace: &trace)
                 continue
             case .claim(let chosen):
                 sections = chosen
             }
             let slots = sections.map(HeaderSlot.section)
             defer { for slot in slots { link.releaseBusy(slot) } }
-            let intent = IntentRecord(kind: .claim, firstSection: sections.lowerBound, sectionCountLog2: sectionCountLog2, owner: owner, application: application)
-            let block = Block(memoryNode: link.memoryNode, firstChunk: sections.lowerBound * PoolGeometry.chunksPerSection, chunkCountLog2: chunkCountLog2)
-            let bases = Locked<[HeaderSlot: SectionHeader]>([:])
-            let outcomes: [UpdateOutcome<SectionHeader>]
-            do {
-                outcomes = try await link.updateEach(
-                    slots, UpdatePolicy(attemptsMax: 1, log: .commit(record: link.grant.recordAddress(chunk: block.firstChunk))), requireAll: true,
-                    before: [link.intentWrite(intent, slot: intentSlot)], trace: &trace
-                ) { [owner] slot, header in
-                    bases.withLock { $0[slot] = header }
-                    return header.claimingForMultiSection(owner: owner)
-                }
-            } catch { throw .fabric(error) }
-            let claimed = zip(slots, outcomes).compactMap { slot, outcome -> (HeaderSlot, SectionHeader, UInt64)? in
-                guard case .committed(let header, let recordBefore) = outcome else { return nil }
-                return (slot, header, recordBefore)
-            }
-            if claimed.count == sectionCount {
+            switch try await claimSections(sections, chunkCountLog2: chunkCountLog2, application: application, intentSlot: intentSlot, on: link, trace: &trace) {
+            case .claimed(let block):
                 intentSlotHandedOver = true
-                committedRun(claimed.map { ($0.0, $0.1) }, block: block, allocated: true, application: application, recordBefore: claimed[0].2,
-                             intentSlot: intentSlot, link: link)
                 return block
-            }
-            if claimed.isEmpty, outcomes.allSatisfy({ if case .refused = $0 { true } else { false } }) {
-                // The cache was stale; nothing was sent.
+            case .stale:
                 trace.attempts += 1
-                continue
+            case .lost(let toPendingLog):
+                try await lost(toPendingLog: toPendingLog, backoff: &search.backoff, trace: &trace)
             }
-            try await rollBack(claimed.map { ($0.0, $0.1) }, to: bases.withLock { $0 }, intentSlot: intentSlot, on: link, trace: &trace)
-            let pendingLoss = outcomes.contains { outcome in
-                if case .lost(let current) = outcome { SectionHeader(rawValue: current)?.logPending ?? false } else { false }
-            }
-            try await lost(toPendingLog: pendingLoss, backoff: &search.backoff, trace: &trace)
         }
+    }
+
+    /// What one claim of a run of sections came to.
+    private enum SectionsClaim {
+        /// Every section committed: the block, whose flush is queued (it holds the intent
+        /// slot until the flush is done).
+        case claimed(Block)
+        /// The cache was stale: nothing was sent.
+        case stale
+        /// A CAS lost (to a pending log, or not): the claimed sections are rolled back.
+        case lost(toPendingLog: Bool)
+    }
+
+    /// Claims `sections` (marked busy by the caller) for one block: the intent and a CAS
+    /// per section in one doorbell; rolls back what it claimed if any CAS lost.
+    private func claimSections(
+        _ sections: Range<Int>, chunkCountLog2: Int, application: ApplicationID, intentSlot: Int, on link: MemoryNodeLink,
+        trace: inout OperationTrace
+    ) async throws(AllocationError) -> SectionsClaim {
+        let slots = sections.map(HeaderSlot.section)
+        let intent = IntentRecord(
+            kind: .claim, firstSection: sections.lowerBound, sectionCountLog2: chunkCountLog2 - Block.sectionLayerCountLog2Max, owner: owner,
+            application: application)
+        let block = Block(memoryNode: link.memoryNode, firstChunk: sections.lowerBound * PoolGeometry.chunksPerSection, chunkCountLog2: chunkCountLog2)
+        let bases = Locked<[HeaderSlot: SectionHeader]>([:])
+        let outcomes: [UpdateOutcome<SectionHeader>]
+        do {
+            outcomes = try await link.updateEach(
+                slots, UpdatePolicy(attemptsMax: 1, log: .commit(record: link.grant.recordAddress(chunk: block.firstChunk))), requireAll: true,
+                before: [link.intentWrite(intent, slot: intentSlot)], trace: &trace
+            ) { [owner] slot, header in
+                bases.withLock { $0[slot] = header }
+                return header.claimingForMultiSection(owner: owner)
+            }
+        } catch {
+            takeEffects(of: &trace, on: link)
+            throw .fabric(error)
+        }
+        takeEffects(of: &trace, on: link)
+        let claimed = zip(slots, outcomes).compactMap { slot, outcome -> (HeaderSlot, SectionHeader, UInt64)? in
+            guard case .committed(let header, let recordBefore) = outcome else { return nil }
+            return (slot, header, recordBefore)
+        }
+        if claimed.count == sections.count {
+            committedRun(claimed.map { ($0.0, $0.1) }, block: block, allocated: true, application: application, recordBefore: claimed[0].2,
+                         intentSlot: intentSlot, link: link)
+            return .claimed(block)
+        }
+        if claimed.isEmpty, outcomes.allSatisfy({ if case .refused = $0 { true } else { false } }) { return .stale }
+        try await rollBack(claimed.map { ($0.0, $0.1) }, to: bases.withLock { $0 }, intentSlot: intentSlot, on: link, trace: &trace)
+        return .lost(toPendingLog: outcomes.contains { outcome in
+            if case .lost(let current) = outcome { SectionHeader(rawValue: current)?.logPending ?? false } else { false }
+        })
     }
 
     /// Undoes the claims of a multi-section allocation that lost a race: each claimed
@@ -116,7 +144,11 @@ extension BlockAllocator {
                 slots, UpdatePolicy(attemptsMax: 1), requireAll: true, known: claimed.map(\.1.rawValue),
                 after: [link.intentWrite(.none, slot: intentSlot).fenced()], trace: &trace
             ) { slot, _ in bases[slot] }
-        } catch { throw .fabric(error) }
+        } catch {
+            takeEffects(of: &trace, on: link)
+            throw .fabric(error)
+        }
+        takeEffects(of: &trace, on: link)
         guard outcomes.allSatisfy({ if case .updated = $0 { true } else { false } }) else {
             throw .corruptMetadata("a claimed section changed under its claim (rollback of \(slots))")
         }
@@ -138,7 +170,11 @@ extension BlockAllocator {
                                     rereadOnRefusal: true),
                 requireAll: true, before: [link.intentWrite(intent, slot: intentSlot)], trace: &trace
             ) { [owner] _, header in header.releasingFromMultiSection(owner: owner) }
-        } catch { throw .fabric(error) }
+        } catch {
+            takeEffects(of: &trace, on: link)
+            throw .fabric(error)
+        }
+        takeEffects(of: &trace, on: link)
         var released: [(HeaderSlot, SectionHeader)] = []
         var recordBefore: UInt64?
         for (slot, outcome) in zip(slots, outcomes) {
@@ -170,7 +206,8 @@ extension BlockAllocator {
             var trace = OperationTrace()
             await link.flushRun(
                 headers, log: log, serials: serials, intentSlot: intentSlot, attemptsMax: configuration.flushAttemptsMax,
-                backoffNanos: configuration.backoffNanosMin...configuration.backoffNanosMax, runtime: runtime, trace: &trace)
+                backoffNanos: configuration.backoffNanos, runtime: runtime, trace: &trace)
+            takeEffects(of: &trace, on: link)
             freeIntentSlots.withLock { $0.append(intentSlot) }
             return trace
         }

@@ -93,16 +93,14 @@ extension BlockAllocator {
             if case .readSpans(let section) = choice, link.cache.shard(of: section) == home { readsAtHome += 1 }
             switch choice {
             case nil:
-                if try await noRoomInCache(&search, on: link, trace: &trace) {
+                if try await follow(.noRoom, &search, on: link, trace: &trace) {
                     noRoomRead = search.lastRead
                     return nil
                 }
             case .wait:
-                try await search.backoff.pause(runtime)
+                _ = try await follow(.wait, &search, on: link, trace: &trace)
             case .recheck(let slots):
-                trace.attempts += 1
-                try await search.backoff.pause(runtime)
-                do { try await link.readHeaders(slots, trace: &trace) } catch { throw .fabric(error) }
+                _ = try await follow(.recheck(slots), &search, on: link, trace: &trace)
             case .readSpans(let section):
                 do { try await link.readSpans(of: section, trace: &trace) } catch { throw .fabric(error) }
             case .open(let section, let span):
@@ -140,6 +138,35 @@ extension BlockAllocator {
                 }
             }
         }
+    }
+
+    /// What a search's choice was when it found nothing to claim, whatever it looks for
+    /// (a span's chunks, a section's spans, a run of sections).
+    enum SearchStall {
+        /// The cache shows no room.
+        case noRoom
+        /// Every candidate has a CAS of this node in flight.
+        case wait
+        /// The only room is in the middle of someone else's operation: read these again.
+        case recheck([HeaderSlot])
+    }
+
+    /// Follows a search round that found nothing to claim: no room in the cache is looked
+    /// into (`noRoomInCache`: answers true when the pool has no room, proven), a wait
+    /// pauses, a recheck pauses and reads the headers again (an attempt). Answers false
+    /// when the search goes on.
+    func follow(_ stall: SearchStall, _ search: inout Search, on link: MemoryNodeLink, trace: inout OperationTrace) async throws(AllocationError) -> Bool {
+        switch stall {
+        case .noRoom:
+            return try await noRoomInCache(&search, on: link, trace: &trace)
+        case .wait:
+            try await search.backoff.pause(runtime)
+        case .recheck(let slots):
+            trace.attempts += 1
+            try await search.backoff.pause(runtime)
+            do { try await link.readHeaders(slots, trace: &trace) } catch { throw .fabric(error) }
+        }
+        return false
     }
 
     /// Most reads of uncached span headers in its home shard that one allocation makes
@@ -201,11 +228,13 @@ extension BlockAllocator {
         }
     }
 
-    /// `link.update` on a header, with a fabric error as an allocation error.
+    /// `link.update` on a header, with a fabric error as an allocation error and its
+    /// effects taken.
     func update<Header: LoggedHeader>(
         _ slot: HeaderSlot, _ policy: UpdatePolicy, on link: MemoryNodeLink, alsoRead: [HeaderSlot] = [],
         trace: inout OperationTrace, _ transition: (Header) -> Header?
     ) async throws(AllocationError) -> UpdateOutcome<Header> {
+        defer { takeEffects(of: &trace, on: link) }
         do { return try await link.update(.header(slot), policy, alsoRead: alsoRead, trace: &trace, transition) } catch { throw .fabric(error) }
     }
 

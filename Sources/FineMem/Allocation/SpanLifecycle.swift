@@ -118,15 +118,14 @@ extension BlockAllocator {
     /// node changes a `closing` span's word, so its last CAS loses only to a stale word,
     /// read again.
     private func finishClosing(section: Int, span: Int, closing: SpanHeader, on link: MemoryNodeLink, trace: inout OperationTrace) async {
-        var delay = configuration.backoffNanosMin
+        var pause = Pause(configuration.backoffNanos)
         while true {
             do {
                 try await returnSpanToSection(section: section, span: span, on: link, trace: &trace)
                 break
             } catch .retryLimitExceeded {
                 trace.flushRounds += 1
-                await runtime.sleep(nanoseconds: delay)
-                delay = min(delay * 2, configuration.backoffNanosMax)
+                await pause.sleep(on: runtime)
             } catch {
                 trace.upkeepErrors += 1
                 return
@@ -137,6 +136,7 @@ extension BlockAllocator {
         let outcome: UpdateOutcome<SpanHeader>? = try? await link.update(
             .header(slot, known: closing.rawValue), UpdatePolicy(attemptsMax: configuration.spanStateAttemptsMax, rereadOnRefusal: true), trace: &trace
         ) { $0.log.owner == owner ? $0.closed() : nil }
+        takeEffects(of: &trace, on: link)
         if case .updated? = outcome { trace.spansClosed += 1 } else { trace.upkeepErrors += 1 }
     }
 }

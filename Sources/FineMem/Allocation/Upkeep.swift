@@ -213,7 +213,7 @@ extension BlockAllocator {
             do {
                 try await links[index].syncRoomSummary(
                     sections: sections, attemptsMax: MemoryNodeLink.roomSummarySyncAttemptsMax,
-                    backoffNanos: configuration.backoffNanosMin...configuration.backoffNanosMax, runtime: runtime, trace: &trace)
+                    backoffNanos: configuration.backoffNanos, runtime: runtime, trace: &trace)
             } catch {
                 trace.upkeepErrors += 1
             }
@@ -232,10 +232,7 @@ extension BlockAllocator {
     /// Waits until every log flush and every span and section upkeep queued so far has
     /// finished (the upkeep is bounded; this waits for it without a bound of its own).
     package func quiesce() async {
-        var delay = configuration.backoffNanosMin
-        while upkeep.withLock({ $0.outstanding }) > 0 {
-            await runtime.sleep(nanoseconds: delay)
-            delay = min(delay * 2, configuration.backoffNanosMax)
-        }
+        var pause = Pause(configuration.backoffNanos)
+        while upkeep.withLock({ $0.outstanding }) > 0 { await pause.sleep(on: runtime) }
     }
 }

@@ -51,3 +51,24 @@ package final class SystemRuntime: Runtime {
 
     package let parallelism = min(64, max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))
 }
+
+/// Exponential backoff on a runtime: each `sleep` waits the current delay, then doubles
+/// it up to the range's upper bound. Every pause of the protocol between rounds of CASes
+/// or waits for another task is one of these; the bound on the rounds is the caller's.
+package struct Pause: Sendable {
+    private var delay: UInt64
+    private let longest: UInt64
+    /// Pauses taken so far.
+    package private(set) var count = 0
+
+    package init(_ nanos: ClosedRange<UInt64>) {
+        delay = nanos.lowerBound
+        longest = nanos.upperBound
+    }
+
+    package mutating func sleep(on runtime: any Runtime) async {
+        count += 1
+        await runtime.sleep(nanoseconds: delay)
+        delay = min(delay * 2, longest)
+    }
+}

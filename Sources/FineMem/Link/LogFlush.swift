@@ -9,7 +9,14 @@ extension MemoryNodeLink {
             layer: block.layer, sequence: sequence, incarnation: incarnation)
     }
 
-    /// The WRITE of this node's intent slot `slot` (`IntentRecord.none` clears it).
+    /// The WRITE of this node's intent slot `slot` (`IntentRecord.none` clears it): the
+    /// one metadata word that changes by WRITE, not through the update primitive. No CAS
+    /// is needed, because no one else writes the slot while this node lives: the slot is
+    /// this node's, and recovery (the only other writer, by CAS) runs after the node is
+    /// fenced, when its verbs no longer execute. And no ordering is lost: an intent is set
+    /// in the doorbell of its claim, before the CASes (an atomic never passes an earlier
+    /// WRITE on its queue pair), and cleared in a doorbell of its own, posted after the
+    /// answers of the flush it follows came back (so it cannot pass them).
     func intentWrite(_ intent: IntentRecord, slot: Int) -> Verb {
         .writeWord(grant.intentAddress(owner: owner, slot: slot), intent.rawValue, rkey: metadataKey)
     }
@@ -51,14 +58,16 @@ extension MemoryNodeLink {
     ) async -> Header? {
         guard let log = cache.withShard(of: slot, { $0.pending.take(slot) }) else { return nil }
         var failed = false
+        var gaveUp = false
         defer {
             cache.withShard(of: slot) { cache in
-                if failed { cache.pending.release(slot, serial: log.serial) } else { cache.pending.remove(slot, serial: log.serial) }
+                if failed || gaveUp { cache.pending.release(slot, serial: log.serial) } else { cache.pending.remove(slot, serial: log.serial) }
             }
+            if gaveUp { logReturned(slot, trace: &trace) }
         }
         var handling = LogHandling.flush(log)
-        var delay = backoffNanos.lowerBound
-        while true {
+        var pause = Pause(backoffNanos)
+        for _ in 0..<Self.flushRoundsMax {
             let outcome: UpdateOutcome<Header>
             do {
                 outcome = try await update(
@@ -81,11 +90,19 @@ extension MemoryNodeLink {
                 // The record is in place; only the header's bit remains to be cleared.
                 handling = .keep
                 trace.flushRounds += 1
-                await runtime.sleep(nanoseconds: delay)
-                delay = min(delay * 2, backoffNanos.upperBound)
+                await pause.sleep(on: runtime)
             }
         }
+        // Contention outlasted the bound: the log goes back to the table (never dropped),
+        // and the owner queues its flush again.
+        gaveUp = true
+        return nil
     }
+
+    /// Rounds of `attemptsMax` header CASes, with a pause after each, that one `flush`
+    /// spends before it gives its log back to be flushed again: a bound on one call, not
+    /// on the flush, which a live node never abandons.
+    static let flushRoundsMax = 1_024
 
     /// Registers the logs of a multi-section operation this node just committed: one per
     /// section header, all for the same record, which carries the first section's log
@@ -117,7 +134,10 @@ extension MemoryNodeLink {
         let sequences = Dictionary(uniqueKeysWithValues: headers.map { ($0.0, $0.1.log.sequence) })
         var remaining = headers.map(\.0)
         var handling = LogHandling.flush(log)
-        var delay = backoffNanos.lowerBound
+        var pause = Pause(backoffNanos)
+        // No round bound: the intent must stay until every bit is cleared (rule L5), and
+        // the bits are this node's to clear. The bound is the node's lease: once it is
+        // fenced, its verbs fail and the logs and the intent are left to recovery.
         while !remaining.isEmpty {
             let outcomes: [UpdateOutcome<SectionHeader>]
             do {
@@ -141,8 +161,7 @@ extension MemoryNodeLink {
             guard !remaining.isEmpty else { break }
             handling = .keep
             trace.flushRounds += 1
-            await runtime.sleep(nanoseconds: delay)
-            delay = min(delay * 2, backoffNanos.upperBound)
+            await pause.sleep(on: runtime)
         }
         _ = try? await post([intentWrite(.none, slot: intentSlot)], trace: &trace)
         for ((slot, _), serial) in zip(headers, serials) { cache.withShard(of: slot) { $0.pending.remove(slot, serial: serial) } }

@@ -31,8 +31,6 @@ package final class MemoryNodeLink: Sendable {
     let cache: HeaderCacheShards
     /// This node's node-table slot as its last lease renewal (or the attach) left it.
     let leaseWord: Locked<UInt64>
-    /// The owner's callbacks (`onReturnedLog`, `onRoomChange`).
-    private let callbacks = OwnerCallbacks()
     /// The ticket of the next batch: answers of later batches are newer (`HeaderCache`).
     private let nextTicket = ManagedAtomic<UInt64>(0)
     /// The full refreshes of this link: one in flight at a time, shared by the tasks that
@@ -207,11 +205,8 @@ package final class MemoryNodeLink: Sendable {
             case .lead(let generation):
                 return try await leadRefresh(generation, trace: &trace)
             case .join(let generation), .outlast(let generation):
-                var delay = pauseNanos.lowerBound
-                while refreshFlight.withLock({ $0.finished < generation }) {
-                    await runtime.sleep(nanoseconds: delay)
-                    delay = min(delay * 2, pauseNanos.upperBound)
-                }
+                var pause = Pause(pauseNanos)
+                while refreshFlight.withLock({ $0.finished < generation }) { await pause.sleep(on: runtime) }
                 guard case .join = step else { continue }
                 // Reads finish in order, one at a time: the last one finished is the one
                 // joined or a later one.
@@ -264,20 +259,16 @@ package final class MemoryNodeLink: Sendable {
         let read = FullRead(sections: results[0].words, spans: results[1].words)
         cache.forEachShard { $0.storeAll(sections: read.sections, spans: read.spans, ticket: ticket) }
         if let stale = RoomSummary.staleSections(sections: read.sections, words: results[2].words, topWords: results[3].words) {
-            roomChanged(stale)
+            roomChanged(stale, trace: &trace)
         }
         outcome = .success(read)
         return read
     }
 
-    /// Sets what happens to sections whose room (`SectionHeader.hasRoom`) a CAS of this
-    /// link changed, or whose room summary bits a full refresh found stale: their bits must
-    /// be synced (`syncRoomSummary`). Set once by the owner of the link; unset, nothing is
-    /// synced (the summary is a hint, and the next full refresh finds it stale).
-    func onRoomChange(_ handler: @escaping @Sendable (Range<Int>) -> Void) { callbacks.setRoomChange(handler) }
-
-    /// The room summary bits of `sections` must be synced.
-    func roomChanged(_ sections: Range<Int>) { callbacks.roomChanged(sections) }
+    /// The room summary bits of `sections` must be synced: left in `trace` for the
+    /// caller (`LinkEffects.roomChanged`). A caller that drops it leaves the bits stale
+    /// (the summary is a hint, and the next full refresh finds them stale).
+    func roomChanged(_ sections: Range<Int>, trace: inout OperationTrace) { trace.effects.noteRoomChanged(sections) }
 
     /// Reads header words into the cache (one doorbell).
     func readHeaders(_ slots: [HeaderSlot], trace: inout OperationTrace) async throws(FabricError) {
@@ -300,13 +291,9 @@ package final class MemoryNodeLink: Sendable {
         cache.withShard(of: .section(section)) { $0.storeSpans(of: section, words, ticket: ticket) }
     }
 
-    /// Sets what happens to a log of this node that an operation took to fold into its
-    /// commit and gave back when the commit did not happen: it must still be flushed. Set
-    /// once, by the owner of the link, before the link is used.
-    func onReturnedLog(_ handler: @escaping @Sendable (HeaderSlot) -> Void) { callbacks.setReturnedLog(handler) }
-
-    /// An operation gave back this node's log on `slot`.
-    func logReturned(_ slot: HeaderSlot) { callbacks.logReturned(slot) }
+    /// An operation gave back this node's log on `slot`, undone: left in `trace` for the
+    /// caller, who must have it flushed (`LinkEffects.returnedLogs`).
+    func logReturned(_ slot: HeaderSlot, trace: inout OperationTrace) { trace.effects.returnedLogs.append(slot) }
 
     /// Checks the cache's and the pending table's invariants (debug builds).
     func checkInvariants() {
@@ -356,40 +343,5 @@ private struct RefreshFlight: Sendable {
         case join(UInt64)
         /// Wait for this refresh, begun too early to be shared, to end; then look again.
         case outlast(UInt64)
-    }
-}
-
-/// The callbacks of a link's owner, each set once before the link is used, as closures of
-/// concrete types in a class of their own: a closure read out of a generic container
-/// (`Locked<(...) -> Void>`) comes back wrapped in a reabstraction thunk on every read,
-/// which cost the demo some 5 % of its CPU.
-private final class OwnerCallbacks: @unchecked Sendable {
-    private let lock = Lock()
-    private var returnedLog: (@Sendable (HeaderSlot) -> Void)?
-    private var roomChange: (@Sendable (Range<Int>) -> Void)?
-
-    func setReturnedLog(_ handler: @escaping @Sendable (HeaderSlot) -> Void) {
-        lock.withLock {
-            precondition(returnedLog == nil, "the returned-log handler is set once")
-            returnedLog = handler
-        }
-    }
-
-    func setRoomChange(_ handler: @escaping @Sendable (Range<Int>) -> Void) {
-        lock.withLock {
-            precondition(roomChange == nil, "the room-change handler is set once")
-            roomChange = handler
-        }
-    }
-
-    func logReturned(_ slot: HeaderSlot) {
-        guard let handler = lock.withLock({ returnedLog }) else {
-            preconditionFailure("a log of \(slot) was given back before the link had a handler")
-        }
-        handler(slot)
-    }
-
-    func roomChanged(_ sections: Range<Int>) {
-        lock.withLock { roomChange }?(sections)
     }
 }

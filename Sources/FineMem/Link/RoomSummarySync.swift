@@ -14,9 +14,10 @@
 /// - a stale CAS of another node's sync (decided on a header read before the change)
 ///   is followed by that node's own fenced re-read, which sees the header and repairs
 ///   the bit.
-/// A live node never abandons a sync (it pauses with backoff between rounds of
-/// `attemptsMax` CASes, as a flush does), so with no node dead, the summary agrees with
-/// the headers at rest (`PoolInspector.checkRoomSummary`). Recovery syncs the sections
+/// A live node gives a sync up only after `roomSummarySyncRoundsMax` rounds (it pauses
+/// with backoff between rounds of `attemptsMax` CASes, as a flush does), so with no node
+/// dead and no sync given up (`OperationTrace.summarySyncsAbandoned`), the summary agrees
+/// with the headers at rest (`PoolInspector.checkRoomSummary`). Recovery syncs the sections
 /// its own CASes changed before it declares the dead node recovered. A node that dies
 /// between a CAS and its sync leaves a bit stale; the summary is a hint, so that costs a
 /// full refresh (which mends it), never an allocation.
@@ -24,6 +25,12 @@ extension MemoryNodeLink {
     /// Rounds of CASes a room summary sync spends between pauses (the allocator's upkeep
     /// and recovery both sync with it).
     static let roomSummarySyncAttemptsMax = 8
+
+    /// Rounds (CASes, then READs) one level of a sync spends before it gives up: a bound
+    /// that contention from live nodes does not reach (some 128 pauses of up to the
+    /// longest backoff). A sync given up leaves a bit stale, as a dead node's does: the
+    /// summary is a hint, and the next full refresh finds it stale and syncs it again.
+    static let roomSummarySyncRoundsMax = 1_024
 
     /// Syncs the room summary bits of `sections` (contiguous), then the top bits of
     /// their words.
@@ -61,27 +68,25 @@ extension MemoryNodeLink {
             .readWords(parentAddress(parents.lowerBound), count: parents.count, rkey: metadataKey),
         ]
         var results = try await post(reads, trace: &trace)
-        var rounds = 0
-        var delay = backoffNanos.lowerBound
-        while true {
-            let childWords = results[results.count - 2].words
-            let parentWords = results[results.count - 1].words
-            var updates: [Verb] = []
-            for (offset, word) in parents.enumerated() {
-                let current = parentWords[offset]
-                let desired = RoomSummary.updating(current, word: word, children: children, childWords: childWords, isFull: isFull)
-                if desired != current {
-                    updates.append(.compareAndSwap(parentAddress(word), expected: current, desired: desired, rkey: metadataKey))
-                }
+        var pause = Pause(backoffNanos)
+        for round in 1...Self.roomSummarySyncRoundsMax {
+            let childWords = results[0].words
+            let parentWords = results[1].words
+            let words = parents.map { (address: parentAddress($0), known: parentWords[$0 - parents.lowerBound]) }
+            var answered = false
+            // Each word that disagrees with its children, by one CAS; the READs ride after
+            // the CASes (`answered` is not called when every word agrees: nothing is sent).
+            _ = try await updateEach(words: words, UpdatePolicy(attemptsMax: 1), after: reads, trace: &trace, answered: {
+                results = $0
+                answered = true
+            }) { offset, current in
+                let desired = RoomSummary.updating(current, word: parents.lowerBound + offset, children: children, childWords: childWords, isFull: isFull)
+                return desired == current ? nil : desired
             }
-            if updates.isEmpty { return }
-            rounds += 1
-            if rounds % attemptsMax == 0 {
-                await runtime.sleep(nanoseconds: delay)
-                delay = min(delay * 2, backoffNanos.upperBound)
-            }
-            results = try await post(updates + reads, trace: &trace)
+            guard answered else { return }
+            if round % attemptsMax == 0 { await pause.sleep(on: runtime) }
         }
+        trace.summarySyncsAbandoned += 1
     }
 
     /// Looks for room this node's cache does not know of through the room summary: reads

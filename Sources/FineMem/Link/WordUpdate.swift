@@ -154,7 +154,7 @@ extension MemoryNodeLink {
         let ticket = drawTicket()
         do { try await connection(for: trace).post(&batch) } catch {
             markBroken()
-            settle(prepared, committed: false)
+            settle(prepared, committed: false, trace: &trace)
             throw error
         }
         if let fold, let folded = prepared.foldedLog { checkRecordUpdate(folded.log, batch.compareAndSwapAnswer(fold)) }
@@ -164,9 +164,9 @@ extension MemoryNodeLink {
             cache.store(exchanged ? target.rawValue : original, at: slot, ticket: ticket)
             cache.pending.settle(prepared, committed: exchanged)
         }
-        if !exchanged, prepared.foldedLog != nil { logReturned(slot) }
+        if !exchanged, prepared.foldedLog != nil { logReturned(slot, trace: &trace) }
         if exchanged {
-            noteRoom(of: slot, from: prepared.expected, to: target.rawValue)
+            noteRoom(of: slot, from: prepared.expected, to: target.rawValue, trace: &trace)
             return .committed(target, recordBefore: batch.word(recordRead))
         }
         trace.retries += 1
@@ -213,7 +213,7 @@ extension MemoryNodeLink {
         let (exchanged, original) = batch.compareAndSwapAnswer(headerCAS)
         cache.withShard(of: slot) { $0.store(exchanged ? target.rawValue : original, at: slot, ticket: ticket) }
         if exchanged {
-            noteRoom(of: slot, from: word, to: target.rawValue)
+            noteRoom(of: slot, from: word, to: target.rawValue, trace: &trace)
             return .updated(target)
         }
         trace.retries += 1
@@ -233,9 +233,24 @@ extension MemoryNodeLink {
         return outcomes.map { $0.map(Header.self) }
     }
 
+    /// `update` of words outside the cache (room summary words, full-log records, intent
+    /// slots), each from the value the caller knows, one CAS each in one doorbell,
+    /// followed by `after`, whose answers go to `answered` when the doorbell is posted (it
+    /// is not when the transition refuses every word). `transition` takes the index of the
+    /// word in `words`. Outcomes come in the order of `words`.
+    func updateEach(
+        words: [(address: RemoteAddress, known: UInt64)], _ policy: UpdatePolicy, after: [Verb] = [], trace: inout OperationTrace,
+        answered: ([VerbResult]) -> Void = { _ in }, _ transition: (Int, UInt64) -> UInt64?
+    ) async throws(FabricError) -> [UpdateOutcome<RawWord>] {
+        try await updateWords(
+            words.map { .word($0.address, known: $0.known) }, policy, after: after, trace: &trace, afterAnswered: answered,
+            transition: transition, flushed: { _, _ in nil })
+    }
+
     /// The update loop for one or more words, one CAS each in the same doorbell, in the
     /// order of `homes` (after `before` and whatever the log handling adds, followed by
-    /// `after` and READs of `alsoRead`, all of which ride the first doorbell only). A word
+    /// `after` and READs of `alsoRead`, all of which ride the first doorbell only;
+    /// `afterAnswered` receives the answers of `after`). A word
     /// whose CAS lost is tried again in the next doorbell, from the answer, up to
     /// `policy.attemptsMax` doorbells. With `requireAll`, a transition refused on any word
     /// sends nothing at all: every word answers `refused`. `transition` and `flushed` (the
@@ -243,118 +258,146 @@ extension MemoryNodeLink {
     /// word in `homes`. Outcomes come in the order of `homes`.
     private func updateWords(
         _ homes: [WordHome], _ policy: UpdatePolicy, requireAll: Bool = false, before: [Verb] = [], after: [Verb] = [],
-        alsoRead: [HeaderSlot] = [], trace: inout OperationTrace,
+        alsoRead: [HeaderSlot] = [], trace: inout OperationTrace, afterAnswered: ([VerbResult]) -> Void = { _ in },
         transition: (Int, UInt64) -> UInt64?, flushed: (Int, UInt64) -> UInt64?
     ) async throws(FabricError) -> [UpdateOutcome<RawWord>] {
         precondition(policy.attemptsMax >= 1, "an update needs at least one attempt")
-        var known = homes.map { home -> UInt64 in
-            switch home {
-            case .header(let slot, let word): word ?? cache.withShard(of: slot) { $0[slot] }
-            case .word(_, let word): word
-            }
-        }
-        var outcomes: [UpdateOutcome<RawWord>?] = Array(repeating: nil, count: homes.count)
-        var riders = before
-        var flushLog: PendingLog?
+        var state = UpdateRounds(
+            homes: homes, policy: policy, before: before, after: after, alsoRead: alsoRead, trailers: after + alsoRead.map(read),
+            known: homes.map { home in
+                switch home {
+                case .header(let slot, let word): word ?? cache.withShard(of: slot) { $0[slot] }
+                case .word(_, let word): word
+                }
+            })
         if case .flush(let log) = policy.log {
-            riders.append(recordUpdate(log))
-            flushLog = log
+            state.riders.append(recordUpdate(log))
+            state.flushLog = log
         }
-        var trailers = after + alsoRead.map(read)
-        var trailingReads = alsoRead
-        var rereadLeft = policy.rereadOnRefusal
-        var roomChanged: Range<Int>?
-        defer { if let roomChanged { self.roomChanged(roomChanged) } }
-        var round = 0
-        while round < policy.attemptsMax {
-            let open = homes.indices.filter { outcomes[$0] == nil }
+        defer { if let roomChanged = state.roomChanged { trace.effects.noteRoomChanged(roomChanged) } }
+        while state.round < policy.attemptsMax {
+            let open = homes.indices.filter { state.outcomes[$0] == nil }
             if open.isEmpty { break }
-            let prepared = open.map { index in prepare(homes[index], known[index], flushed: flushed(index, known[index]), policy.log) }
+            let prepared = open.map { prepare(homes[$0], state.known[$0], flushed: flushed($0, state.known[$0]), policy.log) }
             let desired = zip(open, prepared).map { index, prepared in transition(index, prepared.base) }
-            if desired.contains(where: { $0 == nil }), rereadLeft || requireAll {
-                for item in prepared { settle(item, committed: false) }
-                guard rereadLeft else {
-                    for index in open { outcomes[index] = .refused(current: known[index]) }
+            if desired.contains(where: { $0 == nil }), state.rereadLeft || requireAll {
+                for item in prepared { settle(item, committed: false, trace: &trace) }
+                guard state.rereadLeft else {
+                    for index in open { state.outcomes[index] = .refused(current: state.known[index]) }
                     break
                 }
-                rereadLeft = false
-                let stale = zip(open, desired).filter { $0.1 == nil }.map(\.0)
-                let (results, ticket) = try await postTicketed(riders + stale.map { .readWords(address(of: homes[$0]), count: 1, rkey: metadataKey) }, trace: &trace)
-                checkRecordUpdate(flushLog, results.first)
-                riders = []
-                flushLog = nil
-                for (index, result) in zip(stale, results.suffix(stale.count)) {
-                    known[index] = result.words[0]
-                    store(known[index], at: homes[index], ticket: ticket)
-                }
+                try await reread(zip(open, desired).filter { $0.1 == nil }.map(\.0), &state, trace: &trace)
                 continue
             }
-            var verbs = riders
-            var sent: [(index: Int, prepared: PreparedWord, desired: UInt64, foldIndex: Int?)] = []
-            for (position, index) in open.enumerated() {
-                guard let target = desired[position] else {
-                    settle(prepared[position], committed: false)
-                    outcomes[index] = .refused(current: known[index])
-                    continue
-                }
-                var foldIndex: Int?
-                if let folded = prepared[position].foldedLog {
-                    foldIndex = verbs.count
-                    verbs.append(recordUpdate(folded.log))
-                }
-                sent.append((index, prepared[position], target, foldIndex))
-            }
+            let sent = collectSent(open, prepared, desired, &state, trace: &trace)
             if sent.isEmpty { break }
-            let firstCAS = verbs.count
-            for item in sent {
-                verbs.append(.compareAndSwap(address(of: homes[item.index]), expected: item.prepared.expected, desired: item.desired, rkey: metadataKey))
-            }
-            verbs += trailers
-            if case .commit(let record) = policy.log { verbs.append(.readWords(record, count: 1, rkey: metadataKey)) }
-            let (results, ticket): ([VerbResult], UInt64)
-            do { (results, ticket) = try await postTicketed(verbs, trace: &trace) } catch {
-                for item in sent { settle(item.prepared, committed: false) }
-                throw error
-            }
-            checkRecordUpdate(flushLog, results.first)
-            let readsStart = firstCAS + sent.count + trailers.count - trailingReads.count
-            store(results[readsStart..<readsStart + trailingReads.count].map { $0.words[0] }, at: trailingReads, ticket: ticket)
-            riders = []
-            flushLog = nil
-            trailers = []
-            trailingReads = []
-            round += 1
-            for (offset, item) in sent.enumerated() {
-                if let foldIndex = item.foldIndex, let folded = item.prepared.foldedLog { checkRecordUpdate(folded.log, results[foldIndex]) }
-                let answer = results[firstCAS + offset].compareAndSwap
-                known[item.index] = answer.exchanged ? item.desired : answer.original
-                store(known[item.index], at: homes[item.index], ticket: ticket)
-                settle(item.prepared, committed: answer.exchanged)
-                if answer.exchanged, case .header(.section(let section), _) = homes[item.index],
-                   Self.roomDiffers(item.prepared.expected, item.desired) {
-                    roomChanged = min(roomChanged?.lowerBound ?? section, section)..<max(roomChanged?.upperBound ?? section + 1, section + 1)
-                }
-                if answer.exchanged {
-                    if case .commit = policy.log {
-                        outcomes[item.index] = .committed(RawWord(item.desired), recordBefore: results.last!.words[0])
-                    } else {
-                        outcomes[item.index] = .updated(RawWord(item.desired))
-                    }
-                } else {
-                    trace.retries += 1
-                    if round >= policy.attemptsMax { outcomes[item.index] = .lost(current: known[item.index]) }
-                }
-            }
+            try await postRound(sent, &state, trace: &trace, afterAnswered: afterAnswered)
         }
-        return homes.indices.map { outcomes[$0] ?? .refused(current: known[$0]) }
+        assert(state.round <= policy.attemptsMax, "an update posted more rounds than its policy allows")
+        return homes.indices.map { state.outcomes[$0] ?? .refused(current: state.known[$0]) }
+    }
+
+    /// A refused transition with `rereadOnRefusal` left: READs the `stale` words (after
+    /// the riders, which go out now) into `state.known` and the cache.
+    private func reread(_ stale: [Int], _ state: inout UpdateRounds, trace: inout OperationTrace) async throws(FabricError) {
+        state.rereadLeft = false
+        let reads = stale.map { Verb.readWords(address(of: state.homes[$0]), count: 1, rkey: metadataKey) }
+        let (results, ticket) = try await postTicketed(state.riders + reads, trace: &trace)
+        checkRecordUpdate(state.flushLog, results.first)
+        state.riders = []
+        state.flushLog = nil
+        for (index, result) in zip(stale, results.suffix(stale.count)) {
+            state.known[index] = result.words[0]
+            store(state.known[index], at: state.homes[index], ticket: ticket)
+        }
+    }
+
+    /// The words of this round that go out (those whose transition applies; the others
+    /// answer `refused` and give their folded logs back), with the record CAS of each
+    /// folded log appended to `state.roundVerbs` after the riders.
+    private func collectSent(
+        _ open: [Int], _ prepared: [PreparedWord], _ desired: [UInt64?], _ state: inout UpdateRounds, trace: inout OperationTrace
+    ) -> [SentWord] {
+        state.roundVerbs = state.riders
+        var sent: [SentWord] = []
+        for (position, index) in open.enumerated() {
+            guard let target = desired[position] else {
+                settle(prepared[position], committed: false, trace: &trace)
+                state.outcomes[index] = .refused(current: state.known[index])
+                continue
+            }
+            var foldIndex: Int?
+            if let folded = prepared[position].foldedLog {
+                foldIndex = state.roundVerbs.count
+                state.roundVerbs.append(recordUpdate(folded.log))
+            }
+            sent.append(SentWord(index: index, prepared: prepared[position], desired: target, foldIndex: foldIndex))
+        }
+        return sent
+    }
+
+    /// Posts one round: the riders and folded records (`state.roundVerbs`), a CAS per word
+    /// of `sent`, the trailers (first round only) and a commit's record READ; then takes
+    /// the answers into the cache, the pending table and `state.outcomes`.
+    private func postRound(
+        _ sent: [SentWord], _ state: inout UpdateRounds, trace: inout OperationTrace, afterAnswered: ([VerbResult]) -> Void
+    ) async throws(FabricError) {
+        var verbs = state.roundVerbs
+        let firstCAS = verbs.count
+        for item in sent {
+            verbs.append(.compareAndSwap(address(of: state.homes[item.index]), expected: item.prepared.expected, desired: item.desired, rkey: metadataKey))
+        }
+        verbs += state.trailers
+        if case .commit(let record) = state.policy.log { verbs.append(.readWords(record, count: 1, rkey: metadataKey)) }
+        let (results, ticket): ([VerbResult], UInt64)
+        do { (results, ticket) = try await postTicketed(verbs, trace: &trace) } catch {
+            for item in sent { settle(item.prepared, committed: false, trace: &trace) }
+            throw error
+        }
+        checkRecordUpdate(state.flushLog, results.first)
+        let trailersStart = firstCAS + sent.count
+        if !state.after.isEmpty, state.round == 0 { afterAnswered(Array(results[trailersStart..<trailersStart + state.after.count])) }
+        let readsStart = trailersStart + state.trailers.count - state.trailingReads.count
+        store(results[readsStart..<readsStart + state.trailingReads.count].map { $0.words[0] }, at: state.trailingReads, ticket: ticket)
+        state.endRound()
+        for (offset, item) in sent.enumerated() {
+            if let foldIndex = item.foldIndex, let folded = item.prepared.foldedLog { checkRecordUpdate(folded.log, results[foldIndex]) }
+            take(results[firstCAS + offset].compareAndSwap, of: item, ticket: ticket, recordRead: results.last!, &state, trace: &trace)
+        }
+    }
+
+    /// Takes the answer of one word's CAS: into the cache and `state.known`, the folded
+    /// log settled, the room change noted, and the word's outcome when it committed or
+    /// lost its last attempt.
+    private func take(
+        _ answer: (exchanged: Bool, original: UInt64), of item: SentWord, ticket: UInt64, recordRead: VerbResult,
+        _ state: inout UpdateRounds, trace: inout OperationTrace
+    ) {
+        state.known[item.index] = answer.exchanged ? item.desired : answer.original
+        store(state.known[item.index], at: state.homes[item.index], ticket: ticket)
+        settle(item.prepared, committed: answer.exchanged, trace: &trace)
+        guard answer.exchanged else {
+            trace.retries += 1
+            if state.round >= state.policy.attemptsMax { state.outcomes[item.index] = .lost(current: state.known[item.index]) }
+            return
+        }
+        if case .header(.section(let section), _) = state.homes[item.index], Self.roomDiffers(item.prepared.expected, item.desired) {
+            let changed = state.roomChanged
+            state.roomChanged = min(changed?.lowerBound ?? section, section)..<max(changed?.upperBound ?? section + 1, section + 1)
+        }
+        if case .commit = state.policy.log {
+            state.outcomes[item.index] = .committed(RawWord(item.desired), recordBefore: recordRead.words[0])
+        } else {
+            state.outcomes[item.index] = .updated(RawWord(item.desired))
+        }
     }
 
     // MARK: Parts
 
     /// After a committed CAS on `slot`: a section whose room it changed needs its room
     /// summary bits synced.
-    private func noteRoom(of slot: HeaderSlot, from old: UInt64, to new: UInt64) {
-        if case .section(let section) = slot, Self.roomDiffers(old, new) { roomChanged(section..<section + 1) }
+    private func noteRoom(of slot: HeaderSlot, from old: UInt64, to new: UInt64, trace: inout OperationTrace) {
+        if case .section(let section) = slot, Self.roomDiffers(old, new) { roomChanged(section..<section + 1, trace: &trace) }
     }
 
     private static func roomDiffers(_ old: UInt64, _ new: UInt64) -> Bool {
@@ -403,9 +446,66 @@ extension MemoryNodeLink {
 
     /// After the CAS of a prepared word: a folded log is flushed if the CAS committed;
     /// otherwise the job goes back to the table and someone must flush it.
-    private func settle(_ prepared: PreparedWord, committed: Bool) {
+    private func settle(_ prepared: PreparedWord, committed: Bool, trace: inout OperationTrace) {
         guard let slot = prepared.foldedLog?.slot else { return }
         cache.withShard(of: slot) { $0.pending.settle(prepared, committed: committed) }
-        if !committed { logReturned(slot) }
+        if !committed { logReturned(slot, trace: &trace) }
     }
+}
+
+/// The state of `updateWords` across its rounds (doorbells).
+private struct UpdateRounds {
+    let homes: [WordHome]
+    let policy: UpdatePolicy
+    /// `after`, whose answers the caller receives; READs of `alsoRead` go to the cache.
+    let after: [Verb]
+    /// The words as last seen: cached or given at first, then each CAS's answer.
+    var known: [UInt64]
+    var outcomes: [UpdateOutcome<RawWord>?]
+    /// Verbs before the CASes of the next doorbell (`before`, a flush's record CAS);
+    /// they go out once.
+    var riders: [Verb]
+    /// A flush's log, until its record CAS's answer is checked.
+    var flushLog: PendingLog?
+    /// Verbs after the CASes of the first doorbell: `after`, then the READs of
+    /// `trailingReads`.
+    var trailers: [Verb]
+    var trailingReads: [HeaderSlot]
+    var rereadLeft: Bool
+    /// Sections whose room a committed CAS changed.
+    var roomChanged: Range<Int>?
+    /// Doorbells with CASes posted.
+    var round = 0
+    /// The verbs of the round being built, before its CASes.
+    var roundVerbs: [Verb] = []
+
+    init(homes: [WordHome], policy: UpdatePolicy, before: [Verb], after: [Verb], alsoRead: [HeaderSlot], trailers: [Verb], known: [UInt64]) {
+        self.homes = homes
+        self.policy = policy
+        self.after = after
+        self.known = known
+        outcomes = Array(repeating: nil, count: homes.count)
+        riders = before
+        self.trailers = trailers
+        trailingReads = alsoRead
+        rereadLeft = policy.rereadOnRefusal
+    }
+
+    /// After a doorbell: riders and trailers have gone out (they ride the first only).
+    mutating func endRound() {
+        riders = []
+        flushLog = nil
+        trailers = []
+        trailingReads = []
+        round += 1
+    }
+}
+
+/// A word that goes out in a round: its index in `homes`, the CAS's expected word (and
+/// folded log) and desired word, and where its folded log's record CAS sits.
+private struct SentWord {
+    let index: Int
+    let prepared: PreparedWord
+    let desired: UInt64
+    let foldIndex: Int?
 }

@@ -110,16 +110,48 @@ package final class PoolRecovery: Sendable {
 
     private var geometry: PoolGeometry { grant.geometry }
 
-    /// Runs recovery to its end.
+    /// Runs recovery to its end: takes the dead node's slot (dead to recovering), runs
+    /// passes until one finds no work, syncs the room summary of the sections its CASes
+    /// changed, and frees the slot (recovering to free).
+    ///
+    /// Preconditions: the node is fenced (its slot is dead, or recovering after a
+    /// recoverer that stopped), and this recoverer holds the memory node's lease for it
+    /// (`RecoveryAccess`). Postcondition on success: no header, record or intent of the
+    /// pool names the node, and its slot is free.
     package func run() async throws(RecoveryError) -> RecoveryReport {
         var report = RecoveryReport()
         var trace = OperationTrace()
-        func finished() -> RecoveryReport {
-            report.batches = trace.batches
-            report.verbs = trace.verbs
-            report.retries = trace.retries
-            return report
+        if let link = try await begin(&report, trace: &trace) {
+            let roomChanged = try await runPasses(on: link, &report, trace: &trace)
+            try await end(on: link, roomChanged: roomChanged, trace: &trace)
         }
+        report.batches = trace.batches
+        report.verbs = trace.verbs
+        report.retries = trace.retries
+        return report
+    }
+
+    /// Syncs the room summary bits of `roomChanged`, then frees the node's slot
+    /// (recovering to free).
+    private func end(on link: MemoryNodeLink, roomChanged: Range<Int>?, trace: inout OperationTrace) async throws(RecoveryError) {
+        let slotAddress = grant.nodeSlotAddress(owner)
+        let outcome: UpdateOutcome<NodeSlot>
+        do {
+            if let sections = roomChanged {
+                try await link.syncRoomSummary(
+                    sections: sections, attemptsMax: MemoryNodeLink.roomSummarySyncAttemptsMax, backoffNanos: Self.pauseNanos, runtime: runtime, trace: &trace)
+            }
+            let current = try await probe(slotAddress, trace: &trace)
+            outcome = try await link.update(.word(slotAddress, known: current), UpdatePolicy(attemptsMax: 4), trace: &trace) { $0.recovered() }
+        } catch { throw .fabric(error) }
+        guard case .updated = outcome else {
+            throw .corruptMetadata("the slot of \(owner) changed during its recovery: \(outcomeWord(outcome))")
+        }
+    }
+
+    /// Reads the dead node's slot and takes it (dead to recovering); answers the link that
+    /// acts in the node's name, or nil when the slot is free (recovered already).
+    private func begin(_ report: inout RecoveryReport, trace: inout OperationTrace) async throws(RecoveryError) -> MemoryNodeLink? {
         let slotAddress = grant.nodeSlotAddress(owner)
         let slotWord: UInt64
         do { slotWord = try await probe(slotAddress, trace: &trace) } catch { throw .fabric(error) }
@@ -127,22 +159,13 @@ package final class PoolRecovery: Sendable {
         switch slot.state {
         case .free:
             report.alreadyRecovered = true
-            return finished()
+            return nil
         case .alive, .suspected:
             throw .notFenced(owner, slot.state)
         case .dead, .recovering:
             break
         }
         let link = MemoryNodeLink.acting(for: owner, incarnation: slot.incarnation, grant: grant, connection: connection)
-        // Sections whose room recovery's CASes changed: their room summary bits are synced
-        // before the node is declared recovered (a recovery that dies first leaves them
-        // stale, a hint that the next full refresh mends).
-        let roomChanged = Locked<Range<Int>?>(nil)
-        link.onRoomChange { sections in
-            roomChanged.withLock { range in
-                range = range.map { min($0.lowerBound, sections.lowerBound)..<max($0.upperBound, sections.upperBound) } ?? sections
-            }
-        }
         if slot.state == .dead {
             let outcome: UpdateOutcome<NodeSlot>
             do {
@@ -150,33 +173,28 @@ package final class PoolRecovery: Sendable {
             } catch { throw .fabric(error) }
             guard case .updated = outcome else { throw .notFenced(owner, NodeSlot(rawValue: outcomeWord(outcome))?.state ?? .free) }
         }
+        return link
+    }
+
+    /// Runs passes (`RecoveryPass`) until one finds no work; answers the sections whose
+    /// room recovery's CASes changed (their summary bits are synced before the node is
+    /// declared recovered; a recovery that dies first leaves them stale, a hint that the
+    /// next full refresh mends). Bounded by `idlePassesMax` passes in a row without
+    /// progress; every other pass changes at least one word of the dead node's, of which
+    /// there are finitely many.
+    private func runPasses(on link: MemoryNodeLink, _ report: inout RecoveryReport, trace: inout OperationTrace) async throws(RecoveryError) -> Range<Int>? {
+        var roomChanged = LinkEffects()
         var pool = PoolImage(geometry: geometry)
         var dirty = Array(0..<geometry.sectionCount)
-        var delay = Self.pauseNanos.lowerBound
+        var pause = Pause(Self.pauseNanos)
         var idlePasses = 0
         while true {
             report.passes += 1
-            do {
-                try await read(dirty, into: &pool, trace: &trace)
-            } catch { throw .fabric(error) }
+            do { try await read(dirty, into: &pool, trace: &trace) } catch { throw .fabric(error) }
             pool.indexMultiSectionBlocks(of: owner)
             var pass = RecoveryPass(owner: owner, pool: pool, sections: dirty)
             guard idlePasses <= idlePassesMax else { throw .notSettled(passes: report.passes, remaining: pass.remainingWork) }
-            guard pass.hasWork else {
-                let outcome: UpdateOutcome<NodeSlot>
-                do {
-                    if let sections = roomChanged.withLock({ $0 }) {
-                        try await link.syncRoomSummary(
-                            sections: sections, attemptsMax: MemoryNodeLink.roomSummarySyncAttemptsMax, backoffNanos: Self.pauseNanos, runtime: runtime, trace: &trace)
-                    }
-                    let current = try await probe(slotAddress, trace: &trace)
-                    outcome = try await link.update(.word(slotAddress, known: current), UpdatePolicy(attemptsMax: 4), trace: &trace) { $0.recovered() }
-                } catch { throw .fabric(error) }
-                guard case .updated = outcome else {
-                    throw .corruptMetadata("the slot of \(owner) changed during its recovery: \(outcomeWord(outcome))")
-                }
-                return finished()
-            }
+            guard pass.hasWork else { return roomChanged.roomChanged }
             let retriesBefore = trace.retries
             let progressBefore = report.progress
             do {
@@ -185,14 +203,16 @@ package final class PoolRecovery: Sendable {
                 try await pass.closeSpans(on: link, report: &report, trace: &trace)
                 try await pass.clearIntents(on: link, report: &report, trace: &trace)
             } catch { throw .fabric(error) }
+            let effects = trace.effects.take()
+            assert(effects.returnedLogs.isEmpty, "recovery has no logs of its own to give back")
+            if let sections = effects.roomChanged { roomChanged.noteRoomChanged(sections) }
             pool = pass.pool
             dirty = pass.touched
             idlePasses = report.progress == progressBefore ? idlePasses + 1 : 0
             if trace.retries > retriesBefore || pass.waited {
-                await runtime.sleep(nanoseconds: delay)
-                delay = min(delay * 2, Self.pauseNanos.upperBound)
+                await pause.sleep(on: runtime)
             } else {
-                delay = Self.pauseNanos.lowerBound
+                pause = Pause(Self.pauseNanos)
             }
         }
     }

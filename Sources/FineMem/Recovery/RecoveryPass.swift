@@ -202,27 +202,51 @@ struct RecoveryPass {
     // MARK: Step 2: settle
 
     mutating func settle(on link: MemoryNodeLink, report: inout RecoveryReport, trace: inout OperationTrace) async throws(FabricError) {
+        var work = settleWork()
+        guard !work.spanClears.isEmpty || !work.sectionClears.isEmpty else { return }
+        let failedRecords = try await freeRecords(work.recordWrites, on: link, report: &report, trace: &trace)
+        // A record that did not take keeps its header pending: the next pass reads both again.
+        let blocked = Set(failedRecords.map { $0 / PoolGeometry.chunksPerSection })
+        work.spanClears.removeAll { blocked.contains($0.section) }
+        work.sectionClears.removeAll { blocked.contains($0.section) }
+        let sequences = Dictionary(uniqueKeysWithValues: (work.spanClears + work.sectionClears).map { ($0, logSequence(of: $0)) })
         let owner = owner
-        var recordWrites: [(chunk: Int, expected: UInt64, desired: UInt64, layer: FullLogRecord.Layer)] = []
+        if !work.spanClears.isEmpty {
+            let outcomes: [UpdateOutcome<SpanHeader>] = try await link.updateEachInDoorbells(
+                work.spanClears, UpdatePolicy(attemptsMax: 1), known: work.spanClears.map { pool[$0] }, trace: &trace
+            ) { slot, header in header.isPending(by: owner, sequence: sequences[slot]!) ? header.flushed() : nil }
+            for (slot, outcome) in zip(work.spanClears, outcomes) {
+                store(outcome, at: slot)
+                if outcome.committedWord != nil { report.logsSettled += 1 }
+            }
+        }
+        if !work.sectionClears.isEmpty {
+            let outcomes: [UpdateOutcome<SectionHeader>] = try await link.updateEachInDoorbells(
+                work.sectionClears, UpdatePolicy(attemptsMax: 1), known: work.sectionClears.map { pool[$0] }, trace: &trace
+            ) { slot, header in header.isPending(by: owner, sequence: sequences[slot]!) ? header.flushed() : nil }
+            for (slot, outcome) in zip(work.sectionClears, outcomes) {
+                store(outcome, at: slot)
+                if outcome.committedWord != nil { report.logsSettled += 1 }
+            }
+        }
+    }
+
+    /// What step 2 does: the records to set to freed, then the span and section headers
+    /// whose pending bits to clear (a multi-section block's sections after its record).
+    private struct SettleWork {
+        var recordWrites: [(chunk: Int, expected: UInt64, desired: UInt64)] = []
         var spanClears: [HeaderSlot] = []
         var sectionClears: [HeaderSlot] = []
+    }
+
+    /// Step 2's work, from the pool image: every header pending under the dead node's log
+    /// whose blocks are all free.
+    private func settleWork() -> SettleWork {
+        var work = SettleWork()
         var clearAfterRecord: [Int: [HeaderSlot]] = [:]
         var multiDone: Set<Int> = []
-        func freedRecord(_ chunk: Int, layer: FullLogRecord.Layer, sequence: LogSequence) {
-            let word = pool.records[chunk]
-            guard pool.allocation(at: chunk, by: owner, layer: layer) != nil, let freed = pool.record(at: chunk)?.freed(sequence: sequence) else { return }
-            recordWrites.append((chunk, word, freed.rawValue, layer))
-        }
         for sectionIndex in touched {
-            for spanIndex in 0..<PoolGeometry.spansPerSection {
-                let header = span(sectionIndex, spanIndex)
-                guard isPendingByOwner(header), !header.logDescribesAllocation else { continue }
-                let runs = chunkRuns(sectionIndex, spanIndex)
-                guard !runs.contains(where: header.marksAllocated) else { continue }
-                let first = HeaderSlot.span(section: sectionIndex, span: spanIndex).firstChunk
-                for run in runs where header.marksFree(run) { freedRecord(first + run.offset, layer: .chunk, sequence: header.log.sequence) }
-                spanClears.append(.span(section: sectionIndex, span: spanIndex))
-            }
+            settleSpans(of: sectionIndex, into: &work)
             let header = section(sectionIndex)
             guard isPendingByOwner(header) else { continue }
             if let range = pool.multiSectionBlock[sectionIndex] {
@@ -232,59 +256,72 @@ struct RecoveryPass {
                 guard !sectionsOfBlock.contains(where: \.isAllWhole),
                       !sectionsOfBlock.contains(where: isPendingByOther) else { continue }
                 multiDone.insert(sectionIndex)
-                freedRecord(HeaderSlot.section(sectionIndex).firstChunk, layer: .multiSection, sequence: header.log.sequence)
+                freedRecord(HeaderSlot.section(sectionIndex).firstChunk, layer: .multiSection, sequence: header.log.sequence, into: &work)
                 clearAfterRecord[sectionIndex] = range.filter { isPendingByOwner(self.section($0)) }.map(HeaderSlot.section)
                 continue
             }
             if header.log.sizeCode == SectionHeader.multiSectionSizeCode {
                 // Part of a claim whose record was never written (or a rolled-back one).
-                if !header.isAllWhole { sectionClears.append(.section(sectionIndex)) }
+                if !header.isAllWhole { work.sectionClears.append(.section(sectionIndex)) }
                 continue
             }
             guard !header.logDescribesAllocation else { continue }
             if let run = sectionRuns(sectionIndex).first(where: { $0 == header.log.run }), header.marksFree(run) {
-                freedRecord(HeaderSlot.span(section: sectionIndex, span: run.offset).firstChunk, layer: .section, sequence: header.log.sequence)
+                freedRecord(HeaderSlot.span(section: sectionIndex, span: run.offset).firstChunk, layer: .section, sequence: header.log.sequence, into: &work)
             }
-            sectionClears.append(.section(sectionIndex))
+            work.sectionClears.append(.section(sectionIndex))
         }
-        for first in clearAfterRecord.keys.sorted() { sectionClears += clearAfterRecord[first]! }
-        guard !spanClears.isEmpty || !sectionClears.isEmpty else { return }
-        var failedRecords: Set<Int> = []
-        if !recordWrites.isEmpty {
-            let verbs = recordWrites.map { Verb.compareAndSwap(link.grant.recordAddress(chunk: $0.chunk), expected: $0.expected, desired: $0.desired, rkey: link.metadataKey) }
-            var results: [VerbResult] = []
-            for start in stride(from: 0, to: verbs.count, by: Self.verbsPerDoorbellMax) {
-                results += try await link.post(Array(verbs[start..<min(start + Self.verbsPerDoorbellMax, verbs.count)]), trace: &trace)
-            }
-            for (write, result) in zip(recordWrites, results) {
-                let answer = result.compareAndSwap
-                pool.records[write.chunk] = answer.exchanged ? write.desired : answer.original
-                if answer.exchanged { report.recordsFreed += 1 } else { failedRecords.insert(write.chunk) }
+        for first in clearAfterRecord.keys.sorted() { work.sectionClears += clearAfterRecord[first]! }
+        return work
+    }
+
+    /// Step 2's work on the span headers of one section: each pending under the dead
+    /// node's log of a free, with no block of the node left, has its records freed and
+    /// its bit cleared.
+    private func settleSpans(of sectionIndex: Int, into work: inout SettleWork) {
+        for spanIndex in 0..<PoolGeometry.spansPerSection {
+            let header = span(sectionIndex, spanIndex)
+            guard isPendingByOwner(header), !header.logDescribesAllocation else { continue }
+            let runs = chunkRuns(sectionIndex, spanIndex)
+            guard !runs.contains(where: header.marksAllocated) else { continue }
+            let first = HeaderSlot.span(section: sectionIndex, span: spanIndex).firstChunk
+            for run in runs where header.marksFree(run) { freedRecord(first + run.offset, layer: .chunk, sequence: header.log.sequence, into: &work) }
+            work.spanClears.append(.span(section: sectionIndex, span: spanIndex))
+        }
+    }
+
+    /// Adds the write of `chunk`'s record as freed, when it records an allocation of the
+    /// dead node in `layer`.
+    private func freedRecord(_ chunk: Int, layer: FullLogRecord.Layer, sequence: LogSequence, into work: inout SettleWork) {
+        guard pool.allocation(at: chunk, by: owner, layer: layer) != nil, let freed = pool.record(at: chunk)?.freed(sequence: sequence) else { return }
+        work.recordWrites.append((chunk, pool.records[chunk], freed.rawValue))
+    }
+
+    /// Sets the records of `writes` to freed, one CAS each, in doorbells of at most
+    /// `verbsPerDoorbellMax`; answers the chunks whose CAS lost.
+    private mutating func freeRecords(
+        _ writes: [(chunk: Int, expected: UInt64, desired: UInt64)], on link: MemoryNodeLink, report: inout RecoveryReport,
+        trace: inout OperationTrace
+    ) async throws(FabricError) -> Set<Int> {
+        var failed: Set<Int> = []
+        var outcomes: [UpdateOutcome<RawWord>] = []
+        for start in stride(from: 0, to: writes.count, by: Self.verbsPerDoorbellMax) {
+            let batch = writes[start..<min(start + Self.verbsPerDoorbellMax, writes.count)]
+            outcomes += try await link.updateEach(
+                words: batch.map { (link.grant.recordAddress(chunk: $0.chunk), $0.expected) }, UpdatePolicy(attemptsMax: 1), trace: &trace
+            ) { offset, _ in writes[start + offset].desired }
+        }
+        for (write, outcome) in zip(writes, outcomes) {
+            switch outcome {
+            case .updated, .committed:
+                pool.records[write.chunk] = write.desired
+                report.recordsFreed += 1
+            case .lost(let current), .refused(let current):
+                pool.records[write.chunk] = current
+                failed.insert(write.chunk)
             }
         }
-        // A record that did not take keeps its header pending: the next pass reads both again.
-        let blocked = Set(failedRecords.map { $0 / PoolGeometry.chunksPerSection })
-        spanClears.removeAll { blocked.contains($0.section) }
-        sectionClears.removeAll { blocked.contains($0.section) }
-        let sequences = Dictionary(uniqueKeysWithValues: (spanClears + sectionClears).map { ($0, logSequence(of: $0)) })
-        if !spanClears.isEmpty {
-            let outcomes: [UpdateOutcome<SpanHeader>] = try await link.updateEachInDoorbells(
-                spanClears, UpdatePolicy(attemptsMax: 1), known: spanClears.map { pool[$0] }, trace: &trace
-            ) { slot, header in header.isPending(by: owner, sequence: sequences[slot]!) ? header.flushed() : nil }
-            for (slot, outcome) in zip(spanClears, outcomes) {
-                store(outcome, at: slot)
-                if outcome.committedWord != nil { report.logsSettled += 1 }
-            }
-        }
-        if !sectionClears.isEmpty {
-            let outcomes: [UpdateOutcome<SectionHeader>] = try await link.updateEachInDoorbells(
-                sectionClears, UpdatePolicy(attemptsMax: 1), known: sectionClears.map { pool[$0] }, trace: &trace
-            ) { slot, header in header.isPending(by: owner, sequence: sequences[slot]!) ? header.flushed() : nil }
-            for (slot, outcome) in zip(sectionClears, outcomes) {
-                store(outcome, at: slot)
-                if outcome.committedWord != nil { report.logsSettled += 1 }
-            }
-        }
+        return failed
     }
 
     private func logSequence(of slot: HeaderSlot) -> LogSequence {
