@@ -55,7 +55,7 @@ struct Demo: AsyncParsableCommand {
         let poolBytes = geometry.dataBytes * UInt64(memoryNodes)
         print("FineMem demo on the \(clusterFabric): \(memoryNodes) memory node(s) x \(Format.bytes(geometry.dataBytes)), \(computeNodes) compute nodes x \(tasks) tasks, blocks 4 KiB-\(maxBlock), \(Format.fixed(duration, 1)) s")
         #if DEBUG
-        print("(a debug build: the compute nodes check their header caches after every operation; for speed figures, `swift run -c release finemem demo`)")
+        print("(a debug build: unoptimized, and the compute nodes check what changed in their header caches after every operation, so the pool fills slowly; for speed figures, `swift run -c release finemem demo`)")
         #endif
         let meter = DemoMeter(poolBytes: poolBytes, fillPercent: fill)
         let chunkCountLog2Max = Block.chunkCountLog2(forBytes: maxBlock.bytes)

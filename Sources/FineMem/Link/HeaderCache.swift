@@ -41,6 +41,11 @@ struct HeaderCache: Sendable {
     /// The sections of `sectionCandidates` that are not wholly empty (where a span is
     /// opened first, so that whole sections stay free for large blocks).
     private var usedSectionCandidates: SectionBitmap
+    #if DEBUG
+    /// The sections (from the shard's first) whose words were stored since the last
+    /// `checkInvariants`: the ones whose summary bits it checks.
+    private var storedSinceCheck: [Int] = []
+    #endif
 
     /// The cache of sections `base..<base + sections.count`, as read (`sections` holds
     /// their words), with searches starting at `cursor` (taken modulo the shard).
@@ -56,7 +61,7 @@ struct HeaderCache: Sendable {
         sectionCandidates = SectionBitmap(count: sections.count)
         usedSectionCandidates = SectionBitmap(count: sections.count)
         for local in sections.indices { summarize(local) }
-        debugOnly { checkInvariants() }
+        debugOnly { checkInvariants(everySection: true) }
     }
 
     /// The sections this cache holds.
@@ -153,6 +158,9 @@ struct HeaderCache: Sendable {
     /// Stores `word` unless the cached one came with a later ticket; with `whatever`, in
     /// any case (keeping the later ticket).
     private mutating func storeWord(_ word: UInt64, atLocal section: Int, span: Int?, ticket: UInt64, whatever: Bool = false) -> Bool {
+        #if DEBUG
+        storedSinceCheck.append(section)
+        #endif
         switch span {
         case nil:
             guard whatever || ticket >= versions[section] else { return false }
@@ -172,6 +180,14 @@ struct HeaderCache: Sendable {
     /// Recomputes the summary bits of the shard's `section`-th section from its cached
     /// words.
     private mutating func summarize(_ section: Int) {
+        let bits = summary(of: section)
+        chunkCandidates[section] = bits.chunk
+        sectionCandidates[section] = bits.section
+        usedSectionCandidates[section] = bits.usedSection
+    }
+
+    /// The summary bits of the shard's `section`-th section, from its cached words.
+    private func summary(of section: Int) -> (chunk: Bool, section: Bool, usedSection: Bool) {
         var chunkCandidate = false
         var sectionCandidate = false
         var used = false
@@ -195,9 +211,7 @@ struct HeaderCache: Sendable {
                 if sectionCandidate && chunkCandidate { break }
             }
         }
-        chunkCandidates[section] = chunkCandidate
-        sectionCandidates[section] = sectionCandidate
-        usedSectionCandidates[section] = sectionCandidate && used
+        return (chunkCandidate, sectionCandidate, sectionCandidate && used)
     }
 
     /// Stores the span headers of `section` as just read.
@@ -228,7 +242,7 @@ struct HeaderCache: Sendable {
             }
             summarize(local)
         }
-        debugOnly { checkInvariants() }
+        debugOnly { checkInvariants(everySection: true) }
     }
 
     /// The settled header at `slot`, or nil when the cached word does not decode.
@@ -238,20 +252,27 @@ struct HeaderCache: Sendable {
 
     /// The structural rules of the cache: every array sized by the section count, the
     /// cursor, every busy header and every pending log inside the shard.
-    func checkInvariants() {
+    /// Checks the cache's invariants (debug builds): its arrays agree, the cursor lies in
+    /// the shard, the summary bits of each section stored since the last check (of every
+    /// section, with `everySection`) are those its words give, and with `tables`, the
+    /// pending logs and busy marks lie in the shard. Checking what changed keeps a check
+    /// per operation cheap on a large pool.
+    mutating func checkInvariants(everySection: Bool = false, tables: Bool = true) {
         let sectionCount = sections.count
         precondition(sectionCount >= 1, "a pool has at least one section")
         precondition(spanPages.count == (sectionCount + SpanPage.sections - 1) / SpanPage.sections && spansRead.count == sectionCount, "cache arrays disagree")
         precondition(versions.count == sectionCount, "one version per cached section word")
         precondition(sectionRange.contains(cursor), "cursor \(cursor) outside \(sectionRange)")
-        pending.forEachSlot { slot in precondition(sectionRange.contains(slot.section), "pending log of \(slot) outside \(sectionRange)") }
-        var copy = self
-        for section in 0..<sectionCount {
-            let bits = (chunkCandidates[section], sectionCandidates[section], usedSectionCandidates[section])
-            copy.summarize(section)
-            precondition(bits == (copy.chunkCandidates[section], copy.sectionCandidates[section], copy.usedSectionCandidates[section]),
-                         "summary of section \(section) is stale")
+        #if DEBUG
+        let stored = everySection ? Array(0..<sectionCount) : storedSinceCheck
+        storedSinceCheck.removeAll(keepingCapacity: true)
+        for section in stored {
+            let bits = summary(of: section)
+            precondition(bits == (chunkCandidates[section], sectionCandidates[section], usedSectionCandidates[section]), "summary of section \(section) is stale")
         }
+        #endif
+        guard tables else { return }
+        pending.forEachSlot { slot in precondition(sectionRange.contains(slot.section), "pending log of \(slot) outside \(sectionRange)") }
         for slot in busy {
             switch slot {
             case .section(let section): precondition(sectionRange.contains(section), "busy \(slot) outside \(sectionRange)")

@@ -36,7 +36,6 @@ extension MemoryNodeLink {
         return cache.withShard(of: slot) { cache in
             cache.pending.add(slot, recordAddress: grant.recordAddress(chunk: block.firstChunk), record: record, recordBefore: recordBefore,
                               sequence: header.log.sequence, taken: false)
-            debugOnly { cache.pending.checkInvariants(owner: owner) }
             also(&cache)
             return cache.pending.queueUpkeep(slot)
         }

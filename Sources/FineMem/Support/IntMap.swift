@@ -82,9 +82,30 @@ struct IntMap<Value>: Sequence {
         self = bigger
     }
 
-    func makeIterator() -> some IteratorProtocol<(key: Int, value: Value)> {
-        zip(keys, values).lazy.filter { $0.0 != -1 }.map { (key: $0.0, value: $0.1!) }.makeIterator()
+    /// The entries in slot order: a plain loop over the slots (a lazy chain of zip,
+    /// filter and map costs a generic metadata lookup per element in debug builds, where
+    /// the pending-log checks run after every operation).
+    struct Iterator: IteratorProtocol {
+        private let keys: [Int]
+        private let values: [Value?]
+        private var index = 0
+
+        fileprivate init(keys: [Int], values: [Value?]) {
+            self.keys = keys
+            self.values = values
+        }
+
+        mutating func next() -> (key: Int, value: Value)? {
+            while index < keys.count {
+                let slot = index
+                index += 1
+                if keys[slot] != -1 { return (keys[slot], values[slot]!) }
+            }
+            return nil
+        }
     }
+
+    func makeIterator() -> Iterator { Iterator(keys: keys, values: values) }
 }
 
 extension IntMap: Sendable where Value: Sendable {}
