@@ -36,8 +36,13 @@ package final class PoolInspector: @unchecked Sendable {
         pools = simulated + verbs
     }
 
-    /// Blocks the ledger holds now.
-    package var liveBlocks: [Block: OwnerID] { ledger }
+    /// Blocks the ledger holds now, with their owners, by memory node and first chunk: a
+    /// defined order, so that a run that frees them in this order posts the same verbs
+    /// whatever the process's hash seed (the ledger's own order depends on it).
+    package var liveBlocks: [(block: Block, owner: OwnerID)] {
+        ledger.map { (block: $0.key, owner: $0.value) }
+            .sorted { ($0.block.memoryNode, $0.block.firstChunk) < ($1.block.memoryNode, $1.block.firstChunk) }
+    }
 
     private func pool(_ id: NodeID) -> Pool { pools.first { $0.id == id }! }
 

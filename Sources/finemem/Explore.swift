@@ -77,7 +77,9 @@ struct Explore: ParsableCommand {
                 ("violations", report.violatingRuns == 0 ? "none" : "\(report.violatingRuns) runs"),
             ]
             if report.outcomes.count <= 6 {
-                for (outcome, runs) in report.outcomes.sorted(by: { $0.value > $1.value }) { rows.append(("  \(runs) runs", outcome)) }
+                // Most runs first, ties by their text: the dictionary's own order changes
+                // from one process to the next.
+                for (outcome, runs) in report.outcomes.sorted(by: { ($1.value, $0.key) < ($0.value, $1.key) }) { rows.append(("  \(runs) runs", outcome)) }
             }
             print(Format.table(rows.map { ("  " + $0.0, $0.1) }))
             for violation in report.violations {

@@ -608,7 +608,7 @@ private func exploreLease(seed: UInt64, stallNanos: UInt64, memoryNodes: Int) ->
         await cluster.quiesce()
         note(inspector.checkAtRest().map { "at rest: \($0)" })
         note(inspector.checkIntents())
-        for block in inspector.liveBlocks.keys { note(["still held at the end: \(block)"]) }
+        for (block, _) in inspector.liveBlocks { note(["still held at the end: \(block)"]) }
     }
     simulator.run()
     return (problems.withLock { $0 }, fenced.withLock { $0 })

@@ -22,16 +22,18 @@ extension BlockAllocator {
         let mark: UpdateOutcome<SpanHeader> = try await update(spanSlot, UpdatePolicy(attemptsMax: 1), on: link, trace: &trace) {
             $0.markingOpening(owner: owner)
         }
-        guard case .updated = mark else { return nil }
+        guard case .updated(let marked) = mark else { return nil }
         // This node holds the right to open the span, and the span names it.
+        precondition(marked.mode == .opening && marked.log.owner == owner, "marking \(spanSlot) opening left \(marked)")
         let flip: UpdateOutcome<SectionHeader> = try await update(
             .section(section), UpdatePolicy(attemptsMax: configuration.spanStateAttemptsMax, rereadOnRefusal: true), on: link, trace: &trace
         ) { $0.openingSpan(span) }
-        guard case .updated = flip else {
+        guard case .updated(let flipped) = flip else {
             try await abandonOpening(of: spanSlot, on: link, trace: &trace)
             if case .lost = flip { throw .retryLimitExceeded(attempts: configuration.spanStateAttemptsMax) }
             return nil
         }
+        precondition(flipped.state(ofSpan: span).isChunkMode, "flipping span \(span) of section \(section) left \(flipped)")
         let run = HeaderRun(offset: 0, countLog2: chunkCountLog2)
         let block = SpanHeader.block(at: run, of: spanSlot, on: link.memoryNode)
         let opened: UpdateOutcome<SpanHeader> = try await update(
@@ -42,6 +44,8 @@ extension BlockAllocator {
         guard case .committed(let header, let recordBefore) = opened else {
             throw .corruptMetadata("\(spanSlot), marked opening by \(owner), changed under the mark: \(opened)")
         }
+        precondition(header.mode == .open && header.marksAllocated(run) && header.logPending && header.log.owner == owner,
+                     "opening \(spanSlot) with \(run) left \(header)")
         trace.spansOpened += 1
         committed(header, on: spanSlot, block: block, allocated: true, application: application, recordBefore: recordBefore, link: link)
         return block
@@ -53,7 +57,9 @@ extension BlockAllocator {
             spanSlot, UpdatePolicy(attemptsMax: configuration.spanStateAttemptsMax, rereadOnRefusal: true), on: link, trace: &trace
         ) { $0.abandoningOpening(owner: owner) }
         switch outcome {
-        case .updated: return
+        case .updated(let header):
+            precondition(header.mode == .closed, "giving up the opening of \(spanSlot) left \(header)")
+            return
         case .refused(let current): throw .corruptMetadata("\(spanSlot), marked opening by \(owner), changed under the mark: \(current)")
         case .lost: throw .retryLimitExceeded(attempts: configuration.spanStateAttemptsMax)
         case .committed: preconditionFailure("a state change answers updated")
@@ -68,7 +74,9 @@ extension BlockAllocator {
             .section(section), UpdatePolicy(attemptsMax: configuration.spanStateAttemptsMax, rereadOnRefusal: true), on: link, trace: &trace
         ) { $0.closingSpan(span) }
         switch outcome {
-        case .updated: return
+        case .updated(let header):
+            precondition(!header.state(ofSpan: span).isChunkMode, "returning span \(span) left section \(section) as \(header)")
+            return
         case .refused(let current):
             throw .corruptMetadata("section \(section) entry of span \(span) is not in chunk mode while this node returns it: \(current)")
         case .lost: throw .retryLimitExceeded(attempts: configuration.spanStateAttemptsMax)

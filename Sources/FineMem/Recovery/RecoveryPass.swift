@@ -151,6 +151,9 @@ struct RecoveryPass {
             for (index, (slot, outcome)) in zip(spanSlots, outcomes).enumerated() {
                 store(outcome, at: slot)
                 if let after = outcome.committedWord {
+                    // Postcondition: the dead node's blocks here are free, under its pending log.
+                    precondition(isPendingByOwner(after) && !(runsBySlot[slot] ?? []).contains(where: after.marksAllocated),
+                                 "a reclaim of \(slot) left \(after)")
                     report.headersReclaimed += 1
                     let freed = freedRuns(runsBySlot[slot] ?? [], before[index], after)
                     report.blocksReclaimed += freed
@@ -164,7 +167,8 @@ struct RecoveryPass {
             ) { slot, header in header.reclaiming(sectionRunBySlot[slot], inMultiSectionBlock: multi.contains(slot), of: owner) }
             for (slot, outcome) in zip(sectionSlots, outcomes) {
                 store(outcome, at: slot)
-                guard outcome.committedWord != nil else { continue }
+                guard let after = outcome.committedWord else { continue }
+                precondition(isPendingByOwner(after), "a reclaim of \(slot) left \(after) without the dead node's log")
                 report.headersReclaimed += 1
                 if multi.contains(slot) {
                     if pool.multiSectionBlock[slot.section]?.lowerBound == slot.section {
@@ -217,7 +221,9 @@ struct RecoveryPass {
             ) { slot, header in header.isPending(by: owner, sequence: sequences[slot]!) ? header.flushed() : nil }
             for (slot, outcome) in zip(work.spanClears, outcomes) {
                 store(outcome, at: slot)
-                if outcome.committedWord != nil { report.logsSettled += 1 }
+                guard let after = outcome.committedWord else { continue }
+                precondition(!after.logPending, "a settle of \(slot) left its log pending")
+                report.logsSettled += 1
             }
         }
         if !work.sectionClears.isEmpty {
@@ -226,7 +232,9 @@ struct RecoveryPass {
             ) { slot, header in header.isPending(by: owner, sequence: sequences[slot]!) ? header.flushed() : nil }
             for (slot, outcome) in zip(work.sectionClears, outcomes) {
                 store(outcome, at: slot)
-                if outcome.committedWord != nil { report.logsSettled += 1 }
+                guard let after = outcome.committedWord else { continue }
+                precondition(!after.logPending, "a settle of \(slot) left its log pending")
+                report.logsSettled += 1
             }
         }
     }
@@ -344,7 +352,10 @@ struct RecoveryPass {
             let outcomes: [UpdateOutcome<SpanHeader>] = try await link.updateEachInDoorbells(
                 emptied, UpdatePolicy(attemptsMax: 1), known: emptied.map { pool[$0] }, trace: &trace
             ) { _, header in header.log.owner == owner ? header.closing() : nil }
-            for (slot, outcome) in zip(emptied, outcomes) { store(outcome, at: slot) }
+            for (slot, outcome) in zip(emptied, outcomes) {
+                store(outcome, at: slot)
+                if let after = outcome.committedWord { precondition(isIntermediate(after), "closing \(slot) left \(after)") }
+            }
         }
         // Section entries in chunk mode over spans the node left opening or closing: to empty.
         var entries: [HeaderSlot: [Int]] = [:]
@@ -363,7 +374,13 @@ struct RecoveryPass {
                 for spanIndex in entries[slot]! { changed = changed.closingSpan(spanIndex) ?? changed }
                 return changed == header ? nil : changed
             }
-            for (slot, outcome) in zip(slots, outcomes) { store(outcome, at: slot) }
+            for (slot, outcome) in zip(slots, outcomes) {
+                store(outcome, at: slot)
+                if let after = outcome.committedWord {
+                    // Postcondition: no chunk-mode entry over a span the node left intermediate (L6).
+                    precondition(!entries[slot]!.contains { after.state(ofSpan: $0).isChunkMode }, "the entries of \(slot) stay in chunk mode: \(after)")
+                }
+            }
         }
         // Spans opening or closing whose entry is no longer in chunk mode: to closed.
         let closable = touched.flatMap { sectionIndex in
@@ -382,7 +399,9 @@ struct RecoveryPass {
             }
             for (slot, outcome) in zip(closable, outcomes) {
                 store(outcome, at: slot)
-                if outcome.committedWord != nil { report.spansClosed += 1 }
+                guard let after = outcome.committedWord else { continue }
+                precondition(after.mode == .closed, "closing \(slot) left it \(after.mode)")
+                report.spansClosed += 1
             }
         }
     }
