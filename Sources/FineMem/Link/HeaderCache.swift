@@ -187,6 +187,7 @@ struct HeaderCache: Sendable {
     }
 
     /// The summary bits of the shard's `section`-th section, from its cached words.
+    @inline(__always)
     private func summary(of section: Int) -> (chunk: Bool, section: Bool, usedSection: Bool) {
         var chunkCandidate = false
         var sectionCandidate = false
