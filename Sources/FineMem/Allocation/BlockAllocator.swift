@@ -422,9 +422,17 @@ package final class BlockAllocator: Sendable {
         /// Second reads that could not show the pool without room (`noRoomInCache`).
         var unprovenNoRoom = 0
         var backoff: Backoff
-        init(_ configuration: AllocatorConfiguration, chunkCountLog2: Int) {
+        /// The rounds this search may take. Every round spends an attempt, pauses, or
+        /// reads the span headers of a section not read before (the first summary look
+        /// and full read aside); a pause follows every `operationAttemptsMax` attempts, and
+        /// the pauses are bounded (`waitCountMax`). So the other bounds end a search first;
+        /// this one turns a round that neither spends nor pauses (a bug) into
+        /// `retryLimitExceeded` rather than a search without end.
+        let roundsMax: Int
+        init(_ configuration: AllocatorConfiguration, chunkCountLog2: Int, sectionCount: Int) {
             self.chunkCountLog2 = chunkCountLog2
             backoff = Backoff(configuration)
+            roundsMax = sectionCount + 4 * (configuration.waitCountMax + 1) * (configuration.operationAttemptsMax + 1)
         }
     }
 

@@ -12,10 +12,11 @@ extension BlockAllocator {
     /// Takes a free intent slot of this node, waiting (bounded) while all are busy.
     private func takeIntentSlot() async throws(AllocationError) -> Int {
         var backoff = Backoff(configuration)
-        while true {
+        for _ in 0...configuration.waitCountMax {
             if let slot = freeIntentSlots.withLock({ $0.popLast() }) { return slot }
-            do { try await backoff.pause(runtime) } catch { throw .intentSlotsBusy }
+            do { try await backoff.pause(runtime) } catch { break }
         }
+        throw .intentSlotsBusy
     }
 
     /// Allocates `2^chunkCountLog2` chunks (more than one section) as an aligned run of
@@ -30,11 +31,11 @@ extension BlockAllocator {
         let intentSlot = try await takeIntentSlot()
         var intentSlotHandedOver = false
         defer { if !intentSlotHandedOver { freeIntentSlots.withLock { $0.append(intentSlot) } } }
-        var search = Search(configuration, chunkCountLog2: chunkCountLog2)
+        var search = Search(configuration, chunkCountLog2: chunkCountLog2, sectionCount: link.geometry.sectionCount)
         // The room summary tells where a chunk may be found, not where whole sections are
         // empty: a run of sections goes straight to the full refresh.
         search.lookedInSummary = true
-        while true {
+        for _ in 0..<search.roundsMax {
             try await beginRound(&search, on: link, trace: &trace)
             let now = runtime.nowNanoseconds
             let choice = link.cache.withEveryShardLocked { cache in
@@ -70,6 +71,7 @@ extension BlockAllocator {
                 try await lost(toPendingLog: toPendingLog, backoff: &search.backoff, trace: &trace)
             }
         }
+        throw .retryLimitExceeded(attempts: search.roundsMax)
     }
 
     /// What one claim of a run of sections came to.

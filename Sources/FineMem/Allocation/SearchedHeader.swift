@@ -83,11 +83,11 @@ extension BlockAllocator {
         trace: inout OperationTrace
     ) async throws(AllocationError) -> Block? {
         let countLog2 = chunkCountLog2 - Header.unitChunkCountLog2
-        var search = Search(configuration, chunkCountLog2: chunkCountLog2)
+        var search = Search(configuration, chunkCountLog2: chunkCountLog2, sectionCount: link.geometry.sectionCount)
         var failures = LostCASCounts()
         let home = Int(application.rawValue) % link.cache.count
         var readsAtHome = 0
-        while true {
+        for _ in 0..<search.roundsMax {
             try await beginRound(&search, on: link, trace: &trace)
             let choice = link.choose(Header.self, countLog2: countLog2, home: home, readsAtHomeFirst: readsAtHome < Self.homeReadsMax, runtime: runtime)
             if case .readSpans(let section) = choice, link.cache.shard(of: section) == home { readsAtHome += 1 }
@@ -138,6 +138,7 @@ extension BlockAllocator {
                 }
             }
         }
+        throw .retryLimitExceeded(attempts: search.roundsMax)
     }
 
     /// What a search's choice was when it found nothing to claim, whatever it looks for
