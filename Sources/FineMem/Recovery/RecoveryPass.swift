@@ -113,35 +113,9 @@ struct RecoveryPass {
     // MARK: Step 1: reclaim
 
     mutating func reclaim(on link: MemoryNodeLink, report: inout RecoveryReport, trace: inout OperationTrace) async throws(FabricError) {
-        var spanSlots: [HeaderSlot] = []
-        var runsBySlot: [HeaderSlot: [HeaderRun]] = [:]
-        var sectionSlots: [HeaderSlot] = []
-        var sectionRunBySlot: [HeaderSlot: HeaderRun] = [:]
-        var multi: Set<HeaderSlot> = []
-        for sectionIndex in touched {
-            let header = section(sectionIndex)
-            let slot = HeaderSlot.section(sectionIndex)
-            let run = sectionRuns(sectionIndex).first(where: header.marksAllocated)
-            let inMulti = pool.multiSectionBlock[sectionIndex] != nil
-            if header.reclaiming(run, inMultiSectionBlock: inMulti, of: owner) != nil {
-                sectionSlots.append(slot)
-                sectionRunBySlot[slot] = run
-                if inMulti { multi.insert(slot) }
-            } else if isPendingByOther(header), run != nil || inMulti {
-                waited = true
-            }
-            for spanIndex in 0..<PoolGeometry.spansPerSection {
-                let spanHeader = span(sectionIndex, spanIndex)
-                let runs = chunkRuns(sectionIndex, spanIndex)
-                let slot = HeaderSlot.span(section: sectionIndex, span: spanIndex)
-                if spanHeader.reclaiming(runs, of: owner) != nil {
-                    spanSlots.append(slot)
-                    runsBySlot[slot] = runs
-                } else if isPendingByOther(spanHeader), runs.contains(where: spanHeader.marksAllocated) {
-                    waited = true
-                }
-            }
-        }
+        let work = reclaimWork()
+        let (spanSlots, runsBySlot, sectionSlots, sectionRunBySlot, multi) =
+            (work.spanSlots, work.runsBySlot, work.sectionSlots, work.sectionRunBySlot, work.multi)
         let owner = owner
         if !spanSlots.isEmpty {
             let before = spanSlots.map { span($0.section, spanIndex($0)) }
@@ -181,6 +155,48 @@ struct RecoveryPass {
                 }
             }
         }
+    }
+
+    /// What step 1 does: the span and section headers holding blocks of the dead node,
+    /// with the runs each CAS frees.
+    private struct ReclaimWork {
+        var spanSlots: [HeaderSlot] = []
+        var runsBySlot: [HeaderSlot: [HeaderRun]] = [:]
+        var sectionSlots: [HeaderSlot] = []
+        var sectionRunBySlot: [HeaderSlot: HeaderRun] = [:]
+        /// Sections of a multi-section block of the dead node.
+        var multi: Set<HeaderSlot> = []
+    }
+
+    /// Step 1's work, from the pool image; notes a header held by another node's pending
+    /// log (`waited`).
+    private mutating func reclaimWork() -> ReclaimWork {
+        var work = ReclaimWork()
+        for sectionIndex in touched {
+            let header = section(sectionIndex)
+            let slot = HeaderSlot.section(sectionIndex)
+            let run = sectionRuns(sectionIndex).first(where: header.marksAllocated)
+            let inMulti = pool.multiSectionBlock[sectionIndex] != nil
+            if header.reclaiming(run, inMultiSectionBlock: inMulti, of: owner) != nil {
+                work.sectionSlots.append(slot)
+                work.sectionRunBySlot[slot] = run
+                if inMulti { work.multi.insert(slot) }
+            } else if isPendingByOther(header), run != nil || inMulti {
+                waited = true
+            }
+            for spanIndex in 0..<PoolGeometry.spansPerSection {
+                let spanHeader = span(sectionIndex, spanIndex)
+                let runs = chunkRuns(sectionIndex, spanIndex)
+                let slot = HeaderSlot.span(section: sectionIndex, span: spanIndex)
+                if spanHeader.reclaiming(runs, of: owner) != nil {
+                    work.spanSlots.append(slot)
+                    work.runsBySlot[slot] = runs
+                } else if isPendingByOther(spanHeader), runs.contains(where: spanHeader.marksAllocated) {
+                    waited = true
+                }
+            }
+        }
+        return work
     }
 
     private func spanIndex(_ slot: HeaderSlot) -> Int {
