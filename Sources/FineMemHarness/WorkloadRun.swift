@@ -16,15 +16,22 @@ protocol WorkloadReport: Sendable {
 extension WorkloadReport {
     /// Runs `drive` as the only top-level task of a simulation with `seed` and answers the
     /// report it filled, with the run's virtual time and trace hash. Same seed, same report.
+    /// A run that has not ended after `deadlineNanos` of virtual time stops there with a
+    /// violation: a hang (a log that never settles, a wait without a bound) fails the seed
+    /// instead of spinning the test.
     static func simulate(
-        seed: UInt64, latency: LatencyModel, exploration: ScheduleExploration,
+        seed: UInt64, latency: LatencyModel, exploration: ScheduleExploration, deadlineNanos: UInt64,
         _ drive: @escaping @Sendable (Simulator, Locked<Self>) async -> Void
     ) -> Self {
         let simulator = Simulator(seed: seed, latency: latency, exploration: exploration)
         let report = Locked(Self(seed: seed))
         simulator.spawn { await drive(simulator, report) }
-        simulator.run()
+        let ended = simulator.run(untilNanoseconds: deadlineNanos)
         return report.withLock { report in
+            if !ended {
+                report.violations.append(
+                    "the run had not ended after \(deadlineNanos / 1_000_000) ms of virtual time (a hang)")
+            }
             report.virtualNanoseconds = simulator.nowNanoseconds
             report.traceHash = simulator.traceHash
             return report
