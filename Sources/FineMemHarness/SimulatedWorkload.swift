@@ -50,17 +50,10 @@ package struct SimulatedWorkload: Sendable {
 
     package init(_ configuration: Configuration) { self.configuration = configuration }
 
-    /// The virtual time after which a run counts as a hang. A run takes a few virtual
-    /// milliseconds (it has no crash and no lease to wait out); a bug that leaves a log
-    /// unsettled keeps the tasks retrying for a minute or more of virtual time, and a
-    /// debug test for many minutes of wall time, before it ends on its own.
-    static let deadlineNanos: UInt64 = 5_000_000_000
-
     /// Runs the workload with `seed` and answers what happened. Same seed, same report.
     package func run(seed: UInt64) -> Report {
         let configuration = configuration
-        return Report.simulate(seed: seed, latency: configuration.latency, exploration: configuration.exploration,
-                                     deadlineNanos: Self.deadlineNanos) { simulator, report in
+        return Report.simulate(seed: seed, latency: configuration.latency, exploration: configuration.exploration) { simulator, report in
             await Self.drive(configuration, simulator: simulator, report: report)
         }
     }

@@ -18,9 +18,12 @@ extension WorkloadReport {
     /// report it filled, with the run's virtual time and trace hash. Same seed, same report.
     /// A run that has not ended after `deadlineNanos` of virtual time stops there with a
     /// violation: a hang (a log that never settles, a wait without a bound) fails the seed
-    /// instead of spinning the test.
+    /// instead of spinning the test. A seeded workload has no crash and no lease to wait
+    /// out and takes a few virtual milliseconds; a bug that leaves a log unsettled keeps
+    /// its tasks retrying for a minute or more of virtual time (many minutes of a debug
+    /// test) before it ends on its own.
     static func simulate(
-        seed: UInt64, latency: LatencyModel, exploration: ScheduleExploration, deadlineNanos: UInt64,
+        seed: UInt64, latency: LatencyModel, exploration: ScheduleExploration, deadlineNanos: UInt64 = 5_000_000_000,
         _ drive: @escaping @Sendable (Simulator, Locked<Self>) async -> Void
     ) -> Self {
         let simulator = Simulator(seed: seed, latency: latency, exploration: exploration)
