@@ -18,7 +18,7 @@ struct Bench: AsyncParsableCommand {
     )
 
     @Option(help: "Compute nodes of the loaded run.") var computeNodes = 16
-    @Option(help: "Tasks per compute node of the loaded run.") var tasks = 32
+    @Option(name: .customLong("tasks"), help: "Tasks per compute node of the loaded run (32; 8 with --traces).") var tasksOption: Int?
     @Option(help: "Operations per task.") var operations = 200
     @Option(help: "Pool size of the memory node.") var poolSize = ByteCount(bytes: 1 << 30)
     @Option(help: "Seed.") var seed: UInt64 = 1
@@ -26,8 +26,19 @@ struct Bench: AsyncParsableCommand {
     @Option(help: "Allocate+free pairs per task of the immediate-mode runs (0 skips them).") var pairs = 200_000
     @Option(help: "Pool of the refresh run: full of 1 GiB blocks, one freed by another node.") var refreshPoolSize = ByteCount(bytes: 256 << 30)
     @Flag(help: "Skip the refresh run.") var skipRefresh = false
+    @Flag(help: "Replay the allocator-shaped traces instead (tcmalloc, jemalloc, ptmalloc, mimalloc; each with room and to exhaustion).")
+    var traces = false
+    @Option(help: "Memory nodes of the trace replays.") var memoryNodes = 2
+    @Option(help: "Requests per task of the trace replays.") var requests = 300
+
+    var tasks: Int { tasksOption ?? (traces ? 8 : 32) }
+
+    func validate() throws {
+        guard computeNodes >= 1, tasks >= 1, operations >= 1, memoryNodes >= 1, requests >= 1 else { throw ValidationError("counts must be positive") }
+    }
 
     func run() async throws {
+        if traces { return try runTraces() }
         var rows: [(String, String)] = []
         for (label, nodes, perNode) in [("1 task", 1, 1), ("\(computeNodes * tasks) tasks", computeNodes, tasks)] {
             var configuration = SimulatedWorkload.Configuration()

@@ -34,11 +34,18 @@ struct Soak: ParsableCommand {
             after each change, had no room for the request at some instant (DESIGN.md \
             invariant 7). Keep the pool small (16-32 MiB): the check looks at every header \
             after every change.
+
+            `--workload trace` replays allocator-shaped streams (`--shape`: tcmalloc, all \
+            2 MiB; jemalloc and ptmalloc, mostly 4 KiB; mimalloc, median 64 KiB), in bursts, \
+            --operations requests per task, every block held to the end, in a pool of \
+            --pool-percent of the replay's expected demand (below 100 it runs out); every \
+            block is checked as it comes, the headers after every operation, and every \
+            out-of-memory answer against the full pool once all tasks have stopped.
             """
     )
 
     enum Workload: String, ExpressibleByArgument, CaseIterable {
-        case mixed, exhaustion, churn
+        case mixed, exhaustion, churn, trace
     }
 
     @Option(help: "How many seeds to run.") var seeds = 20
@@ -54,6 +61,9 @@ struct Soak: ParsableCommand {
     @Option(help: "mixed (allocate and free at random), exhaustion (fill every pool, then free) or churn (free and allocate near exhaustion, each out-of-memory answer checked during its call).")
     var workload = Workload.mixed
     @Option(help: "Rounds of fill and free per seed, with --workload exhaustion.") var rounds = 2
+    @Option(help: "The allocator whose stream --workload trace imitates: tcmalloc, jemalloc, ptmalloc or mimalloc.")
+    var shape = TraceWorkload.Shape.jemalloc
+    @Option(help: "With --workload trace: the pool as a percentage of the replay's expected demand.") var poolPercent = 50
     @Option(help: "Shards of each compute node's header cache (of at least 4 sections each; 1 by default in virtual time).") var cacheShards = 1
     @Flag(help: "Print each seed's trace hash and virtual time (to tell whether two builds run the same simulation).")
     var traces = false
@@ -61,7 +71,7 @@ struct Soak: ParsableCommand {
     var jobs: Int?
 
     func validate() throws {
-        guard seeds >= 1, (computeNodes ?? 1) >= 1, tasks >= 1, operations >= 1, memoryNodes >= 0, changePoints >= 0, (jobs ?? 1) >= 1, cacheShards >= 1 else {
+        guard seeds >= 1, poolPercent >= 1, (computeNodes ?? 1) >= 1, tasks >= 1, operations >= 1, memoryNodes >= 0, changePoints >= 0, (jobs ?? 1) >= 1, cacheShards >= 1 else {
             throw ValidationError("counts must be positive")
         }
         // A shard holds at least 4 sections: a smaller pool silently gets fewer shards.
@@ -72,6 +82,7 @@ struct Soak: ParsableCommand {
     }
 
     func run() throws {
+        if workload == .trace { return try runTrace() }
         if workload != .mixed {
             try runExhaustion()
             return
@@ -221,6 +232,39 @@ struct Soak: ParsableCommand {
         if explore { flags += ["--explore", "--change-points \(changePoints)"] }
         if workload == .exhaustion { flags += ["--workload exhaustion", "--rounds \(rounds)"] }
         if workload == .churn { flags.append("--workload churn") }
+        if workload == .trace { flags += ["--workload trace", "--shape \(shape.rawValue)", "--pool-percent \(poolPercent)"] }
         return "swift run -c release finemem soak " + flags.joined(separator: " ")
+    }
+
+    /// The trace replay for every seed, one line each.
+    private func runTrace() throws {
+        var configuration = TraceWorkload.Configuration()
+        configuration.shape = shape
+        configuration.memoryNodes = memoryNodes > 0 ? memoryNodes : 2
+        configuration.computeNodes = computeNodes ?? 4
+        configuration.tasksPerComputeNode = tasks
+        configuration.requestsPerTask = operations
+        configuration.poolPercentOfDemand = poolPercent
+        configuration.allocator.cacheShards = cacheShards
+        configuration.exploration = explore ? .randomPriorities(changePoints: changePoints) : .none
+        configuration.checkStructureEachOperation = true
+        print("trace workload (\(shape.rawValue)): \(configuration.memoryNodes) x \(Format.bytes(configuration.poolBytesPerNode)), "
+              + "\(configuration.computeNodes) x \(tasks) tasks, \(operations) requests each, schedule exploration: \(configuration.exploration)")
+        var failed: [UInt64] = []
+        for seed in startSeed..<startSeed + UInt64(seeds) {
+            let report = TraceWorkload(configuration).run(seed: seed)
+            if traces { print("seed \(seed): trace \(report.traceHash), \(report.virtualNanoseconds) ns virtual") }
+            let setUp = report.cacheShards == cacheShards ? [] : ["set-up: \(report.cacheShards) cache shards, not \(cacheShards)"]
+            let problems = setUp + report.wrongAnswers + report.violations
+            print(problems.isEmpty ? "\(report)" : "FAILED \(report)")
+            guard !problems.isEmpty else { continue }
+            failed.append(seed)
+            for problem in problems.prefix(10) { print("  \(problem)") }
+            print("  replay: \(replayCommand(seed: seed))")
+        }
+        if !failed.isEmpty {
+            print("failing seeds: \(failed.map(String.init).joined(separator: " "))")
+            throw ExitCode.failure
+        }
     }
 }

@@ -7,6 +7,8 @@
 public struct AllocatorStatistics: Sendable, Hashable {
     /// Upper bounds of the CAS-retry histogram buckets (the last bucket is open).
     public static let retryBucketBounds: [UInt64] = [0, 1, 2, 4, 8, 16, 32, 64]
+    /// Buckets of `answerRoundTrips`: 0 to 63 round trips, then one for more.
+    public static let answerRoundTripsBuckets = 65
 
     public package(set) var allocations: UInt64 = 0
     public package(set) var frees: UInt64 = 0
@@ -21,6 +23,17 @@ public struct AllocatorStatistics: Sendable, Hashable {
     /// Allocations by CAS failures: bucket i counts those with at most `retryBucketBounds[i]`
     /// (and more than the previous bound); the last bucket counts the rest.
     public package(set) var retryHistogram: [UInt64] = Array(repeating: 0, count: AllocatorStatistics.retryBucketBounds.count + 1)
+    /// Answers of `allocate` (blocks and `outOfMemory`) by the round trips posted before
+    /// them: bucket i counts those with i round trips; the last bucket counts the rest.
+    public package(set) var answerRoundTrips: [UInt64] = Array(repeating: 0, count: AllocatorStatistics.answerRoundTripsBuckets)
+    /// The most round trips before one answer (block or `outOfMemory`).
+    public package(set) var answerRoundTripsMax: UInt64 = 0
+    /// `outOfMemory` answers, with their round trips and CAS failures (not counted in
+    /// `casRetries`, which is per allocation).
+    public package(set) var outOfMemoryAnswers: UInt64 = 0
+    public package(set) var outOfMemoryBatches: UInt64 = 0
+    public package(set) var outOfMemoryRetries: UInt64 = 0
+    public package(set) var outOfMemoryRetriesMax: UInt64 = 0
     /// Batches (network round trips) and verbs posted before an allocation returned.
     public package(set) var allocationBatches: UInt64 = 0
     public package(set) var allocationVerbs: UInt64 = 0
@@ -71,6 +84,36 @@ public struct AllocatorStatistics: Sendable, Hashable {
         retryHistogram[bucket] += 1
         allocationBatches += trace.batches
         allocationVerbs += trace.verbs
+        recordAnswer(trace)
+    }
+
+    /// An `outOfMemory` answer (also a failed allocation).
+    mutating func recordOutOfMemory(_ trace: OperationTrace) {
+        recordFailedAllocation(trace)
+        outOfMemoryAnswers += 1
+        outOfMemoryBatches += trace.batches
+        outOfMemoryRetries += trace.retries
+        outOfMemoryRetriesMax = max(outOfMemoryRetriesMax, trace.retries)
+        recordAnswer(trace)
+    }
+
+    private mutating func recordAnswer(_ trace: OperationTrace) {
+        answerRoundTrips[Int(min(trace.batches, UInt64(Self.answerRoundTripsBuckets - 1)))] += 1
+        answerRoundTripsMax = max(answerRoundTripsMax, trace.batches)
+    }
+
+    /// The round trips within which `fraction` of the answers came (the last bucket
+    /// stands for "more than 63").
+    public func answerRoundTrips(percentile fraction: Double) -> Int {
+        let total = answerRoundTrips.reduce(0, +)
+        guard total > 0 else { return 0 }
+        let wanted = UInt64((Double(total) * fraction).rounded(.up))
+        var seen: UInt64 = 0
+        for (roundTrips, count) in answerRoundTrips.enumerated() {
+            seen += count
+            if seen >= wanted { return roundTrips }
+        }
+        return answerRoundTrips.count - 1
     }
 
     mutating func recordFree(_ trace: OperationTrace) {
@@ -121,6 +164,12 @@ public struct AllocatorStatistics: Sendable, Hashable {
         sum.casRetriesOnPendingLog += rhs.casRetriesOnPendingLog
         sum.casRetriesMax = max(sum.casRetriesMax, rhs.casRetriesMax)
         for bucket in sum.retryHistogram.indices { sum.retryHistogram[bucket] += rhs.retryHistogram[bucket] }
+        for bucket in sum.answerRoundTrips.indices { sum.answerRoundTrips[bucket] += rhs.answerRoundTrips[bucket] }
+        sum.answerRoundTripsMax = max(sum.answerRoundTripsMax, rhs.answerRoundTripsMax)
+        sum.outOfMemoryAnswers += rhs.outOfMemoryAnswers
+        sum.outOfMemoryBatches += rhs.outOfMemoryBatches
+        sum.outOfMemoryRetries += rhs.outOfMemoryRetries
+        sum.outOfMemoryRetriesMax = max(sum.outOfMemoryRetriesMax, rhs.outOfMemoryRetriesMax)
         sum.allocationBatches += rhs.allocationBatches
         sum.allocationVerbs += rhs.allocationVerbs
         sum.freeBatches += rhs.freeBatches

@@ -231,8 +231,11 @@ package final class BlockAllocator: Sendable {
             recordStatistics(application) { $0.recordFailedAllocation(trace) }
             throw error
         }
-        recordStatistics(application) { $0.recordFailedAllocation(trace) }
-        if let unreachable { throw .fabric(unreachable) }
+        if let unreachable {
+            recordStatistics(application) { $0.recordFailedAllocation(trace) }
+            throw .fabric(unreachable)
+        }
+        recordStatistics(application) { $0.recordOutOfMemory(trace) }
         throw .outOfMemory(requestedBytes: chunkBytes << UInt64(chunkCountLog2))
     }
 
