@@ -67,8 +67,11 @@ package struct CrashPointEnumeration: Sendable {
         self.cacheShards = cacheShards
     }
 
-    /// The pool: 16 MiB, or 4 sections of 2 MiB per shard when that is more.
-    package static func poolBytes(cacheShards: Int) -> UInt64 { max(16 << 20, UInt64(cacheShards) * 4 * PoolGeometry.sectionBytes) }
+    /// The pool: 32 MiB, or 4 sections of 2 MiB per shard when that is more. The three
+    /// nodes' searches start apart (`HeaderCacheShards.start(of:)`), so the set-up's
+    /// small blocks open spans in three sections: 16 sections leave the victim's two
+    /// 4 MiB blocks aligned pairs of empty sections (8 did not).
+    package static func poolBytes(cacheShards: Int) -> UInt64 { max(32 << 20, UInt64(cacheShards) * 4 * PoolGeometry.sectionBytes) }
 
     /// Enumerates every crash point of `operation` under both late-verb policies.
     package func run(_ operation: Operation, latePolicies: [FaultPlan.LateVerbs] = FaultPlan.LateVerbs.enumerated) -> Summary {

@@ -42,7 +42,7 @@ extension Bench {
                     Format.fixed(Double(s.allocationBatches + s.outOfMemoryBatches) / Double(max(1, answers)), 2),
                     "\(s.answerRoundTrips(percentile: 0.99))", "\(s.answerRoundTripsMax)",
                     Format.fixed(s.roundTripsPerAllocation, 3),
-                    Format.fixed(s.casRetriesAverage, 3), "\(s.casRetriesMax)", "\(s.outOfMemoryRetriesMax)",
+                    Format.fixed(s.casRetriesAverage, 3) + "/" + Format.fixed(Double(s.casRetriesOnPendingLog) / Double(max(1, s.allocations)), 3), "\(s.casRetriesMax)", "\(s.outOfMemoryRetriesMax)",
                     Format.fixed(Double(s.upkeepBatches) / Double(max(1, s.allocations + s.frees)), 3),
                     Format.fixed(Double(s.summarySyncs) / Double(max(1, s.allocations + s.frees)), 3),
                     Format.fixed(Double(s.upkeepVerbs) / Double(max(1, s.allocations + s.frees)), 2),

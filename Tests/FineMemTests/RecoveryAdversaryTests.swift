@@ -132,17 +132,18 @@ private let application = ApplicationID(1)
 /// or the pool not at rest.
 private func naturalStaleIndexRun(seed: UInt64, liveSize: Int) -> [String] {
     let result = simulate(seed: seed) { simulator -> [String] in
-        // Four sections. X: a 4 MiB block (the top two sections) and small blocks in
-        // section 0, so that recovery's first pass has several doorbells after its settle
-        // (closing the spans X emptied). Z: a 4 KiB block in section 1, so that X's run is
-        // the only free 4 MiB run once X is recovered.
+        // Four sections. X: a 4 MiB block (two sections) and small blocks in another, so
+        // that recovery's first pass has several doorbells after its settle (closing the
+        // spans X emptied). Z: a 256 KiB block in each section outside X's run, so that
+        // X's run holds the only empty sections once X is recovered.
         let cluster = try await EmbeddedCluster.start(.init(poolBytesPerNode: 8 << 20, computeNodes: 3), simulator: simulator)
         let (x, y, z) = (cluster.computeNodes[0], cluster.computeNodes[1], cluster.computeNodes[2])
         let inspector = PoolInspector(cluster: cluster)
         let big = try await x.allocate(chunkCountLog2: 10, application: application)
         for size in [0, 0, 2, 5] { _ = try await x.allocate(chunkCountLog2: size, application: application) }
         var zBlocks: [Block] = []
-        while !zBlocks.contains(where: { $0.section == 1 }) {
+        let outside = Set(0..<4).subtracting(big.section..<big.section + 2)
+        while !outside.isSubset(of: zBlocks.map(\.section)) {
             let block = try await z.allocate(chunkCountLog2: 6, application: application)
             zBlocks.append(block)
         }

@@ -19,9 +19,9 @@ final class HeaderCacheShards: Sendable {
     let sectionCount: Int
 
     /// The cache of a pool whose section headers read `sections`, in at most `shards`
-    /// shards of at least `sectionsPerShardMin` sections, searches starting at `cursor`'s
-    /// place in each.
-    init(sections: [UInt64], shards wanted: Int, sectionsPerShardMin: Int = 4, cursor: Int) {
+    /// shards of at least `sectionsPerShardMin` sections, searches starting in each at
+    /// the fraction `start / 2^64` of its sections.
+    init(sections: [UInt64], shards wanted: Int, sectionsPerShardMin: Int = 4, start: UInt64) {
         precondition(!sections.isEmpty, "a pool has at least one section")
         sectionCount = sections.count
         let most = max(1, sections.count / max(1, sectionsPerShardMin))
@@ -30,7 +30,8 @@ final class HeaderCacheShards: Sendable {
         sectionsPerShard = per
         stripes = LockedStripes(count: (sections.count + per - 1) / per) { index in
             let range = index * per..<min((index + 1) * per, sections.count)
-            return HeaderCache(sections: Array(sections[range]), base: range.lowerBound, cursor: cursor)
+            let offset = Int(start.multipliedFullWidth(by: UInt64(range.count)).high)
+            return HeaderCache(sections: Array(sections[range]), base: range.lowerBound, cursor: range.lowerBound + offset)
         }
     }
 
@@ -86,4 +87,16 @@ final class HeaderCacheShards: Sendable {
             }
         }
     }
+}
+
+extension HeaderCacheShards {
+    /// Where `owner`'s searches start, as a fraction of the sections (of 2^64): owner
+    /// times the golden ratio, modulo 1 (Fibonacci hashing). Any number of consecutive
+    /// owners lie apart on the circle by gaps of at most three lengths, the largest at
+    /// most 2.6 times the smallest, whatever the pool's size, so that compute nodes filling
+    /// a pool begin in different places and meet late. (A start of owner times a prime,
+    /// modulo the section count, put owners next to each other in pools of some sizes:
+    /// 7,919 is -1 modulo 240, so that owners 1 and 2 began on adjacent sections and raced
+    /// for every section after.)
+    static func start(of owner: OwnerID) -> UInt64 { UInt64(owner.rawValue) &* 0x9E37_79B9_7F4A_7C15 }
 }

@@ -53,7 +53,7 @@ package final class MemoryNodeLink: Sendable {
         self.connection = connection
         self.owner = owner
         self.incarnation = incarnation
-        cache = HeaderCacheShards(sections: sections, shards: cacheShards, cursor: Int(owner.rawValue) &* 7_919)
+        cache = HeaderCacheShards(sections: sections, shards: cacheShards, start: HeaderCacheShards.start(of: owner))
         var lanes = [connection]
         if cache.count > 1 {
             while lanes.count < cache.count + 1, let sibling = connection.sibling() { lanes.append(sibling) }
