@@ -30,6 +30,9 @@ struct Bench: AsyncParsableCommand {
     var traces = false
     @Option(help: "Memory nodes of the trace replays.") var memoryNodes = 2
     @Option(help: "Requests per task of the trace replays.") var requests = 300
+    @Option(parsing: .upToNextOption, help: "The shapes of the trace replays (all by default).") var shapes: [TraceWorkload.Shape] = TraceWorkload.Shape.allCases
+    @Option(help: "How long a room summary sync waits for others of its word to join it, in nanoseconds.")
+    var roomSummaryDelay = AllocatorConfiguration().roomSummaryDelayNanos
 
     var tasks: Int { tasksOption ?? (traces ? 8 : 32) }
 

@@ -15,7 +15,7 @@ extension Bench {
         let header = ["shape", "pool", "allocs", "OOM", "lat avg", "lat p99", "RT avg", "RT p99", "RT max", "RT/alloc", "CAS avg", "CAS max", "OOM CAS max", "upkeep/op", "syncs/op", "verbs/op", "refreshes", "wall s"]
         var lines = [header]
         var failures: [String] = []
-        for shape in TraceWorkload.Shape.allCases {
+        for shape in shapes {
             for condition in Self.traceConditions {
                 var configuration = TraceWorkload.Configuration()
                 configuration.shape = shape
@@ -25,6 +25,7 @@ extension Bench {
                 configuration.requestsPerTask = requests
                 configuration.poolPercentOfDemand = condition.poolPercentOfDemand
                 configuration.allocator.contentionHigh = contentionHigh
+                configuration.allocator.roomSummaryDelayNanos = roomSummaryDelay
                 let clock = SystemRuntime.shared
                 let started = clock.nowNanoseconds
                 let report = TraceWorkload(configuration).run(seed: seed)

@@ -127,4 +127,34 @@ import FineMemHarness
         let scripts = report.violations.map { "[\($0.scriptText)]: \($0.messages.joined(separator: "; "))" }.joined(separator: "\n")
         #expect(report.violatingRuns == 0, "\(program.name): \(report)\n\(scripts)")
     }
+
+    /// A room summary sync queued while another of the same link and summary word waits
+    /// joins it (one sync of both sections' bits, which starts after both CASes: the
+    /// waiting one has not started); one of another word or another link, or one queued
+    /// after the waiting one was taken, is a sync of its own.
+    @Test func summarySyncsOfOneWordJoinWhileTheyWait() {
+        func sync(_ link: Int, _ sections: Range<Int>) -> UpkeepItem { .roomSummary(link: link, sections: sections, due: 0) }
+        func queued(_ queue: UpkeepQueue) -> [String] {
+            var queue = queue
+            var items: [String] = []
+            while case let (item?, _) = queue.pop(now: 0) {
+                if case .roomSummary(let link, let sections, _) = item { items.append("\(link):\(sections)") }
+            }
+            return items
+        }
+        var queue = UpkeepQueue()
+        let started = queue.push(sync(0, 3..<4), workersMax: 4)
+        let startedAgain = queue.push(sync(0, 10..<11), workersMax: 4)
+        #expect(started && !startedAgain, "the first item starts a worker; one that joins it does not")
+        #expect(queue.outstanding == 1)
+        _ = queue.push(sync(0, 64..<65), workersMax: 4)
+        _ = queue.push(sync(1, 5..<6), workersMax: 4)
+        _ = queue.push(sync(0, 1..<2), workersMax: 4)
+        #expect(queued(queue) == ["0:1..<11", "0:64..<65", "1:5..<6"])
+        // Taken by a worker: a later sync of the same word no longer joins it.
+        _ = queue.pop(now: 0)
+        _ = queue.push(sync(0, 2..<3), workersMax: 4)
+        #expect(queued(queue) == ["0:64..<65", "1:5..<6", "0:2..<3"])
+        #expect(queue.outstanding == 4, "three queued, one taken and not finished")
+    }
 }

@@ -35,6 +35,12 @@ public struct AllocatorConfiguration: Sendable, Hashable {
     /// nanoseconds: an operation on the same header within that time folds the flush into
     /// its own commit's doorbell instead. 0 starts the flush at once.
     public var upkeepDelayNanos: UInt64 = 0
+    /// How long a room summary sync waits before it starts, in nanoseconds: the syncs this
+    /// node queues meanwhile for sections of the same summary word join it, so that a node
+    /// filling or emptying sections one after another syncs each word once per period
+    /// instead of once per section. Other nodes see the room this long later (the summary
+    /// is a hint they use when their caches show no room).
+    public var roomSummaryDelayNanos: UInt64 = 20_000
     /// How long an upkeep worker that found nothing to do sleeps before it looks again,
     /// and how many such sleeps in a row it takes before it ends. A worker that lingers
     /// drains the upkeep of many operations per wake-up, so that a steady stream of

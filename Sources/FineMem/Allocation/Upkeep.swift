@@ -41,16 +41,24 @@ enum UpkeepItem: Sendable {
     /// for (`PendingLog.serial`); `deferrals` counts the periods it was put back for.
     case header(link: Int, HeaderSlot, due: UInt64, serial: UInt64, deferrals: Int)
     /// The room summary bits of `sections` of the link at `link`, after a CAS of this
-    /// node changed their room (or a full refresh found them stale).
-    case roomSummary(link: Int, sections: Range<Int>)
+    /// node changed their room (or a full refresh found them stale), from `due` on.
+    case roomSummary(link: Int, sections: Range<Int>, due: UInt64)
     /// Any other upkeep (a multi-section flush).
     case job(due: UInt64, @Sendable () async -> OperationTrace)
 
     var due: UInt64 {
         switch self {
-        case .header(_, _, let due, _, _), .job(let due, _): due
-        case .roomSummary: 0
+        case .header(_, _, let due, _, _), .job(let due, _), .roomSummary(_, _, let due): due
         }
+    }
+
+    /// This item with the sections of `other` added, when both are room summary syncs of
+    /// one link whose sections share a summary word; nil otherwise.
+    func merging(_ other: UpkeepItem) -> UpkeepItem? {
+        guard case .roomSummary(let link, let sections, let due) = self, case .roomSummary(link, let more, _) = other else { return nil }
+        let union = min(sections.lowerBound, more.lowerBound)..<max(sections.upperBound, more.upperBound)
+        guard RoomSummary.word(of: union.lowerBound) == RoomSummary.word(of: union.upperBound - 1) else { return nil }
+        return .roomSummary(link: link, sections: union, due: due)
     }
 }
 
@@ -69,8 +77,22 @@ struct UpkeepQueue: Sendable {
     /// Puts back an item a worker took and left for later (it is still outstanding).
     mutating func putBack(_ item: UpkeepItem) { items.append(item) }
 
-    /// Queues `item`; answers whether a worker should be started for it.
+    /// How many of the newest queued items a room summary sync looks through for one to
+    /// join.
+    static let mergeWindow = 64
+
+    /// Queues `item`; answers whether a worker should be started for it. A room summary
+    /// sync joins a queued one of the same summary word instead (it has not started, so
+    /// its reads still come after the CAS that queued this one).
     mutating func push(_ item: UpkeepItem, workersMax: Int) -> Bool {
+        if case .roomSummary = item {
+            for index in stride(from: items.count - 1, through: max(head, items.count - Self.mergeWindow), by: -1) {
+                if let merged = items[index].merging(item) {
+                    items[index] = merged
+                    return false
+                }
+            }
+        }
         items.append(item)
         outstanding += 1
         guard idleWorkers == 0, workers < workersMax, queued > workers else { return false }
@@ -142,7 +164,8 @@ extension BlockAllocator {
 
     /// Queues the sync of the room summary bits of `sections` on `link`.
     func startRoomSummaryUpkeep(of sections: Range<Int>, on link: MemoryNodeLink) {
-        enqueueUpkeep(.roomSummary(link: link.index, sections: sections))
+        let due = configuration.roomSummaryDelayNanos == 0 ? 0 : runtime.nowNanoseconds + configuration.roomSummaryDelayNanos
+        enqueueUpkeep(.roomSummary(link: link.index, sections: sections, due: due))
     }
 
     private func enqueueUpkeep(_ item: UpkeepItem) {
@@ -208,7 +231,7 @@ extension BlockAllocator {
         switch item {
         case .job(_, let body):
             return await body()
-        case .roomSummary(let index, let sections):
+        case .roomSummary(let index, let sections, _):
             var trace = OperationTrace()
             do {
                 try await links[index].syncRoomSummary(
