@@ -235,13 +235,8 @@ package struct ExhaustionWorkload: Sendable {
                 while state.withLock({ $0.stopped < taskCount }) { await simulator.sleep(nanoseconds: 10_000) }
                 await cluster.quiesce()
                 let sizes = state.withLock { $0.outOfMemorySizes }
-                let problems = inspector.withLock { inspector in
-                    inspector.checkAtRest() + inspector.checkRoomSummary() + sizes.sorted().compactMap { size in
-                        inspector.freeRunExists(chunkCountLog2: size)
-                            ? "round \(round): out of memory for 2^\(size) chunks, but the full pool still has such a run" : nil
-                    }
-                }
-                report.withLock { $0.violations += problems }
+                let problems = inspector.withLock { $0.checkAtRestAfterOutOfMemory(sizes: sizes) }
+                report.withLock { $0.violations += problems.map { "round \(round): \($0)" } }
                 state.withLock { $0.stopped += 1 }
             }
         }

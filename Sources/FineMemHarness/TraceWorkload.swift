@@ -173,12 +173,7 @@ package struct TraceWorkload: Sendable {
                 while progress.withLock({ $0.replayed < taskCount }) { await simulator.sleep(nanoseconds: 10_000) }
                 await cluster.quiesce()
                 let sizes = progress.withLock { $0.outOfMemorySizes }
-                let problems = inspector.withLock { inspector in
-                    inspector.checkAtRest() + inspector.checkRoomSummary() + sizes.sorted().compactMap { size in
-                        inspector.freeRunExists(chunkCountLog2: size)
-                            ? "out of memory for 2^\(size) chunks, but the full pool still has such a run" : nil
-                    }
-                }
+                let problems = inspector.withLock { $0.checkAtRestAfterOutOfMemory(sizes: sizes) }
                 report.withLock { $0.violations += problems.map { "after the replay: \($0)" } }
                 progress.withLock { $0.replayed += 1 }
             }

@@ -62,3 +62,15 @@ func startCluster<Report: WorkloadReport>(
         return nil
     }
 }
+
+extension PoolInspector {
+    /// The checks at rest, once every task has stopped, of a workload that freed nothing
+    /// since its `outOfMemory` answers (room only shrank): the pool at rest, the room
+    /// summary, and no free run in the full pool of any size in `sizes` (log2 of chunks)
+    /// that was answered `outOfMemory`.
+    func checkAtRestAfterOutOfMemory(sizes: Set<Int>) -> [String] {
+        checkAtRest() + checkRoomSummary() + sizes.sorted().compactMap { size in
+            freeRunExists(chunkCountLog2: size) ? "out of memory for 2^\(size) chunks, but the full pool still has such a run" : nil
+        }
+    }
+}
