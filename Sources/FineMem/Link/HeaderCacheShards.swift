@@ -93,10 +93,10 @@ extension HeaderCacheShards {
     /// Where `owner`'s searches start, as a fraction of the sections (of 2^64): owner
     /// times the golden ratio, modulo 1 (Fibonacci hashing). Any number of consecutive
     /// owners lie apart on the circle by gaps of at most three lengths, the largest at
-    /// most 2.6 times the smallest, whatever the pool's size, so that compute nodes filling
-    /// a pool begin in different places and meet late. (A start of owner times a prime,
-    /// modulo the section count, put owners next to each other in pools of some sizes:
-    /// 7,919 is -1 modulo 240, so that owners 1 and 2 began on adjacent sections and raced
-    /// for every section after.)
+    /// most the golden ratio squared (about 2.62) times the smallest, whatever the pool's
+    /// size (in whole sections, gaps of up to one section more), so that compute nodes filling
+    /// a pool begin in different places and meet late. (Owner times a constant modulo the
+    /// section count would not: for some pool sizes the constant is -1 modulo the count,
+    /// and consecutive owners start on adjacent sections and race for every section.)
     static func start(of owner: OwnerID) -> UInt64 { UInt64(owner.rawValue) &* 0x9E37_79B9_7F4A_7C15 }
 }

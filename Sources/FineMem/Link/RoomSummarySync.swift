@@ -1,7 +1,8 @@
 /// Keeping and reading the room summary (`RoomSummary`) of one memory node.
 ///
 /// Sync. A node whose CAS changed a section's room syncs the section's bit after the
-/// answer, then the top bit of its word: it reads the children (section headers, or
+/// answer (its upkeep waits `roomSummaryDelayNanos` first, and syncs of one word that
+/// this node queues meanwhile are done as one), then the top bit of its word: it reads the children (section headers, or
 /// words) and the words holding their bits, CASes each word that disagrees, and reads
 /// both again in the same doorbell, after the CASes, until they agree. An RDMA READ does
 /// not pass an earlier atomic of its RC queue pair (only WRITEs may, unless fenced; the
