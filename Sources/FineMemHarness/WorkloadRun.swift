@@ -14,26 +14,29 @@ protocol WorkloadReport: Sendable {
 }
 
 extension WorkloadReport {
+    /// When a seeded run counts as a hang (see `simulate`).
+    static var hangDeadlineNanos: UInt64 { 5_000_000_000 }
+
     /// Runs `drive` as the only top-level task of a simulation with `seed` and answers the
     /// report it filled, with the run's virtual time and trace hash. Same seed, same report.
-    /// A run that has not ended after `deadlineNanos` of virtual time stops there with a
+    /// A run that has not ended after `hangDeadlineNanos` of virtual time stops there with a
     /// violation: a hang (a log that never settles, a wait without a bound) fails the seed
     /// instead of spinning the test. A seeded workload has no crash and no lease to wait
     /// out and takes a few virtual milliseconds; a bug that leaves a log unsettled keeps
     /// its tasks retrying for a minute or more of virtual time (many minutes of a debug
     /// test) before it ends on its own.
     static func simulate(
-        seed: UInt64, latency: LatencyModel, exploration: ScheduleExploration, deadlineNanos: UInt64 = 5_000_000_000,
+        seed: UInt64, latency: LatencyModel, exploration: ScheduleExploration,
         _ drive: @escaping @Sendable (Simulator, Locked<Self>) async -> Void
     ) -> Self {
         let simulator = Simulator(seed: seed, latency: latency, exploration: exploration)
         let report = Locked(Self(seed: seed))
         simulator.spawn { await drive(simulator, report) }
-        let ended = simulator.run(untilNanoseconds: deadlineNanos)
+        let ended = simulator.run(untilNanoseconds: hangDeadlineNanos)
         return report.withLock { report in
             if !ended {
                 report.violations.append(
-                    "the run had not ended after \(deadlineNanos / 1_000_000) ms of virtual time (a hang)")
+                    "the run had not ended after \(hangDeadlineNanos / 1_000_000) ms of virtual time (a hang)")
             }
             report.virtualNanoseconds = simulator.nowNanoseconds
             report.traceHash = simulator.traceHash

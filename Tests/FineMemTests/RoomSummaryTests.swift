@@ -157,4 +157,46 @@ import FineMemHarness
         #expect(queued(queue) == ["0:64..<65", "1:5..<6", "0:2..<3"])
         #expect(queue.outstanding == 4, "three queued, one taken and not finished")
     }
+
+    /// A node dies while its room summary sync waits (`roomSummaryDelayNanos`): it frees
+    /// its 2 MiB block and crashes before any verb of its upkeep, so the section's bit
+    /// stays "full" while the section is empty (the memory node fences it and recovery
+    /// settles its log; that CAS changes no room, so recovery does not sync the bit). Another node whose cache shows no room
+    /// still gets the section, through a full refresh, which mends the bit.
+    @Test func aNodeThatDiesWhileItsSyncWaitsLeavesABitTheNextFullRefreshMends() throws {
+        let seed: UInt64 = 5
+        let result = simulateBounded(seed: seed) { simulator -> [String] in
+            var configuration = EmbeddedCluster.Configuration(poolBytesPerNode: 32 << 20, computeNodes: 2)
+            configuration.failureDetection = false
+            let cluster = try await EmbeddedCluster.start(configuration, simulator: simulator)
+            let (freer, filler) = (cluster.computeNodes[0], cluster.computeNodes[1])
+            let freed = try await freer.allocate(chunkCountLog2: 9, application: Self.application)
+            var filled: [Block] = []
+            while true {
+                do throws(AllocationError) { filled.append(try await filler.allocate(chunkCountLog2: 9, application: Self.application)) } catch {
+                    guard case .outOfMemory = error else { throw error }
+                    break
+                }
+            }
+            await cluster.quiesce()
+            var problems: [String] = []
+            let freerID = EmbeddedCluster.computeNodeID(0)
+            try await freer.free(freed, application: Self.application)
+            simulator.faults.crash(freerID, afterVerbs: simulator.verbsExecuted(by: freerID), late: .none)
+            try await cluster.fence(computeNode: 0)
+            _ = try await cluster.recover(computeNode: 0)
+            let stale = PoolInspector(cluster: cluster).checkRoomSummary()
+            if stale.isEmpty { problems.append("set-up: the summary agrees after the crash (the sync ran, or recovery synced)") }
+            let before = filler.statistics
+            let block = try await filler.allocate(chunkCountLog2: 9, application: Self.application)
+            if block.section != freed.section { problems.append("the filler got \(block), not the freed section \(freed.section)") }
+            if filler.statistics.refreshes == before.refreshes { problems.append("no full refresh: the stale bit was not the way to the room") }
+            await cluster.quiesce()
+            problems += PoolInspector(cluster: cluster).checkRoomSummary().map { "after the refresh: \($0)" }
+            for held in filled + [block] { try await filler.free(held, application: Self.application) }
+            await cluster.quiesce()
+            return problems + PoolInspector(cluster: cluster).checkAtRest()
+        }
+        #expect(problems(of: result) == [], "seed \(seed)")
+    }
 }
