@@ -11,7 +11,7 @@ private let application = ApplicationID(1)
 /// "no room" from it. Both tests failed before the fix.
 @Suite struct AllocatorNoRoomTests {
     /// A one-section pool: node B holds spans 0-14 whole (section layer), node A reads every
-    /// header (span 15 empty and closed), then B opens span 15 with 16 chunks.
+    /// header (span 15 empty and closed).
     private static func sectionWithOneSpanLeft(_ simulator: Simulator) async throws -> (EmbeddedCluster, [Block]) {
         var configuration = EmbeddedCluster.Configuration(poolBytesPerNode: 2 << 20, computeNodes: 2)
         configuration.failureDetection = false
@@ -22,6 +22,9 @@ private let application = ApplicationID(1)
         await cluster.quiesce()
         var trace = OperationTrace()
         try await a.refresh(a.links[0], trace: &trace)
+        // A full read skips the span words of a section without a chunk-mode entry; a
+        // search that looked into the section (a section-layer one, say) read them.
+        try await a.links[0].readSpans(of: 0, trace: &trace)
         return (cluster, blocks)
     }
 
@@ -168,5 +171,57 @@ private let application = ApplicationID(1)
         let (_, caught, problems) = try #require(result, "seed \(seed): the run did not finish").get()
         #expect(caught, "seed \(seed): C was not stalled with three sections claimed, so this run did not reach the path")
         #expect(problems == [], "seed \(seed): \(problems)")
+    }
+
+    /// A full read skips the span words of the sections held whole: it reads those the
+    /// cache does not show held whole in one doorbell, and in a second those whose entries
+    /// the fresh section words show in chunk mode where the cache showed the section held
+    /// whole. A's cache shows both sections of the pool held whole; B has since freed
+    /// section 1 and opened a span there for 4 KiB. A's read must have that span's words
+    /// (its room), and the read of a pool held whole reads no span word at all.
+    @Test func aFullReadSkipsTheSpansOfSectionsHeldWhole() throws {
+        let seed: UInt64 = 7
+        let result = simulate(seed: seed) { simulator -> [String] in
+            var configuration = EmbeddedCluster.Configuration(poolBytesPerNode: 4 << 20, computeNodes: 2)
+            configuration.failureDetection = false
+            let cluster = try await EmbeddedCluster.start(configuration, simulator: simulator)
+            let (a, b) = (cluster.computeNodes[0], cluster.computeNodes[1])
+            let link = a.links[0]
+            var problems: [String] = []
+            let held = [try await b.allocate(chunkCountLog2: 9, application: application), try await b.allocate(chunkCountLog2: 9, application: application)]
+            await cluster.quiesce()
+            var trace = OperationTrace()
+            // A's first read learns that both sections are held whole (its cache showed them
+            // empty, so it reads their span words); the next one skips them.
+            _ = try await a.refresh(link, trace: &trace)
+            trace = OperationTrace()
+            let whole = try await a.refresh(link, trace: &trace)
+            let wordBytes = UInt64(8 * (2 + RoomSummary.wordCount(sections: 2) + RoomSummary.topWordCount(sections: 2)))
+            if trace.batches != 1 || trace.refreshBytes != wordBytes || whole.spansRead != [false, false] {
+                problems.append("a pool held whole: \(trace.batches) doorbells, \(trace.refreshBytes) bytes (not \(wordBytes)), spans read \(whole.spansRead)")
+            }
+            if whole.hasRoom(chunkCountLog2: 0) { problems.append("a pool held whole shows room for 4 KiB") }
+            let section1 = held.first { $0.firstChunk / PoolGeometry.chunksPerSection == 1 }!
+            try await b.free(section1, application: application)
+            let small = try await b.allocate(chunkCountLog2: 0, application: application)
+            await cluster.quiesce()
+            if small.firstChunk / PoolGeometry.chunksPerSection != 1 { problems.append("set-up: B's 4 KiB block \(small) is not in section 1") }
+            trace = OperationTrace()
+            let read = try await a.refresh(link, trace: &trace)
+            if trace.batches != 2 || read.spansRead != [false, true] {
+                problems.append("a section turned chunk mode: \(trace.batches) doorbells, spans read \(read.spansRead)")
+            }
+            if !read.hasRoom(chunkCountLog2: 0) || !read.hasRoom(chunkCountLog2: 4) { problems.append("the read shows no room in section 1's open span") }
+            // The next read knows section 1 is in chunk mode: one doorbell again.
+            trace = OperationTrace()
+            let again = try await a.refresh(link, trace: &trace)
+            if trace.batches != 1 || again.spansRead != [false, true] { problems.append("a read after it: \(trace.batches) doorbells, spans read \(again.spansRead)") }
+            if again.noRoomThroughout(since: read, chunkCountLog2: 0) { problems.append("two reads of a span with room show no room throughout") }
+            let block = try await a.allocate(chunkCountLog2: 0, application: application)
+            if block.firstChunk / PoolGeometry.chunksPerSection != 1 { problems.append("A's 4 KiB block \(block) is not in section 1") }
+            return problems
+        }
+        let problems = try #require(result, "seed \(seed): the run did not finish").get()
+        #expect(problems == [], "seed \(seed)")
     }
 }

@@ -22,6 +22,21 @@ import FineMemHarness
         SpanHeader(bitmap: bitmap, mode: .open, contended: false, logPending: false, log: log(sequence))
     }
 
+    /// A full read reads span words in ranges of sections: near ones as one, and a range
+    /// from the first to the last once there are too many.
+    @Test func spanWordsAreReadInFewRanges() {
+        func needed(_ sections: [Int], count: Int) -> [Bool] { (0..<count).map(sections.contains) }
+        #expect(FullRead.spanRanges(of: needed([], count: 40)) == [])
+        #expect(FullRead.spanRanges(of: needed([3], count: 40)) == [3..<4])
+        // Less than `spanRangeGapMax` sections apart: one range.
+        #expect(FullRead.spanRanges(of: needed([3, 4, 10], count: 40)) == [3..<11])
+        #expect(FullRead.spanRanges(of: needed([3, 19, 20], count: 40)) == [3..<4, 19..<21])
+        let scattered = stride(from: 0, to: 20 * (FullRead.spanRangesMax + 1), by: 20).map { $0 }
+        #expect(FullRead.spanRanges(of: needed(scattered, count: scattered.last! + 1)) == [0..<scattered.last! + 1])
+        // A span word not read decodes as no header, so no rule can mistake it for one.
+        #expect(SpanHeader(rawValue: FullRead.unreadSpan) == nil)
+    }
+
     @Test func aWholeSectionIsHeldThroughoutOnlyUnderTheSameLog() {
         let whole = Array(repeating: SectionHeader.SpanState.whole, count: 16)
         let first = Self.read(whole, sectionSequence: 1)

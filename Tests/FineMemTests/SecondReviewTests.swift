@@ -127,36 +127,30 @@ private let application = ApplicationID(1)
     }
 
     /// Finding B (wrong answer, DESIGN.md invariant 7): with several memory nodes,
-    /// `noRoomStands` rests on "every node read twice more, all first reads before any
-    /// second", but its reads go through `MemoryNodeLink.refresh`, which shares a read in
-    /// flight of another task of the node. A "second" read of memory node 0 can be a read
-    /// that another task posted, and that executed, before the "first" read of memory
-    /// node 1: the two windows of no room need not overlap, and out of memory is answered
-    /// while room moved from one node to the other and existed at every instant.
+    /// `noRoomStands` reads every node but the last one asked again, and that read must
+    /// begin after the last node's search ended; but its reads go through
+    /// `MemoryNodeLink.refresh`, which shares a read in flight of another task of the
+    /// node. A "second" read of memory node 0 that another task posted, and that
+    /// executed, before memory node 1 was asked shows M0 as it was then: the windows of
+    /// no room need not overlap, and out of memory is answered while room moved from one
+    /// node to the other and existed at every instant. (Found against the form that read
+    /// every node twice more; the refresh's `beginningAfter` closes it for both.)
     ///
     /// Interleaving (two memory nodes M0 and M1 of one section each; a 2 MiB request; A
     /// attached to both, D only to M0, C only to M1; seed 902). Room is always somewhere:
     /// each move frees first, then allocates.
     /// 1. D holds M0's only 2 MiB block; M1 is free. A's task T asks for 2 MiB; M0 comes
     ///    first: two equal full reads of M0, no room.
-    /// 2. Before T's first verb on M1: D frees M0's block, C takes M1's. T's claim on M1
-    ///    loses; two equal full reads of M1, no room.
-    /// 3. `noRoomStands`, pass 0. Before T's read P0a of M0: C frees M1, D takes M0.
-    ///    P0a: M0 full.
-    /// 4. Before T's read P0b of M1: A's task U asks for a refresh of M0 (any search of
+    /// 2. Before T's first verb on M1: A's task U asks for a refresh of M0 (any search of
     ///    A's that runs out of room does); its read executes (M0 full) and its answer is
-    ///    still on its way back. Then D frees M0 and C takes M1. P0b: M1 full.
-    /// 5. Pass 1: T's refresh of M0 joins U's read in flight and takes its words (M0
-    ///    full, the same allocations as P0a) although that READ executed before P0b's,
-    ///    while M1 still had room; T's read of M1: full, as P0b. T answers
-    ///    `outOfMemory`; M0 had been free since step 4, and at every instant of the call
-    ///    one node had room.
-    ///
-    /// Suggested fix: the reads of `noRoomStands` (and any "second" read) must be posted
-    /// after the reads they follow ended: a refresh that joins a read in flight must not
-    /// count as a read begun after a given instant unless that read was posted after it
-    /// (pass `notBefore:` a time or generation to `refresh`, and lead a new read when the
-    /// read in flight was posted earlier).
+    ///    still on its way back. Then D frees M0's block and C takes M1's.
+    /// 3. T finds no room on M1: two equal full reads.
+    /// 4. `noRoomStands` reads M0 again. Sharing U's read in flight, it takes its words
+    ///    (M0 full, as T's second read of M0 showed) although that READ executed before
+    ///    step 2's move, and T answers `outOfMemory`; M0 had been free since step 2, and
+    ///    at every instant of the call one node had room. The fix: that read must begin
+    ///    after M1's search ended (`refresh(beginningAfter:)`): T outlasts U's read,
+    ///    reads M0 itself, and takes its section.
     @Test func aSharedReadBreaksTheOrderOfTheReadsAcrossMemoryNodes() throws {
         let seed: UInt64 = 902
         let result = simulateBounded(seed: seed) { simulator -> [String] in
@@ -189,34 +183,27 @@ private let application = ApplicationID(1)
             let a = try await startGatedNode(cluster, owner: OwnerID(9), id: NodeID(1900)) { index, connection in
                 GatedConnection(connection, before: { verbs in
                     guard armed.withLock({ $0 }) else { return }
-                    if index == 1, firstOnM1.withLock({ first in defer { first = false }; return first }) {
-                        await move(free: d, dBlock, take: c, cBlock)  // step 2
+                    if isFullRead(verbs, grant: grants[index]) { fullReads.withLock { $0[index] += 1 } }
+                    guard index == 1, firstOnM1.withLock({ first in defer { first = false }; return first }) else { return }
+                    // Step 2.
+                    if fullReads.withLock({ $0[0] }) != 2 { problems.withLock { $0.append("set-up: \(fullReads.withLock { $0 }) full reads before M1") } }
+                    uHolds.withLock { $0 = true }
+                    simulator.spawn {
+                        var trace = OperationTrace()
+                        _ = try? await aBox.withLock({ $0 })!.links[0].refresh(trace: &trace, runtime: simulator, pauseNanos: 500...128_000)
                     }
-                    guard isFullRead(verbs, grant: grants[index]) else { return }
-                    let number = fullReads.withLock { reads -> Int in
-                        reads[index] += 1
-                        return reads[index]
+                    guard await waitUntil(simulator, { fullReads.withLock { $0[0] } == 3 && !uHolds.withLock { $0 } }) else {
+                        problems.withLock { $0.append("set-up: U's read never executed") }
+                        return
                     }
-                    if index == 0, number == 3 { await move(free: c, cBlock, take: d, dBlock) }  // step 3
-                    if index == 1, number == 3 {  // step 4
-                        uHolds.withLock { $0 = true }
-                        simulator.spawn {
-                            var trace = OperationTrace()
-                            _ = try? await aBox.withLock({ $0 })!.links[0].refresh(trace: &trace, runtime: simulator, pauseNanos: 500...128_000)
-                        }
-                        guard await waitUntil(simulator, { fullReads.withLock { $0[0] } == 4 && !uHolds.withLock { $0 } }) else {
-                            problems.withLock { $0.append("set-up: U's read never executed") }
-                            return
-                        }
-                        await move(free: d, dBlock, take: c, cBlock)
-                        simulator.spawn {
-                            await simulator.sleep(nanoseconds: 100_000)
-                            gateOpen.withLock { $0 = true }
-                        }
+                    await move(free: d, dBlock, take: c, cBlock)
+                    simulator.spawn {
+                        await simulator.sleep(nanoseconds: 100_000)
+                        gateOpen.withLock { $0 = true }
                     }
                 }, after: { verbs in
-                    // U's read of M0 (the 4th): executed, its answer held until the gate opens.
-                    guard index == 0, isFullRead(verbs, grant: grants[0]), armed.withLock({ $0 }), fullReads.withLock({ $0[0] }) == 4,
+                    // U's read of M0 (the 3rd): executed, its answer held until the gate opens.
+                    guard index == 0, isFullRead(verbs, grant: grants[0]), armed.withLock({ $0 }), fullReads.withLock({ $0[0] }) == 3,
                           uHolds.withLock({ holds in defer { holds = false }; return holds }) else { return }
                     while !gateOpen.withLock({ $0 }) { await simulator.sleep(nanoseconds: 1_000) }
                 })
@@ -236,8 +223,67 @@ private let application = ApplicationID(1)
                     + "(full reads of M0, M1: \(fullReads.withLock { $0 }); M0 now held by \(dBlock.withLock { $0 }.map { "\($0)" } ?? "nobody"), "
                     + "M1 by \(cBlock.withLock { $0 }.map { "\($0)" } ?? "nobody"))")
             }
-            // U's read is M0's 4th; A's second read of M0 is its own now (the 5th).
-            if fullReads.withLock({ $0[0] }) < 4 { found.append("set-up: full reads of M0, M1 \(fullReads.withLock { $0 }), U's never came") }
+            // U's read is M0's 3rd; T's read of M0 in `noRoomStands` is its own (the 4th).
+            if fullReads.withLock({ $0[0] }) < 4 { found.append("set-up: full reads of M0, M1 \(fullReads.withLock { $0 }), T's own never came") }
+            return problems.withLock { $0 } + found
+        }
+        #expect(problems(of: result) == [], "seed \(seed)")
+    }
+
+    /// `noRoomStands` after a long window that failed: M0's words changed between its
+    /// search's last read and the read after M1's search (D freed its 2 MiB block and took
+    /// it again, a new log), though neither node has room now. A short pass (both nodes
+    /// read again, each after both latest reads ended) shows no room throughout, and A
+    /// answers `outOfMemory` in that round: 4 full reads of M0 (its search's two, the long
+    /// window's, the pass's) and 3 of M1, not a pause and a second round of searches. The
+    /// answer holds: both nodes were full at the instant the pass began.
+    @Test func aFailedLongWindowIsFollowedByShortPassesNotAnotherRound() throws {
+        let seed: UInt64 = 903
+        let result = simulateBounded(seed: seed) { simulator -> [String] in
+            let cluster = try await EmbeddedCluster.start(
+                .init(memoryNodes: 2, poolBytesPerNode: 2 << 20, computeNodes: 1), simulator: simulator)
+            let d = try await startGatedNode(cluster, owner: OwnerID(10), id: NodeID(1901), only: [0])
+            let c = try await startGatedNode(cluster, owner: OwnerID(11), id: NodeID(1902), only: [1])
+            let grants = cluster.memoryNodes.map(\.loopbackGrant)
+            let armed = Locked(false)
+            let fullReads = Locked([0, 0])
+            let dBlock = Locked<Block?>(nil)
+            let problems = Locked<[String]>([])
+            let a = try await startGatedNode(cluster, owner: OwnerID(9), id: NodeID(1900)) { index, connection in
+                GatedConnection(connection, before: { verbs in
+                    guard armed.withLock({ $0 }), isFullRead(verbs, grant: grants[index]) else { return }
+                    let number = fullReads.withLock { reads -> Int in
+                        reads[index] += 1
+                        return reads[index]
+                    }
+                    // During M1's search: D frees M0's block and takes it again.
+                    guard index == 1, number == 1 else { return }
+                    do throws(AllocationError) {
+                        try await d.free(dBlock.withLock { $0 }!, application: application)
+                        await d.quiesce()
+                        let block = try await d.allocate(chunkCountLog2: 9, application: application)
+                        dBlock.withLock { $0 = block }
+                        await d.quiesce()
+                    } catch {
+                        problems.withLock { $0.append("set-up: D's move failed: \(error)") }
+                    }
+                })
+            }
+            let first = try await d.allocate(chunkCountLog2: 9, application: application)
+            dBlock.withLock { $0 = first }
+            _ = try await c.allocate(chunkCountLog2: 9, application: application)
+            await cluster.quiesce()
+            armed.withLock { $0 = true }
+            var found: [String] = []
+            do throws(AllocationError) {
+                let block = try await a.allocate(chunkCountLog2: 9, application: application)
+                found.append("A got \(block) from a pool held whole")
+            } catch .outOfMemory {
+                let reads = fullReads.withLock { $0 }
+                if reads != [4, 3] { found.append("full reads of M0, M1: \(reads), not [4, 3]") }
+            } catch {
+                found.append("A answered \(error)")
+            }
             return problems.withLock { $0 } + found
         }
         #expect(problems(of: result) == [], "seed \(seed)")

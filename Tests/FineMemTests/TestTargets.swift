@@ -142,10 +142,12 @@ func casOn(_ address: RemoteAddress, in verbs: [Verb]) -> Bool {
     }
 }
 
-/// Whether `verbs` are a full refresh (they start with the READ of every section header).
+/// Whether `verbs` are the first doorbell of a full refresh (they start with the READ of
+/// every section header, and end with those of the room summary).
 func isFullRead(_ verbs: [Verb], grant: MemoryNodeGrant) -> Bool {
-    guard case .read = verbs.first, verbs.count == 4 else { return false }
+    guard case .read = verbs.first, verbs.count >= 3 else { return false }
     return verbs[0].address == grant.address(of: .section(0)) && verbs[0].payloadBytes == grant.geometry.sectionCount * 8
+        && verbs[verbs.count - 2].address == grant.roomSummaryAddress(word: 0)
 }
 
 /// A compute node of `cluster` with owner `owner`, attached to every memory node (or those

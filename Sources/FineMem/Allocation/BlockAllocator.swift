@@ -175,10 +175,10 @@ package final class BlockAllocator: Sendable {
     /// Out of memory is answered when no reachable memory node had room at one instant
     /// of the call: each node's search ends on two full reads that show no room
     /// throughout the time between them (`FullRead.noRoomThroughout`); with several
-    /// nodes, two more reads of each, all first ones before any second, must show the
-    /// same (room
-    /// may have moved from a node not yet asked to one already asked). When it does not,
-    /// the nodes are asked again after a pause, at most `noRoomRoundsMax` times in all.
+    /// nodes, one more read of each node but the last one asked must show the same (room
+    /// may have moved from a node not yet asked to one already asked: `noRoomStands`).
+    /// When it does not, the nodes are asked again after a pause, at most
+    /// `noRoomRoundsMax` times in all.
     package func allocate(chunkCountLog2: Int, application: ApplicationID) async throws(AllocationError) -> Block {
         guard chunkCountLog2 >= 0 else { throw .zeroSize }
         let fencedThere = fencedCount.load(ordering: .acquiring) == 0 ? [] : fencedOn.withLock { $0 }
@@ -259,43 +259,58 @@ package final class BlockAllocator: Sendable {
         }
     }
 
-    /// Whether the memory nodes' answers of no room hold together: with one node, its two
-    /// reads are the instant; with several, room may have moved from a node not yet asked
-    /// to one already asked, so every node is read twice more, all first reads before any
-    /// second: when each node's two show no room throughout the time between them, every
-    /// node had none at one instant, between the last first read and the first second read. A
-    /// node whose read fails is out of reach from then on.
+    /// Whether the memory nodes' answers of no room hold together. Each node's search
+    /// ended on two full reads that show no room throughout the time between them, the
+    /// nodes one after the other; with several, room may have moved from a node not yet
+    /// asked to one already asked. So every node but the last one asked is read once
+    /// more, after the last one's search ended, and its search's last read and this one
+    /// must show no room throughout the time between them. Every node then had no room
+    /// at the instant the last node's second read began: each other node's first read
+    /// ended before that node's search began, and its second read began after the last
+    /// node's search ended (`beginningAfter`).
+    ///
+    /// A node whose words changed in that long window (blocks taken elsewhere in it)
+    /// gets shorter ones: each node's latest read is its first, and every node is read
+    /// again, each read begun after every first ended, up to `noRoomPassesMax` times. A
+    /// read that shows room ends the check (the search goes on). A node that cannot hold
+    /// the size at all (no read) does not count; a node whose read fails is out of reach
+    /// from then on.
     private func noRoomStands(
         _ answers: [(link: MemoryNodeLink, read: FullRead?)], chunkCountLog2: Int, unreachable: inout FabricError?, trace: inout OperationTrace
     ) async throws(AllocationError) -> Bool {
-        let links = answers.filter { $0.read != nil }.map(\.link)
-        guard answers.count > 1, !links.isEmpty else { return true }
-        var first: [FullRead?] = []
-        var firstsEnded: [UInt64] = []
-        for pass in 0..<2 {
-            // A second read must begin after every first read ended: a shared read that
-            // began before that is not one (`beginningAfter`).
-            if pass == 1 { firstsEnded = links.map(\.refreshesStarted) }
-            for (index, link) in links.enumerated() {
+        var nodes = answers.compactMap { answer in answer.read.map { (link: answer.link, first: $0) } }
+        guard nodes.count > 1 else { return true }
+        var reading = Array(nodes.indices.dropLast())
+        for pass in 0...Self.noRoomPassesMax {
+            let started = reading.map { nodes[$0].link.refreshesStarted }
+            var stands = true
+            var reachable: [Int] = []
+            for (index, started) in zip(reading, started) {
                 let read: FullRead
                 do throws(AllocationError) {
-                    read = try await refresh(link, beginningAfter: pass == 1 ? firstsEnded[index] : nil, trace: &trace)
+                    read = try await refresh(nodes[index].link, beginningAfter: started, trace: &trace)
                 } catch {
                     guard case .fabric(let fabricError) = error else { throw error }
-                    markUnusable(link)
+                    markUnusable(nodes[index].link)
                     unreachable = unreachable ?? fabricError
-                    if pass == 0 { first.append(nil) }
                     continue
                 }
-                if pass == 0 {
-                    first.append(read)
-                } else if let earlier = first[index], !read.noRoomThroughout(since: earlier, chunkCountLog2: chunkCountLog2) {
-                    return false
-                }
+                if read.hasRoom(chunkCountLog2: chunkCountLog2) { return false }
+                if !read.noRoomThroughout(since: nodes[index].first, chunkCountLog2: chunkCountLog2) { stands = false }
+                nodes[index].first = read
+                reachable.append(index)
             }
+            if stands { return true }
+            guard pass < Self.noRoomPassesMax else { break }
+            // Every reachable node's latest read (the last node's: its search's second)
+            // is now its first.
+            reading = pass == 0 ? reachable + [nodes.count - 1] : reachable
         }
-        return true
+        return false
     }
+
+    /// Passes of short windows `noRoomStands` makes after the long one failed.
+    static let noRoomPassesMax = 2
 
     /// Records `block` as handed out to `application`, after checking that it is what was
     /// asked and that this node did not hand it out already.
@@ -537,12 +552,13 @@ package final class BlockAllocator: Sendable {
         }
     }
 
-    /// Marks `slot` busy for this node's CAS, waiting (with backoff) while another task of
-    /// this node has a CAS in flight on it: two tasks of one node racing for one header
-    /// would only cost each other a round trip. The waits count against `backoff`, the
-    /// operation's own.
+    /// Marks `slot` busy for this node's CAS (a free's), waiting (with backoff) while
+    /// another task of this node has a CAS in flight on it (two tasks of one node racing
+    /// for one header would only cost each other a round trip), or while other nodes have
+    /// their turn on it (a free of this node landing in the turn would keep them waiting
+    /// again: `UpkeepItem`). The waits count against `backoff`, the operation's own.
     func acquireBusy(_ slot: HeaderSlot, on link: MemoryNodeLink, backoff: inout Backoff) async throws(AllocationError) {
-        while !link.tryAcquire(slot) { try await backoff.pause(runtime) }
+        while !link.tryAcquireOutsideTurn(slot, now: runtime.nowNanoseconds) { try await backoff.pause(runtime) }
     }
 
     /// Flushes this node's log on `slot` (see `MemoryNodeLink.flush`).

@@ -13,7 +13,7 @@ extension FullRead {
     /// - whole sections: an aligned run of sections whose entries are all free (a section
     ///   held whole by a multi-section claim still in flight is held at that instant).
     func hasRoom(chunkCountLog2: Int) -> Bool {
-        precondition(chunkCountLog2 >= 0 && spans.count == sections.count * PoolGeometry.spansPerSection, "a full read of \(sections.count) sections")
+        precondition(chunkCountLog2 >= 0, "a size of 2^\(chunkCountLog2) chunks")
         switch Block.layer(chunkCountLog2: chunkCountLog2) {
         case .chunk:
             for (index, word) in sections.enumerated() {
@@ -21,7 +21,7 @@ extension FullRead {
                 for spanIndex in 0..<PoolGeometry.spansPerSection {
                     let state = section.state(ofSpan: spanIndex)
                     if state == .empty { return true }
-                    guard state.isChunkMode, let span = SpanHeader(rawValue: spans[index * PoolGeometry.spansPerSection + spanIndex])?.settled else {
+                    guard state.isChunkMode, let span = spanHeader(section: index, span: spanIndex)?.settled else {
                         continue
                     }
                     if span.mode != .open || span.firstFreeRun(countLog2: chunkCountLog2) != nil { return true }
@@ -49,7 +49,7 @@ extension FullRead {
         for spanIndex in 0..<PoolGeometry.spansPerSection {
             let state = section.state(ofSpan: spanIndex)
             let isFree = state == .empty
-                || state.isChunkMode && SpanHeader(rawValue: spans[index * PoolGeometry.spansPerSection + spanIndex])?.settled.bitmap == 0
+                || state.isChunkMode && spanHeader(section: index, span: spanIndex)?.settled.bitmap == 0
             if isFree { free |= 1 << spanIndex }
         }
         let runLength = 1 << spanCountLog2
@@ -70,10 +70,20 @@ extension FullRead {
         for index in sections.indices where Self.allocations(ofSection: sections[index]) != Self.allocations(ofSection: other.sections[index]) {
             return false
         }
-        for index in spans.indices where Self.allocations(ofSpan: spans[index]) != Self.allocations(ofSpan: other.spans[index]) {
-            return false
+        // Span words count under chunk-mode entries only, which both reads read.
+        for section in sections.indices
+        where SectionHeader.hasChunkModeEntry(sections[section]) && SectionHeader.hasChunkModeEntry(other.sections[section]) {
+            let spans = section * PoolGeometry.spansPerSection..<(section + 1) * PoolGeometry.spansPerSection
+            for index in spans where Self.allocations(ofSpan: self.spans[index]) != Self.allocations(ofSpan: other.spans[index]) { return false }
         }
         return true
+    }
+
+    /// The span header of `span` of `section`, which must be under a chunk-mode entry of
+    /// this read (its spans were read); nil when the word does not decode.
+    private func spanHeader(section: Int, span: Int) -> SpanHeader? {
+        precondition(spansRead[section], "span \(span) of section \(section) was not read")
+        return SpanHeader(rawValue: spans[section * PoolGeometry.spansPerSection + span])
     }
 
     /// A section word without its pending bit, contention mark and avoid hints.
@@ -150,8 +160,7 @@ extension FullRead {
         let (entryBefore, entryAfter) = (before.settled.state(ofSpan: span), after.settled.state(ofSpan: span))
         if entryBefore == .whole, entryAfter == .whole { return before.log == after.log }
         guard entryBefore.isChunkMode, entryAfter.isChunkMode else { return false }
-        let index = section * PoolGeometry.spansPerSection + span
-        guard let spanBefore = SpanHeader(rawValue: first.spans[index]), let spanAfter = SpanHeader(rawValue: spans[index]),
+        guard let spanBefore = first.spanHeader(section: section, span: span), let spanAfter = spanHeader(section: section, span: span),
               spanBefore.mode == .open, spanAfter.mode == .open, spanBefore.log == spanAfter.log, spanBefore.bitmap == spanAfter.bitmap else {
             return false
         }

@@ -18,19 +18,17 @@
 /// Or after `upkeepDeferralsMax` periods in a row: while a log of this node is pending,
 /// no other compute node can commit on the header (its CAS predicts the flushed word), so
 /// the header gets a turn. The worker flushes, and for half the longest backoff
-/// (`backoffNanosMax`) this node's searches pass the header by (`BusyHeaders.beginTurn`;
-/// a free of a block there still goes ahead, and its log is flushed when the worker picks
-/// it up, the header being idle): another node's retry, at most one backoff apart, lands
-/// in a turn now and then, and its waits are bounded (`waitCountMax`) far beyond that. (A
+/// (`backoffNanosMax`) this node's searches pass the header by, and its frees of blocks
+/// there wait for the turn to end (`BusyHeaders.beginTurn`, `insertOutsideTurn`): another
+/// node's retry, at most one backoff apart, lands in a turn now and then, and its waits
+/// are bounded (`waitCountMax`) far beyond that. (A
 /// flush alone was no turn: the next operation of this node landed right behind it while
 /// the other node slept its backoff, and under a dense enough load it waited until
 /// `retryLimitExceeded`: found by an adversarial review. Turns of two backoffs cost the
 /// 512-task bench 1 % more round trips per allocation and twice the p99 latency.) A
 /// header in use costs the worker a look per period and a turn every few, never a flush
-/// per operation that races the next one. One limit remains, as before the deferral: a
-/// node whose operations on a header come back to back, with no pause, keeps another
-/// node waiting until it pauses (a free of its own lands in the turn, and that log waits
-/// for the worker's next look).
+/// per operation that races the next one. One limit remains: a node whose operations on
+/// a header come back to back, with no pause, keeps another node waiting until it pauses.
 ///
 /// The queue is FIFO among the items due: a header's flush is due `upkeepDelayNanos` after
 /// it was queued (a job at once), an item put back for later when it says, and an item

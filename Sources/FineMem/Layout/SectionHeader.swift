@@ -80,6 +80,13 @@ package struct SectionHeader: RawRepresentable, Hashable, Sendable {
     }
 
     package var isAllEmpty: Bool { states == 0 }
+
+    /// Whether the section word `word` has an entry in chunk mode (01 or 10); false for a
+    /// word that does not decode.
+    package static func hasChunkModeEntry(_ word: UInt64) -> Bool {
+        guard let header = SectionHeader(rawValue: word) else { return false }
+        return (header.states ^ header.states >> 1) & 0x5555_5555 != 0
+    }
     package var isAllWhole: Bool { states == ~0 }
     package var emptySpanCount: Int { (0..<16).count { state(ofSpan: $0) == .empty } }
 

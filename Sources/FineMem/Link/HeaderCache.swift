@@ -232,14 +232,18 @@ struct HeaderCache: Sendable {
     /// the node, or posted by a thread that drew its ticket first and posted last), so
     /// dropping the read's word could hide room it saw. A word it overwrites with an older
     /// one is only stale: a CAS from it fails and brings the current word.
-    mutating func storeAll(sections poolSections: [UInt64], spans poolSpans: [UInt64], ticket: UInt64) {
-        precondition(poolSections.count >= base + sections.count && poolSpans.count == poolSections.count * PoolGeometry.spansPerSection,
-                     "a refresh reads every header")
-        spansRead = Array(repeating: true, count: sections.count)
+    /// Span words the read did not read are not stored, and their sections' spans count
+    /// as not read (`spansKnown`): a search reads them when it first needs them.
+    mutating func storeAll(_ read: FullRead, ticket: UInt64) {
+        precondition(read.sections.count >= base + sections.count, "a refresh reads every header")
         for local in sections.indices {
-            _ = storeWord(poolSections[base + local], atLocal: local, span: nil, ticket: ticket, whatever: true)
-            for span in 0..<PoolGeometry.spansPerSection {
-                _ = storeWord(poolSpans[(base + local) * PoolGeometry.spansPerSection + span], atLocal: local, span: span, ticket: ticket, whatever: true)
+            let section = base + local
+            _ = storeWord(read.sections[section], atLocal: local, span: nil, ticket: ticket, whatever: true)
+            spansRead[local] = read.spansRead[section]
+            if read.spansRead[section] {
+                for span in 0..<PoolGeometry.spansPerSection {
+                    _ = storeWord(read.spans[section * PoolGeometry.spansPerSection + span], atLocal: local, span: span, ticket: ticket, whatever: true)
+                }
             }
             summarize(local)
         }
@@ -289,7 +293,7 @@ struct HeaderCache: Sendable {
 struct BusyHeaders: Sendable, Sequence {
     private var slots: [HeaderSlot] = []
     /// Headers in other nodes' turn (`beginTurn`), and when it ends: searches pass them
-    /// by, an operation on a block there (a free) still goes ahead.
+    /// by, and a free of a block there waits for the turn to end (`insertOutsideTurn`).
     private var turns: [(slot: HeaderSlot, until: UInt64)] = []
 
     init() { slots.reserveCapacity(16) }
@@ -306,6 +310,16 @@ struct BusyHeaders: Sendable, Sequence {
         guard slots.isEmpty || !slots.contains(slot) else { return false }
         slots.append(slot)
         return true
+    }
+
+    /// Marks `slot` busy unless a CAS of this node is in flight on it or it is other
+    /// nodes' turn (turns over by `now` end first).
+    mutating func insertOutsideTurn(_ slot: HeaderSlot, now: UInt64) -> Bool {
+        if !turns.isEmpty {
+            endTurns(through: now)
+            if turns.contains(where: { $0.slot == slot }) { return false }
+        }
+        return insert(slot)
     }
 
     /// Other nodes' turn on `slot` begins: this node's searches pass it by until `until`

@@ -175,10 +175,17 @@ package final class MemoryNodeLink: Sendable {
     /// The READ of one header word.
     func read(_ slot: HeaderSlot) -> Verb { .readWords(grant.address(of: slot), count: 1, rkey: metadataKey) }
 
-    /// Reads every section and span header into the cache (one doorbell) and answers the
-    /// words read; or, when another task of this compute node is already doing so, waits
-    /// for that read and answers its words: one full read per memory node at a time,
-    /// however many tasks run out of room together (no refresh storm near a full pool).
+    /// The READ of the span headers of `sections`.
+    func spanRead(sections: Range<Int>) -> Verb {
+        .readWords(grant.address(of: .span(section: sections.lowerBound, span: 0)), count: sections.count * PoolGeometry.spansPerSection, rkey: metadataKey)
+    }
+
+    /// Reads every section header, and the span headers of every section not held whole,
+    /// into the cache (one doorbell, or two when the fresh section words show chunk mode
+    /// where the cache did not: `FullRead`), and answers the words read; or, when another
+    /// task of this compute node is already doing so, waits for that read and answers its
+    /// words: one full read per memory node at a time, however many tasks run out of room
+    /// together (no refresh storm near a full pool).
     ///
     /// A shared read may have begun before this call did: the caller's operation must not
     /// conclude from it alone. The search never does: its answer that the pool is full
@@ -244,23 +251,52 @@ package final class MemoryNodeLink: Sendable {
         }
         trace.refreshes += 1
         let sectionCount = geometry.sectionCount
-        let verbs: [Verb] = [
-            .readWords(grant.address(of: .section(0)), count: sectionCount, rkey: metadataKey),
-            .readWords(grant.address(of: .span(section: 0, span: 0)), count: geometry.spanCount, rkey: metadataKey),
+        let spansPerSection = PoolGeometry.spansPerSection
+        // The span words of the sections the cache does not show held whole ride in the
+        // first doorbell (those in chunk mode for the rules of `FullRead`, those with an
+        // empty span for the searches: opening a span expects its current word); those of
+        // sections the fresh words show in chunk mode and the cache held whole, in a second.
+        var cachedNotWhole = Array(repeating: false, count: sectionCount)
+        cache.forEachShard { shard in
+            for section in shard.sectionRange { cachedNotWhole[section] = SectionHeader(rawValue: shard[.section(section)])?.isAllWhole != true }
+        }
+        let early = FullRead.spanRanges(of: cachedNotWhole)
+        var verbs: [Verb] = [.readWords(grant.address(of: .section(0)), count: sectionCount, rkey: metadataKey)]
+        verbs += early.map { spanRead(sections: $0) }
+        verbs += [
             .readWords(grant.roomSummaryAddress(word: 0), count: RoomSummary.wordCount(sections: sectionCount), rkey: metadataKey),
             .readWords(grant.roomSummaryTopAddress(word: 0), count: RoomSummary.topWordCount(sections: sectionCount), rkey: metadataKey),
         ]
-        let (results, ticket): ([VerbResult], UInt64)
+        var spans = Array(repeating: FullRead.unreadSpan, count: geometry.spanCount)
+        var spansRead = Array(repeating: false, count: sectionCount)
+        func store(_ ranges: [Range<Int>], _ results: ArraySlice<VerbResult>) {
+            for (range, result) in zip(ranges, results) {
+                spans.replaceSubrange(range.lowerBound * spansPerSection..<range.upperBound * spansPerSection, with: result.words)
+                for section in range { spansRead[section] = true }
+            }
+        }
+        let sections: [UInt64]
+        let summaryWords: [UInt64]
+        let summaryTops: [UInt64]
+        let ticket: UInt64
         do {
-            (results, ticket) = try await postTicketed(verbs, trace: &trace)
+            let (results, firstTicket) = try await postTicketed(verbs, trace: &trace)
+            (sections, summaryWords, summaryTops, ticket) = (results[0].words, results[early.count + 1].words, results[early.count + 2].words, firstTicket)
+            store(early, results[1..<early.count + 1])
+            let late = FullRead.spanRanges(of: sections.indices.map { !spansRead[$0] && SectionHeader.hasChunkModeEntry(sections[$0]) })
+            if !late.isEmpty {
+                let lateVerbs = late.map { spanRead(sections: $0) }
+                verbs += lateVerbs
+                store(late, try await post(lateVerbs, trace: &trace)[...])
+            }
         } catch {
             outcome = .failure(error)
             throw error
         }
         trace.refreshBytes += verbs.reduce(0) { $0 + UInt64($1.payloadBytes) }
-        let read = FullRead(sections: results[0].words, spans: results[1].words)
-        cache.forEachShard { $0.storeAll(sections: read.sections, spans: read.spans, ticket: ticket) }
-        if let stale = RoomSummary.staleSections(sections: read.sections, words: results[2].words, topWords: results[3].words) {
+        let read = FullRead(sections: sections, spans: spans, spansRead: spansRead)
+        cache.forEachShard { $0.storeAll(read, ticket: ticket) }
+        if let stale = RoomSummary.staleSections(sections: read.sections, words: summaryWords, topWords: summaryTops) {
             roomChanged(stale, trace: &trace)
         }
         outcome = .success(read)
@@ -317,6 +353,12 @@ package final class MemoryNodeLink: Sendable {
     /// Marks `slot` busy for this node's CAS; false when another task of the node holds it.
     func tryAcquire(_ slot: HeaderSlot) -> Bool { cache.withShard(of: slot) { $0.busy.insert(slot) } }
 
+    /// Marks `slot` busy for this node's CAS; false when another task of the node holds it
+    /// or other nodes have their turn on it (`BusyHeaders.insertOutsideTurn`).
+    func tryAcquireOutsideTurn(_ slot: HeaderSlot, now: UInt64) -> Bool {
+        cache.withShard(of: slot) { $0.busy.insertOutsideTurn(slot, now: now) }
+    }
+
     func releaseBusy(_ slot: HeaderSlot) { cache.withShard(of: slot) { $0.busy.remove(slot) } }
 }
 
@@ -330,9 +372,57 @@ package final class MemoryNodeLink: Sendable {
 /// equal reads, a header that held room in between must come back to a word without
 /// it, and room is taken by a block operation, which changes the header's log sequence
 /// (6 bits): 64 commits on one header between two reads of it.
+///
+/// A span word counts only under a chunk-mode entry (`hasRoom`, `noRoomThroughout`), and a
+/// search needs the span words of the sections with an empty span too (opening one
+/// expects its current word), so a full read reads the span words of every section not
+/// held whole and of no other: of a pool held in whole sections, 4 KiB of section words
+/// per GiB instead of 68 KiB with the span words. The span words of a section the cache
+/// showed held whole and the read shows in chunk mode are read in a second doorbell,
+/// after the section word, still during the read: each word is still read between the
+/// read's start and its end, which is all `noRoomThroughout` asks. (Those of a section
+/// that went from whole to empty spans are not: an open there may lose its first CAS.)
 package struct FullRead: Sendable, Equatable {
     let sections: [UInt64]
+    /// The pool's span words; `unreadSpan` in each span of a section not in `spansRead`.
     let spans: [UInt64]
+    /// Whether the span words of each section were read: every section whose word has a
+    /// chunk-mode entry, and others.
+    let spansRead: [Bool]
+
+    init(sections: [UInt64], spans: [UInt64], spansRead: [Bool]? = nil) {
+        let spansRead = spansRead ?? Array(repeating: true, count: sections.count)
+        precondition(spans.count == sections.count * PoolGeometry.spansPerSection && spansRead.count == sections.count,
+                     "a full read of \(sections.count) sections")
+        precondition(sections.indices.allSatisfy { spansRead[$0] || !SectionHeader.hasChunkModeEntry(sections[$0]) },
+                     "a full read lacks the span words of a chunk-mode section")
+        self.sections = sections
+        self.spans = spans
+        self.spansRead = spansRead
+    }
+
+    /// What a span word not read holds: no valid span header (its size code is 7).
+    static let unreadSpan = UInt64.max
+
+    /// The sections marked in `needed`, as ranges to read in one verb each: ranges less
+    /// than `spanRangeGapMax` sections apart are read as one, and at most
+    /// `spanRangesMax` ranges (more become one range from the first to the last).
+    static func spanRanges(of needed: [Bool]) -> [Range<Int>] {
+        var ranges: [Range<Int>] = []
+        for section in needed.indices where needed[section] {
+            if let last = ranges.last, section - last.upperBound < spanRangeGapMax {
+                ranges[ranges.count - 1] = last.lowerBound..<section + 1
+            } else {
+                ranges.append(section..<section + 1)
+            }
+        }
+        guard ranges.count > spanRangesMax else { return ranges }
+        return [ranges.first!.lowerBound..<ranges.last!.upperBound]
+    }
+
+    /// A gap of this many sections' span words (1 KiB) costs about what another verb does.
+    static let spanRangeGapMax = 8
+    static let spanRangesMax = 32
 }
 
 /// The full refreshes of a link: generations numbered from 1, one in flight at a time.
