@@ -95,7 +95,11 @@ import FineMemHarness
         let result = simulateBounded(seed: seed) { simulator -> [String] in
             let poolBytes: UInt64 = chunkCountLog2 == 0 ? 2 << 20 : 8 << 20
             let cluster = try await EmbeddedCluster.start(.init(poolBytesPerNode: poolBytes, computeNodes: 1), simulator: simulator)
-            let b = cluster.computeNodes[0]
+            // B takes the top free run when it has a choice (`runSpread`): P, not Q.
+            let bOwner = (20...).lazy.map { OwnerID(UInt16($0)) }.first {
+                BlockAllocator.runSpread(owner: $0, application: ApplicationID(1), retries: 0) % UInt64(runChoicesMax) == 0
+            }!
+            let b = try await startGatedNode(cluster, owner: bOwner, id: NodeID(1901))
             let grant = cluster.memoryNodes[0].loopbackGrant
             let inspector = PoolInspector(cluster: cluster)
             let application = ApplicationID(1)

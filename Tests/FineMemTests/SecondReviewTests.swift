@@ -168,18 +168,6 @@ private let application = ApplicationID(1)
             let cBlock = Locked<Block?>(nil)
             let problems = Locked<[String]>([])
             let aBox = Locked<BlockAllocator?>(nil)
-            @Sendable func move(free: BlockAllocator, _ freed: Locked<Block?>, take: BlockAllocator, _ taken: Locked<Block?>) async {
-                do throws(AllocationError) {
-                    try await free.free(freed.withLock { $0 }!, application: application)
-                    freed.withLock { $0 = nil }
-                    await free.quiesce()
-                    let block = try await take.allocate(chunkCountLog2: 9, application: application)
-                    taken.withLock { $0 = block }
-                    await take.quiesce()
-                } catch {
-                    problems.withLock { $0.append("set-up: a move failed: \(error)") }
-                }
-            }
             let a = try await startGatedNode(cluster, owner: OwnerID(9), id: NodeID(1900)) { index, connection in
                 GatedConnection(connection, before: { verbs in
                     guard armed.withLock({ $0 }) else { return }
@@ -196,7 +184,7 @@ private let application = ApplicationID(1)
                         problems.withLock { $0.append("set-up: U's read never executed") }
                         return
                     }
-                    await move(free: d, dBlock, take: c, cBlock)
+                    await move(free: d, dBlock, take: c, cBlock, problems: problems)
                     simulator.spawn {
                         await simulator.sleep(nanoseconds: 100_000)
                         gateOpen.withLock { $0 = true }
@@ -258,15 +246,7 @@ private let application = ApplicationID(1)
                     }
                     // During M1's search: D frees M0's block and takes it again.
                     guard index == 1, number == 1 else { return }
-                    do throws(AllocationError) {
-                        try await d.free(dBlock.withLock { $0 }!, application: application)
-                        await d.quiesce()
-                        let block = try await d.allocate(chunkCountLog2: 9, application: application)
-                        dBlock.withLock { $0 = block }
-                        await d.quiesce()
-                    } catch {
-                        problems.withLock { $0.append("set-up: D's move failed: \(error)") }
-                    }
+                    await move(free: d, dBlock, take: d, dBlock, problems: problems)
                 })
             }
             let first = try await d.allocate(chunkCountLog2: 9, application: application)
@@ -352,5 +332,20 @@ private let application = ApplicationID(1)
             return found
         }
         #expect(problems(of: result) == [], "seed \(seed)")
+    }
+}
+
+/// `free` frees its 2 MiB block in `freed`, then `take` allocates 2 MiB into `taken` (room
+/// is always somewhere: the free comes first); a failure goes to `problems`.
+private func move(free: BlockAllocator, _ freed: Locked<Block?>, take: BlockAllocator, _ taken: Locked<Block?>, problems: Locked<[String]>) async {
+    do throws(AllocationError) {
+        try await free.free(freed.withLock { $0 }!, application: application)
+        freed.withLock { $0 = nil }
+        await free.quiesce()
+        let block = try await take.allocate(chunkCountLog2: 9, application: application)
+        taken.withLock { $0 = block }
+        await take.quiesce()
+    } catch {
+        problems.withLock { $0.append("set-up: a move failed: \(error)") }
     }
 }

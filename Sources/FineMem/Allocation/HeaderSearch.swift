@@ -172,6 +172,9 @@ func chooseSection(spanCountLog2: Int, cache: inout HeaderCache, link: MemoryNod
     return chosen
 }
 
+/// Free runs among which `chooseRun` spreads its choice.
+let runChoicesMax = 8
+
 /// Where the search for a run of whole sections decided to go next.
 enum RunChoice: Sendable {
     /// Claim these sections (marked busy).
@@ -185,9 +188,16 @@ enum RunChoice: Sendable {
 
 /// Picks an aligned run of `count` wholly empty sections, searching from the end of the
 /// pool (small blocks fill from each node's cursor, large ones from the top), and marks
-/// them busy; nil when there is none, even counting pending claims as rolled back.
-func chooseRun(count: Int, cache: inout HeaderCacheShards.EveryShard) -> RunChoice? {
+/// them busy; nil when there is none, even counting pending claims as rolled back. The
+/// section words are `sectionWords` when given (a fresh read), else the cache's. The run
+/// is the `spread`-th free one from the top (modulo `runChoicesMax`), or the last found
+/// when there are fewer: every node searches from the top, and contenders that all took
+/// the first free run would all but one lose a CAS and roll their claims back.
+func chooseRun(count: Int, spread: UInt64 = 0, sectionWords: [UInt64]? = nil, cache: inout HeaderCacheShards.EveryShard) -> RunChoice? {
     let groupCount = cache.sectionCount / count
+    let wanted = Int(spread % UInt64(runChoicesMax))
+    var found: Range<Int>?
+    var freeRuns = 0
     var skippedBusy = false
     var pendingRun: [HeaderSlot]?
     for group in stride(from: groupCount - 1, through: 0, by: -1) {
@@ -198,7 +208,7 @@ func chooseRun(count: Int, cache: inout HeaderCacheShards.EveryShard) -> RunChoi
         var allEmpty = true
         var mayFree = true
         for section in sections {
-            guard let header = SectionHeader(rawValue: cache[.section(section)]) else {
+            guard let header = SectionHeader(rawValue: sectionWords?[section] ?? cache[.section(section)]) else {
                 (allEmpty, mayFree) = (false, false)
                 break
             }
@@ -217,8 +227,13 @@ func chooseRun(count: Int, cache: inout HeaderCacheShards.EveryShard) -> RunChoi
             skippedBusy = true
             continue
         }
-        for section in sections { cache.markBusy(.section(section)) }
-        return .claim(sections)
+        found = sections
+        freeRuns += 1
+        if freeRuns > wanted { break }
+    }
+    if let found {
+        for section in found { cache.markBusy(.section(section)) }
+        return .claim(found)
     }
     if skippedBusy { return .wait }
     return pendingRun.map { .recheck($0) }

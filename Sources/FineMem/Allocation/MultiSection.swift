@@ -35,12 +35,23 @@ extension BlockAllocator {
         // The room summary tells where a chunk may be found, not where whole sections are
         // empty: a run of sections goes straight to the full refresh.
         search.lookedInSummary = true
+        // After a claim that lost or found its words stale, the next choice is made on the
+        // section words read right after it: every node takes large blocks from the top,
+        // so a node whose cache is stale there would likely lose the next runs too, a
+        // round trip and a rollback each. The cache is left as it was: a section another
+        // node uses in part would draw this node's small blocks there (searches open spans
+        // in sections in use first), and contend.
+        var lastRead: [UInt64]?
         for _ in 0..<search.roundsMax {
             try await beginRound(&search, on: link, trace: &trace)
+            // Only for the choice right after the read: any other step reads anew.
+            let fresh = lastRead
+            lastRead = nil
             let now = runtime.nowNanoseconds
+            let spread = Self.runSpread(owner: owner, application: application, retries: trace.retries)
             let choice = link.cache.withEveryShardLocked { cache in
                 cache.endTurns(through: now)
-                return chooseRun(count: sectionCount, cache: &cache)
+                return chooseRun(count: sectionCount, spread: spread, sectionWords: fresh, cache: &cache)
             }
             let sections: Range<Int>
             switch choice {
@@ -61,7 +72,10 @@ extension BlockAllocator {
             }
             let slots = sections.map(HeaderSlot.section)
             defer { for slot in slots { link.releaseBusy(slot) } }
-            switch try await claimSections(sections, chunkCountLog2: chunkCountLog2, application: application, intentSlot: intentSlot, on: link, trace: &trace) {
+            let claim = try await claimSections(
+                sections, known: fresh.map { Array($0[sections]) }, chunkCountLog2: chunkCountLog2, application: application, intentSlot: intentSlot,
+                on: link, trace: &trace)
+            switch claim {
             case .claimed(let block):
                 intentSlotHandedOver = true
                 return block
@@ -70,8 +84,17 @@ extension BlockAllocator {
             case .lost(let toPendingLog):
                 try await lost(toPendingLog: toPendingLog, backoff: &search.backoff, trace: &trace)
             }
+            do { lastRead = try await link.readSectionWords(trace: &trace) } catch { throw .fabric(error) }
         }
         throw .retryLimitExceeded(attempts: search.roundsMax)
+    }
+
+    /// Which of the free runs from the top a search for whole sections takes
+    /// (`chooseRun`): each node and application its own among the first few, and another
+    /// after each lost CAS.
+    static func runSpread(owner: OwnerID, application: ApplicationID, retries: UInt64) -> UInt64 {
+        ((UInt64(owner.rawValue) &* 0x9E37_79B9_7F4A_7C15 ^ UInt64(application.rawValue) &* 0xBF58_476D_1CE4_E5B9)
+            &+ retries &* 0x94D0_49BB_1331_11EB) >> 17
     }
 
     /// What one claim of a run of sections came to.
@@ -88,7 +111,7 @@ extension BlockAllocator {
     /// Claims `sections` (marked busy by the caller) for one block: the intent and a CAS
     /// per section in one doorbell; rolls back what it claimed if any CAS lost.
     private func claimSections(
-        _ sections: Range<Int>, chunkCountLog2: Int, application: ApplicationID, intentSlot: Int, on link: MemoryNodeLink,
+        _ sections: Range<Int>, known: [UInt64]?, chunkCountLog2: Int, application: ApplicationID, intentSlot: Int, on link: MemoryNodeLink,
         trace: inout OperationTrace
     ) async throws(AllocationError) -> SectionsClaim {
         let slots = sections.map(HeaderSlot.section)
@@ -101,7 +124,7 @@ extension BlockAllocator {
         do {
             outcomes = try await link.updateEach(
                 slots, UpdatePolicy(attemptsMax: 1, log: .commit(record: link.grant.recordAddress(chunk: block.firstChunk))), requireAll: true,
-                before: [link.intentWrite(intent, slot: intentSlot)], trace: &trace
+                known: known, before: [link.intentWrite(intent, slot: intentSlot)], trace: &trace
             ) { [owner] slot, header in
                 bases.withLock { $0[slot] = header }
                 return header.claimingForMultiSection(owner: owner)

@@ -232,18 +232,21 @@ struct HeaderCache: Sendable {
     /// the node, or posted by a thread that drew its ticket first and posted last), so
     /// dropping the read's word could hide room it saw. A word it overwrites with an older
     /// one is only stale: a CAS from it fails and brings the current word.
-    /// Span words the read did not read are not stored, and their sections' spans count
-    /// as not read (`spansKnown`): a search reads them when it first needs them.
+    /// The span words of a section the read did not read (one held whole) are forgotten:
+    /// they count as not read (`spansKnown`), and hold the word of a span never used, as
+    /// at start. A search reads them when it first needs them, and one that opens a span
+    /// there expects that word (its CAS loses once, to the current word, when the span was
+    /// used): a word kept from an earlier read could say the span is open, and the search
+    /// would pass it by without sending anything, again and again.
     mutating func storeAll(_ read: FullRead, ticket: UInt64) {
         precondition(read.sections.count >= base + sections.count, "a refresh reads every header")
         for local in sections.indices {
             let section = base + local
             _ = storeWord(read.sections[section], atLocal: local, span: nil, ticket: ticket, whatever: true)
             spansRead[local] = read.spansRead[section]
-            if read.spansRead[section] {
-                for span in 0..<PoolGeometry.spansPerSection {
-                    _ = storeWord(read.spans[section * PoolGeometry.spansPerSection + span], atLocal: local, span: span, ticket: ticket, whatever: true)
-                }
+            for span in 0..<PoolGeometry.spansPerSection {
+                let word = read.spansRead[section] ? read.spans[section * PoolGeometry.spansPerSection + span] : SpanHeader.empty.rawValue
+                _ = storeWord(word, atLocal: local, span: span, ticket: ticket, whatever: true)
             }
             summarize(local)
         }

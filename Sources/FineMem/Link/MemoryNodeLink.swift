@@ -320,6 +320,14 @@ package final class MemoryNodeLink: Sendable {
         for (slot, word) in zip(slots, words) { cache.withShard(of: slot) { $0.store(word, at: slot, ticket: ticket) } }
     }
 
+    /// Reads every section header word (one READ of 8 bytes per section), leaving the
+    /// cache as it is (`BlockAllocator.allocateSections` says why).
+    func readSectionWords(trace: inout OperationTrace) async throws(FabricError) -> [UInt64] {
+        let sectionCount = geometry.sectionCount
+        trace.refreshBytes += UInt64(8 * sectionCount)
+        return try await post([.readWords(grant.address(of: .section(0)), count: sectionCount, rkey: metadataKey)], trace: &trace)[0].words
+    }
+
     /// Reads the span headers of `section` into the cache.
     func readSpans(of section: Int, trace: inout OperationTrace) async throws(FabricError) {
         let (results, ticket) = try await postTicketed([
