@@ -358,9 +358,6 @@ package final class MemoryNodeLink: Sendable {
     /// Checks between two whole checks of the pending tables (`checkInvariants`).
     static let invariantCheckPeriod: UInt64 = 16
 
-    /// Marks `slot` busy for this node's CAS; false when another task of the node holds it.
-    func tryAcquire(_ slot: HeaderSlot) -> Bool { cache.withShard(of: slot) { $0.busy.insert(slot) } }
-
     /// Marks `slot` busy for this node's CAS; false when another task of the node holds it
     /// or other nodes have their turn on it (`BusyHeaders.insertOutsideTurn`).
     func tryAcquireOutsideTurn(_ slot: HeaderSlot, now: UInt64) -> Bool {
